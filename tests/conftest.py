@@ -1,0 +1,64 @@
+"""Shared test set-up.
+
+Without a GPU, Triton kernels run under its interpreter: TRITON_INTERPRET must be set before
+triton is first imported, so it is set here, before any test module imports vse_fast.kernels.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Fresh random inputs every run; VSE_TEST_SEED=<n> replays a run (the seed is in the header).
+BASE_SEED = int(os.environ.get("VSE_TEST_SEED", random.randrange(2**31)))
+
+# (dtype, atol, rtol) for comparing a kernel against a float64 reference.
+DTYPE_TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def pytest_report_header(config):
+    return f"VSE_TEST_SEED={BASE_SEED} (set it to replay these random inputs)"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Seed torch per test from the run's base seed and the test id."""
+    torch.manual_seed(BASE_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty / empty_like return NaN-filled (floats) or extreme-valued (ints) buffers,
+    so a kernel that leaves an output element unwritten fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(torch.iinfo(t.dtype).max)
+        return t
+
+    def empty(*args, **kwargs):
+        return _poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return _poison(real_empty_like(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    yield

@@ -1,0 +1,1 @@
+"""nn.Module wrappers over vse_fast.ops."""
