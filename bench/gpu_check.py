@@ -1,0 +1,117 @@
+"""One-shot GPU check: correctness, timings and memory of every Triton kernel, one command.
+
+    python bench/gpu_check.py [--out bench/results] [--only gpo,loss,train]
+
+Runs on one CUDA GPU in under 5 minutes (H100). Each section (bench/gpucheck_<name>.py, function
+`run(ctx) -> dict`) checks its kernels against a float64 reference on fresh random inputs and times
+them against the published re-implementation with CUDA events (triton.testing.do_bench, median).
+The card's copy bandwidth is measured in the same run so memory-bound kernels can be reported as a
+fraction of it. Prints a table and writes JSON to <out>/<date>-<gpu>.json.
+"""
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+SECTIONS = ("gpo", "loss", "train")
+
+
+class Context:
+    """What every section gets: the device, a timer, the copy-bandwidth ceiling, a memory probe."""
+
+    def __init__(self, device):
+        import triton.testing
+
+        self.device = device
+        self._do_bench = triton.testing.do_bench
+        self.copy_gbs = self._measure_copy_bandwidth()
+
+    def bench(self, fn, warmup=25, rep=100):
+        """Median time of fn() in milliseconds, CUDA events (do_bench's warmup/rep are in ms)."""
+        return float(self._do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+    def peak_extra_memory(self, fn):
+        """Bytes allocated by fn() beyond what was allocated before it (peak)."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+
+    def _measure_copy_bandwidth(self, nbytes=2 * 1024**3):
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=self.device).uniform_()
+        dst = torch.empty_like(src)
+        ms = self.bench(lambda: dst.copy_(src), warmup=50, rep=200)
+        del src, dst
+        torch.cuda.empty_cache()
+        return 2 * nbytes / (ms * 1e-3) / 1e9  # bytes read + bytes written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+    import triton
+
+    device = torch.device("cuda")
+    gpu = torch.cuda.get_device_name()
+    t0 = time.time()
+    ctx = Context(device)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "copy_bandwidth_gbs": ctx.copy_gbs,
+        "sections": {},
+    }
+    print(f"{gpu}: copy bandwidth {ctx.copy_gbs:.0f} GB/s (read+write)", flush=True)
+    failed = []
+    for name in [s for s in args.only.split(",") if s]:
+        if name not in SECTIONS:
+            sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+        start = time.time()
+        try:
+            section = importlib.import_module(f"gpucheck_{name}")
+            result = section.run(ctx)
+        except Exception as exc:  # a broken section is reported, the others still run
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        result["seconds"] = round(time.time() - start, 1)
+        report["sections"][name] = result
+        if result.get("error") or not result.get("ok", False):
+            failed.append(name)
+        print(f"[{name}] done in {result['seconds']} s, ok={result.get('ok')}", flush=True)
+    report["total_seconds"] = round(time.time() - t0, 1)
+    report["ok"] = not failed
+
+    os.makedirs(args.out, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+    path = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    print(f"wrote {path}; failed sections: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
