@@ -62,3 +62,7 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
     yield
+
+# Interpreter tests launch Triton kernels on CPU tensors: only possible without a GPU (on a GPU
+# machine TRITON_INTERPRET is not set and the CUDA tests cover the compiled kernels instead).
+interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="Triton interpreter tests run only on CPU-only machines")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole GPU session in one command (for a lent GPU machine with torch + triton preinstalled and
+# no network): make vse_fast importable without pip, run the CUDA tests, then the one-shot GPU check.
+#   bash bench/gpu_run.sh [OUTDIR]      (OUTDIR defaults to bench/results)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench/results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET
+
+# vse_fast with kernels/ mapped to vse_fast.kernels, as setup.py's package_dir does.
+pkg=$(mktemp -d)
+cp -r vse_fast "$pkg/vse_fast" && cp -r kernels "$pkg/vse_fast/kernels"
+export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu_env.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu_env.txt"
+
+# CUDA tests (the interpreter tests skip themselves when a GPU is present).
+timeout ${TEST_TIMEOUT:-240} python -m pytest -q -x -p no:cacheprovider tests/test_gpo_pool.py tests/test_contrastive.py \
+  tests/test_gpo_module.py -k "cuda or sync" 2>&1 | tee "$out/gpu_tests.log" | tail -n 40
+echo "cuda tests exit: ${PIPESTATUS[0]}"
+
+timeout ${CHECK_TIMEOUT:-300} python bench/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
+echo "gpu_check exit: ${PIPESTATUS[0]}"

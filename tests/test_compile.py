@@ -1,0 +1,55 @@
+"""Every Triton kernel specialization builds for sm_90 and sm_80, without spills, and the
+similarity tiles of bf16/fp16 run on tensor cores. Needs no GPU: Triton compiles for a CUDA target
+here and the wheel's cuobjdump reads the cubin (see vse_fast/compile_check.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ARCHES = (90, 80)
+
+
+@pytest.fixture(scope="module")
+def compile_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpreter cannot compile
+    cmd = [sys.executable, "-m", "vse_fast.compile_check", "--json", str(out)]
+    for arch in ARCHES:
+        cmd += ["--arch", str(arch)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if not out.exists():
+        pytest.fail(f"compile_check wrote no results (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_every_specialization_builds_for_every_arch(compile_results):
+    results, table = compile_results
+    names = {r["name"] for r in results}
+    assert len(names) == len(results) // len(ARCHES), "a specialization name is used twice"
+    for kind in ("gpo_pool", "contrastive"):
+        assert any(kind in n for n in names), f"no {kind} kernel specializations were listed"
+    errors = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in results if r["error"]]
+    assert not errors, "\n".join(errors)
+    assert {(r["name"], r["arch"]) for r in results} == {(n, a) for n in names for a in ARCHES}
+
+
+def test_no_register_spills(compile_results):
+    results, table = compile_results
+    spills = [f"{r['name']} sm_{r['arch']}: {r['local_bytes']} B local" for r in results if r["local_bytes"]]
+    assert not spills, "\n".join(spills) + "\n" + table
+
+
+def test_similarity_tiles_use_tensor_cores(compile_results):
+    results, table = compile_results
+    flagged = [r for r in results if r["needs_tensor_cores"]]
+    assert any("bf16" in r["name"] for r in flagged) and any("fp16" in r["name"] for r in flagged), (
+        "the contrastive kernels must mark their bf16/fp16 tl.dot specializations with tensor_cores=True"
+    )
+    missing = [
+        f"{r['name']} sm_{r['arch']}: HGMMA={r['hgmma']} HMMA={r['hmma']}"
+        for r in flagged
+        if (r["hgmma"] == 0 if r["arch"] >= 90 else r["hmma"] == 0)
+    ]
+    assert not missing, "\n".join(missing)
