@@ -118,9 +118,26 @@ def compile_spec(spec: dict, arch: int) -> CompileResult:
     )
 
 
-def compile_all(arches=DEFAULT_ARCHES, specs=None):
+_FORKED_SPECS = []  # set before forking workers: jit functions are not picklable, indices are
+
+
+def _compile_forked(job):
+    index, arch = job
+    return compile_spec(_FORKED_SPECS[index], arch)
+
+
+def compile_all(arches=DEFAULT_ARCHES, specs=None, jobs=None):
+    """Compile every spec for every arch, in `jobs` forked worker processes (default: all cores)."""
     specs = collect_specializations() if specs is None else specs
-    return [compile_spec(spec, arch) for spec in specs for arch in arches]
+    work = [(i, arch) for i in range(len(specs)) for arch in arches]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        return [compile_spec(specs[i], arch) for i, arch in work]
+    import multiprocessing
+
+    _FORKED_SPECS[:] = specs
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_forked, work, chunksize=1)
 
 
 def format_table(results) -> str:
@@ -143,9 +160,10 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, action="append", help="CUDA compute capability, e.g. 90 (repeatable)")
     parser.add_argument("--filter", default="", help="only specializations whose name contains this")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     args = parser.parse_args(argv)
     specs = [s for s in collect_specializations() if args.filter in s["name"]]
-    results = compile_all(tuple(args.arch or DEFAULT_ARCHES), specs)
+    results = compile_all(tuple(args.arch or DEFAULT_ARCHES), specs, jobs=args.jobs)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

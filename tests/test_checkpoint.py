@@ -1,0 +1,247 @@
+"""Checkpoints: atomic save, weights_only loading only, full training-state round trip, RNG states,
+and published-format checkpoints (BERT and BiGRU, "module." prefixes, transformers-4 buffers)."""
+import argparse
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tests.published.model import build_published, published_checkpoint, published_opt
+from vse_fast.checkpoint import (FORMAT, CheckpointError, capture_rng_state, load_any_checkpoint, load_checkpoint,
+                                 load_model_checkpoint, load_published_checkpoint, restore_rng_state,
+                                 save_checkpoint, to_published_state)
+from vse_fast.model import build_model
+
+transformers = pytest.importorskip("transformers")
+
+TINY_BERT = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=37, max_position_embeddings=64)
+
+
+class NotAllowed:
+    """A class a checkpoint must never be able to instantiate."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def batch(b=4, k=5, d=13, t=6, vocab=57):
+    img_len = torch.randint(1, k + 1, (b,))
+    cap_len = torch.randint(1, t + 1, (b,))
+    img_len[0], cap_len[0] = k, t
+    images = torch.randn(b, k, d) * (torch.arange(k)[None, :, None] < img_len[:, None, None])
+    captions = torch.randint(1, vocab, (b, t)) * (torch.arange(t)[None] < cap_len[:, None])
+    return images, img_len, captions, cap_len
+
+
+def gru_model():
+    return build_model(dict(embed_size=16, img_dim=13, text_encoder="gru", vocab_size=57, word_dim=7),
+                       gpo_backend="torch")
+
+
+def test_training_state_round_trip(tmp_path):
+    model = gru_model()
+    opt = torch.optim.AdamW(model.param_groups(1e-3), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    img, cap = model(*batch())
+    (img @ cap.T).sum().backward()
+    opt.step()
+    state = {"format": FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": 3, "step": 41, "best_rsum": 123.4,
+             "rng": capture_rng_state(), "config": {"model": model.opt, "margin": 0.2, "run_dir": "runs/x"}}
+    path = tmp_path / "run" / "last.pth"  # parent created
+    save_checkpoint(str(path), state)
+    loaded = load_checkpoint(str(path))
+    assert loaded["epoch"] == 3 and loaded["step"] == 41 and loaded["best_rsum"] == 123.4
+    assert loaded["config"] == state["config"]
+    for k, v in state["model"].items():
+        assert torch.equal(loaded["model"][k], v), k
+    opt2 = torch.optim.AdamW(gru_model().param_groups(1e-3), lr=1e-3)
+    opt2.load_state_dict(loaded["optimizer"])
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    assert all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
+    assert loaded["scaler"] == scaler.state_dict()
+    # the model rebuilt from the checkpoint alone gives the same embeddings
+    rebuilt, _ = load_model_checkpoint(str(path))
+    model.eval()
+    data = batch()
+    for a, b in zip(model(*data), rebuilt(*data)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert sorted(os.listdir(path.parent)) == ["last.pth"]  # no temporary left behind
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.random(), np.random.rand(), torch.rand(1), np.random.randn()  # has_gauss / cached draws
+    save_checkpoint(str(tmp_path / "rng.pth"), {"rng": capture_rng_state()})
+    expected = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3))
+    for _ in range(5):
+        random.random(), np.random.randn(), torch.rand(2)  # move every stream on
+    restore_rng_state(load_checkpoint(str(tmp_path / "rng.pth"))["rng"])
+    got = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3))
+    assert got[:3] == expected[:3]
+    assert torch.equal(got[3], expected[3])
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pth")
+    save_checkpoint(path, {"step": 1})
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        real_save({"partial": torch.zeros(1000)}, f)  # bytes written, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pth"]
+    with pytest.raises(TypeError, match="dict"):
+        save_checkpoint(path, [1, 2])
+
+
+def test_loading_is_weights_only(tmp_path, monkeypatch):
+    path = str(tmp_path / "evil.pth")
+    torch.save({"model": {}, "payload": NotAllowed()}, path)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(CheckpointError, match="posix.system|os.system|nt.system"):
+        load_checkpoint(path)
+    assert calls == [True]
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_checkpoint(str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        load_checkpoint(str(tmp_path / "junk.pth"))
+
+
+def test_namespace_and_numpy_scalars_load_safely(tmp_path):
+    path = str(tmp_path / "p.pth")
+    opt = argparse.Namespace(embed_size=8, data_name="coco_precomp", lr=2e-4, flags=[1, 2])
+    torch.save({"opt": opt, "best_rsum": np.float64(412.25), "Eiters": np.int64(7)}, path)
+    loaded = load_checkpoint(path)
+    assert loaded["opt"] == opt
+    assert loaded["best_rsum"] == 412.25 and type(loaded["best_rsum"]) is float
+    assert loaded["Eiters"] == 7
+    torch.save({"bad": np.array(["x"], dtype=object)[0:1]}, path)  # object arrays stay refused
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def _published_bert(tmp_path, precomp="basic"):
+    bert = transformers.BertModel(transformers.BertConfig(**TINY_BERT))
+    bert.save_pretrained(tmp_path / "bert")
+    pub = build_published(16, 13, precomp, bert=bert)
+    pub.train()
+    for _ in range(2):  # non-trivial BatchNorm statistics and a changed BERT
+        pub(*batch(8, vocab=101))
+    with torch.no_grad():
+        for p in pub.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return pub.eval()
+
+
+@pytest.mark.parametrize("data_parallel", [False, True], ids=["plain", "module-prefix"])
+@pytest.mark.parametrize("bert_source", ["text_model", "bert_config", "inferred-shape-error"])
+def test_published_bert_checkpoint(tmp_path, data_parallel, bert_source):
+    pub = _published_bert(tmp_path)
+    state = published_checkpoint(pub, published_opt(embed_size=16, img_dim=13, vocab_size=101),
+                                 data_parallel=data_parallel)
+    prefix = "module." if data_parallel else ""
+    state["model"][1][prefix + "bert.embeddings.position_ids"] = torch.arange(64)[None]  # transformers 4 buffer
+    path = str(tmp_path / "model_best.pth")
+    torch.save(state, path)
+    if bert_source == "inferred-shape-error":  # hidden 32 is not bert-base: the config must be given
+        with pytest.raises(CheckpointError, match="text_model"):
+            load_published_checkpoint(path)
+        return
+    kwargs = ({"text_model": str(tmp_path / "bert")} if bert_source == "text_model"
+              else {"bert_config": str(tmp_path / "bert" / "config.json")})
+    model, info = load_published_checkpoint(path, **kwargs)
+    assert not model.training
+    assert info["epoch"] == 3 and info["Eiters"] == 1234 and info["data_name"] == "coco_precomp"
+    assert info["text_encoder"] == "bert" and info["precomp_enc_type"] == "basic"
+    data = batch(5, vocab=101)
+    for ours, ref in zip(model(*data), pub(*data)):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # fine-tuning from it: train mode, gradients reach the loaded weights
+    model.train()
+    img, cap = model(*data)
+    (img @ cap.T).diagonal().sum().backward()
+    assert model.txt_enc.bert.embeddings.word_embeddings.weight.grad is not None
+    assert model.img_enc.fc.weight.grad.abs().sum() > 0
+
+
+def test_published_bert_base_shape_inferred(tmp_path, monkeypatch):
+    """Without a BERT directory a bert-base-shaped config (hidden 768, 12 heads) is inferred."""
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
+                                  intermediate_size=40, max_position_embeddings=16)
+    pub = build_published(8, 13, "basic", bert=transformers.BertModel(cfg)).eval()
+    path = str(tmp_path / "base.pth")
+    torch.save(published_checkpoint(pub, published_opt(embed_size=8, img_dim=13)), path)
+    model, _ = load_published_checkpoint(path)
+    assert model.txt_enc.bert.config.num_attention_heads == 12
+    data = batch(3, vocab=50, t=5)
+    for ours, ref in zip(model(*data), pub(*data)):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precomp", ["basic", "backbone"])
+def test_published_gru_checkpoint(tmp_path, precomp):
+    pub = build_published(16, 13, precomp, vocab_size=57, word_dim=7, num_layers=2).eval()
+    opt = published_opt(embed_size=16, img_dim=13, vocab_size=57, word_dim=7, precomp_enc_type=precomp)
+    path = str(tmp_path / "gru.pth")
+    torch.save(published_checkpoint(pub, opt), path)
+    model, info = load_any_checkpoint(path)  # format detected
+    assert info["text_encoder"] == "gru" and info["num_layers"] == 2 and info["use_bi_gru"] is True
+    data = batch()
+    for ours, ref in zip(model(*data), pub(*data)):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    pair = to_published_state(model)
+    pub2 = build_published(16, 13, precomp, vocab_size=57, word_dim=7, num_layers=2).eval()
+    pub2.img_enc.load_state_dict(pair[0], strict=True)
+    pub2.txt_enc.load_state_dict(pair[1], strict=True)
+
+
+def test_published_end_to_end_backbone_checkpoint(tmp_path):
+    """precomp_enc_type='backbone' checkpoints hold backbone.* + image_encoder.*: the fc/GPO part loads."""
+    pub = build_published(16, 13, "backbone", vocab_size=57, word_dim=7).eval()
+    img_sd = {"image_encoder." + k: v for k, v in pub.img_enc.state_dict().items()}
+    img_sd["backbone.base.conv1.weight"] = torch.zeros(2, 3, 1, 1)
+    state = {"model": [img_sd, pub.txt_enc.state_dict()], "opt": published_opt(
+        embed_size=16, img_dim=13, vocab_size=57, word_dim=7, precomp_enc_type="backbone")}
+    path = str(tmp_path / "e2e.pth")
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="backbone"):
+        model, _ = load_published_checkpoint(path)
+    data = batch()
+    torch.testing.assert_close(model.encode_images(*data[:2]), pub.img_enc(*data[:2]), atol=1e-5, rtol=1e-5)
+
+
+def test_published_checkpoint_errors(tmp_path):
+    pub = build_published(16, 13, vocab_size=57, word_dim=7).eval()
+    path = str(tmp_path / "x.pth")
+    torch.save(published_checkpoint(pub, published_opt(embed_size=32, img_dim=13, vocab_size=57)), path)
+    with pytest.raises(CheckpointError, match="embed_size=32 but the weights say 16"):
+        load_published_checkpoint(path)
+    bad = published_checkpoint(pub, published_opt(embed_size=16, img_dim=13, vocab_size=57, word_dim=7))
+    del bad["model"][0]["gpool.linear.weight"]
+    torch.save(bad, path)
+    with pytest.raises(CheckpointError, match="missing keys.*gpool.linear.weight"):
+        load_published_checkpoint(path)
+    torch.save({"format": FORMAT, "model": {}}, path)
+    with pytest.raises(CheckpointError, match="not a published"):
+        load_published_checkpoint(path)
+    torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError, match="not a vse_fast/1 checkpoint"):
+        load_model_checkpoint(path)

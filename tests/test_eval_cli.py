@@ -1,0 +1,219 @@
+"""`python -m vse_fast.eval`, `evaluate()` and the inference API on a tiny handwritten split:
+embeddings against an independent per-item encoding, metrics against the published functions,
+5-fold, other caption counts, ensembles, published checkpoints, clear errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.published.evaluation import compute_sim, ensemble_sims, evaluate_sims, fold5
+from tests.published.model import build_published, published_checkpoint, published_opt
+from vse_fast import data
+from vse_fast.checkpoint import FORMAT, load_published_checkpoint, save_checkpoint
+from vse_fast.eval import encode_split, evaluate, main
+from vse_fast.inference import Encoder, search
+from vse_fast.model import build_model
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ["a", "red", "blue", "green", "dog", "cat", "car", "man", "on", "the", "grass", "street", "sofa", "with"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [".", ","]
+IMG_DIM, K = 13, 6
+METRICS = ["i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
+           "t2i_meanr"]
+
+
+def write_split(root, split, n_items, caps, rng):
+    feats = rng.standard_normal((n_items, K, IMG_DIM)).astype(np.float32)
+    lens = rng.integers(1, K + 1, n_items)
+    lens[0], lens[-1] = K, 1
+    for i, n in enumerate(lens):
+        feats[i, n:] = 0
+    np.save(root / f"{split}_ims.npy", feats)
+    np.save(root / f"{split}_lens.npy", lens.astype(np.int64))
+    lines = []
+    while len(lines) < n_items * caps:  # distinct captions: no exactly tied similarities (tie rules differ)
+        line = " ".join(rng.choice(WORDS, rng.integers(2, 8))) + ("." if len(lines) % 2 else "")
+        if line not in lines:
+            lines.append(line)
+    (root / f"{split}_caps.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    write_split(root, "train", 6, 5, rng)
+    write_split(root, "test", 10, 5, rng)  # 5 captions per item: coco mode, 5 folds of 2
+    write_split(root, "pairs", 7, 2, rng)  # 2 captions per item
+    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return root
+
+
+def bert_config():
+    return transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=37, max_position_embeddings=32)
+
+
+def bert_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(dict(embed_size=16, img_dim=IMG_DIM, bert_config_dict=bert_config().to_dict()),
+                       gpo_backend="torch").eval()
+
+
+def save_ours(model, path, **config):
+    save_checkpoint(str(path), {"format": FORMAT, "model": model.state_dict(), "epoch": 1, "step": 5,
+                                "config": {"model": model.opt, **config}})
+    return str(path)
+
+
+def independent_embeddings(model, root, split, tokenizer):
+    """One forward per item and per caption (no padding), captions tokenized by the HF tokenizer."""
+    feats, lens = np.load(root / f"{split}_ims.npy"), np.load(root / f"{split}_lens.npy")
+    caps = (root / f"{split}_caps.txt").read_text().splitlines()
+    with torch.no_grad():
+        img = torch.cat([model.encode_images(torch.from_numpy(f[None, :n]), torch.tensor([n]))
+                         for f, n in zip(feats, lens)])
+        ids = [torch.tensor(tokenizer(c)["input_ids"]) for c in caps]
+        cap = torch.cat([model.encode_captions(t[None], torch.tensor([len(t)])) for t in ids])
+    return img, cap
+
+
+def as_dict(numbers):
+    return dict(zip(METRICS + ["ar", "ari", "rsum"], numbers))
+
+
+def assert_metrics_equal(got, expected):
+    for key in METRICS + ["rsum"]:
+        assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+def test_help():
+    out = subprocess.run([sys.executable, "-m", "vse_fast.eval", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--checkpoint", "--data_path", "--split", "--fold5", "--published", "--text_model"):
+        assert flag in out.stdout
+
+
+def test_evaluate_matches_published_protocol(dataset):
+    model = bert_model()
+    tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+    img, cap, caps = encode_split(model, str(dataset), "test", tok, batch_size=3)
+    assert caps == 5 and img.shape == (10, 16) and cap.shape == (50, 16)
+    ref_img, ref_cap = independent_embeddings(model, dataset, "test", tok)
+    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
+    sims = compute_sim(img.numpy(), cap.numpy())
+    model.train()
+    metrics = evaluate(model, str(dataset), "test", batch_size=4)  # tokenizer found in data_path
+    assert model.training  # mode restored
+    assert_metrics_equal(metrics, as_dict(evaluate_sims(10, sims, caps=5)))
+    folds = evaluate(model, str(dataset), "test", batch_size=4, tokenizer=tok, fold5=True)
+    mean, per_fold = fold5(img.numpy(), cap.numpy(), caps=5)
+    assert_metrics_equal(folds, as_dict(mean))
+    assert [f["rsum"] for f in folds["folds"]] == pytest.approx([f[-1] for f in per_fold])
+    assert_metrics_equal(folds["all"], metrics)
+    limited = evaluate(model, str(dataset), "test", batch_size=4, tokenizer=tok, caption_limit=12)  # 2 items
+    assert_metrics_equal(limited, as_dict(evaluate_sims(2, sims[:2, :10], caps=5)))
+
+
+def test_gru_model_other_caption_count(dataset, tmp_path):
+    vocab = data.Vocabulary.build((dataset / "train_caps.txt").read_text().splitlines(), threshold=1)
+    vocab.save(str(tmp_path / "vocab.json"))
+    model = build_model(dict(embed_size=16, img_dim=IMG_DIM, text_encoder="gru", vocab_size=len(vocab), word_dim=8),
+                        gpo_backend="torch").eval()
+    path = save_ours(model, tmp_path / "gru.pth", vocab_file=str(tmp_path / "vocab.json"))
+    metrics = main(["--checkpoint", path, "--data_path", str(dataset), "--split", "pairs", "--batch_size", "3"])
+    img, cap, caps = encode_split(model, str(dataset), "pairs", vocab)
+    assert caps == 2
+    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.numpy(), cap.numpy()), caps=2)))
+
+
+def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
+    models = [bert_model(seed) for seed in (1, 2)]
+    paths = [save_ours(m, tmp_path / f"m{i}.pth") for i, m in enumerate(models)]
+    out_json = tmp_path / "metrics.json"
+    single = main(["--checkpoint", paths[0], "--data_path", str(dataset), "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert "R@1" in printed and f"rsum {single['rsum']:.1f}" in printed
+    assert json.loads(out_json.read_text())["rsum"] == pytest.approx(single["rsum"])
+    tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+    embs = [encode_split(m, str(dataset), "test", tok)[:2] for m in models]
+    assert_metrics_equal(single, as_dict(evaluate_sims(10, compute_sim(*[e.numpy() for e in embs[0]]))))
+    both = main(["--checkpoint", paths[0], "--checkpoint", paths[1], "--data_path", str(dataset), "--fold5"])
+    pairs = [(i.numpy(), c.numpy()) for i, c in embs]
+    assert_metrics_equal(both["all"], as_dict(evaluate_sims(10, ensemble_sims(pairs))))
+    assert "5 folds" in capsys.readouterr().out
+
+
+def test_cli_published_checkpoint(dataset, tmp_path):
+    bert = transformers.BertModel(bert_config())
+    bert.save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")  # its tokenizer
+    pub = build_published(16, IMG_DIM, bert=bert).eval()
+    path = str(tmp_path / "model_best.pth")
+    torch.save(published_checkpoint(pub, published_opt(embed_size=16, img_dim=IMG_DIM, vocab_size=len(VOCAB)),
+                                    data_parallel=True), path)
+    metrics = main(["--checkpoint", path, "--published", "--text_model", str(tmp_path / "bert"),
+                    "--data_path", str(dataset), "--split", "pairs"])
+    tok = data.load_tokenizer(text_model_dir=str(tmp_path / "bert"))
+    ref_img, ref_cap = independent_embeddings(pub, dataset, "pairs", tok)
+    model, _ = load_published_checkpoint(path, str(tmp_path / "bert"))
+    img, cap, _ = encode_split(model, str(dataset), "pairs", tok)
+    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
+    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.numpy(), cap.numpy()), caps=2)))
+
+
+@pytest.mark.parametrize("case", ["missing-checkpoint", "missing-data-path", "missing-split", "bad-limit",
+                                  "not-a-checkpoint"])
+def test_cli_errors_name_the_problem(dataset, tmp_path, capsys, case):
+    path = save_ours(bert_model(), tmp_path / "ok.pth")
+    args = {"missing-checkpoint": ["--checkpoint", str(tmp_path / "nope.pth"), "--data_path", str(dataset)],
+            "missing-data-path": ["--checkpoint", path, "--data_path", str(tmp_path / "no_data")],
+            "missing-split": ["--checkpoint", path, "--data_path", str(dataset), "--split", "val"],
+            "bad-limit": ["--checkpoint", path, "--data_path", str(dataset), "--caption_limit", "many"],
+            "not-a-checkpoint": ["--checkpoint", str(dataset / "vocab.txt"), "--data_path", str(dataset)]}[case]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    expected = {"missing-checkpoint": "nope.pth", "missing-data-path": "no_data", "missing-split": "val_",
+                "bad-limit": "caption_limit", "not-a-checkpoint": "vocab.txt"}[case]
+    assert expected in err
+
+
+def test_inference_encoder_and_search(dataset, tmp_path):
+    model = bert_model(3)
+    path = save_ours(model, tmp_path / "m.pth")
+    enc = Encoder.from_checkpoint(path, data_path=str(dataset), batch_size=4)
+    tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+    ref_img, ref_cap, _ = encode_split(model, str(dataset), "test", tok)  # checked against per-item encoding above
+    feats, lens = np.load(dataset / "test_ims.npy"), np.load(dataset / "test_lens.npy")
+    sets = [f[:n] for f, n in zip(feats, lens)]
+    sets[1] = torch.from_numpy(sets[1])  # arrays and tensors mixed
+    torch.testing.assert_close(enc.encode_images(sets), ref_img, atol=1e-5, rtol=1e-5)
+    captions = (dataset / "test_caps.txt").read_text().splitlines()
+    cap_emb = enc.encode_captions(captions)
+    torch.testing.assert_close(cap_emb, ref_cap, atol=1e-5, rtol=1e-5)
+    for queries, gallery in ((cap_emb, ref_img), (ref_img, cap_emb)):  # both directions
+        scores, index = search(queries, gallery, k=3, block=4)
+        brute = queries @ gallery.T
+        torch.testing.assert_close(scores, brute.sort(dim=1, descending=True).values[:, :3])
+        torch.testing.assert_close(brute.gather(1, index), scores)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 10\]"):
+        search(cap_emb, ref_img, k=11)
+    with pytest.raises(ValueError, match="embedding sizes differ"):
+        search(cap_emb, ref_img[:, :5], k=1)
+    with pytest.raises(ValueError, match="feature size 12"):
+        enc.encode_images([np.zeros((3, 12), np.float32)])
+    with pytest.raises(ValueError, match="feature set 0"):
+        enc.encode_images([np.zeros((0, IMG_DIM), np.float32)])
+    with pytest.raises(TypeError, match="list of strings"):
+        enc.encode_captions("a dog")
+    with pytest.raises(ValueError, match="empty caption"):
+        enc.encode_captions([" "])

@@ -1,0 +1,307 @@
+"""VSEModel: published parameter names, parity with the published-style encoders (strict load of
+their state dicts, fp32, train- and eval-mode BatchNorm, outputs and gradients), option and
+input validation, optimizer groups, BERT sources, no host sync."""
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.conftest import requires_cuda
+from tests.published.model import build_published
+from vse_fast.model import build_model, model_defaults, resolve_model_options
+
+transformers = pytest.importorskip("transformers")
+
+TINY_BERT = dict(vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=37, max_position_embeddings=64)
+
+
+def tiny_bert_config(**kw):
+    return transformers.BertConfig(**{**TINY_BERT, **kw})
+
+
+def to_our_state(pair):
+    state = {"img_enc." + k: v for k, v in pair[0].items()}
+    state.update({"txt_enc." + k: v for k, v in pair[1].items()})
+    return state
+
+
+def make_pair(kind, embed=18, img_dim=13, precomp="basic", **kw):
+    """(published-style model, our model with its weights loaded strictly)."""
+    if kind == "bert":
+        cfg = tiny_bert_config()
+        pub = build_published(embed, img_dim, precomp, bert=transformers.BertModel(cfg), **kw)
+        ours = build_model(dict(embed_size=embed, img_dim=img_dim, precomp_enc_type=precomp,
+                                bert_config_dict=cfg.to_dict(), **kw), gpo_backend="torch")
+    else:
+        gru = dict(vocab_size=57, word_dim=11, num_layers=kw.pop("num_layers", 2), use_bi_gru=True)
+        pub = build_published(embed, img_dim, precomp, **gru, **kw)
+        ours = build_model(dict(embed_size=embed, img_dim=img_dim, precomp_enc_type=precomp,
+                                text_encoder="gru", **gru, **kw), gpo_backend="torch")
+    ours.load_state_dict(to_our_state(pub.state_dict_pair()), strict=True)
+    return pub, ours
+
+
+def make_batch(batch, k, img_dim, t, vocab, *, full_first=True):
+    """Zero-padded sets and captions with unsorted random lengths, including 1 and the maximum."""
+    img_len = torch.randint(1, k + 1, (batch,))
+    cap_len = torch.randint(1, t + 1, (batch,))
+    if full_first:
+        img_len[0], cap_len[0] = k, t
+    img_len[-1], cap_len[-1] = 1, 1
+    images = torch.randn(batch, k, img_dim)
+    images[torch.arange(k)[None] >= img_len[:, None]] = 0  # published collate zero-pads
+    captions = torch.randint(1, vocab, (batch, t))
+    captions[torch.arange(t)[None] >= cap_len[:, None]] = 0
+    return images, img_len, captions, cap_len
+
+
+def run(model, batch, seed=1234):
+    torch.manual_seed(seed)  # same dropout masks (BERT) in both models
+    return model(*batch)
+
+
+@pytest.mark.parametrize("kind", ["gru", "bert"])
+@pytest.mark.parametrize("precomp", ["basic", "backbone"])
+def test_state_dict_names_match_published(kind, precomp):
+    pub, ours = make_pair(kind, precomp=precomp)
+    assert set(ours.state_dict()) == set(to_our_state(pub.state_dict_pair()))
+    has_mlp = any(k.startswith("img_enc.mlp.") for k in ours.state_dict())
+    assert has_mlp == (precomp == "basic")
+    if precomp == "basic":
+        # published MLP(img_dim, embed // 2, embed, 2): two Linear, two BatchNorm (the last unused)
+        assert ours.img_enc.mlp.layers[0].weight.shape == (18 // 2, 13)
+        assert ours.img_enc.mlp.bns[1].num_features == 18
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kind,precomp,batch,k,t", [
+    ("gru", "basic", 7, 9, 8),
+    ("gru", "backbone", 1, 1, 1),
+    ("bert", "basic", 5, 6, 11),
+    ("bert", "backbone", 3, 4, 5),
+], ids=["gru-basic-B7", "gru-backbone-B1-K1-T1", "bert-basic-B5", "bert-backbone-B3"])
+def test_parity_with_published(kind, precomp, batch, k, t, mode):
+    pub, ours = make_pair(kind, precomp=precomp)
+    if mode == "eval":  # non-trivial BatchNorm running statistics
+        pub.train()
+        for _ in range(2):
+            run(pub, make_batch(8, k, 13, t, 57))
+        ours.load_state_dict(to_our_state(pub.state_dict_pair()), strict=True)
+    pub.train(mode == "train")
+    ours.train(mode == "train")
+    data = make_batch(batch, k, 13, t, 57, full_first=batch > 1)
+    ref_img, ref_cap = run(pub, data)
+    img, cap = run(ours, data)
+    assert img.dtype == cap.dtype == torch.float32
+    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
+    if mode == "train":  # BatchNorm running statistics updated identically
+        for name, buf in ours.img_enc.named_buffers():
+            torch.testing.assert_close(buf, dict(pub.img_enc.named_buffers())[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gru", "bert"])
+def test_gradients_match_published(kind):
+    pub, ours = make_pair(kind)
+    data = make_batch(6, 7, 13, 9, 57)
+    ref = run(pub, data)
+    out = run(ours, data)
+    up = [torch.randn_like(x) for x in ref]
+    torch.autograd.backward(ref, up)
+    torch.autograd.backward(out, up)
+    pub_grads = {n: p.grad for n, p in to_our_state(
+        [dict(pub.img_enc.named_parameters()), dict(pub.txt_enc.named_parameters())]).items()}
+    checked = 0
+    for name, p in ours.named_parameters():
+        if not p.requires_grad:  # published never gives these a gradient either
+            assert pub_grads[name] is None and p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, pub_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        checked += 1
+    assert checked > 20
+
+
+def test_unused_published_parameters_are_frozen():
+    _, ours = make_pair("bert")
+    frozen = sorted(n for n, p in ours.named_parameters() if not p.requires_grad)
+    assert frozen == ["img_enc.mlp.bns.1.bias", "img_enc.mlp.bns.1.weight",
+                      "txt_enc.bert.pooler.dense.bias", "txt_enc.bert.pooler.dense.weight"]
+
+
+@pytest.mark.parametrize("kind", ["gru", "bert"])
+def test_no_norm_options(kind):
+    pub, ours = make_pair(kind, no_imgnorm=True, no_txtnorm=True)
+    ours.eval(), pub.eval()
+    data = make_batch(4, 5, 13, 6, 57)
+    img, cap = ours(*data)
+    ref_img, ref_cap = pub(*data)
+    assert not torch.allclose(img.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
+
+
+def test_embeddings_do_not_depend_on_padding_in_eval():
+    _, ours = make_pair("gru")
+    ours.eval()
+    images, img_len, captions, cap_len = make_batch(4, 6, 13, 7, 57)
+    img, cap = ours(images, img_len, captions, cap_len)
+    more_img = torch.cat([images, torch.zeros(4, 3, 13)], dim=1)
+    more_cap = torch.cat([captions, torch.zeros(4, 2, dtype=torch.long)], dim=1)
+    img2, cap2 = ours(more_img, img_len, more_cap, cap_len)
+    torch.testing.assert_close(img2, img, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cap2, cap, atol=1e-6, rtol=1e-5)
+
+
+def test_param_groups_published_learning_rates():
+    _, ours = make_pair("bert")
+    groups = ours.param_groups(1e-3, bert_lr_factor=0.1, weight_decay=5e-4)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["bert"]["lr"] == pytest.approx(1e-4)
+    assert by_name["text"]["lr"] == by_name["image"]["lr"] == 1e-3
+    assert all(g["weight_decay"] == 5e-4 for g in groups)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in ours.parameters() if p.requires_grad}
+    assert {id(p) for p in by_name["bert"]["params"]} == {
+        id(p) for p in ours.txt_enc.bert.parameters() if p.requires_grad}
+    torch.optim.AdamW(groups, lr=1e-3)  # accepted as is
+    _, gru = make_pair("gru")
+    assert [g["name"] for g in gru.param_groups(1e-3)] == ["text", "image"]
+
+
+def test_bert_from_local_directory_and_config_json(tmp_path):
+    bert = transformers.BertModel(tiny_bert_config())
+    bert.save_pretrained(tmp_path / "bert")
+    model = build_model(dict(embed_size=8, img_dim=5, text_model=str(tmp_path / "bert")))
+    for name, value in bert.state_dict().items():
+        torch.testing.assert_close(model.txt_enc.bert.state_dict()[name], value, atol=0, rtol=0)
+    assert model.opt["bert_config_dict"]["hidden_size"] == 32
+    json.dumps(model.opt)  # plain types only
+    (tmp_path / "cfg.json").write_text(tiny_bert_config(num_hidden_layers=2).to_json_string())
+    random_init = build_model(dict(embed_size=8, img_dim=5, bert_config=str(tmp_path / "cfg.json")))
+    assert random_init.txt_enc.bert.config.num_hidden_layers == 2
+    rebuilt = build_model(model.opt, load_pretrained=False)  # a checkpoint's stored options
+    assert set(rebuilt.state_dict()) == set(model.state_dict())
+    with pytest.raises(ValueError, match="not a directory"):
+        build_model(dict(embed_size=8, img_dim=5, text_model=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="not a file"):
+        build_model(dict(embed_size=8, img_dim=5, bert_config=str(tmp_path / "missing.json")))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(embed_size=0), "embed_size"),
+    (dict(img_dim=2.5), "img_dim"),
+    (dict(precomp_enc_type="grid"), "precomp_enc_type"),
+    (dict(text_encoder="lstm"), "text_encoder"),
+    (dict(gpo_backend="cuda"), "gpo_backend"),
+    (dict(text_encoder="bert"), "text_model"),
+    (dict(text_encoder="gru", vocab_size=None), "vocab_size"),
+    (dict(embed_size=1, text_encoder="gru", vocab_size=9), "embed_size >= 2"),
+])
+def test_option_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_model_options({**dict(text_encoder="gru", vocab_size=10), **bad})
+
+
+def test_options_from_namespace_and_unknown_override():
+    import argparse
+
+    opt = resolve_model_options(argparse.Namespace(embed_size=64, margin=0.2, text_encoder="gru", vocab_size=9))
+    assert opt["embed_size"] == 64 and "margin" not in opt
+    assert set(opt) == set(model_defaults())
+    with pytest.raises(TypeError, match="unknown model option"):
+        resolve_model_options(opt, embed=3)
+    with pytest.raises(TypeError, match="argparse.Namespace"):
+        resolve_model_options([1, 2])
+
+
+def test_input_validation():
+    _, ours = make_pair("gru")
+    images, img_len, captions, cap_len = make_batch(3, 4, 13, 5, 57)
+    with pytest.raises(ValueError, match="img_dim=13"):
+        ours.encode_images(torch.randn(3, 4, 12), img_len)
+    with pytest.raises(ValueError, match=r"\(B, K, D\)"):
+        ours.encode_images(images[0], img_len)
+    with pytest.raises(ValueError, match=r"img_lengths must have shape \(3,\)"):
+        ours.encode_images(images, img_len[:2])
+    with pytest.raises(ValueError, match="integer"):
+        ours.encode_captions(captions.float(), cap_len)
+    with pytest.raises(ValueError, match=r"cap_lengths must have shape \(3,\)"):
+        ours.encode_captions(captions, cap_len[None])
+    with pytest.raises(TypeError, match="tensors"):
+        ours.encode_images(images, [4, 4, 4])
+
+
+class _HostSyncDetector(TorchDispatchMode):
+    """Records ops that copy a tensor value to the host (.item(), int(t), bool(t), .tolist())."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind,attn", [("gru", None), ("bert", "sdpa"), ("bert", "eager")])
+def test_forward_backward_without_host_sync(kind, attn):
+    """No value copied to the host in forward or backward (CPU check of what CUDA would sync on)."""
+    _, ours = make_pair(kind)
+    if kind == "bert":
+        ours.txt_enc.bert.config._attn_implementation = attn
+    data = make_batch(5, 6, 13, 7, 57)
+    with _HostSyncDetector() as det:
+        img, cap = ours(*data)
+        (img.sum() + cap.sum()).backward()
+    assert det.calls == [], "host synchronisation in the forward or backward"
+
+
+def test_bert_attention_implementations_agree():
+    _, ours = make_pair("bert")
+    ours.eval()
+    data = make_batch(5, 6, 13, 7, 57)
+    ours.txt_enc.bert.config._attn_implementation = "sdpa"
+    sdpa = ours.encode_captions(*data[2:])
+    ours.txt_enc.bert.config._attn_implementation = "eager"
+    torch.testing.assert_close(ours.encode_captions(*data[2:]), sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_gpo_backend_option_selects_the_pool_kernel():
+    """gpo_backend="triton" (interpreter on CPU) and "torch" give the same embeddings and gradients."""
+    kw = dict(embed_size=6, img_dim=5, precomp_enc_type="backbone", text_encoder="gru", vocab_size=9, word_dim=4)
+    ref = build_model(kw, gpo_backend="torch")
+    tri = build_model(kw, gpo_backend="triton")
+    tri.load_state_dict(ref.state_dict())
+    images, img_len = torch.randn(2, 3, 5), torch.tensor([3, 1])
+    out = [m.encode_images(images, img_len) for m in (ref, tri)]
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
+    up = torch.randn_like(out[0])
+    for o in out:
+        o.backward(up)
+    torch.testing.assert_close(tri.img_enc.fc.weight.grad, ref.img_enc.fc.weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tri.img_enc.gpool.linear.weight.grad, ref.img_enc.gpool.linear.weight.grad,
+                               atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["gru", "bert"])
+def test_cuda_parity_and_no_sync(kind):
+    pub, ours = make_pair(kind)
+    pub, ours = pub.cuda(), ours.cuda()
+    ours.img_enc.gpo_backend = ours.txt_enc.gpo_backend = "auto"  # Triton pool on CUDA
+    data = [x.cuda() for x in make_batch(6, 7, 13, 9, 57)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        img, cap = ours(*data)
+        (img.sum() + cap.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    pub.eval(), ours.eval()
+    ref, out = run(pub, data), run(ours, data)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-4, rtol=1e-4)

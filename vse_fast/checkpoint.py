@@ -1,0 +1,341 @@
+"""Checkpoints: atomic save, safe load (``torch.load(weights_only=True)`` only), RNG states, and
+loading of published VSE-infinity checkpoints into a VSEModel.
+
+Our schema ("vse_fast/1")::
+
+    {"format": "vse_fast/1", "model": model.state_dict() (no "module." prefix), "optimizer": ...,
+     "scaler": ..., "epoch": int, "step": int, "best_rsum": float, "rng": capture_rng_state(),
+     "config": dict of plain types holding the model options (``model.opt``), at top level or
+               under config["model"]}
+
+Published checkpoints (woodfrog/vse_infty train.py)::
+
+    {"epoch": int, "model": [img_enc.state_dict(), txt_enc.state_dict()], "best_rsum": float,
+     "opt": argparse.Namespace, "Eiters": int}      (keys "module."-prefixed under DataParallel)
+
+Nothing is ever unpickled beyond tensors and plain containers: ``argparse.Namespace`` is
+allow-listed, and numpy scalars (seen in some checkpoints) are rebuilt by a function that accepts
+only numeric dtypes and returns Python numbers. Anything else fails with CheckpointError naming
+the offending globals; there is no ``weights_only=False`` fallback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import random
+import tempfile
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from vse_fast.model import VSEModel, build_model, resolve_model_options
+
+FORMAT = "vse_fast/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def _numpy_scalar(dtype, data=None):
+    """Safe stand-in for numpy's scalar reconstructor: numeric dtypes only, returns a Python number."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"refusing to rebuild a numpy scalar of dtype {dtype!r}")
+    return np.frombuffer(data, dtype=dtype, count=1)[0].item()
+
+
+_NUMERIC_DTYPE_CLASSES = [getattr(np.dtypes, name) for name in (
+    "BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType", "UInt8DType", "UInt16DType",
+    "UInt32DType", "UInt64DType", "Float16DType", "Float32DType", "Float64DType") if hasattr(np, "dtypes")]
+
+SAFE_GLOBALS = [
+    argparse.Namespace,
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
+    (_numpy_scalar, "numpy._core.multiarray.scalar"),
+    np.dtype,
+    *_NUMERIC_DTYPE_CLASSES,
+]
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync, then
+    os.replace, so a crash never leaves a truncated checkpoint under ``path``."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable (best effort; not possible on every platform)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with argparse.Namespace and numeric numpy scalars
+    allow-listed. FileNotFoundError for a missing file, CheckpointError for anything else unreadable."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint, etc.
+            unsafe = []
+        detail = f"it references {unsafe}, which are not allow-listed" if unsafe else str(err).splitlines()[-1]
+        raise CheckpointError(f"checkpoint {path!r} cannot be loaded safely (weights_only=True): {detail}. "
+                              "vse_fast never unpickles arbitrary objects.") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint: {err}") from err
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def capture_rng_state() -> dict:
+    """RNG states of python, numpy, torch CPU and every CUDA device, as tensors and plain types
+    (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of capture_rng_state. CUDA states are restored when present and CUDA is available."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------- our checkpoints
+
+def strip_prefixes(state_dict: dict, prefixes=("module.", "_orig_mod.")) -> dict:
+    """Remove DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") key prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _load_strict(model: VSEModel, state_dict: dict, path: str) -> None:
+    own = model.state_dict()
+    # transformers 4 saved BertEmbeddings.position_ids / token_type_ids buffers; 5 does not persist them.
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k in own or not k.endswith(("embeddings.position_ids", "embeddings.token_type_ids"))}
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path!r} does not fit the model: missing keys {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path!r}: shape mismatch (key, checkpoint, model) {wrong[:5]}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def model_options_from_config(config: dict) -> dict:
+    """Model options stored in a checkpoint config (top level, or under config["model"])."""
+    if isinstance(config.get("model"), dict):
+        return dict(config["model"])
+    return dict(config)
+
+
+def load_model_checkpoint(path: str, map_location: Any = "cpu", **option_overrides) -> tuple[VSEModel, dict]:
+    """Rebuild the VSEModel of one of our checkpoints (random BERT init, then the stored weights).
+    ``option_overrides`` (e.g. text_model, gpo_backend) replace stored model options. Returns
+    (model in eval mode, the checkpoint dict)."""
+    return _model_from_state(load_checkpoint(path, map_location), path, **option_overrides)
+
+
+def _model_from_state(state: Any, path: str, **option_overrides) -> tuple[VSEModel, dict]:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"checkpoint {path!r} is not a {FORMAT} checkpoint (format: {found!r}); "
+                              "published VSE-infinity checkpoints load with load_published_checkpoint")
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path!r} has no 'config' dict with the model options")
+    options = model_options_from_config(config)
+    options.update(option_overrides)
+    if option_overrides.get("text_model") or option_overrides.get("bert_config"):
+        options["bert_config_dict"] = None  # an explicit BERT source replaces the stored config
+    try:
+        model = build_model(options, load_pretrained=False)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path!r}: {err}") from err
+    _load_strict(model, strip_prefixes(state["model"]), path)
+    return model.eval(), state
+
+
+# ----------------------------------------------------------------------------- published checkpoints
+
+def _split_published_image_state(img_sd: dict, path: str) -> dict:
+    if any(k.startswith(("backbone.", "image_encoder.")) for k in img_sd):
+        dropped = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in img_sd if k.startswith("backbone.")})
+        if dropped:
+            warnings.warn(f"{path}: the published CNN backbone weights ({dropped[:4]} ...) are not used: "
+                          "vse_fast encodes precomputed features (extract them with that backbone)")
+        img_sd = {k[len("image_encoder."):]: v for k, v in img_sd.items() if k.startswith("image_encoder.")}
+    return img_sd
+
+
+def _count_layers(state: dict, prefix: str) -> int:
+    indices = {int(k[len(prefix):].split(".")[0].split("_")[0]) for k in state if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def _bert_config_from_state(txt_sd: dict, path: str) -> dict:
+    """bert-base(-uncased)-shaped config inferred from the weights (the published text encoder
+    always used bert-base-uncased). Other sizes need the BERT directory (text_model)."""
+    import transformers
+
+    vocab, hidden = txt_sd["bert.embeddings.word_embeddings.weight"].shape
+    if hidden != 768:
+        raise CheckpointError(f"checkpoint {path!r}: BERT hidden size {hidden} is not bert-base's 768; pass "
+                              "text_model (the BERT directory it was trained with) or bert_config")
+    config = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=hidden,
+        num_hidden_layers=_count_layers(txt_sd, "bert.encoder.layer."),
+        num_attention_heads=12,
+        intermediate_size=txt_sd["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=txt_sd["bert.embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=txt_sd["bert.embeddings.token_type_embeddings.weight"].shape[0])
+    return config.to_dict()
+
+
+def _check_against_opt(inferred: dict, opt: dict, path: str) -> None:
+    for key, value in inferred.items():
+        if key in opt and opt[key] is not None and opt[key] != value:
+            raise CheckpointError(f"checkpoint {path!r}: opt.{key}={opt[key]!r} but the weights say {value!r}")
+
+
+def load_published_checkpoint(path: str, text_model: str | None = None, *, bert_config: str | None = None,
+                              map_location: Any = "cpu", gpo_backend: str = "auto") -> tuple[VSEModel, dict]:
+    """Load a published VSE-infinity checkpoint into a VSEModel (eval mode), for evaluation or fine-tuning.
+
+    Architecture from the weights (embed_size, img_dim, precomp_enc_type, BERT vs BiGRU and its sizes),
+    cross-checked with the checkpoint's ``opt``; ``no_imgnorm``/``no_txtnorm`` from ``opt``. BERT's
+    config comes from ``text_model`` (the local BERT directory the checkpoint was trained with; its
+    weights are replaced by the checkpoint's) or ``bert_config`` (json); without either, a bert-base
+    config is inferred from the weight shapes (12 heads: hidden 768 only). Keys may carry "module.".
+    Returns (model, opt_dict): the published opt as a dict plus the resolved model options and
+    "epoch", "best_rsum", "Eiters" when present.
+    """
+    return _published_from_state(load_checkpoint(path, map_location), path, text_model, bert_config, gpo_backend)
+
+
+def _published_from_state(ckpt: Any, path: str, text_model: str | None, bert_config: str | None,
+                          gpo_backend: str) -> tuple[VSEModel, dict]:
+    if (not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), (list, tuple)) or len(ckpt["model"]) != 2
+            or not all(isinstance(sd, dict) for sd in ckpt["model"])):
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"checkpoint {path!r} is not a published VSE-infinity checkpoint "
+                              f"(expected 'model': [img_state, txt_state]; found {found})")
+    opt = ckpt.get("opt")
+    opt = dict(vars(opt)) if isinstance(opt, argparse.Namespace) else dict(opt or {})
+    img_sd = _split_published_image_state(strip_prefixes(ckpt["model"][0]), path)
+    txt_sd = strip_prefixes(ckpt["model"][1])
+    if "fc.weight" not in img_sd:
+        raise CheckpointError(f"checkpoint {path!r}: image encoder state has no fc.weight "
+                              f"(keys: {sorted(img_sd)[:6]})")
+    embed_size, img_dim = img_sd["fc.weight"].shape
+    inferred = dict(embed_size=embed_size, img_dim=img_dim,
+                    precomp_enc_type="basic" if "mlp.layers.0.weight" in img_sd else "backbone")
+    options = dict(no_imgnorm=bool(opt.get("no_imgnorm", False)), no_txtnorm=bool(opt.get("no_txtnorm", False)),
+                   gpo_backend=gpo_backend)
+    if "bert.embeddings.word_embeddings.weight" in txt_sd:
+        options["text_encoder"] = "bert"
+        if text_model or bert_config:
+            options.update(text_model=text_model, bert_config=bert_config)
+        else:
+            options["bert_config_dict"] = _bert_config_from_state(txt_sd, path)
+    elif "embed.weight" in txt_sd:
+        vocab_size, word_dim = txt_sd["embed.weight"].shape
+        inferred.update(vocab_size=vocab_size, word_dim=word_dim)
+        options.update(text_encoder="gru", num_layers=_count_layers(txt_sd, "rnn.weight_ih_l"),
+                       use_bi_gru="rnn.weight_ih_l0_reverse" in txt_sd)
+    else:
+        raise CheckpointError(f"checkpoint {path!r}: text encoder state is neither BERT nor BiGRU "
+                              f"(keys: {sorted(txt_sd)[:6]})")
+    # precomp_enc_type 'backbone' in opt names the end-to-end model; the fc-only part is what we load.
+    _check_against_opt({k: v for k, v in inferred.items() if k != "precomp_enc_type"}, opt, path)
+    options.update(inferred)
+    try:
+        model = build_model(resolve_model_options(options), load_pretrained=False)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path!r}: {err}") from err
+    state = {"img_enc." + k: v for k, v in img_sd.items()}
+    state.update({"txt_enc." + k: v for k, v in txt_sd.items()})
+    _load_strict(model, state, path)
+    info = dict(opt)
+    info.update(model.opt)
+    for key in ("epoch", "best_rsum", "Eiters"):
+        if key in ckpt:
+            info[key] = ckpt[key]
+    return model.eval(), info
+
+
+def to_published_state(model: VSEModel) -> list[dict]:
+    """Our model's weights as the published ``[img_state, txt_state]`` pair."""
+    sd = strip_prefixes(model.state_dict())
+    return [{k[len(p):]: v for k, v in sd.items() if k.startswith(p)} for p in ("img_enc.", "txt_enc.")]
+
+
+def is_published_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and "format" not in state and isinstance(state.get("model"), (list, tuple))
+
+
+def load_any_checkpoint(path: str, *, published: bool | None = None, text_model: str | None = None,
+                        bert_config: str | None = None, map_location: Any = "cpu",
+                        gpo_backend: str | None = None) -> tuple[VSEModel, dict]:
+    """Our checkpoint or a published one (``published=None``: detected from the contents).
+    ``text_model`` gives a published checkpoint its BERT config; ours store theirs (there it only
+    names the tokenizer, see vse_fast.eval.resolve_tokenizer). Returns (model in eval mode, info
+    dict: our checkpoint's config, or the published opt)."""
+    state = load_checkpoint(path, map_location)
+    if published is None:
+        published = is_published_checkpoint(state)
+    if published:
+        return _published_from_state(state, path, text_model, bert_config, gpo_backend or "auto")
+    # Our checkpoints store their BERT config: text_model only names the tokenizer there.
+    overrides = {k: v for k, v in dict(bert_config=bert_config, gpo_backend=gpo_backend).items() if v}
+    model, state = _model_from_state(state, path, **overrides)
+    return model, dict(state["config"])

@@ -1,0 +1,247 @@
+"""Evaluate trained VSE-infinity models: recall@1/5/10, medr, meanr both directions and rsum.
+
+    python -m vse_fast.eval --checkpoint runs/x/best.pth --data_path DATA --split test
+    python -m vse_fast.eval --checkpoint A.pth --checkpoint B.pth ...           # ensemble
+    python -m vse_fast.eval --checkpoint coco_model.pth --published --text_model bert-base-uncased/ \\
+        --data_path data/coco_precomp --split testall --fold5                  # COCO 1K (5 folds) + 5K
+
+``evaluate(model, data_path, split, ...)`` is what training calls every epoch: each image (set of
+features) is encoded once, each caption once, metrics come from vse_fast.evaluation (blocked,
+never the full similarity matrix). Published protocol: eval mode (BatchNorm running statistics,
+no dropout, no augmentation); the COCO "dev" split is cut to its first 5000 captions / 1000
+images (``caption_limit="auto"``); ``--fold5`` averages 5 folds of 1000 images (COCO 1K) and
+also reports all 5000 images (COCO 5K).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from typing import Sequence
+
+import torch
+
+DEV_CAPTION_LIMIT = 5000  # published: the COCO dev split is evaluated on its first 5000 captions (1000 images)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.inference_mode()
+def _encode(loader, encode_fn, count: int, inputs: tuple[str, str], device, precision):
+    """Run encode_fn over the loader, placing each row at its dataset index: (count, E) float32 on device."""
+    out, filled = None, 0
+    for batch in loader:
+        x, lengths = batch[inputs[0]].to(device, non_blocking=True), batch[inputs[1]].to(device, non_blocking=True)
+        with _autocast(device, precision):
+            emb = encode_fn(x, lengths).float()
+        if out is None:
+            out = torch.zeros(count, emb.shape[1], device=device)
+        out[batch["index"].to(device)] = emb
+        filled += emb.shape[0]
+    if out is None or filled != count:
+        raise RuntimeError(f"encoded {filled} rows, expected {count}")
+    return out
+
+
+def _resolve_limit(split: str, caps_per_item: int, caption_limit):
+    """Captions evaluated: None (all) or a multiple of caps_per_item."""
+    if caption_limit == "auto":
+        caption_limit = DEV_CAPTION_LIMIT if split == "dev" else None
+    if caption_limit is None:
+        return None
+    if isinstance(caption_limit, bool) or not isinstance(caption_limit, int) or caption_limit < caps_per_item:
+        raise ValueError(f"caption_limit must be None, 'auto' or an int >= captions per item ({caps_per_item}), "
+                         f"got {caption_limit!r}")
+    return caption_limit // caps_per_item * caps_per_item
+
+
+def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: int = 128, device=None,
+                 caption_limit="auto", precision: str = "fp32", num_workers: int = 0):
+    """Embeddings of a split: (img_emb (N, E), cap_emb (N*C, E), C), each image/caption encoded once.
+    The model is put in eval mode and restored to its previous mode afterwards."""
+    from torch.utils.data import DataLoader
+
+    from vse_fast import data
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    info = data.check_split(data_path, split)
+    caps = info.caps_per_item
+    limit = _resolve_limit(split, caps, caption_limit)
+    images = data.ImageSetDataset(data_path, split, caption_limit=limit)
+    captions = data.CaptionDataset(data_path, split, tokenizer, caption_limit=limit)
+    n_images = len(images)
+    if len(captions) != n_images * caps:
+        raise RuntimeError(f"{len(captions)} captions for {n_images} items x {caps}")
+    loader_args = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                       pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    try:
+        img_emb = _encode(DataLoader(images, collate_fn=data.collate_images, **loader_args), model.encode_images,
+                          n_images, ("images", "img_lengths"), device, precision)
+        cap_emb = _encode(DataLoader(captions, collate_fn=data.collate_captions, **loader_args),
+                          model.encode_captions, n_images * caps, ("captions", "cap_lengths"), device, precision)
+    finally:
+        model.train(was_training)
+    return img_emb, cap_emb, caps
+
+
+def metrics_from_embeddings(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], caps_per_item: int,
+                            fold5: bool = False) -> dict:
+    """Metrics of one (img_emb, cap_emb) pair or an ensemble (averaged similarities). ``fold5``: top-level
+    keys are the mean over 5 folds (COCO 1K, as published --fold5), plus "folds" and "all" (COCO 5K)."""
+    from vse_fast.evaluation import coco_5fold, retrieval_metrics
+
+    pairs = list(pairs)
+    if not fold5:
+        return retrieval_metrics(pairs, None, caps_per_item)
+    metrics = coco_5fold(pairs, None, caps_per_item)
+    metrics["all"] = retrieval_metrics(pairs, None, caps_per_item)
+    return metrics
+
+
+def evaluate(model, data_path: str, split: str, *, batch_size: int = 128, device=None, fold5: bool = False,
+             tokenizer=None, caption_limit="auto", precision: str = "fp32", num_workers: int = 0) -> dict:
+    """Recall metrics of ``model`` on ``split`` of ``data_path``.
+
+    Args:
+        model: a VSEModel (any mode; evaluated in eval mode, its mode restored afterwards).
+        tokenizer: the BERT tokenizer or BiGRU Vocabulary of the model; None: resolved as the CLI does
+            (model.opt["text_model"], then ``data_path``/vocab.txt for BERT).
+        caption_limit: "auto" (published: "dev" cut to its first 5000 captions), None (all) or an int.
+        precision: "fp32", or "bf16"/"fp16" autocast on CUDA (ignored on CPU).
+    Returns:
+        dict of vse_fast.evaluation.METRIC_KEYS (Python floats); with ``fold5`` the 1K fold means plus
+        "folds" (per fold) and "all" (every image: COCO 5K).
+    """
+    if tokenizer is None:
+        tokenizer = resolve_tokenizer(model.opt, {}, data_path)
+    img_emb, cap_emb, caps = encode_split(model, data_path, split, tokenizer, batch_size=batch_size,
+                                          device=device, caption_limit=caption_limit, precision=precision,
+                                          num_workers=num_workers)
+    return metrics_from_embeddings([(img_emb, cap_emb)], caps, fold5)
+
+
+def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, text_model: str | None = None,
+                      vocab_file: str | None = None):
+    """The caption tokenizer of a model: BERT tokenizer (text_model dir or wordpiece vocab.txt) or BiGRU
+    Vocabulary (vocab json, else rebuilt from the training captions as vse_fast.train does).
+    Explicit arguments first, then the checkpoint config, then files in ``data_path``."""
+    from vse_fast import data
+
+    text_model = text_model or config.get("text_model") or model_opt.get("text_model")
+    vocab_file = vocab_file or config.get("vocab_file")
+    if model_opt.get("text_encoder", "bert") == "bert":
+        if vocab_file:
+            return data.load_tokenizer(vocab_file=vocab_file)
+        if text_model and os.path.isdir(text_model):
+            return data.load_tokenizer(text_model_dir=text_model)
+        if data_path and os.path.isfile(os.path.join(data_path, "vocab.txt")):
+            return data.load_tokenizer(vocab_file=os.path.join(data_path, "vocab.txt"))
+        raise ValueError("cannot find the BERT tokenizer of this model: pass --text_model DIR (the BERT "
+                         "directory) or --vocab_file vocab.txt" + (f" (text_model {text_model!r} is not a directory)"
+                                                                    if text_model else ""))
+    if vocab_file:
+        vocab = data.Vocabulary.load(vocab_file)
+    else:
+        split = config.get("train_split", "train")
+        caps_file = os.path.join(data_path or "", f"{split}_caps.txt")
+        if not data_path or not os.path.isfile(caps_file):
+            raise ValueError("cannot find the BiGRU vocabulary of this model: pass --vocab_file (vocabulary json)"
+                             f" or a --data_path holding {split}_caps.txt to rebuild it from")
+        vocab = data.Vocabulary.from_caption_files([caps_file])
+    if model_opt.get("vocab_size") not in (None, len(vocab)):
+        raise ValueError(f"the vocabulary has {len(vocab)} words but the model was trained with "
+                         f"vocab_size={model_opt['vocab_size']}: pass the model's --vocab_file")
+    return vocab
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vse_fast.eval", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
+                   help="checkpoint to evaluate; repeat for an ensemble (similarities averaged)")
+    p.add_argument("--data_path", required=True, help="directory with {split}_ims.npy, {split}_caps.txt, ...")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test; COCO 5K: testall)")
+    p.add_argument("--fold5", action="store_true", help="COCO: mean over 5 folds of 1000 images (1K) and all (5K)")
+    p.add_argument("--published", action="store_true",
+                   help="the checkpoints are published VSE-infinity ones (default: detected from the file)")
+    p.add_argument("--text_model", help="local BERT directory (tokenizer; the config of published checkpoints)")
+    p.add_argument("--vocab_file", help="BERT vocab.txt or BiGRU vocabulary json of the model")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype on CUDA (default fp32)")
+    p.add_argument("--caption_limit", default="auto",
+                   help="'auto' (published: dev cut to 5000 captions), 'none', or a number of captions")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--json", metavar="PATH", help="also write the metrics to this json file")
+    return p
+
+
+def _caption_limit(value: str, parser: argparse.ArgumentParser):
+    if value in ("auto", "none", "None"):
+        return None if value.lower() == "none" else "auto"
+    try:
+        return int(value)
+    except ValueError:
+        parser.error(f"--caption_limit must be 'auto', 'none' or an integer, got {value!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from vse_fast.checkpoint import CheckpointError, load_any_checkpoint
+    from vse_fast.data import DataError
+    from vse_fast.evaluation import format_table
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    limit = _caption_limit(args.caption_limit, parser)
+    if not os.path.isdir(args.data_path):
+        parser.error(f"--data_path {args.data_path!r} is not a directory")
+    for path in args.checkpoint:
+        if not os.path.isfile(path):
+            parser.error(f"--checkpoint {path!r} does not exist")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        pairs, caps = [], None
+        for path in args.checkpoint:
+            model, config = load_any_checkpoint(path, published=True if args.published else None,
+                                                text_model=args.text_model, map_location="cpu")
+            model.to(device)
+            tokenizer = resolve_tokenizer(model.opt, config, args.data_path, text_model=args.text_model,
+                                          vocab_file=args.vocab_file)
+            img_emb, cap_emb, caps = encode_split(model, args.data_path, args.split, tokenizer,
+                                                  batch_size=args.batch_size, device=device, caption_limit=limit,
+                                                  precision=args.precision, num_workers=args.workers)
+            pairs.append((img_emb, cap_emb))
+            print(f"encoded {args.split}: {img_emb.shape[0]} items, {cap_emb.shape[0]} captions with {path}",
+                  file=sys.stderr)
+        metrics = metrics_from_embeddings(pairs, caps, args.fold5)
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    source = f"ensemble of {len(pairs)}" if len(pairs) > 1 else os.path.basename(args.checkpoint[0])
+    title = f"{args.split} ({source})"
+    if args.fold5:
+        print(format_table(metrics, title=f"{title}: mean of 5 folds (COCO 1K protocol)"))
+        print(format_table(metrics["all"], title=f"{title}: all items (COCO 5K protocol)"))
+    else:
+        print(format_table(metrics, title=title))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

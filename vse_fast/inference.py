@@ -1,0 +1,161 @@
+"""Inference with a trained model: embed feature sets and caption strings, top-k search.
+
+Example::
+
+    from vse_fast.inference import Encoder, search
+
+    enc = Encoder.from_checkpoint("runs/x/best.pth", data_path="data/coco_precomp")
+    gallery = enc.encode_images([feats_0, feats_1, ...])          # (N, E), each feats_i (k_i, img_dim)
+    queries = enc.encode_captions(["a dog on a red sofa", "two men riding horses"])
+    scores, indices = search(queries, gallery, k=5)                # text -> image
+    scores, indices = search(gallery, queries, k=1)                # image -> text
+
+Captions are tokenized exactly as the evaluation data pipeline does (vse_fast.data, eval mode: no
+augmentation); embeddings are L2-normalised (unless the model was trained without), so the
+scores are cosine similarities.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vse_fast.eval import _autocast
+
+
+def _as_feature_set(x, index: int, img_dim: int) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.asarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"feature set {index} must be a numpy array or tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[0] < 1:
+        raise ValueError(f"feature set {index} must have shape (k >= 1, {img_dim}), got {tuple(x.shape)}")
+    if x.shape[1] != img_dim:
+        raise ValueError(f"feature set {index} has feature size {x.shape[1]}, the model expects {img_dim}")
+    if not x.is_floating_point():
+        raise TypeError(f"feature set {index} must be floating point, got {x.dtype}")
+    return x
+
+
+class Encoder:
+    """A trained VSEModel with its caption tokenizer, in eval mode on one device.
+
+    Args:
+        model: a VSEModel; tokenizer: its BERT tokenizer / BiGRU Vocabulary (vse_fast.data);
+        device: default the model's; batch_size: sets or captions per forward;
+        precision: "fp32", or "bf16"/"fp16" autocast on CUDA.
+    """
+
+    def __init__(self, model, tokenizer, *, device=None, batch_size: int = 128, precision: str = "fp32"):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        from vse_fast.data import _TextEncoder  # the evaluation pipeline's caption -> ids (no augmentation)
+
+        self.tokenizer = tokenizer
+        self._text = _TextEncoder(tokenizer)
+        self.batch_size = batch_size
+        self.precision = precision
+        self.img_dim = model.opt["img_dim"]
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, device=None, published: bool | None = None, text_model: str | None = None,
+                        vocab_file: str | None = None, data_path: str | None = None, tokenizer=None, **kwargs):
+        """Load our checkpoint or a published one (detected); the tokenizer is found as by
+        ``python -m vse_fast.eval`` (text_model / vocab_file / checkpoint config / data_path)."""
+        from vse_fast.checkpoint import load_any_checkpoint
+        from vse_fast.eval import resolve_tokenizer
+
+        model, config = load_any_checkpoint(path, published=published, text_model=text_model)
+        if tokenizer is None:
+            tokenizer = resolve_tokenizer(model.opt, config, data_path, text_model=text_model, vocab_file=vocab_file)
+        return cls(model, tokenizer, device=device, **kwargs)
+
+    def tokenize(self, caption: str) -> list[int]:
+        """Token ids of one caption as the evaluation pipeline builds them."""
+        if not isinstance(caption, str):
+            raise TypeError(f"captions must be strings, got {type(caption).__name__}")
+        if not caption.strip():
+            raise ValueError("cannot encode an empty caption")
+        return self._text(caption).tolist()
+
+    @torch.inference_mode()
+    def encode_images(self, feature_sets: Sequence) -> torch.Tensor:
+        """feature_sets: a list of (k_i, img_dim) arrays/tensors (k_i may differ), or one (N, K, img_dim)
+        array of full sets. Returns (N, E) float32 embeddings on the encoder's device."""
+        if isinstance(feature_sets, (np.ndarray, torch.Tensor)):
+            if feature_sets.ndim != 3:
+                raise ValueError(f"an array of feature sets must be (N, K, {self.img_dim}), "
+                                 f"got {tuple(feature_sets.shape)}")
+            feature_sets = list(feature_sets)
+        sets = [_as_feature_set(x, i, self.img_dim) for i, x in enumerate(feature_sets)]
+        if not sets:
+            raise ValueError("no feature sets to encode")
+        out = []
+        for a in range(0, len(sets), self.batch_size):
+            chunk = sets[a:a + self.batch_size]
+            lengths = torch.tensor([len(x) for x in chunk])
+            images = torch.zeros(len(chunk), int(lengths.max()), self.img_dim)
+            for i, x in enumerate(chunk):
+                images[i, : len(x)] = x.float()
+            with _autocast(self.device, self.precision):
+                out.append(self.model.encode_images(images.to(self.device), lengths.to(self.device)).float())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
+        """captions: strings. Returns (M, E) float32 embeddings on the encoder's device."""
+        if isinstance(captions, str):
+            raise TypeError("captions must be a list of strings, got one string")
+        tokens = [self.tokenize(c) for c in captions]
+        if not tokens:
+            raise ValueError("no captions to encode")
+        out = []
+        for a in range(0, len(tokens), self.batch_size):
+            chunk = tokens[a:a + self.batch_size]
+            lengths = torch.tensor([len(t) for t in chunk])
+            ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+            for i, t in enumerate(chunk):
+                ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            with _autocast(self.device, self.precision):
+                out.append(self.model.encode_captions(ids.to(self.device), lengths.to(self.device)).float())
+        return torch.cat(out)
+
+
+@torch.no_grad()
+def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, block: int = 4096):
+    """Top-k gallery rows for each query by inner product (cosine for normalised embeddings), in
+    either direction (captions against images or images against captions).
+
+    Args: query_emb (Q, E), gallery_emb (G, E) float tensors or arrays on one device; 1 <= k <= G;
+        block: queries scored per matmul (peak extra memory block * G).
+    Returns: (scores (Q, k) float32, indices (Q, k) int64), best first; ties keep the lower index first
+        only as far as torch.topk does (unspecified).
+    """
+    query_emb = torch.as_tensor(query_emb)
+    gallery_emb = torch.as_tensor(gallery_emb)
+    for name, x in (("query_emb", query_emb), ("gallery_emb", gallery_emb)):
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating (count, embed) matrix, got shape {tuple(x.shape)} "
+                             f"dtype {x.dtype}")
+    if query_emb.shape[1] != gallery_emb.shape[1]:
+        raise ValueError(f"embedding sizes differ: queries {query_emb.shape[1]}, gallery {gallery_emb.shape[1]}")
+    if query_emb.device != gallery_emb.device:
+        raise ValueError(f"query_emb is on {query_emb.device}, gallery_emb on {gallery_emb.device}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= gallery_emb.shape[0]:
+        raise ValueError(f"k must be an int in [1, {gallery_emb.shape[0]}] (gallery size), got {k!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    gallery = gallery_emb.float()
+    scores, indices = [], []
+    for a in range(0, query_emb.shape[0], block):
+        s, i = (query_emb[a:a + block].float() @ gallery.T).topk(k, dim=1)
+        scores.append(s)
+        indices.append(i)
+    if not scores:
+        return torch.empty(0, k, device=gallery.device), torch.empty(0, k, dtype=torch.long, device=gallery.device)
+    return torch.cat(scores), torch.cat(indices)
