@@ -1,0 +1,383 @@
+"""vse_fast.data: validation (DataError), datasets, published augmentation, collate."""
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from vse_fast import data
+from vse_fast.data import DataError
+
+WORDS = ["a", "red", "dog", "blue", "cat", "near", "the", "tree", "runs", "green", "bird", "sits"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + WORDS + ["jump", "##ing"]
+
+
+def _write_split(folder, split="train", n=6, k=5, d=4, caps=5, lens=True, ids=True, rng=None):
+    """A valid split with padding rows set to NaN (so any use of them shows)."""
+    rng = rng or np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    feats = rng.standard_normal((n, k, d)).astype(np.float32)
+    set_sizes = rng.integers(1, k + 1, size=n)
+    set_sizes[0] = k
+    if lens:
+        for i, size in enumerate(set_sizes):
+            feats[i, size:] = np.nan
+        np.save(os.path.join(folder, f"{split}_lens.npy"), set_sizes)
+    np.save(os.path.join(folder, f"{split}_ims.npy"), feats)
+    captions = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 9)))) for _ in range(n * caps)]
+    with open(os.path.join(folder, f"{split}_caps.txt"), "w") as f:
+        f.write("\n".join(captions) + "\n")
+    if ids:
+        with open(os.path.join(folder, f"{split}_ids.txt"), "w") as f:
+            f.write("\n".join(str(100 + i) for i in range(n)) + "\n")
+    return feats, (set_sizes if lens else np.full(n, k)), captions
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(VOCAB) + "\n")
+    return data.load_tokenizer(vocab_file=str(path))
+
+
+@pytest.fixture
+def split(tmp_path):
+    folder = tmp_path / "data"
+    feats, lens, captions = _write_split(str(folder))
+    return str(folder), feats, lens, captions
+
+
+# ----------------------------------------------------------------------------------------------
+# check_split
+# ----------------------------------------------------------------------------------------------
+
+
+def test_check_split_reports_the_layout(split):
+    folder, feats, lens, captions = split
+    info = data.check_split(folder, "train")
+    assert (info.n_items, info.caps_per_item, info.max_set, info.feat_dim) == (6, 5, 5, 4)
+    assert info.has_lens and info.has_ids and info.n_captions == 30
+    assert info.paths["ims"] == os.path.join(folder, "train_ims.npy")
+
+
+def test_check_split_finds_the_published_precomp_folder(tmp_path):
+    _write_split(str(tmp_path / "coco" / "precomp"), "testall", n=10, caps=5, lens=False, ids=False)
+    info = data.check_split(str(tmp_path / "coco"), "testall")
+    assert info.n_items == 10 and not info.has_lens and not info.has_ids
+
+
+def test_check_split_accepts_one_vector_per_item(tmp_path):
+    folder = str(tmp_path)
+    _write_split(folder, n=4, caps=20, lens=False, ids=False)
+    flat = np.random.default_rng(1).standard_normal((4, 7)).astype(np.float32)
+    np.save(os.path.join(folder, "train_ims.npy"), flat)
+    info = data.check_split(folder, "train")
+    assert (info.max_set, info.feat_dim, info.caps_per_item) == (1, 7, 20)
+    item = data.ImageSetDataset(folder, "train")[2]
+    torch.testing.assert_close(item["features"], torch.from_numpy(flat[2:3]))
+
+
+@pytest.mark.parametrize("missing", ["ims.npy", "caps.txt"])
+def test_missing_file_is_named(split, missing):
+    folder = split[0]
+    os.remove(os.path.join(folder, f"train_{missing}"))
+    with pytest.raises(DataError, match=re.escape(f"train_{missing}: missing")):
+        data.check_split(folder, "train")
+    with pytest.raises(DataError, match="does not exist"):
+        data.check_split(os.path.join(folder, "nope"), "train")
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated", "pickled", "integer", "4-D", "empty"])
+def test_unreadable_or_ill_shaped_features_are_named(split, content):
+    folder = split[0]
+    path = os.path.join(folder, "train_ims.npy")
+    if content == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"this is not a numpy file")
+    elif content == "truncated":
+        raw = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(raw[: len(raw) // 2])
+    elif content == "pickled":
+        np.save(path, np.array([{"a": 1}] * 6, dtype=object), allow_pickle=True)
+    elif content == "integer":
+        np.save(path, np.zeros((6, 5, 4), dtype=np.int32))
+    elif content == "4-D":
+        np.save(path, np.zeros((6, 5, 4, 1), dtype=np.float32))
+    else:
+        np.save(path, np.zeros((6, 0, 4), dtype=np.float32))
+    with pytest.raises(DataError, match=r"train_ims\.npy"):
+        data.check_split(folder, "train")
+
+
+def test_caption_count_mismatch_is_named(split):
+    folder = split[0]
+    with open(os.path.join(folder, "train_caps.txt"), "a") as f:
+        f.write("one caption too many\n")
+    with pytest.raises(DataError, match=r"train_caps\.txt: 31 captions for 6 items"):
+        data.check_split(folder, "train")
+
+
+def test_empty_caption_names_its_line(split):
+    folder, _, _, captions = split
+    captions = list(captions)
+    captions[2] = "   "
+    with open(os.path.join(folder, "train_caps.txt"), "w") as f:
+        f.write("\n".join(captions) + "\n")
+    with pytest.raises(DataError, match=r"train_caps\.txt:3: empty caption"):
+        data.check_split(folder, "train")
+
+
+def test_invalid_utf8_names_its_line(split):
+    folder = split[0]
+    raw = open(os.path.join(folder, "train_caps.txt"), "rb").read().split(b"\n")
+    raw[4] = b"caf\xe9"
+    with open(os.path.join(folder, "train_caps.txt"), "wb") as f:
+        f.write(b"\n".join(raw))
+    with pytest.raises(DataError, match=r"train_caps\.txt:5: not valid UTF-8"):
+        data.check_split(folder, "train")
+
+
+@pytest.mark.parametrize("lens,match", [
+    (np.array([5, 1, 1, 1, 1]), r"shape \(6,\)"),
+    (np.array([5, 1, 0, 1, 1, 1]), "length 0 of item 2 is outside 1..5"),
+    (np.array([5, 1, 1, 6, 1, 1]), "length 6 of item 3 is outside 1..5"),
+    (np.array([5.0, 1, 1, 1, 1, 1]), "integers"),
+], ids=["wrong-count", "zero", "too-long", "float"])
+def test_bad_lens_are_named(split, lens, match):
+    folder = split[0]
+    np.save(os.path.join(folder, "train_lens.npy"), lens)
+    with pytest.raises(DataError, match=rf"train_lens\.npy: .*{match}"):
+        data.check_split(folder, "train")
+
+
+def test_bad_ids_are_named(split):
+    folder = split[0]
+    with open(os.path.join(folder, "train_ids.txt"), "w") as f:
+        f.write("1\n2\n3\n")
+    with pytest.raises(DataError, match=r"train_ids\.txt: 3 ids, expected 6"):
+        data.check_split(folder, "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+
+
+def test_features_are_memory_mapped_and_only_valid_rows_used(split, tokenizer):
+    folder, feats, lens, _ = split
+    images = data.ImageSetDataset(folder, "train")
+    assert len(images) == 6
+    for i in range(6):
+        item = images[i]
+        assert item["index"] == i
+        torch.testing.assert_close(item["features"], torch.from_numpy(feats[i, : lens[i]]))  # no NaN padding
+    assert isinstance(images.data.features, np.memmap)
+    pairs = data.PrecomputedDataset(folder, "train", tokenizer, train=False)
+    assert isinstance(pairs.data.features, np.memmap)
+    assert pickle.loads(pickle.dumps(pairs)).data._features is None  # workers reopen the map
+
+
+def test_pairs_and_eval_tokens(split, tokenizer):
+    folder, feats, lens, captions = split
+    pairs = data.PrecomputedDataset(folder, "train", tokenizer, train=False)
+    texts = data.CaptionDataset(folder, "train", tokenizer)
+    assert len(pairs) == len(texts) == 30
+    for i in (0, 7, 29, -1):
+        item = pairs[i]
+        j = i % 30
+        assert item["img_index"] == j // 5 and item["cap_index"] == j
+        torch.testing.assert_close(item["features"], torch.from_numpy(feats[j // 5, : lens[j // 5]]))
+        expected = torch.tensor(tokenizer(captions[j])["input_ids"])  # [CLS] pieces [SEP]
+        assert torch.equal(item["tokens"], expected) and torch.equal(texts[i]["tokens"], expected)
+        assert texts[i]["index"] == j
+    with pytest.raises(IndexError):
+        pairs[30]
+
+
+def test_word_pieces_follow_basic_then_wordpiece_tokenization(tmp_path, tokenizer):
+    folder = str(tmp_path)
+    _write_split(folder, n=1, caps=1, lens=False, ids=False)
+    with open(os.path.join(folder, "train_caps.txt"), "w") as f:
+        f.write("A RED dog, jumping zebra.\n")
+    text = data.PrecomputedDataset(folder, "train", tokenizer, train=False).text
+    ids = {t: i for i, t in enumerate(VOCAB)}
+    assert text.words("A RED dog, jumping zebra.") == [
+        [ids["a"]], [ids["red"]], [ids["dog"]], [ids[","]], [ids["jump"], ids["##ing"]], [ids["[UNK]"]], [ids["."]]]
+
+
+def test_caption_limit_caps_dev_as_published(tmp_path, tokenizer):
+    folder = str(tmp_path)
+    _write_split(folder, "dev", n=1200, k=2, d=2, caps=5, lens=False, ids=False)
+    limit = data.published_caption_limit("dev")
+    assert limit == 5000 and data.published_caption_limit("test") is None
+    assert len(data.CaptionDataset(folder, "dev", tokenizer, caption_limit=limit)) == 5000
+    assert len(data.ImageSetDataset(folder, "dev", caption_limit=limit)) == 1000
+    assert len(data.ImageSetDataset(folder, "dev", caption_limit=10**6)) == 1200  # a cap, not a demand
+    with pytest.raises(ValueError, match="multiple of 5"):
+        data.ImageSetDataset(folder, "dev", caption_limit=4999)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(split, tokenizer):
+    folder = split[0]
+    make = lambda seed=0: data.PrecomputedDataset(folder, "train", tokenizer, train=True, seed=seed)  # noqa: E731
+    first, second = make(), make()
+    forward = [first[i] for i in range(30)]
+    backward = [second[i] for i in reversed(range(30))][::-1]  # other access order, other object
+    worker_copy = pickle.loads(pickle.dumps(first))  # as a DataLoader worker gets it
+    for a, b, c in zip(forward, backward, (worker_copy[i] for i in range(30))):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["features"], b["features"])
+        assert torch.equal(a["tokens"], c["tokens"]) and torch.equal(a["features"], c["features"])
+
+    def signature(dataset):
+        return [(tuple(dataset[i]["tokens"].tolist()), dataset[i]["features"].shape[0]) for i in range(30)]
+
+    base = signature(first)
+    first.set_epoch(1)
+    assert signature(first) != base
+    first.set_epoch(0)
+    assert signature(first) == base
+    assert signature(make(seed=1)) != base
+    with pytest.raises(ValueError, match="epoch"):
+        first.set_epoch(-1)
+
+
+def test_augmentation_statistics_match_published(tmp_path, tokenizer):
+    """Words touched with p=0.2: half masked, a tenth random, the rest deleted; regions kept with p=0.8."""
+    folder = str(tmp_path)
+    n_items, k = 400, 30
+    rng = np.random.default_rng(0)
+    _write_split(folder, n=n_items, k=k, d=2, caps=5, lens=False, ids=False, rng=rng)
+    single_piece = [w for w in WORDS]  # every word is one piece: counts are per word
+    captions = [" ".join(rng.choice(single_piece, size=10)) for _ in range(n_items * 5)]
+    with open(os.path.join(folder, "train_caps.txt"), "w") as f:
+        f.write("\n".join(captions) + "\n")
+    dataset = data.PrecomputedDataset(folder, "train", tokenizer, train=True, seed=3)
+    mask_id = tokenizer.mask_token_id
+    n_words, n_kept_rows, masked, out_tokens = 0, 0, 0, 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        inner = item["tokens"][1:-1]
+        assert item["tokens"][0] == tokenizer.cls_token_id and item["tokens"][-1] == tokenizer.sep_token_id
+        n_words += 10
+        out_tokens += len(inner)
+        masked += int((inner == mask_id).sum())
+        n_kept_rows += item["features"].shape[0]
+    deleted = n_words - out_tokens
+    sd = np.sqrt(0.2 * 0.8 / n_words)
+    assert abs(masked / n_words - 0.10) < 5 * sd
+    assert abs(deleted / n_words - 0.08) < 5 * sd
+    n_rows = len(dataset) * k
+    assert abs(n_kept_rows / n_rows - 0.8) < 5 * np.sqrt(0.16 / n_rows)
+    no_aug = data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop=0, token_aug=0)
+    assert torch.equal(no_aug[5]["tokens"], torch.tensor(tokenizer(captions[5])["input_ids"]))
+    assert no_aug[5]["features"].shape[0] == k
+
+
+def test_feature_drop_keeps_at_least_one_region(split, tokenizer):
+    folder = split[0]
+    dataset = data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop=0.99)
+    assert all(dataset[i]["features"].shape[0] >= 1 for i in range(30))
+    assert not any(torch.isnan(dataset[i]["features"]).any() for i in range(30))
+
+
+def test_max_caption_tokens_keeps_the_end_token(split, tokenizer):
+    folder = split[0]
+    dataset = data.CaptionDataset(folder, "train", tokenizer, max_caption_tokens=3)
+    tokens = dataset[0]["tokens"]
+    assert len(tokens) == 3 and tokens[0] == tokenizer.cls_token_id and tokens[-1] == tokenizer.sep_token_id
+    with pytest.raises(ValueError, match="max_caption_tokens"):
+        data.CaptionDataset(folder, "train", tokenizer, max_caption_tokens=1)
+
+
+def test_dataset_argument_errors(split, tokenizer):
+    folder = split[0]
+    with pytest.raises(ValueError, match="feature_drop"):
+        data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop=1.0)
+    with pytest.raises(ValueError, match="seed"):
+        data.PrecomputedDataset(folder, "train", tokenizer, train=True, seed=-1)
+    with pytest.raises(TypeError, match="Vocabulary or a transformers BERT tokenizer"):
+        data.PrecomputedDataset(folder, "train", object(), train=False)
+
+
+def test_collate_pads_and_reports_lengths(split, tokenizer):
+    folder = split[0]
+    pairs = data.PrecomputedDataset(folder, "train", tokenizer, train=True)
+    items = [pairs[i] for i in (0, 6, 13, 29)]
+    batch = data.collate(items)
+    kmax = max(it["features"].shape[0] for it in items)
+    tmax = max(len(it["tokens"]) for it in items)
+    assert batch["images"].shape == (4, kmax, 4) and batch["images"].dtype == torch.float32
+    assert batch["captions"].shape == (4, tmax) and batch["captions"].dtype == torch.int64
+    for b, it in enumerate(items):
+        k, t = it["features"].shape[0], len(it["tokens"])
+        assert batch["img_lengths"][b] == k and batch["cap_lengths"][b] == t
+        assert torch.equal(batch["images"][b, :k], it["features"]) and not batch["images"][b, k:].any()
+        assert torch.equal(batch["captions"][b, :t], it["tokens"]) and not batch["captions"][b, t:].any()
+    assert batch["img_index"].tolist() == [0, 1, 2, 5] and batch["cap_index"].tolist() == [0, 6, 13, 29]
+    assert all(batch[key].dtype == torch.int64 for key in ("img_lengths", "cap_lengths", "img_index", "cap_index"))
+    images = data.collate_images([data.ImageSetDataset(folder, "train")[i] for i in range(3)])
+    assert set(images) == {"images", "img_lengths", "index"}
+    texts = data.collate_captions([data.CaptionDataset(folder, "train", tokenizer)[i] for i in range(3)])
+    assert set(texts) == {"captions", "cap_lengths", "index"}
+    with pytest.raises(ValueError, match="empty"):
+        data.collate([])
+
+
+def test_dataloader_workers_see_the_same_items(split, tokenizer):
+    folder = split[0]
+    dataset = data.PrecomputedDataset(folder, "train", tokenizer, train=True, seed=5)
+    dataset.set_epoch(2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=data.collate)
+    in_process = [data.collate([dataset[i] for i in range(s, min(s + 8, 30))]) for s in range(0, 30, 8)]
+    for got, expected in zip(loader, in_process):
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers and the word vocabulary
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_tokenizer_from_vocab_and_directory(tmp_path, tokenizer):
+    assert tokenizer.vocab_size == len(VOCAB) and tokenizer.mask_token_id == 4
+    tokenizer.save_pretrained(str(tmp_path / "bert"))
+    again = data.load_tokenizer(text_model_dir=str(tmp_path / "bert"))
+    assert again("a red dog")["input_ids"] == tokenizer("a red dog")["input_ids"]
+    with pytest.raises(ValueError, match="exactly one"):
+        data.load_tokenizer()
+    with pytest.raises(DataError, match="does not exist"):
+        data.load_tokenizer(vocab_file=str(tmp_path / "missing.txt"))
+    (tmp_path / "bad.txt").write_text("a\nb\n")
+    with pytest.raises(DataError, match=r"\[PAD\]"):
+        data.load_tokenizer(vocab_file=str(tmp_path / "bad.txt"))
+
+
+def test_vocabulary_build_encode_roundtrip(tmp_path):
+    vocab = data.Vocabulary.build(["A dog runs.", "a dog sits", "the dog"], threshold=2)
+    assert list(vocab.word2idx)[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert "dog" in vocab.word2idx and "a" in vocab.word2idx and "runs" not in vocab.word2idx
+    assert list(vocab.word2idx)[-1] == "<mask>"
+    unk = vocab("<unk>")
+    assert vocab.encode("A dog flies") == [vocab("<start>"), vocab("a"), vocab("dog"), unk, vocab("<end>")]
+    vocab.save(str(tmp_path / "vocab.json"))
+    loaded = data.Vocabulary.load(str(tmp_path / "vocab.json"))
+    assert loaded.word2idx == vocab.word2idx and len(loaded) == len(vocab)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(DataError, match="broken.json"):
+        data.Vocabulary.load(str(tmp_path / "broken.json"))
+
+
+def test_vocabulary_dataset_augments_words_only(split):
+    folder, _, _, captions = split
+    vocab = data.Vocabulary.build(captions, threshold=1)
+    plain = data.CaptionDataset(folder, "train", vocab)
+    assert plain[3]["tokens"].tolist() == vocab.encode(captions[3])
+    train = data.PrecomputedDataset(folder, "train", vocab, train=True, token_aug=0.5)
+    for i in range(30):
+        tokens = train[i]["tokens"].tolist()
+        assert tokens[0] == vocab("<start>") and tokens[-1] == vocab("<end>")
+    assert any(vocab("<mask>") in train[i]["tokens"].tolist() for i in range(30))

@@ -1,0 +1,187 @@
+"""vse_fast.evaluation against the published metric functions (tests/published/evaluation.py)."""
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import requires_cuda
+from tests.published import evaluation as published
+from vse_fast import evaluation
+
+DIRECTIONS = ("r1", "r5", "r10", "medr", "meanr")
+
+
+def _embeddings(n_img, caps, dim=24, noise=1.2, dtype=torch.float64):
+    """Correlated image/caption embeddings: recall is neither 0 nor 100, scores tie-free."""
+    img = torch.randn(n_img, dim, dtype=torch.float64)
+    cap = img.repeat_interleave(caps, 0) + noise * torch.randn(n_img * caps, dim, dtype=torch.float64)
+    return img.to(dtype), cap.to(dtype)
+
+
+def _published_mode(caps):
+    return "coco" if caps == 5 else "single"
+
+
+def _as_tuple(metrics, direction):
+    return tuple(metrics[f"{direction}_{k}"] for k in DIRECTIONS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drop-ins on a similarity matrix
+# ----------------------------------------------------------------------------------------------
+
+DROPIN_CASES = [  # (npts, caps, mode passed to ours, caps_per_item passed to ours)
+    pytest.param(50, 5, "coco", None, id="N50-coco"),
+    pytest.param(61, 1, "f30k", None, id="N61-one-caption"),
+    pytest.param(37, 20, "coco", 20, id="N37-C20-msrvtt"),
+    pytest.param(1, 5, "coco", None, id="N1-coco"),
+]
+
+
+@pytest.mark.parametrize("npts,caps,mode,caps_per_item", DROPIN_CASES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("block_elems", [None, 97], ids=["default-block", "block97"])
+def test_dropins_match_published(npts, caps, mode, caps_per_item, dtype, block_elems, monkeypatch):
+    if block_elems is not None:  # force many blocks whose sizes do not divide the matrix
+        monkeypatch.setattr(evaluation, "_NUMPY_BLOCK_ELEMS", block_elems)
+    img, cap = _embeddings(npts, caps)
+    sims = published.compute_sim(img.numpy(), cap.numpy()).astype(dtype)
+    kw = {} if caps_per_item is None else {"caps_per_item": caps_per_item}
+    for ours_fn, ref_fn in ((evaluation.i2t, published.i2t), (evaluation.t2i, published.t2i)):
+        ours, (ranks, top1) = ours_fn(npts, sims, True, mode, **kw)
+        ref, (ref_ranks, ref_top1) = ref_fn(npts, sims, True, _published_mode(caps), caps=caps)
+        assert ours == ref  # identical numbers, not approximately
+        np.testing.assert_array_equal(ranks, ref_ranks)
+        np.testing.assert_array_equal(top1, ref_top1)
+        assert ranks.dtype == np.float64 and top1.dtype == np.float64
+        assert ours_fn(npts, sims, mode=mode, **kw) == ref  # return_ranks=False: the 5-tuple only
+
+
+def test_dropins_ties_favour_the_positive():
+    sims = np.zeros((3, 15))  # every score ties
+    (r1, *_), (ranks, top1) = evaluation.i2t(3, sims, return_ranks=True)
+    assert r1 == 100.0 and not ranks.any() and not top1.any()  # top1: first maximum
+    (r1, *_), (ranks, top1) = evaluation.t2i(3, sims, return_ranks=True)
+    assert r1 == 100.0 and not ranks.any() and not top1.any()
+
+
+@pytest.mark.parametrize("fn", [evaluation.i2t, evaluation.t2i], ids=["i2t", "t2i"])
+def test_dropins_reject_bad_input(fn):
+    sims = np.random.default_rng(0).standard_normal((4, 20))
+    with pytest.raises(ValueError, match=r"\(4, 20\).*\(4, 4\)"):
+        fn(4, sims[:, :4])  # coco mode expects 5 captions per image
+    with pytest.raises(ValueError, match="npts"):
+        fn(0, sims)
+    with pytest.raises(TypeError, match="floating"):
+        fn(4, sims.astype(np.int64))
+    with pytest.raises(ValueError, match="caps_per_item"):
+        fn(4, sims, caps_per_item=0)
+    for where in [(1, 3), (2, 12)]:  # a negative and a positive entry
+        bad = sims.copy()
+        bad[where] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            fn(4, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# From embeddings
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_img,caps,block", [(53, 5, 7), (53, 5, 1024), (29, 1, 4), (11, 20, 3), (1, 5, 2)],
+                         ids=["N53-C5-B7", "N53-C5-B1024", "N29-C1-B4", "N11-C20-B3", "N1-C5"])
+def test_retrieval_metrics_matches_dropins(n_img, caps, block):
+    img, cap = _embeddings(n_img, caps)
+    sims = published.compute_sim(img.numpy(), cap.numpy())
+    metrics, ranks = evaluation.retrieval_metrics(img, cap, caps, block=block, return_ranks=True)
+    ref_i2t, (ref_ranks_i2t, _) = published.i2t(n_img, sims, True, _published_mode(caps), caps=caps)
+    ref_t2i, (ref_ranks_t2i, _) = published.t2i(n_img, sims, True, _published_mode(caps), caps=caps)
+    assert _as_tuple(metrics, "i2t") == ref_i2t
+    assert _as_tuple(metrics, "t2i") == ref_t2i
+    np.testing.assert_array_equal(ranks["i2t"], ref_ranks_i2t)
+    np.testing.assert_array_equal(ranks["t2i"], ref_ranks_t2i)
+    assert metrics["rsum"] == pytest.approx(sum(ref_i2t[:3]) + sum(ref_t2i[:3]), abs=1e-9)
+    assert set(metrics) == set(evaluation.METRIC_KEYS)
+    assert evaluation.retrieval_metrics(img, cap, block=block) == metrics  # caps_per_item inferred
+
+
+def test_retrieval_metrics_accepts_numpy_and_low_precision():
+    img, cap = _embeddings(40, 5, dtype=torch.float32)
+    ref = evaluation.retrieval_metrics(img, cap, 5)
+    assert evaluation.retrieval_metrics(img.numpy(), cap.numpy(), 5) == ref
+    half_img, half_cap = img.to(torch.bfloat16), cap.to(torch.bfloat16)
+    # computed in float32 from the bf16 values
+    assert evaluation.retrieval_metrics(half_img, half_cap, 5) == evaluation.retrieval_metrics(
+        half_img.float(), half_cap.float(), 5)
+
+
+def test_ensemble_averages_similarities():
+    n_img, caps = 43, 5
+    pairs = [_embeddings(n_img, caps, dim=dim) for dim in (16, 24, 8)]
+    sims = published.ensemble_sims([(i.numpy(), c.numpy()) for i, c in pairs])
+    metrics = evaluation.retrieval_metrics(pairs, None, caps, block=10)
+    assert _as_tuple(metrics, "i2t") == published.i2t(n_img, sims)
+    assert _as_tuple(metrics, "t2i") == published.t2i(n_img, sims)
+    single = evaluation.retrieval_metrics(*pairs[0], caps)
+    assert evaluation.retrieval_metrics([pairs[0]], None, caps) == single
+
+
+def test_coco_5fold_matches_published():
+    n_img, caps = 5 * 23, 5
+    img, cap = _embeddings(n_img, caps)
+    mean, folds = published.fold5(img.numpy(), cap.numpy(), caps)
+    ours = evaluation.coco_5fold(img, cap, caps, block=9)
+    assert len(ours["folds"]) == 5
+    for f, fold in enumerate(folds):  # per fold: the 10 numbers and rsum (index 12)
+        assert _as_tuple(ours["folds"][f], "i2t") + _as_tuple(ours["folds"][f], "t2i") == tuple(fold[:10])
+        assert ours["folds"][f]["rsum"] == pytest.approx(fold[12], abs=1e-9)
+    for k, key in enumerate(f"{d}_{m}" for d in ("i2t", "t2i") for m in DIRECTIONS):
+        assert ours[key] == pytest.approx(mean[k], rel=1e-12)
+    assert ours["rsum"] == pytest.approx(mean[12], rel=1e-12)
+    ensemble = evaluation.coco_5fold([(img, cap), (img, cap)], None, caps)
+    assert ensemble["rsum"] == ours["rsum"]
+
+
+def test_retrieval_metrics_rejects_bad_input():
+    img, cap = _embeddings(6, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="expected caps_per_item"):
+        evaluation.retrieval_metrics(img, cap, 4)
+    with pytest.raises(ValueError, match="not a multiple"):
+        evaluation.retrieval_metrics(img, cap[:-1])
+    with pytest.raises(ValueError, match="dim"):
+        evaluation.retrieval_metrics(img, cap[:, :-1], 5)
+    with pytest.raises(ValueError, match="2-D"):
+        evaluation.retrieval_metrics(img[0], cap, 5)
+    with pytest.raises(TypeError, match="floating"):
+        evaluation.retrieval_metrics(img.long(), cap, 5)
+    with pytest.raises(TypeError, match="cap_emb is required"):
+        evaluation.retrieval_metrics(img)
+    with pytest.raises(ValueError, match="block"):
+        evaluation.retrieval_metrics(img, cap, 5, block=0)
+    with pytest.raises(ValueError, match="member 1"):
+        evaluation.retrieval_metrics([(img, cap), (img[:5], cap[:25])], None, 5)
+    bad = cap.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        evaluation.retrieval_metrics(img, bad, 5)
+    with pytest.raises(ValueError, match="folds"):
+        evaluation.coco_5fold(img, cap, 5)  # 6 images do not split into 5 folds
+
+
+def test_format_table_shows_every_number():
+    img, cap = _embeddings(30, 5)
+    metrics = evaluation.retrieval_metrics(img, cap, 5)
+    table = evaluation.format_table(metrics, title="test")
+    assert table.splitlines()[0] == "test"
+    for key in evaluation.METRIC_KEYS:
+        assert f"{metrics[key]:.1f}" in table
+    folded = evaluation.format_table(evaluation.coco_5fold(img, cap, 5))
+    assert "mean of 5 folds" in folded
+    with pytest.raises(ValueError, match="rsum"):
+        evaluation.format_table({k: 0.0 for k in evaluation.METRIC_KEYS if k != "rsum"})
+
+
+@requires_cuda
+def test_retrieval_metrics_on_cuda_matches_cpu():
+    img, cap = _embeddings(300, 5)
+    cpu = evaluation.retrieval_metrics(img, cap, 5, block=128)
+    assert evaluation.retrieval_metrics(img.cuda(), cap.cuda(), 5, block=128) == cpu

@@ -1,0 +1,568 @@
+"""Precomputed-feature datasets in the SCAN / VSE-infinity layout, validated before training.
+
+A split ``{split}`` of a data directory (files directly in it, or in its ``precomp/`` subfolder as
+the published loader expects) holds:
+
+* ``{split}_ims.npy``: (N, K, D) floating features, K regions (or frames) per item. Opened
+  memory-mapped: COCO train is ~33 GB. A 2-D (N, D) array means one vector per item (K = 1).
+* ``{split}_caps.txt``: one caption per line, C = lines / N captions per item (5 COCO/Flickr30K,
+  20 MSR-VTT, 10 VATEX); caption j describes item j // C.
+* optional ``{split}_lens.npy``: (N,) integer count of valid rows per item (1 <= len <= K); without
+  it all K rows are used.
+* optional ``{split}_ids.txt``: one id per item (or one per caption).
+
+`check_split` validates all of it and raises `DataError` naming the file (and line). The datasets
+return dicts, `collate` pads them into batches. Training augmentation follows the published loader
+(lib/datasets/image_caption.py): each region dropped with probability 0.2 (we keep at least one);
+each caption word touched with probability 0.2, of those 50% -> [MASK] (one per word piece), 10% ->
+random vocabulary ids, 40% deleted. Its randomness is a function of (seed, epoch, index) only, so a
+resumed run, any number of workers and any DDP layout see the same augmentations.
+
+COCO conventions: "testall" is the 5K test set (5-fold 1K via vse_fast.evaluation.coco_5fold);
+"dev" is capped at 5000 captions (1000 images) by the published code: pass
+``caption_limit=published_caption_limit(split)``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DataError", "SplitInfo", "check_split", "published_caption_limit", "DEV_CAPTION_LIMIT",
+    "load_tokenizer", "Vocabulary", "CaptionEncoder", "PrecomputedDataset", "ImageSetDataset", "CaptionDataset",
+    "collate", "collate_images", "collate_captions",
+]
+
+DEV_CAPTION_LIMIT = 5000  # published: the COCO dev split is evaluated on its first 5000 captions
+
+# Published split of the touched words: [MASK] below 0.5, a random id below 0.6, deleted above.
+_MASK_SHARE, _RANDOM_SHARE_END = 0.5, 0.6
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or inconsistent; the message names the file (and line)."""
+
+
+@dataclass
+class SplitInfo:
+    """What `check_split` found. paths: {"ims", "caps", "lens" (or None), "ids" (or None)}."""
+
+    n_items: int
+    caps_per_item: int
+    feat_dim: int
+    max_set: int
+    has_lens: bool
+    has_ids: bool
+    paths: dict = field(default_factory=dict)
+    n_captions: int = 0
+
+
+def published_caption_limit(split):
+    """Caption cap of the published evaluation: 5000 for "dev", None (all) otherwise."""
+    return DEV_CAPTION_LIMIT if split == "dev" else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_dir(data_path, split):
+    if not os.path.isdir(data_path):
+        raise DataError(f"{data_path}: data directory does not exist")
+    for folder in (data_path, os.path.join(data_path, "precomp")):
+        if os.path.exists(os.path.join(folder, f"{split}_caps.txt")) or os.path.exists(
+            os.path.join(folder, f"{split}_ims.npy")
+        ):
+            return folder
+    return data_path
+
+
+def _open_features(path):
+    """Memory-map the feature array; 2-D (N, D) becomes an (N, 1, D) view."""
+    try:
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: unreadable feature array ({err})") from None
+    if not isinstance(features, np.ndarray):
+        raise DataError(f"{path}: expected one .npy array, got {type(features).__name__}")
+    if features.ndim == 2:
+        features = features[:, None, :]
+    if features.ndim != 3:
+        raise DataError(f"{path}: features must be (N, K, D) or (N, D), got shape {features.shape}")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise DataError(f"{path}: features must be floating point, got dtype {features.dtype}")
+    if min(features.shape) == 0:
+        raise DataError(f"{path}: empty feature array, shape {features.shape}")
+    return features
+
+
+def _read_captions(path):
+    """Captions, stripped as published; empty or non-UTF-8 lines raise DataError naming the line."""
+    captions = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                caption = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason})") from None
+            if not caption:
+                raise DataError(f"{path}:{number}: empty caption")
+            captions.append(caption)
+    if not captions:
+        raise DataError(f"{path}: no captions")
+    return captions
+
+
+def _read_lens(path, n_items, max_set):
+    try:
+        lens = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: unreadable lengths array ({err})") from None
+    if lens.shape != (n_items,):
+        raise DataError(f"{path}: lengths must have shape ({n_items},) (one per item), got {lens.shape}")
+    if not np.issubdtype(lens.dtype, np.integer):
+        raise DataError(f"{path}: lengths must be integers, got dtype {lens.dtype}")
+    bad = np.flatnonzero((lens < 1) | (lens > max_set))
+    if bad.size:
+        raise DataError(
+            f"{path}: length {int(lens[bad[0]])} of item {int(bad[0])} is outside 1..{max_set} "
+            f"({bad.size} bad entries)"
+        )
+    return lens.astype(np.int64)
+
+
+def _check_ids(path, n_items, n_captions):
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise DataError(f"{path}:{number}: empty id")
+    if len(lines) not in (n_items, n_captions):
+        raise DataError(f"{path}: {len(lines)} ids, expected {n_items} (one per item) or {n_captions} (per caption)")
+
+
+def _load_split(data_path, split):
+    """Validate a split; returns (SplitInfo, captions, lens or None)."""
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split must be a non-empty string, got {split!r}")
+    folder = _split_dir(os.fspath(data_path), split)
+    paths = {name: os.path.join(folder, f"{split}_{name}{ext}")
+             for name, ext in (("ims", ".npy"), ("caps", ".txt"), ("lens", ".npy"), ("ids", ".txt"))}
+    for name in ("ims", "caps"):
+        if not os.path.isfile(paths[name]):
+            raise DataError(f"{paths[name]}: missing (split {split!r} needs {split}_ims.npy and {split}_caps.txt)")
+    features = _open_features(paths["ims"])
+    n_items, max_set, feat_dim = features.shape
+    captions = _read_captions(paths["caps"])
+    if len(captions) % n_items:
+        raise DataError(
+            f"{paths['caps']}: {len(captions)} captions for {n_items} items in {paths['ims']}: "
+            f"not a whole number of captions per item"
+        )
+    lens = _read_lens(paths["lens"], n_items, max_set) if os.path.isfile(paths["lens"]) else None
+    if os.path.isfile(paths["ids"]):
+        _check_ids(paths["ids"], n_items, len(captions))
+    info = SplitInfo(
+        n_items=n_items, caps_per_item=len(captions) // n_items, feat_dim=feat_dim, max_set=max_set,
+        has_lens=lens is not None, has_ids=os.path.isfile(paths["ids"]),
+        paths={k: (v if k in ("ims", "caps") or os.path.isfile(v) else None) for k, v in paths.items()},
+        n_captions=len(captions),
+    )
+    return info, captions, lens
+
+
+def check_split(data_path, split):
+    """Validate ``{split}_*`` files of ``data_path`` (see the module docstring); raises DataError.
+
+    Example:
+        >>> info = check_split("data/coco", "train")   # SplitInfo(n_items=113287, caps_per_item=5, ...)
+    """
+    return _load_split(data_path, split)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text: BERT word pieces or a word vocabulary (BiGRU)
+# ----------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(text_model_dir=None, vocab_file=None):
+    """A transformers BERT tokenizer (fast, tokenizers-backed), offline, from a local BERT directory
+    (``text_model_dir``, as saved by save_pretrained) or from a WordPiece ``vocab.txt``."""
+    from transformers import BertTokenizerFast
+
+    if (text_model_dir is None) == (vocab_file is None):
+        raise ValueError("pass exactly one of text_model_dir or vocab_file")
+    if text_model_dir is not None:
+        if not os.path.isdir(text_model_dir):
+            raise DataError(f"{text_model_dir}: BERT directory does not exist")
+        return BertTokenizerFast.from_pretrained(text_model_dir, local_files_only=True)
+    if not os.path.isfile(vocab_file):
+        raise DataError(f"{vocab_file}: vocabulary file does not exist")
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
+        if token not in vocab:
+            raise DataError(f"{vocab_file}: vocabulary lacks the special token {token}")
+    import inspect
+
+    if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4.x
+        return BertTokenizerFast(vocab_file=vocab_file)
+    return BertTokenizerFast(vocab=vocab)
+
+
+_WORD_RE = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
+
+
+class Vocabulary:
+    """Word <-> index map for the BiGRU text encoder, as the published lib/vocab.py (plus '<mask>',
+    which the published train.py appends).
+
+    Words come from ``caption.lower()`` split into word runs and single punctuation marks (a
+    regex stand-in for nltk.word_tokenize: contractions such as "don't" stay one word).
+    ``encode(caption)`` = [<start>] + word ids (<unk> when unknown) + [<end>].
+    """
+
+    SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
+
+    def __init__(self):
+        self.word2idx, self.idx2word = {}, {}
+        for word in self.SPECIALS:
+            self.add_word(word)
+
+    def add_word(self, word):
+        if word not in self.word2idx:
+            self.idx2word[len(self.word2idx)] = word
+            self.word2idx[word] = len(self.word2idx)
+
+    def __call__(self, word):
+        return self.word2idx.get(word, self.word2idx["<unk>"])
+
+    def __len__(self):
+        return len(self.word2idx)
+
+    @staticmethod
+    def tokenize(caption):
+        return _WORD_RE.findall(caption.lower())
+
+    def encode(self, caption):
+        return [self.word2idx["<start>"], *(self(w) for w in self.tokenize(caption)), self.word2idx["<end>"]]
+
+    @classmethod
+    def build(cls, captions, threshold=4):
+        """From an iterable of caption strings: words seen >= threshold times (published: 4), in
+        first-seen order, then '<mask>'."""
+        counter = collections.Counter()
+        for caption in captions:
+            counter.update(cls.tokenize(caption))
+        vocab = cls()
+        for word, count in counter.items():
+            if count >= threshold:
+                vocab.add_word(word)
+        vocab.add_word("<mask>")
+        return vocab
+
+    @classmethod
+    def from_caption_files(cls, paths, threshold=4):
+        captions = []
+        for path in paths:
+            captions.extend(_read_captions(path))
+        return cls.build(captions, threshold)
+
+    @classmethod
+    def load(cls, path):
+        """From a published-format json ({"word2idx", "idx2word", "idx"}); adds '<mask>' if absent."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            word2idx = {str(w): int(i) for w, i in data["word2idx"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DataError(f"{path}: unreadable vocabulary json ({err!r})") from None
+        if sorted(word2idx.values()) != list(range(len(word2idx))) or "<unk>" not in word2idx:
+            raise DataError(f"{path}: word indices must be 0..{len(word2idx) - 1} and include <unk>")
+        vocab = cls.__new__(cls)
+        vocab.word2idx = word2idx
+        vocab.idx2word = {i: w for w, i in word2idx.items()}
+        vocab.add_word("<mask>")
+        return vocab
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"word2idx": self.word2idx, "idx2word": self.idx2word, "idx": len(self)}, f)
+
+
+class CaptionEncoder:
+    """Caption string -> LongTensor of ids ([CLS] word pieces [SEP] for BERT, <start> words <end>
+    for a Vocabulary), optionally with the published training augmentation (see ``__call__``).
+
+    Example:
+        >>> CaptionEncoder(load_tokenizer(vocab_file="vocab.txt"))("a red dog")  # tensor([2, 9, 27, 13, 3])
+    """
+
+    def __init__(self, tokenizer_or_vocab, max_tokens=None):
+        bad_max = isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2
+        if max_tokens is not None and bad_max:
+            raise ValueError(f"max_caption_tokens must be an int >= 2 or None, got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        self.source = tokenizer_or_vocab
+        if isinstance(tokenizer_or_vocab, Vocabulary):
+            vocab = tokenizer_or_vocab
+            self.kind = "vocab"
+            self.start, self.end = vocab.word2idx["<start>"], vocab.word2idx["<end>"]
+            self.mask = vocab.word2idx.get("<mask>")
+            self.vocab_size = len(vocab)
+            return
+        tok = tokenizer_or_vocab
+        if getattr(tok, "backend_tokenizer", None) is not None:
+            self.kind = "bert_fast"
+        elif hasattr(tok, "basic_tokenizer") and hasattr(tok, "wordpiece_tokenizer"):
+            self.kind = "bert_slow"
+        else:
+            raise TypeError(
+                f"expected a vse_fast.data.Vocabulary or a transformers BERT tokenizer, got {type(tok).__name__}"
+            )
+        self.start, self.end, self.mask = tok.cls_token_id, tok.sep_token_id, tok.mask_token_id
+        self.vocab_size = tok.vocab_size
+        if None in (self.start, self.end, self.mask):
+            raise ValueError("the BERT tokenizer needs [CLS], [SEP] and [MASK] tokens")
+
+    def words(self, caption):
+        """Ids grouped per word (a word may be several BERT word pieces), without start/end."""
+        if self.kind == "vocab":
+            return [[self.source(w)] for w in Vocabulary.tokenize(caption)]
+        if self.kind == "bert_fast":
+            enc = self.source.backend_tokenizer.encode(caption, add_special_tokens=False)
+            groups, last = [], None
+            for token_id, word in zip(enc.ids, enc.word_ids):
+                if word is None or word != last:
+                    groups.append([])
+                    last = word
+                groups[-1].append(token_id)
+            return groups
+        tok = self.source
+        return [tok.convert_tokens_to_ids(tok.wordpiece_tokenizer.tokenize(word))
+                for word in tok.basic_tokenizer.tokenize(caption)]
+
+    def __call__(self, caption, rng=None, touch_prob=0.0):
+        """Ids [start, ..., end]; with an rng, each word is touched with touch_prob and then masked
+        (50%), replaced by random ids (10%) or deleted (40%), as published."""
+        words = self.words(caption)
+        ids = [self.start]
+        if rng is not None and touch_prob > 0 and words:
+            draws = rng.random(len(words))
+            for pieces, u in zip(words, draws):
+                if u >= touch_prob:
+                    ids.extend(pieces)
+                    continue
+                share = u / touch_prob
+                if share < _MASK_SHARE:
+                    ids.extend([self.mask] * len(pieces))
+                elif share < _RANDOM_SHARE_END:
+                    ids.extend(rng.integers(0, self.vocab_size, len(pieces)).tolist())
+        else:
+            for pieces in words:
+                ids.extend(pieces)
+        if self.max_tokens is not None and len(ids) + 1 > self.max_tokens:
+            ids = ids[: self.max_tokens - 1]
+        ids.append(self.end)
+        return torch.tensor(ids, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+
+
+_TextEncoder = CaptionEncoder  # former private name
+
+
+class _SplitData:
+    """Validated split: captions in memory, features memory-mapped lazily (per process)."""
+
+    def __init__(self, data_path, split, caption_limit=None):
+        self.info, self.captions, self.lens = _load_split(data_path, split)
+        caps = self.info.caps_per_item
+        self.n_captions = self.info.n_captions
+        if caption_limit is not None:
+            if isinstance(caption_limit, bool) or not isinstance(caption_limit, int) or caption_limit < 1:
+                raise ValueError(f"caption_limit must be a positive int or None, got {caption_limit!r}")
+            if caption_limit < self.n_captions and caption_limit % caps:
+                raise ValueError(f"caption_limit {caption_limit} is not a multiple of {caps} captions per item")
+            self.n_captions = min(caption_limit, self.n_captions)
+        self.n_items = self.n_captions // caps
+        self._features = None
+
+    def __getstate__(self):  # never pickle the memory map into DataLoader workers
+        state = self.__dict__.copy()
+        state["_features"] = None
+        return state
+
+    @property
+    def features(self):
+        if self._features is None:
+            self._features = _open_features(self.info.paths["ims"])
+        return self._features
+
+    def set_size(self, item):
+        return int(self.lens[item]) if self.lens is not None else self.info.max_set
+
+    def item_features(self, item, rng=None, drop_prob=0.0):
+        """(k, D) float32 tensor of the valid rows of an item; with an rng each row is dropped with
+        drop_prob (published: kept when rand > 0.2), keeping at least the row with the largest draw."""
+        rows = self.features[item, : self.set_size(item)]
+        if rng is not None and drop_prob > 0:
+            draws = rng.random(rows.shape[0])
+            keep = draws > drop_prob
+            if not keep.any():
+                keep[int(np.argmax(draws))] = True
+            rows = rows[keep]
+        return torch.from_numpy(np.array(rows, dtype=np.float32))
+
+
+def _check_index(index, length):
+    if not -length <= index < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length}")
+    return index % length
+
+
+class PrecomputedDataset(torch.utils.data.Dataset):
+    """One item per caption: caption i with the feature set of item i // caps_per_item.
+
+    Args:
+        data_path, split: see the module docstring; validated by check_split on construction.
+        tokenizer_or_vocab: a BERT tokenizer (load_tokenizer) or a Vocabulary (BiGRU).
+        train: apply the published augmentation (feature drop, word mask/replace/delete).
+        seed: augmentation seed; the draws of item i in epoch e depend on (seed, e, i) only.
+        feature_drop: probability to drop each region/frame (published 0.2); 0 disables.
+        token_aug: probability to touch each word (published 0.2); 0 disables.
+        max_caption_tokens: cap on the token count including start/end (None: no cap).
+        caption_limit: use only the first captions (COCO dev: 5000), a multiple of caps_per_item.
+
+    ``dataset[i]`` -> dict(features (k, D) float32, tokens (t,) int64, img_index int, cap_index int).
+    """
+
+    def __init__(self, data_path, split, tokenizer_or_vocab, train, seed=0, feature_drop=0.2, token_aug=0.2,
+                 max_caption_tokens=None, caption_limit=None):
+        for name, value in (("feature_drop", feature_drop), ("token_aug", token_aug)):
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.data = _SplitData(data_path, split, caption_limit)
+        self.text = CaptionEncoder(tokenizer_or_vocab, max_caption_tokens)
+        if train and token_aug > 0 and self.text.mask is None:
+            raise ValueError("token augmentation needs a '<mask>' word in the Vocabulary (Vocabulary.build adds it)")
+        self.split, self.train, self.seed = split, bool(train), seed
+        self.feature_drop, self.token_aug = float(feature_drop), float(token_aug)
+        self.epoch = 0
+
+    @property
+    def info(self):
+        return self.data.info
+
+    @property
+    def caps_per_item(self):
+        return self.data.info.caps_per_item
+
+    def set_epoch(self, epoch):
+        """Select the augmentation draws of this epoch (call before each epoch, every rank)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.data.n_captions
+
+    def __getitem__(self, index):
+        index = _check_index(index, len(self))
+        item = index // self.caps_per_item
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+        features = self.data.item_features(item, rng, self.feature_drop)
+        tokens = self.text(self.data.captions[index], rng, self.token_aug)
+        return {"features": features, "tokens": tokens, "img_index": item, "cap_index": index}
+
+
+class ImageSetDataset(torch.utils.data.Dataset):
+    """One item per image/video, for evaluation: dict(features (k, D) float32, index int)."""
+
+    def __init__(self, data_path, split, caption_limit=None):
+        self.data = _SplitData(data_path, split, caption_limit)
+
+    @property
+    def info(self):
+        return self.data.info
+
+    def __len__(self):
+        return self.data.n_items
+
+    def __getitem__(self, index):
+        index = _check_index(index, len(self))
+        return {"features": self.data.item_features(index), "index": index}
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One item per caption, for evaluation: dict(tokens (t,) int64, index int); no augmentation."""
+
+    def __init__(self, data_path, split, tokenizer_or_vocab, caption_limit=None, max_caption_tokens=None):
+        self.data = _SplitData(data_path, split, caption_limit)
+        self.text = CaptionEncoder(tokenizer_or_vocab, max_caption_tokens)
+
+    @property
+    def info(self):
+        return self.data.info
+
+    def __len__(self):
+        return self.data.n_captions
+
+    def __getitem__(self, index):
+        index = _check_index(index, len(self))
+        return {"tokens": self.text(self.data.captions[index]), "index": index}
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------------------------
+
+
+def _pad(tensors):
+    lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=0), lengths
+
+
+def collate(batch):
+    """Pad a list of dataset items into a batch (keys present only when the items have them):
+
+    images (B, Kmax, D) float32 zero-padded, img_lengths (B,) int64,
+    captions (B, Tmax) int64 padded with 0, cap_lengths (B,) int64,
+    img_index / cap_index / index (B,) int64.
+    (The published collate_fn pads the same way with zeros but returns img_lengths as a float tensor
+    and caption lengths as a list; here every length is an int64 tensor, ready for the device.)
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    out = {}
+    first = batch[0]
+    if "features" in first:
+        out["images"], out["img_lengths"] = _pad([b["features"] for b in batch])
+    if "tokens" in first:
+        out["captions"], out["cap_lengths"] = _pad([b["tokens"] for b in batch])
+    for key in ("img_index", "cap_index", "index"):
+        if key in first:
+            out[key] = torch.tensor([b[key] for b in batch], dtype=torch.int64)
+    return out
+
+
+def collate_images(batch):
+    """`collate` for ImageSetDataset: images, img_lengths, index."""
+    return collate(batch)
+
+
+def collate_captions(batch):
+    """`collate` for CaptionDataset: captions, cap_lengths, index."""
+    return collate(batch)
