@@ -1,0 +1,45 @@
+"""Contrastive loss forward + backward: ours vs the published re-implementation, same run.
+
+CPU: the torch paths in fp32 (B = 128, 1024, 4096). GPU: the Triton path in bf16 at B = 128 ...
+32768 (the published loss is skipped at 32768: its (B, B) fp32 temporaries do not fit comfortably).
+D = 1024, both modes. The GPU fixture records the peak extra memory in extra_info.
+    pytest bench/bench_loss.py --benchmark-only
+"""
+import pytest
+import torch
+
+from tests.published.loss import PublishedContrastiveLoss
+from vse_fast.ops.contrastive import contrastive_loss
+
+D = 1024
+ON_GPU = torch.cuda.is_available()
+SIZES = [128, 1024, 4096] + ([16384, 32768] if ON_GPU else [])
+CPU_ROUNDS = {128: None, 1024: 5, 4096: 2}  # None: pytest-benchmark's own calibration
+
+
+def _setup(B, device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    im = torch.randn(B, D, device=device).to(dtype).requires_grad_()
+    s = torch.randn(B, D, device=device).to(dtype).requires_grad_()
+    return im, s
+
+
+@pytest.mark.parametrize("max_violation", [False, True], ids=["vse0", "vsepp"])
+@pytest.mark.parametrize("B", SIZES)
+@pytest.mark.parametrize("impl", ["ours", "published"])
+def test_loss_fwd_bwd(run_bench, bench_device, impl, B, max_violation):
+    if impl == "published" and B > 16384:
+        pytest.skip("the published loss needs about a dozen (B, B) fp32 temporaries")
+    im, s = _setup(B, bench_device)
+    if impl == "published":
+        loss_fn = PublishedContrastiveLoss(None, 0.2, max_violation)
+    else:
+        def loss_fn(a, b):
+            return contrastive_loss(a, b, 0.2, max_violation)
+
+    def step():
+        return torch.autograd.grad(loss_fn(im, s), (im, s))
+
+    rounds = None if bench_device.type == "cuda" else CPU_ROUNDS[B]
+    run_bench(step, group=f"loss-B{B}-{'vsepp' if max_violation else 'vse0'}", impl=impl, rounds=rounds,
+              B=B, D=D, dtype=str(im.dtype), mode="vsepp" if max_violation else "vse0")

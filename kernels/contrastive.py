@@ -1,0 +1,574 @@
+"""Triton kernels of the fused similarity + hinge (VSE0 / VSE++ hardest-negative) contrastive loss.
+
+Inputs: images ``im`` (N, D), captions ``s`` (M, D), ``labels`` (M,) int64 = index of each caption's
+image (``None``: the diagonal, N == M). Similarities S = im @ s.T are never written to memory.
+
+Every positive pair (caption j, image p_j) has the threshold d_j = <im[p_j], s[j]> and two terms,
+each a *row reduction* of a product X @ Y.T masked by a label test (the row of pair j is r = j):
+
+    i2t (caption retrieval): X = im[labels] (gathered in-kernel), Y = s,  invalid where labels[c] == p_j
+    t2i (image retrieval):   X = s,                             Y = im, invalid where c == p_j
+
+VSE++ keeps the running max of the valid similarities and its column (first index on ties); since
+relu is monotone, max_c relu(m + T[j, c] - d_j) = relu(m + max_c T[j, c] - d_j). VSE0 keeps the
+running hinge sum sum_c relu(m + T[j, c] - d_j) and the count of active hinges.
+
+Launches of the forward: `_contrastive_fwd_kernel` once per term, grid (row blocks, column splits)
+so that small batches still fill the GPU; each program writes per-row partials (max + argmax, or sum
++ count) of its column range; `_contrastive_combine_kernel` reduces the splits in column order
+(deterministic, first index on ties), computes d_j and writes the per-pair loss values (scaled).
+
+Non-finite inputs: a max reduction can drop a NaN, so every per-pair value gets ``+ 0 * d_j``: d_j is
+non-finite iff im[p_j] or s[j] holds a NaN/inf (inf * 0 = NaN), which covers every caption and every
+image that is some caption's positive (all of them when labels is None; the op layer checks the rest).
+
+Backward, VSE++ (`_contrastive_vsepp_bwd_kernel`, O((N + M) D)): with w = g * scale * [value > 0],
+    i2t pair j, hardest caption a:  dim[p_j] += w (s[a] - s[j]),  ds[a] += w im[p_j],  ds[j] -= w im[p_j]
+    t2i pair j, hardest image b:    dim[b] += w s[j],  dim[p_j] -= w s[j],  ds[j] += w (im[b] - im[p_j])
+accumulated with fp32 atomic adds (a row can be the hardest negative of many pairs), so the last bits
+of the gradient may differ between runs (1 + #pairs-it-is-hardest-for adds per row).
+
+Backward, VSE0: G = [valid and m + T - d > 0] is recomputed tile by tile (`_contrastive_vse0_mask_kernel`)
+into a bounded row chunk (the launcher caps it at 256 MB) that cuBLAS multiplies: dX = G @ Y,
+dY = G.T @ X. With D ~ 1024 an on-chip dX accumulator does not fit, and recomputing S once per
+D-block costs D / BLOCK_D extra matmuls; the chunk keeps the backward at three matmuls per term.
+
+Precision: tl.dot takes bf16/fp16 operands as they are (tensor cores) with fp32 accumulation. fp32
+operands use ``input_precision="tf32x3"``: each product as three TF32 tensor-core products
+(hi*hi + hi*lo + lo*hi), about 2^-21 relative error per product, close to fp32 (the published loss
+runs fp32 cuBLAS with TF32 off) at several times the speed of FMA-based "ieee" dots. The VSE0
+backward multiplies G by fp32 operands in cuBLAS fp32 (TF32 as torch's matmul settings say).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DOT_BLOCK_D = 64  # D-block of the pair dot products d_j (fixed: the same bits in every kernel)
+_MASK_CHUNK_BYTES = 256 * 1024**2  # VSE0 backward: largest chunk of G held at once
+
+# Label modes of the row-reduction kernels (which side is gathered, where column labels come from).
+NO_LABELS, I2T_LABELS, T2I_LABELS = 0, 1, 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interp_bf16(dtype) -> bool:
+    """The interpreter's tl.dot multiplies bf16 tiles as raw uint16: upcast there (never on a GPU)."""
+    return dtype == torch.bfloat16 and _interpreting()
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Tile sizes and warps of the loss kernels; chosen once per dtype, kept on ctx for the backward."""
+
+    BLOCK_R: int
+    BLOCK_C: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+    BLOCK_M: int = 128  # pairs per program of the combine and VSE++ backward kernels
+    BLOCK_DB: int = 128  # feature columns per program of the VSE++ backward
+    target_programs: int = 264  # the forward grid aims at about this many programs (2 x H100 SMs)
+
+
+def loss_settings(dtype: torch.dtype) -> LossSettings:
+    """Tiles per dtype: 16-bit operands run 128 x 128 x 64 tensor-core tiles (8 warps); fp32 (3xTF32)
+    64 x 64 x 32 (4 warps). Under the interpreter tiny tiles exercise the multi-tile / multi-split paths."""
+    if _interpreting():
+        return LossSettings(16, 16, 16, 4, 1, BLOCK_M=16, BLOCK_DB=16, target_programs=4)
+    if dtype == torch.float32:
+        return LossSettings(64, 64, 32, 4, 3)
+    return LossSettings(128, 128, 64, 8, 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _row_indices(lab_ptr, o_r, m_r, LABEL_MODE: tl.constexpr):
+    """Row label (= the pair's image), X row and partner row of rows o_r, all int64."""
+    o_r64 = o_r.to(tl.int64)
+    if LABEL_MODE == 0:
+        lab_r = o_r64
+        o_xr = o_r64
+        o_pr = o_r64
+    else:
+        lab_r = tl.load(lab_ptr + o_r, mask=m_r, other=-1)
+        if LABEL_MODE == 1:  # i2t: X = im[labels], partner = s[r]
+            o_xr = lab_r
+            o_pr = o_r64
+        else:  # t2i: X = s[r], partner = im[labels]
+            o_xr = o_r64
+            o_pr = lab_r
+    return lab_r, o_xr, o_pr
+
+
+@triton.jit
+def _col_labels(lab_ptr, o_c, m_c, LABEL_MODE: tl.constexpr):
+    """Column labels: the caption's image for i2t with labels, else the column index."""
+    if LABEL_MODE == 1:
+        lab_c = tl.load(lab_ptr + o_c, mask=m_c, other=-1)
+    else:
+        lab_c = o_c.to(tl.int64)
+    return lab_c
+
+
+@triton.jit
+def _pair_dot(x_ptr, p_ptr, o_xr, o_pr, m_r, D, stride_xr, stride_xd, stride_pr, stride_pd,
+              BLOCK_R: tl.constexpr, DOT_BLOCK_D: tl.constexpr):
+    """d[r] = <x[o_xr[r]], p[o_pr[r]]> with fp32 products and sums, [BLOCK_R]."""
+    d = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, D, DOT_BLOCK_D):
+        o_d = k0 + tl.arange(0, DOT_BLOCK_D)
+        m = m_r[:, None] & (o_d < D)[None, :]
+        b_x = tl.load(x_ptr + o_xr[:, None] * stride_xr + o_d[None, :] * stride_xd, mask=m, other=0.0)
+        b_p = tl.load(p_ptr + o_pr[:, None] * stride_pr + o_d[None, :] * stride_pd, mask=m, other=0.0)
+        d += tl.sum(b_x.to(tl.float32) * b_p.to(tl.float32), axis=1)  # [BR]
+    return d
+
+
+@triton.jit
+def _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride_yr, stride_yd,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, TF32X3: tl.constexpr,
+              INTERP_BF16: tl.constexpr):
+    """T[r, c] = <x[o_xr[r]], y[o_c[c]]> in fp32, [BLOCK_R, BLOCK_C]; operands stay in their dtype."""
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    p_x = x_ptr + o_xr[:, None] * stride_xr  # [BR, 1]
+    p_y = y_ptr + o_c.to(tl.int64)[None, :] * stride_yr  # [1, BC]
+    for k0 in range(0, D, BLOCK_D):
+        o_d = k0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_x = tl.load(p_x + o_d[None, :] * stride_xd, mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BR, BD]
+        b_yt = tl.load(p_y + o_d[:, None] * stride_yd, mask=m_d[:, None] & m_c[None, :], other=0.0)  # [BD, BC]
+        if INTERP_BF16:  # the interpreter multiplies bf16 as raw uint16 bits: upcast (products are exact)
+            acc = tl.dot(b_x.to(tl.float32), b_yt.to(tl.float32), acc, input_precision="ieee")
+        elif TF32X3:
+            acc = tl.dot(b_x, b_yt, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(b_x, b_yt, acc)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit(do_not_specialize=["R", "C", "COLS_PER_SPLIT"])
+def _contrastive_fwd_kernel(
+    x_ptr, y_ptr, p_ptr, lab_ptr, part_val_ptr, part_aux_ptr,
+    R, C, D, COLS_PER_SPLIT,
+    stride_xr, stride_xd, stride_yr, stride_yd, stride_pr, stride_pd,
+    margin,
+    LABEL_MODE: tl.constexpr, MAX_VIOLATION: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
+):
+    """One term, rows [i_r * BLOCK_R, +BLOCK_R), columns of split i_s. Writes part_val[i_s, r]
+    (running max of valid T, or hinge sum) and part_aux[i_s, r] (int32 argmax or -1, or fp32 count)."""
+    i_r = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+    lab_r, o_xr, o_pr = _row_indices(lab_ptr, o_r, m_r, LABEL_MODE)
+    c_start = i_s * COLS_PER_SPLIT
+    c_end = tl.minimum(c_start + COLS_PER_SPLIT, C)
+
+    if MAX_VIOLATION:
+        run_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+        run_idx = tl.full((BLOCK_R,), -1, dtype=tl.int32)
+    else:
+        b_d = _pair_dot(x_ptr, p_ptr, o_xr, o_pr, m_r, D, stride_xr, stride_xd, stride_pr, stride_pd,
+                        BLOCK_R, DOT_BLOCK_D)
+        run_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        run_cnt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+
+    for c0 in range(c_start, c_end, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = o_c < c_end
+        lab_c = _col_labels(lab_ptr, o_c, m_c, LABEL_MODE)
+        b_t = _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride_yr, stride_yd,
+                        BLOCK_R, BLOCK_C, BLOCK_D, TF32X3, INTERP_BF16)  # [BR, BC]
+        m_valid = m_r[:, None] & m_c[None, :] & (lab_r[:, None] != lab_c[None, :])
+        if MAX_VIOLATION:
+            b_t = tl.where(m_valid, b_t, float("-inf"))
+            t_max = tl.max(b_t, axis=1)
+            t_arg = tl.argmax(b_t, axis=1)  # first index among equal maxima
+            upd = t_max > run_max  # strict: earlier columns win ties
+            run_idx = tl.where(upd, c0 + t_arg.to(tl.int32), run_idx)
+            run_max = tl.where(upd, t_max, run_max)
+        else:
+            b_h = margin + b_t - b_d[:, None]
+            m_act = m_valid & (b_h > 0)
+            run_sum += tl.sum(tl.where(m_act, b_h, 0.0), axis=1)
+            run_cnt += tl.sum(m_act.to(tl.float32), axis=1)
+
+    o_out = i_s.to(tl.int64) * R + o_r
+    if MAX_VIOLATION:
+        tl.store(part_val_ptr + o_out, run_max, mask=m_r)
+        tl.store(part_aux_ptr + o_out, run_idx, mask=m_r)
+    else:
+        tl.store(part_val_ptr + o_out, run_sum, mask=m_r)
+        tl.store(part_aux_ptr + o_out, run_cnt, mask=m_r)
+
+
+@triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
+def _contrastive_combine_kernel(
+    im_ptr, s_ptr, lab_ptr, part_val_ptr, part_aux_ptr, val_ptr, aux_ptr, d_ptr,
+    M, D, NUM_SPLITS,
+    stride_imr, stride_imd, stride_sr, stride_sd,
+    margin, scale,
+    HAS_LABELS: tl.constexpr, NUM_TERMS: tl.constexpr, MAX_VIOLATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
+):
+    """Reduce the split partials of each term (in column order) and write, per pair j:
+    val[t, j] = scale * relu(m + max - d_j) (VSE++) or scale * hinge sum (VSE0), plus 0 * d_j;
+    aux[t, j] = hardest index (int32, -1 if none) or active count (fp32); d[j] = <im[p_j], s[j]>."""
+    i_m = tl.program_id(0)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    o_m64 = o_m.to(tl.int64)
+    if HAS_LABELS:
+        o_p = tl.load(lab_ptr + o_m, mask=m_m, other=0)
+    else:
+        o_p = o_m64
+    b_d = _pair_dot(im_ptr, s_ptr, o_p, o_m64, m_m, D, stride_imr, stride_imd, stride_sr, stride_sd,
+                    BLOCK_M, DOT_BLOCK_D)
+    nan_flag = b_d * 0.0  # NaN when im[p_j] or s[j] is not finite
+    tl.store(d_ptr + o_m, b_d, mask=m_m)
+    for t in tl.static_range(NUM_TERMS):
+        base = t * NUM_SPLITS * M
+        if MAX_VIOLATION:
+            best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            arg = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+            for i_s in range(NUM_SPLITS):
+                pv = tl.load(part_val_ptr + base + i_s * M + o_m, mask=m_m, other=float("-inf"))
+                pa = tl.load(part_aux_ptr + base + i_s * M + o_m, mask=m_m, other=-1)
+                upd = pv > best
+                best = tl.where(upd, pv, best)
+                arg = tl.where(upd, pa, arg)
+            val = tl.maximum(margin + best - b_d, 0.0)
+            tl.store(aux_ptr + t * M + o_m, arg, mask=m_m)
+        else:
+            val = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for i_s in range(NUM_SPLITS):
+                val += tl.load(part_val_ptr + base + i_s * M + o_m, mask=m_m, other=0.0)
+                cnt += tl.load(part_aux_ptr + base + i_s * M + o_m, mask=m_m, other=0.0)
+            tl.store(aux_ptr + t * M + o_m, cnt, mask=m_m)
+        tl.store(val_ptr + t * M + o_m, val * scale + nan_flag, mask=m_m)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _contrastive_vsepp_bwd_kernel(
+    im_ptr, s_ptr, lab_ptr, val_ptr, idx_ptr, g_ptr, dim_ptr, ds_ptr,
+    M, D,
+    stride_imr, stride_imd, stride_sr, stride_sd,
+    scale,
+    HAS_LABELS: tl.constexpr, HAS_I2T: tl.constexpr, HAS_T2I: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DB: tl.constexpr,
+):
+    """VSE++ gradients of pairs [i_m * BLOCK_M, +BLOCK_M) and features [i_d * BLOCK_DB, +BLOCK_DB),
+    atomically added to the fp32 accumulators dim (N, D) and ds (M, D), both contiguous."""
+    i_m = tl.program_id(0)
+    i_d = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    o_m64 = o_m.to(tl.int64)
+    o_d = i_d * BLOCK_DB + tl.arange(0, BLOCK_DB)
+    m_d = o_d < D
+    m_md = m_m[:, None] & m_d[None, :]
+    if HAS_LABELS:
+        o_p = tl.load(lab_ptr + o_m, mask=m_m, other=0)
+    else:
+        o_p = o_m64
+    g = tl.load(g_ptr).to(tl.float32) * scale
+    b_imp = tl.load(im_ptr + o_p[:, None] * stride_imr + o_d[None, :] * stride_imd, mask=m_md, other=0.0)
+    b_imp = b_imp.to(tl.float32)  # [BM, BDB] im[p_j]
+    b_sj = tl.load(s_ptr + o_m64[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_md, other=0.0)
+    b_sj = b_sj.to(tl.float32)  # [BM, BDB] s[j]
+    acc_dimp = tl.zeros((BLOCK_M, BLOCK_DB), dtype=tl.float32)
+    acc_dsj = tl.zeros((BLOCK_M, BLOCK_DB), dtype=tl.float32)
+    if HAS_I2T:
+        v = tl.load(val_ptr + o_m, mask=m_m, other=0.0)
+        a = tl.load(idx_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
+        ok = m_m & (a >= 0) & (v > 0)
+        w = tl.where(ok, g, 0.0)[:, None]
+        m_a = ok[:, None] & m_d[None, :]
+        b_sa = tl.load(s_ptr + a[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_a, other=0.0)
+        acc_dimp += w * (b_sa.to(tl.float32) - b_sj)
+        acc_dsj -= w * b_imp
+        tl.atomic_add(ds_ptr + a[:, None] * D + o_d[None, :], w * b_imp, mask=m_a, sem="relaxed")
+    if HAS_T2I:
+        t_off = M if HAS_I2T else 0
+        v = tl.load(val_ptr + t_off + o_m, mask=m_m, other=0.0)
+        b = tl.load(idx_ptr + t_off + o_m, mask=m_m, other=-1).to(tl.int64)
+        ok = m_m & (b >= 0) & (v > 0)
+        w = tl.where(ok, g, 0.0)[:, None]
+        m_b = ok[:, None] & m_d[None, :]
+        b_imb = tl.load(im_ptr + b[:, None] * stride_imr + o_d[None, :] * stride_imd, mask=m_b, other=0.0)
+        acc_dsj += w * (b_imb.to(tl.float32) - b_imp)
+        acc_dimp -= w * b_sj
+        tl.atomic_add(dim_ptr + b[:, None] * D + o_d[None, :], w * b_sj, mask=m_b, sem="relaxed")
+    tl.atomic_add(dim_ptr + o_p[:, None] * D + o_d[None, :], acc_dimp, mask=m_md, sem="relaxed")
+    tl.atomic_add(ds_ptr + o_m64[:, None] * D + o_d[None, :], acc_dsj, mask=m_md, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["R", "C", "ROW0", "ROWS"])
+def _contrastive_vse0_mask_kernel(
+    x_ptr, y_ptr, lab_ptr, d_ptr, g_ptr,
+    ROW0, ROWS, R, C, D,
+    stride_xr, stride_xd, stride_yr, stride_yd, stride_gr,
+    margin,
+    LABEL_MODE: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """G[r - ROW0, c] = [valid(r, c) and m + T[r, c] - d[r] > 0] for rows ROW0 .. ROW0 + ROWS - 1,
+    stored in g's dtype (0/1 exact in bf16/fp16/fp32); g is (ROWS, C) with unit column stride."""
+    i_r = tl.program_id(0)
+    i_c = tl.program_id(1)
+    o_rl = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # rows within the chunk
+    o_r = ROW0 + o_rl
+    m_r = (o_rl < ROWS) & (o_r < R)
+    lab_r, o_xr, o_pr = _row_indices(lab_ptr, o_r, m_r, LABEL_MODE)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    lab_c = _col_labels(lab_ptr, o_c, m_c, LABEL_MODE)
+    b_d = tl.load(d_ptr + o_r, mask=m_r, other=0.0)
+    b_t = _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride_yr, stride_yd,
+                    BLOCK_R, BLOCK_C, BLOCK_D, TF32X3, INTERP_BF16)  # [BR, BC]
+    m_valid = m_r[:, None] & m_c[None, :] & (lab_r[:, None] != lab_c[None, :])
+    b_g = (m_valid & ((margin + b_t - b_d[:, None]) > 0)).to(tl.float32).to(g_ptr.dtype.element_ty)
+    p_g = g_ptr + o_rl.to(tl.int64)[:, None] * stride_gr + o_c[None, :]
+    tl.store(p_g, b_g, mask=m_r[:, None] & m_c[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers
+
+
+_DUMMY_LABELS = {}
+
+
+def _labels_or_dummy(labels, device):
+    """labels, or a cached one-element int64 tensor standing in for the pointer (never read)."""
+    if labels is not None:
+        return labels
+    if device not in _DUMMY_LABELS:
+        _DUMMY_LABELS[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return _DUMMY_LABELS[device]
+
+
+def _term_operands(im, s, labels, term):
+    """(X, Y, partner, label mode, C) of one term (see the module docstring)."""
+    if term == "i2t":
+        return im, s, s, (NO_LABELS if labels is None else I2T_LABELS), s.shape[0]
+    return s, im, im, (NO_LABELS if labels is None else T2I_LABELS), im.shape[0]
+
+
+def _num_splits(settings: LossSettings, M: int, C_max: int) -> int:
+    n_row_blocks = triton.cdiv(M, settings.BLOCK_R)
+    n_col_blocks = triton.cdiv(C_max, settings.BLOCK_C)
+    return max(1, min(n_col_blocks, triton.cdiv(settings.target_programs, n_row_blocks)))
+
+
+def contrastive_fwd(im, s, labels, margin: float, max_violation: bool, terms: tuple, scale: float,
+                    settings: LossSettings):
+    """Forward of the selected terms ("i2t", "t2i" in that order).
+
+    im (N, D), s (M, D): fp32/bf16/fp16, same dtype and device, any strides; labels (M,) int64 or None.
+    Returns val (T, M) fp32 per-pair loss values (scaled), aux (T, M) (VSE++: int32 hardest index or
+    -1; VSE0: fp32 active count) and d (M,) fp32 = <im[p_j], s[j]>.
+    """
+    N, D = im.shape
+    M = s.shape[0]
+    T = len(terms)
+    dev = im.device
+    lab = _labels_or_dummy(labels, dev)
+    splits = _num_splits(settings, M, max(N, M))
+    aux_dtype = torch.int32 if max_violation else torch.float32
+    part_val = torch.empty((T, splits, M), dtype=torch.float32, device=dev)
+    part_aux = torch.empty((T, splits, M), dtype=aux_dtype, device=dev)
+    tf32x3 = im.dtype == torch.float32
+    for t, term in enumerate(terms):
+        X, Y, P, mode, C = _term_operands(im, s, labels, term)
+        cols_per_split = triton.cdiv(triton.cdiv(C, settings.BLOCK_C), splits) * settings.BLOCK_C
+        grid = (triton.cdiv(M, settings.BLOCK_R), splits)
+        _contrastive_fwd_kernel[grid](
+            X, Y, P, lab, part_val[t], part_aux[t],
+            M, C, D, cols_per_split,
+            X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), P.stride(0), P.stride(1),
+            float(margin),
+            LABEL_MODE=mode, MAX_VIOLATION=max_violation, TF32X3=tf32x3, INTERP_BF16=_interp_bf16(im.dtype),
+            BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
+            DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=settings.num_warps, num_stages=settings.num_stages,
+        )
+    val = torch.empty((T, M), dtype=torch.float32, device=dev)
+    aux = torch.empty((T, M), dtype=aux_dtype, device=dev)
+    d = torch.empty((M,), dtype=torch.float32, device=dev)
+    _contrastive_combine_kernel[(triton.cdiv(M, settings.BLOCK_M),)](
+        im, s, lab, part_val, part_aux, val, aux, d,
+        M, D, splits,
+        im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+        float(margin), float(scale),
+        HAS_LABELS=labels is not None, NUM_TERMS=T, MAX_VIOLATION=max_violation,
+        BLOCK_M=settings.BLOCK_M, DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=4,
+    )
+    return val, aux, d
+
+
+def contrastive_vsepp_bwd(grad_loss, im, s, labels, val, idx, terms: tuple, scale: float,
+                          settings: LossSettings):
+    """VSE++ gradients (dim (N, D), ds (M, D) in the input dtype) from the saved per-pair values and
+    hardest indices; grad_loss is the 0-dim upstream gradient (read on the device, no sync)."""
+    N, D = im.shape
+    M = s.shape[0]
+    dim = torch.zeros((N, D), dtype=torch.float32, device=im.device)
+    ds = torch.zeros((M, D), dtype=torch.float32, device=im.device)
+    g = grad_loss.to(torch.float32).reshape(1)
+    lab = _labels_or_dummy(labels, im.device)
+    grid = (triton.cdiv(M, settings.BLOCK_M), triton.cdiv(D, settings.BLOCK_DB))
+    _contrastive_vsepp_bwd_kernel[grid](
+        im, s, lab, val, idx, g, dim, ds,
+        M, D,
+        im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+        float(scale),
+        HAS_LABELS=labels is not None, HAS_I2T="i2t" in terms, HAS_T2I="t2i" in terms,
+        BLOCK_M=settings.BLOCK_M, BLOCK_DB=settings.BLOCK_DB, num_warps=4,
+    )
+    return dim.to(im.dtype), ds.to(s.dtype)
+
+
+def _chunk_rows(settings: LossSettings, R: int, C: int, itemsize: int) -> int:
+    rows = max(1, _MASK_CHUNK_BYTES // max(1, C * itemsize))
+    rows = max(settings.BLOCK_R, rows // settings.BLOCK_R * settings.BLOCK_R)
+    return min(rows, R)
+
+
+def contrastive_vse0_bwd(grad_loss, im, s, labels, cnt, d, margin: float, terms: tuple, scale: float,
+                         settings: LossSettings):
+    """VSE0 gradients. Per term and row chunk: G (rows, C) from `_contrastive_vse0_mask_kernel`, then
+    dX = G @ Y and dY += G.T @ X (cuBLAS). The threshold terms of all pairs, with
+    c_j = total active count of pair j: dim[p_j] -= c_j s[j], ds[j] -= c_j im[p_j]. All times g * scale.
+    With labels, the i2t rows and the threshold terms are scattered into dim by index_add_ (atomic
+    on CUDA when labels repeat)."""
+    N, D = im.shape
+    M = s.shape[0]
+    dim = torch.zeros((N, D), dtype=torch.float32, device=im.device)
+    ds = torch.zeros((M, D), dtype=torch.float32, device=im.device)
+    tf32x3 = im.dtype == torch.float32
+    lab = _labels_or_dummy(labels, im.device)
+    for term in terms:
+        X, Y, _, mode, C = _term_operands(im, s, labels, term)
+        dX_acc, dY_acc = (dim, ds) if term == "i2t" else (ds, dim)
+        rows = _chunk_rows(settings, M, C, im.element_size())
+        for r0 in range(0, M, rows):
+            n = min(rows, M - r0)
+            G = torch.empty((n, C), dtype=im.dtype, device=im.device)
+            grid = (triton.cdiv(n, settings.BLOCK_R), triton.cdiv(C, settings.BLOCK_C))
+            _contrastive_vse0_mask_kernel[grid](
+                X, Y, lab, d, G,
+                r0, n, M, C, D,
+                X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), G.stride(0),
+                float(margin),
+                LABEL_MODE=mode, TF32X3=tf32x3, INTERP_BF16=_interp_bf16(im.dtype),
+                BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
+                num_warps=settings.num_warps, num_stages=settings.num_stages,
+            )
+            if term == "i2t" and labels is not None:
+                Xc = X.index_select(0, labels[r0:r0 + n])
+                dim.index_add_(0, labels[r0:r0 + n], (G @ Y).float())
+            else:
+                Xc = X[r0:r0 + n]
+                dX_acc[r0:r0 + n] += (G @ Y).float()
+            dY_acc += (G.t() @ Xc).float()
+    c = cnt.sum(0)  # (M,)
+    im_p = im if labels is None else im.index_select(0, labels)
+    ds -= c[:, None] * im_p.float()
+    if labels is None:
+        dim -= c[:, None] * s.float()
+    else:
+        dim.index_add_(0, labels, -c[:, None] * s.float())
+    g = grad_loss.to(torch.float32) * scale
+    return (dim * g).to(im.dtype), (ds * g).to(s.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ahead-of-time compile list
+
+
+def compile_specializations() -> list:
+    """Every (kernel, dtype, flag combination) the launchers can pick, with the tile configs of
+    `loss_settings` (no autotuning: one config per dtype). Strides as in a contiguous launch: unit
+    feature strides as constexpr 1 (Triton specializes integer arguments equal to 1), the rest i32.
+    The forward and VSE0-mask kernels of bf16/fp16 are marked tensor_cores=True."""
+    specs = []
+    for dtype, tdt in _TRITON_DTYPE.items():
+        st = LossSettings(64, 64, 32, 4, 3) if dtype == torch.float32 else LossSettings(128, 128, 64, 8, 3)
+        tc = dtype != torch.float32
+        blocks = {"BLOCK_R": st.BLOCK_R, "BLOCK_C": st.BLOCK_C, "BLOCK_D": st.BLOCK_D}
+        for mode in (NO_LABELS, I2T_LABELS, T2I_LABELS):
+            for mv in (True, False):
+                sig = {"x_ptr": f"*{tdt}", "y_ptr": f"*{tdt}", "p_ptr": f"*{tdt}", "lab_ptr": "*i64",
+                       "part_val_ptr": "*fp32", "part_aux_ptr": "*i32" if mv else "*fp32",
+                       "R": "i32", "C": "i32", "D": "i32", "COLS_PER_SPLIT": "i32",
+                       "stride_xr": "i32", "stride_xd": "constexpr", "stride_yr": "i32", "stride_yd": "constexpr",
+                       "stride_pr": "i32", "stride_pd": "constexpr", "margin": "fp32",
+                       "LABEL_MODE": "constexpr", "MAX_VIOLATION": "constexpr", "TF32X3": "constexpr",
+                       "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "BLOCK_D": "constexpr",
+                       "DOT_BLOCK_D": "constexpr"}
+                consts = {"stride_xd": 1, "stride_yd": 1, "stride_pd": 1, "LABEL_MODE": mode,
+                          "MAX_VIOLATION": mv, "TF32X3": not tc, "INTERP_BF16": False, "DOT_BLOCK_D": _DOT_BLOCK_D, **blocks}
+                specs.append(_spec(f"contrastive_fwd-{tdt}-L{mode}-{'vsepp' if mv else 'vse0'}",
+                                   _contrastive_fwd_kernel, sig, consts, st.num_warps, st.num_stages, tc))
+            sig = {"x_ptr": f"*{tdt}", "y_ptr": f"*{tdt}", "lab_ptr": "*i64", "d_ptr": "*fp32", "g_ptr": f"*{tdt}",
+                   "ROW0": "i32", "ROWS": "i32", "R": "i32", "C": "i32", "D": "i32",
+                   "stride_xr": "i32", "stride_xd": "constexpr", "stride_yr": "i32", "stride_yd": "constexpr",
+                   "stride_gr": "i32", "margin": "fp32", "LABEL_MODE": "constexpr", "TF32X3": "constexpr",
+                   "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
+            consts = {"stride_xd": 1, "stride_yd": 1, "LABEL_MODE": mode, "TF32X3": not tc, "INTERP_BF16": False,
+                      **blocks}
+            specs.append(_spec(f"contrastive_vse0_mask-{tdt}-L{mode}", _contrastive_vse0_mask_kernel, sig, consts,
+                               st.num_warps, st.num_stages, tc))
+        for has_labels in (False, True):
+            for mv in (True, False):
+                for n_terms in (1, 2):
+                    sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "lab_ptr": "*i64", "part_val_ptr": "*fp32",
+                           "part_aux_ptr": "*i32" if mv else "*fp32", "val_ptr": "*fp32",
+                           "aux_ptr": "*i32" if mv else "*fp32", "d_ptr": "*fp32",
+                           "M": "i32", "D": "i32", "NUM_SPLITS": "i32",
+                           "stride_imr": "i32", "stride_imd": "constexpr", "stride_sr": "i32", "stride_sd": "constexpr",
+                           "margin": "fp32", "scale": "fp32", "HAS_LABELS": "constexpr", "NUM_TERMS": "constexpr",
+                           "MAX_VIOLATION": "constexpr", "BLOCK_M": "constexpr", "DOT_BLOCK_D": "constexpr"}
+                    consts = {"stride_imd": 1, "stride_sd": 1, "HAS_LABELS": has_labels, "NUM_TERMS": n_terms,
+                              "MAX_VIOLATION": mv, "BLOCK_M": st.BLOCK_M, "DOT_BLOCK_D": _DOT_BLOCK_D}
+                    specs.append(_spec(
+                        f"contrastive_combine-{tdt}-{'lab' if has_labels else 'diag'}-T{n_terms}-"
+                        f"{'vsepp' if mv else 'vse0'}", _contrastive_combine_kernel, sig, consts, 4, 1, False))
+            for i2t, t2i in ((True, True), (True, False), (False, True)):
+                sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "lab_ptr": "*i64", "val_ptr": "*fp32",
+                       "idx_ptr": "*i32", "g_ptr": "*fp32", "dim_ptr": "*fp32", "ds_ptr": "*fp32",
+                       "M": "i32", "D": "i32",
+                       "stride_imr": "i32", "stride_imd": "constexpr", "stride_sr": "i32", "stride_sd": "constexpr",
+                       "scale": "fp32", "HAS_LABELS": "constexpr", "HAS_I2T": "constexpr", "HAS_T2I": "constexpr",
+                       "BLOCK_M": "constexpr", "BLOCK_DB": "constexpr"}
+                consts = {"stride_imd": 1, "stride_sd": 1, "HAS_LABELS": has_labels, "HAS_I2T": i2t,
+                          "HAS_T2I": t2i, "BLOCK_M": st.BLOCK_M, "BLOCK_DB": st.BLOCK_DB}
+                terms = "both" if i2t and t2i else ("i2t" if i2t else "t2i")
+                specs.append(_spec(f"contrastive_vsepp_bwd-{tdt}-{'lab' if has_labels else 'diag'}-{terms}",
+                                   _contrastive_vsepp_bwd_kernel, sig, consts, 4, 1, False))
+    return specs
+
+
+def _spec(name, fn, sig, consts, num_warps, num_stages, tensor_cores):
+    spec = {"name": name, "fn": fn, "signature": {a: sig[a] for a in fn.arg_names}, "constexprs": consts,
+            "num_warps": num_warps, "num_stages": num_stages}
+    if tensor_cores:
+        spec["tensor_cores"] = True
+    return spec

@@ -1,0 +1,312 @@
+"""Fused similarity + hinge contrastive loss of VSE0 / VSE++ (published ``ContrastiveLoss``).
+
+``contrastive_loss(im, s, margin, max_violation, positives=..., reduction=..., terms=...)``:
+
+    S = im @ s.T                                    (N, M), never materialised on the Triton path
+    pair j = (caption j, image p_j), p = positives  (default: p_j = j, needs N == M)
+    d_j = S[p_j, j]
+    i2t_j = agg_{j': p_j' != p_j} relu(margin + S[p_j, j'] - d_j)   (published cost_s, row p_j)
+    t2i_j = agg_{i != p_j}        relu(margin + S[i, j]  - d_j)     (published cost_im, column j)
+    agg = sum (VSE0) or max (VSE++, max over nothing = 0); loss = sum_j (i2t_j + t2i_j)  [/ M for "mean"]
+
+Backends: "triton" (vse_fast.kernels.contrastive; CUDA, or CPU tensors under TRITON_INTERPRET=1) and
+"torch" (one matmul, custom backward; the CPU path and an oracle); "auto" picks Triton for CUDA
+fp32/bf16/fp16 tensors. `contrastive_loss_naive` is the plain autograd reference of the tests.
+The loss is fp32 for fp32/bf16/fp16 inputs (fp64 for fp64, torch backend only).
+"""
+import os
+
+import torch
+
+_REDUCTIONS = ("sum", "mean")
+_TERMS = {"both": ("i2t", "t2i"), "i2t": ("i2t",), "t2i": ("t2i",)}
+_BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = _TRITON_DTYPES + (torch.float64,)
+
+
+# ---------------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_inputs(im, s, margin, max_violation, positives, reduction, terms, return_indices, backend):
+    """Validate everything a caller can get wrong; returns (labels or None, terms tuple, backend)."""
+    for name, t in (("im", im), ("s", s)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got dtype {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(t.shape)}")
+    if im.dtype != s.dtype:
+        raise TypeError(f"im and s must have the same dtype, got {im.dtype} and {s.dtype}")
+    if im.device != s.device:
+        raise ValueError(f"im and s must be on the same device, got {im.device} and {s.device}")
+    (N, D), (M, Ds) = im.shape, s.shape
+    if D != Ds:
+        raise ValueError(f"im and s must have the same feature size D, got im {tuple(im.shape)} and s {tuple(s.shape)}")
+    if N < 1 or M < 1 or D < 1:
+        raise ValueError(f"im and s need at least one row and one feature, got im {tuple(im.shape)}, s {tuple(s.shape)}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise TypeError(f"margin must be a Python float, got {type(margin).__name__}")
+    if margin != margin or margin in (float("inf"), float("-inf")):
+        raise ValueError(f"margin must be finite, got {margin}")
+    if not isinstance(max_violation, bool):
+        raise TypeError(f"max_violation must be a bool, got {type(max_violation).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if terms not in _TERMS:
+        raise ValueError(f"terms must be one of {tuple(_TERMS)}, got {terms!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if return_indices and not max_violation:
+        raise ValueError("return_indices=True needs max_violation=True (VSE0 has no hardest negative)")
+    labels = _check_positives(positives, N, M, im.device)
+    return labels, _TERMS[terms], _pick_backend(backend, im)
+
+
+def _check_positives(positives, N, M, device):
+    if positives is None:
+        if N != M:
+            raise ValueError(f"im has {N} rows and s has {M}: without positives they must be equal "
+                             f"(pass positives (M,) int64 = the image index of each caption)")
+        return None
+    if not isinstance(positives, torch.Tensor):
+        raise TypeError(f"positives must be a torch.Tensor, got {type(positives).__name__}")
+    if positives.dtype != torch.int64:
+        raise TypeError(f"positives must be int64, got dtype {positives.dtype}")
+    if positives.shape != (M,):
+        raise ValueError(f"positives must have shape ({M},) (one image index per caption), got {tuple(positives.shape)}")
+    if positives.device != device:
+        raise ValueError(f"positives must be on {device} like im and s, got {positives.device}")
+    in_range = (positives >= 0) & (positives < N)
+    if positives.is_cuda:
+        # No host sync: a device-side assert (fails at a later launch and ends the CUDA context).
+        torch._assert_async(in_range.all(), f"contrastive_loss: positives must lie in [0, {N})")
+    elif not bool(in_range.all()):
+        bad = positives[~in_range][:5].tolist()
+        raise ValueError(f"positives must lie in [0, {N}) (im has {N} rows), got out-of-range values {bad}")
+    return positives.contiguous()
+
+
+def _pick_backend(backend, im):
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        if im.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' takes float32/bfloat16/float16, got {im.dtype} (use backend='torch')")
+        if not im.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {im.device}")
+        return "triton"
+    return "triton" if im.is_cuda and im.dtype in _TRITON_DTYPES else "torch"
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch backend
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TorchContrastiveFunction(torch.autograd.Function):
+    """One matmul S = im @ s.T (fp32, fp64 for fp64) and row/column reductions; custom backward.
+
+    VSE++ saves the hardest indices a (i2t) and b (t2i) and backpropagates with gathers/index_add_:
+        w = g * scale * [value > 0]
+        i2t: dim[p_j] += w (s[a_j] - s[j]),  ds[a_j] += w im[p_j],  ds[j] -= w im[p_j]
+        t2i: dim[b_j] += w s[j],  dim[p_j] -= w s[j],  ds[j] += w (im[b_j] - im[p_j])
+    VSE0 saves the active-hinge masks and builds dS = g * scale * (G_t2i + scatter_rows_p(G_i2t)
+    - diag_p(count)), then dim = dS @ s, ds = dS.T @ im.
+    """
+
+    @staticmethod
+    def forward(ctx, im, s, labels, margin, max_violation, terms, scale):
+        cdt = _compute_dtype(im.dtype)
+        im_c, s_c = im.to(cdt), s.to(cdt)
+        N, M = im.shape[0], s.shape[0]
+        p = labels if labels is not None else torch.arange(M, device=im.device)
+        S = im_c @ s_c.t()  # (N, M)
+        E = torch.arange(N, device=im.device)[:, None] == p[None, :]  # E[i, j]: i is caption j's image
+        d = S.gather(0, p[None, :]).squeeze(0)  # (M,)
+        vals, auxs, masks = [], [], []
+        if max_violation:
+            S.masked_fill_(E, float("-inf"))
+            for term in terms:
+                if term == "i2t":
+                    best, arg = S.max(1)
+                    best, arg = best[p], arg[p]
+                else:
+                    best, arg = S.max(0)
+                vals.append((margin + best - d).clamp_min(0))
+                auxs.append(torch.where(best == float("-inf"), -1, arg))
+        else:
+            for term in terms:
+                if term == "i2t":
+                    SA = S if labels is None else S.index_select(0, p)  # (M, M): row j is S[p_j]
+                    EA = E if labels is None else p[:, None] == p[None, :]
+                    H = (SA - d[:, None] + margin).clamp_min_(0).masked_fill_(EA, 0)
+                    vals.append(H.sum(1))
+                    masks.append(H > 0)
+                    auxs.append(masks[-1].sum(1).to(cdt))
+                else:
+                    H = (S - d[None, :] + margin).clamp_min_(0).masked_fill_(E, 0)
+                    vals.append(H.sum(0))
+                    masks.append(H > 0)
+                    auxs.append(masks[-1].sum(0).to(cdt))
+        val = torch.stack(vals) * scale + d * 0  # + 0 * d: NaN when im[p_j] or s[j] is not finite
+        aux = torch.stack(auxs)
+        ctx.save_for_backward(im_c, s_c, labels, val, aux, *masks)
+        ctx.cfg = (max_violation, terms, scale, im.dtype, s.dtype)
+        ctx.mark_non_differentiable(aux)
+        return val.sum(), aux
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_aux):
+        im, s, labels, val, aux, *masks = ctx.saved_tensors
+        max_violation, terms, scale, im_dtype, s_dtype = ctx.cfg
+        g = grad_loss.to(im.dtype) * scale
+        if max_violation:
+            dim, ds = _torch_vsepp_grads(im, s, labels, val, aux, terms, g)
+        else:
+            dim, ds = _torch_vse0_grads(im, s, labels, aux, masks, terms, g)
+        return dim.to(im_dtype), ds.to(s_dtype), None, None, None, None, None
+
+
+def _torch_vsepp_grads(im, s, labels, val, idx, terms, g):
+    M = s.shape[0]
+    p = labels if labels is not None else torch.arange(M, device=im.device)
+    im_p = im[p]
+    dim, ds = torch.zeros_like(im), torch.zeros_like(s)
+    for t, term in enumerate(terms):
+        w = (g * (val[t] > 0))[:, None]
+        k = idx[t].clamp_min(0)
+        if term == "i2t":
+            dim.index_add_(0, p, w * (s[k] - s))
+            ds.index_add_(0, k, w * im_p)
+            ds -= w * im_p
+        else:
+            dim.index_add_(0, k, w * s)
+            dim.index_add_(0, p, -w * s)
+            ds += w * (im[k] - im_p)
+    return dim, ds
+
+
+def _torch_vse0_grads(im, s, labels, cnt, masks, terms, g):
+    N, M = im.shape[0], s.shape[0]
+    p = labels if labels is not None else torch.arange(M, device=im.device)
+    dS = torch.zeros((N, M), dtype=im.dtype, device=im.device)
+    for term, G in zip(terms, masks):
+        if term == "t2i":
+            dS += G
+        elif labels is None:
+            dS += G
+        else:
+            dS.index_add_(0, p, G.to(im.dtype))
+    dS.index_put_((p, torch.arange(M, device=im.device)), -cnt.sum(0), accumulate=True)
+    dS *= g
+    return dS @ s, dS.t() @ im
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton backend
+
+
+class ContrastiveLossFunction(torch.autograd.Function):
+    """Triton forward (tiles of S on chip, per-pair values + hardest indices / active counts saved)
+    and backward (VSE++: gathers + atomic adds, O((N + M) D); VSE0: recomputed hinge mask by row
+    chunks times cuBLAS). See vse_fast.kernels.contrastive for the kernels and the backward math."""
+
+    @staticmethod
+    def forward(ctx, im, s, labels, margin, max_violation, terms, scale):
+        from vse_fast.kernels import contrastive as K
+
+        settings = K.loss_settings(im.dtype)
+        val, aux, d = K.contrastive_fwd(im, s, labels, margin, max_violation, terms, scale, settings)
+        ctx.save_for_backward(im, s, labels, val, aux, d)
+        ctx.cfg = (margin, max_violation, terms, scale, settings)
+        ctx.mark_non_differentiable(aux)
+        return val.sum(), aux
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_aux):
+        from vse_fast.kernels import contrastive as K
+
+        im, s, labels, val, aux, d = ctx.saved_tensors
+        margin, max_violation, terms, scale, settings = ctx.cfg
+        if max_violation:
+            dim, ds = K.contrastive_vsepp_bwd(grad_loss, im, s, labels, val, aux, terms, scale, settings)
+        else:
+            dim, ds = K.contrastive_vse0_bwd(grad_loss, im, s, labels, aux, d, margin, terms, scale, settings)
+        return dim, ds, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# public API
+
+
+def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, reduction="sum",
+                     terms="both", return_indices=False, backend="auto"):
+    """Hinge-based triplet loss of VSE0 (sum over negatives) or VSE++ (hardest negative only).
+
+    Args:
+        im: (N, D) image embeddings; s: (M, D) caption embeddings. fp32/bf16/fp16 (fp64: torch only),
+            same dtype and device, any strides.
+        margin: hinge margin (Python float). max_violation: False = VSE0, True = VSE++.
+        positives: (M,) int64, the image row of each caption (captions of one image are not negatives
+            of each other); None means the diagonal and needs N == M. Range-checked without a host
+            sync on CUDA (device-side assert), with a ValueError on CPU.
+        reduction: "sum" (published) or "mean" (divided by M, the number of positive pairs).
+        terms: "both", "i2t" (published cost_s, image query) or "t2i" (cost_im, caption query).
+            With positives=None: loss(im, s) == loss(im, s, terms="t2i") + loss(s, im, terms="t2i").
+        return_indices: VSE++ only; also return {"i2t": (M,), "t2i": (M,)} int64 hardest negatives
+            (caption index for i2t, image index for t2i, -1 where there is no negative).
+        backend: "auto" | "torch" | "triton".
+
+    Returns:
+        The 0-dim loss (fp32; fp64 for fp64 inputs), non-finite if im or s holds a NaN/inf; and
+        the indices dict when return_indices.
+
+    Example::
+
+        loss = contrastive_loss(img_emb, cap_emb, margin=0.2, max_violation=True)
+    """
+    labels, term_tuple, which = _check_inputs(im, s, margin, max_violation, positives, reduction, terms,
+                                              return_indices, backend)
+    scale = 1.0 / s.shape[0] if reduction == "mean" else 1.0
+    fn = ContrastiveLossFunction if which == "triton" else TorchContrastiveFunction
+    loss, aux = fn.apply(im, s, labels, float(margin), max_violation, term_tuple, scale)
+    if labels is not None:
+        # Images that are no caption's positive are not covered by the in-kernel 0 * d_j check.
+        loss = torch.where(torch.isfinite(im).all(), loss, torch.full_like(loss, float("nan")))
+    if return_indices:
+        return loss, {term: aux[t].long() for t, term in enumerate(term_tuple)}
+    return loss
+
+
+def contrastive_loss_naive(im, s, margin=0.2, max_violation=False, *, positives=None, reduction="sum",
+                           terms="both"):
+    """Plain autograd reference (materialises every (N, M) intermediate, like the published loss);
+    the tests' oracle in float64. Returns (loss, {term: hardest index (M,), -1 if none})."""
+    N, M = im.shape[0], s.shape[0]
+    p = positives if positives is not None else torch.arange(M, device=im.device)
+    S = im @ s.t()
+    E = torch.arange(N, device=im.device)[:, None] == p[None, :]
+    d = S[p, torch.arange(M, device=im.device)]
+    total, hardest = 0, {}
+    for term in _TERMS[terms]:
+        if term == "i2t":
+            H = (margin + S[p] - d[:, None]).clamp(min=0).masked_fill(p[:, None] == p[None, :], 0)
+            masked = S[p].masked_fill(p[:, None] == p[None, :], float("-inf"))
+            agg = H.max(1).values if max_violation else H.sum(1)
+            best, arg = masked.max(1)
+        else:
+            H = (margin + S - d[None, :]).clamp(min=0).masked_fill(E, 0)
+            masked = S.masked_fill(E, float("-inf"))
+            agg = H.max(0).values if max_violation else H.sum(0)
+            best, arg = masked.max(0)
+        total = total + agg.sum()
+        hardest[term] = torch.where(best == float("-inf"), -1, arg)
+    if reduction == "mean":
+        total = total / M
+    return total, hardest
