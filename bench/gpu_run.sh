@@ -9,10 +9,9 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
 
-# vse_fast with kernels/ mapped to vse_fast.kernels, as setup.py's package_dir does.
-pkg=$(mktemp -d)
-cp -r vse_fast "$pkg/vse_fast" && cp -r kernels "$pkg/vse_fast/kernels"
-export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# kernels/ importable as vse_fast.kernels, as setup.py's package_dir does (this is a throwaway copy).
+[ -e vse_fast/kernels ] || ln -s ../kernels vse_fast/kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu_env.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu_env.txt"
