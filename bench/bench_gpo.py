@@ -1,0 +1,88 @@
+"""GPO benchmarks: ours next to the published re-implementation, same inputs, same run.
+
+    pytest bench/bench_gpo.py --benchmark-only [--benchmark-group-by=group]
+
+* gpo-module-*: whole GPO forward + backward (to the features and every parameter). Ours is the no-sync
+  encoder path `GPO.pool`; the published module computes its weights per sample through a packed GRU.
+* gpo-pool-*: the sort-and-weighted-sum alone, forward + backward (to features and weights). Ours is
+  `gpo_pool` (backend "auto": torch on CPU, Triton on CUDA); the published-style pool is
+  masked_fill / sort / masked_fill / mul / sum.
+On CPU the float32 torch paths run (big cases with few rounds); on a GPU float32 and bfloat16.
+Lengths are random in 1..K with K present (padding exercised).
+"""
+import pytest
+import torch
+
+from tests.published.gpo import PublishedGPO, published_pool
+from vse_fast.modules.gpo import GPO
+from vse_fast.ops.gpo_pool import gpo_pool
+
+SHAPES = [(128, 36, 1024), (128, 64, 1024), (512, 64, 1024)]
+ON_GPU = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def _rounds(B, K, D):
+    """CPU: a handful of rounds for the big cases (seconds each); GPU: pytest-benchmark's default."""
+    if ON_GPU:
+        return None
+    return 3 if B * K * D > 128 * 36 * 1024 else 5
+
+
+def _inputs(B, K, D, dtype, device):
+    features = torch.randn(B, K, D, device=device).to(dtype).requires_grad_()
+    lengths = torch.randint(1, K + 1, (B,), device=device)
+    lengths[0] = K
+    return features, lengths
+
+
+def _fwd_bwd(fn, inputs):
+    """Forward then backward to `inputs` with a fixed upstream gradient (no .grad accumulation)."""
+    out = fn()
+    grad_out = torch.ones_like(out)
+
+    def step():
+        result = fn()
+        return torch.autograd.grad(result, inputs, grad_out)
+
+    return step
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_NAMES[d] for d in DTYPES])
+@pytest.mark.parametrize("B,K,D", SHAPES, ids=[f"B{b}-K{k}-D{d}" for b, k, d in SHAPES])
+@pytest.mark.parametrize("impl", ["ours", "published"])
+def test_gpo_module_fwd_bwd(run_bench, bench_device, impl, B, K, D, dtype):
+    torch.manual_seed(0)
+    published = PublishedGPO(32, 32).to(bench_device)
+    features, lengths = _inputs(B, K, D, dtype, bench_device)
+    if impl == "ours":
+        module = GPO(32, 32).to(bench_device)
+        module.load_state_dict(published.state_dict())
+        fn = lambda: module.pool(features, lengths)  # noqa: E731
+    else:
+        module = published
+        fn = lambda: module(features, lengths)[0]  # noqa: E731
+    step = _fwd_bwd(fn, [features, *module.parameters()])
+    run_bench(step, group=f"gpo-module-B{B}-K{K}-D{D}-{DTYPE_NAMES[dtype]}", impl=impl,
+              rounds=_rounds(B, K, D), shape=[B, K, D], dtype=str(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_NAMES[d] for d in DTYPES])
+@pytest.mark.parametrize("B,K,D", SHAPES, ids=[f"B{b}-K{k}-D{d}" for b, k, d in SHAPES])
+@pytest.mark.parametrize("impl", ["ours", "published"])
+def test_gpo_pool_fwd_bwd(run_bench, bench_device, impl, B, K, D, dtype):
+    torch.manual_seed(0)
+    features, lengths = _inputs(B, K, D, dtype, bench_device)
+    weights = torch.softmax(torch.randn(B, K, device=bench_device), 1)
+    weights = weights.masked_fill(torch.arange(K, device=bench_device) >= lengths[:, None], 0).requires_grad_()
+    if impl == "ours":
+        fn = lambda: gpo_pool(features, lengths, weights, validate=False)  # noqa: E731
+    else:
+        fn = lambda: published_pool(features, lengths, weights)  # noqa: E731
+    step = _fwd_bwd(fn, [features, weights])
+    # minimal traffic: forward reads x, writes out; backward reads x and grad_out, writes grad_x
+    elem = features.element_size()
+    min_bytes = elem * (2 * B * K * D + B * D) + elem * (B * K * D + B * D)
+    run_bench(step, group=f"gpo-pool-B{B}-K{K}-D{D}-{DTYPE_NAMES[dtype]}", impl=impl,
+              rounds=_rounds(B, K, D), shape=[B, K, D], dtype=str(dtype), min_bytes=min_bytes)

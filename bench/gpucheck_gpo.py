@@ -1,0 +1,230 @@
+"""GPU check section "gpo" (driven by bench/gpu_check.py): `run(ctx) -> dict` with "ok".
+
+1. Triton pool forward + backward vs a float64 reference, every dtype, odd shapes (K = 1, 5, 36, 64, 100,
+   512; D = 1, 33, 1024; non-contiguous inputs; outputs poisoned with NaN): max relative errors.
+2. The no-sync encoder path GPO.pool, forward + backward, under torch.cuda.set_sync_debug_mode("error").
+3. Pool forward + backward at B=512 K=64 D=1024 (bf16, fp32): Triton vs our torch path vs the published
+   pool; GB/s over the minimal traffic (fwd reads x, writes out; bwd reads x and grad_out, writes grad_x)
+   and its fraction of the card's copy bandwidth; peak extra memory.
+4. Whole GPO forward + backward, ours (GPO.pool) vs the published module, B=128 K=36/64 and B=512 K=64,
+   D=1024, bf16 and fp32.
+
+Smoke test of the logic on CPU (tiny shapes, Triton interpreter):
+    TRITON_INTERPRET=1 python bench/gpucheck_gpo.py --smoke
+"""
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests.published.gpo import PublishedGPO, published_pool  # noqa: E402
+from vse_fast.modules.gpo import GPO  # noqa: E402
+from vse_fast.ops.gpo_pool import gpo_pool  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# max relative error (to the reference's max magnitude) allowed per dtype
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# (B, K, D, strided)
+CHECK_SHAPES = [(1, 1, 1, False), (7, 5, 33, True), (3, 36, 1024, False), (128, 64, 1024, True),
+                (5, 100, 33, False), (2, 512, 65, True), (1, 512, 1024, False)]
+SMOKE_SHAPES = [(1, 1, 1, False), (2, 5, 3, True)]
+MODULE_SHAPES = [(128, 36, 1024), (128, 64, 1024), (512, 64, 1024)]
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty / empty_like return NaN-filled buffers, so unwritten outputs show up."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(real_empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def reference_pool(features, lengths, weights):
+    """float64, vectorised: padding -inf, stable descending sort over the set axis, weighted sum of
+    the first n ranks. Differentiable through torch's sort."""
+    x = features.double()
+    K = x.shape[1]
+    valid = (torch.arange(K, device=x.device) < lengths.unsqueeze(1)).unsqueeze(-1)  # (B, K, 1)
+    ordered = torch.sort(x.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).values
+    w = torch.zeros(x.shape[:2], dtype=torch.float64, device=x.device)
+    kw = min(K, weights.shape[1])
+    w[:, :kw] = weights[:, :kw].double()
+    return (torch.where(valid, ordered, 0.0) * w.unsqueeze(-1)).sum(1)
+
+
+def _inputs(B, K, D, dtype, device, strided=False, kw_extra=0):
+    if strided:
+        features = torch.randn(B, D, K, device=device).to(dtype).transpose(1, 2)
+        weights = torch.rand(B, 2 * (K + kw_extra), device=device)[:, ::2]
+    else:
+        features = torch.randn(B, K, D, device=device).to(dtype)
+        weights = torch.rand(B, K + kw_extra, device=device)
+    lengths = torch.randint(1, K + 1, (B,), device=device)
+    lengths[0] = K
+    lengths[-1] = 1 if B > 1 else lengths[-1]
+    return features.requires_grad_(), lengths, weights.requires_grad_()
+
+
+def _max_rel(actual, expected):
+    actual, expected = actual.detach(), expected.detach().double()
+    scale = expected.abs().max().clamp(min=1.0)
+    return float(((actual.double() - expected).abs().max() / scale).nan_to_num(float("inf")))
+
+
+def check_correctness(device, shapes):
+    rows = []
+    for name, dtype in DTYPES.items():
+        for B, K, D, strided in shapes:
+            features, lengths, weights = _inputs(B, K, D, dtype, device, strided, kw_extra=K % 3)
+            with poisoned_empty():
+                out = gpo_pool(features, lengths, weights, backend="triton")
+                grad_out = torch.randn(out.shape, device=device).to(dtype)
+                gx, gw = torch.autograd.grad(out, (features, weights), grad_out)
+            x64 = features.detach().double().requires_grad_()
+            w64 = weights.detach().double().requires_grad_()
+            ref = reference_pool(x64, lengths, w64)
+            rgx, rgw = torch.autograd.grad(ref, (x64, w64), grad_out.double())
+            errs = {"out": _max_rel(out, ref), "grad_x": _max_rel(gx, rgx), "grad_w": _max_rel(gw, rgw)}
+            ok = max(errs.values()) <= TOLERANCE[dtype]
+            rows.append({"dtype": name, "shape": [B, K, D], "strided": strided, **errs, "ok": ok})
+    return rows
+
+
+def check_no_sync(device):
+    if device.type != "cuda":
+        return {"ok": True, "skipped": "needs CUDA"}
+    gpo = GPO(32, 32).to(device)
+    features = torch.randn(64, 36, 1024, device=device, requires_grad=True)
+    lengths = torch.randint(1, 37, (64,), device=device).float()
+    gpo.pool(features, lengths).sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pooled = gpo.pool(features, lengths)
+        pooled.backward(torch.ones_like(pooled))
+        return {"ok": True}
+    except RuntimeError as exc:
+        return {"ok": False, "error": str(exc)[:300]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _fwd_bwd(fn, inputs):
+    grad_out = torch.ones_like(fn())
+    return lambda: torch.autograd.grad(fn(), inputs, grad_out)
+
+
+def time_pool(ctx, B, K, D):
+    rows = []
+    for name in ("bf16", "fp32"):
+        dtype = DTYPES[name]
+        features, lengths, weights = _inputs(B, K, D, dtype, ctx.device)
+        elem = features.element_size()
+        min_bytes = elem * (3 * B * K * D + 2 * B * D)
+        impls = {
+            "triton": lambda: gpo_pool(features, lengths, weights, backend="triton", validate=False),
+            "torch": lambda: gpo_pool(features, lengths, weights, backend="torch", validate=False),
+            "published": lambda: published_pool(features, lengths, weights),
+        }
+        for impl, fn in impls.items():
+            step = _fwd_bwd(fn, [features, weights])
+            ms = ctx.bench(step)
+            row = {"what": "pool fwd+bwd", "impl": impl, "dtype": name, "shape": [B, K, D], "ms": ms,
+                   "gbs": min_bytes / (ms * 1e-3) / 1e9}
+            row["frac_copy_bw"] = row["gbs"] / ctx.copy_gbs if ctx.copy_gbs else None
+            row["peak_extra_mb"] = ctx.peak_extra_memory(step) / 2**20
+            if impl == "triton":
+                out = fn()
+                g = torch.ones_like(out)
+                row["fwd_ms"] = ctx.bench(fn)
+                row["bwd_ms"] = ctx.bench(lambda: torch.autograd.grad(out, [features, weights], g, retain_graph=True))
+            rows.append(row)
+    return rows
+
+
+def time_module(ctx, shapes):
+    rows = []
+    for name in ("bf16", "fp32"):
+        for B, K, D in shapes:
+            published = PublishedGPO(32, 32).to(ctx.device)
+            ours = GPO(32, 32).to(ctx.device)
+            ours.load_state_dict(published.state_dict())
+            features, lengths, _ = _inputs(B, K, D, DTYPES[name], ctx.device)
+            ms = {}
+            for impl, module, fn in (("ours", ours, lambda: ours.pool(features, lengths)),
+                                     ("published", published, lambda: published(features, lengths)[0])):
+                ms[impl] = ctx.bench(_fwd_bwd(fn, [features, *module.parameters()]))
+            rows.append({"what": "GPO fwd+bwd", "dtype": name, "shape": [B, K, D], "ours_ms": ms["ours"],
+                         "published_ms": ms["published"], "speedup": ms["published"] / ms["ours"]})
+    return rows
+
+
+def _table(result):
+    lines = ["correctness (max rel err: out / grad_x / grad_w)"]
+    for r in result["correctness"]:
+        lines.append(f"  {r['dtype']:<5} {str(r['shape']):<16} {'strided' if r['strided'] else '':<8} "
+                     f"{r['out']:.2e} {r['grad_x']:.2e} {r['grad_w']:.2e}  {'ok' if r['ok'] else 'FAIL'}")
+    lines.append(f"no-sync GPO.pool fwd+bwd: {result['no_sync']}")
+    for r in result["pool_timing"]:
+        frac = f"{100 * r['frac_copy_bw']:.0f}% of copy" if r["frac_copy_bw"] else ""
+        split = f" (fwd {r['fwd_ms']:.3f} / bwd {r['bwd_ms']:.3f})" if "fwd_ms" in r else ""
+        lines.append(f"  pool {r['dtype']} {r['shape']} {r['impl']:<9} {r['ms']:.3f} ms {r['gbs']:.0f} GB/s {frac} "
+                     f"peak +{r['peak_extra_mb']:.0f} MB{split}")
+    for r in result["module_timing"]:
+        lines.append(f"  GPO {r['dtype']} {r['shape']} ours {r['ours_ms']:.3f} ms, published {r['published_ms']:.3f} ms"
+                     f" -> {r['speedup']:.1f}x")
+    return "\n".join(lines)
+
+
+def run(ctx, smoke=False) -> dict:
+    torch.manual_seed(0)
+    result = {"correctness": check_correctness(ctx.device, SMOKE_SHAPES if smoke else CHECK_SHAPES)}
+    result["no_sync"] = check_no_sync(ctx.device)
+    if smoke:
+        result["pool_timing"] = time_pool(ctx, 2, 5, 3)
+        result["module_timing"] = time_module(ctx, [(2, 5, 3)])
+    else:
+        result["pool_timing"] = time_pool(ctx, 512, 64, 1024)
+        result["module_timing"] = time_module(ctx, MODULE_SHAPES)
+    result["ok"] = all(r["ok"] for r in result["correctness"]) and result["no_sync"]["ok"]
+    print(_table(result), flush=True)
+    return result
+
+
+class _CPUContext:
+    """Minimal stand-in for gpu_check.Context on CPU (smoke test only)."""
+
+    device = torch.device("cpu")
+    copy_gbs = None
+
+    @staticmethod
+    def bench(fn):
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    @staticmethod
+    def peak_extra_memory(fn):
+        fn()
+        return 0
+
+
+if __name__ == "__main__":
+    if "--smoke" not in sys.argv:
+        sys.exit("run through bench/gpu_check.py --only gpo, or with --smoke on CPU (TRITON_INTERPRET=1)")
+    sys.exit(0 if run(_CPUContext(), smoke=True)["ok"] else 1)

@@ -1,0 +1,207 @@
+"""GPO module (vse_fast.modules.gpo) against the faithful re-implementation of the published GPO,
+and MaxPool / AvgPool / KMaxPool against direct torch definitions."""
+import pytest
+import torch
+
+from tests.conftest import requires_cuda
+from tests.published.gpo import PublishedGPO
+from vse_fast.modules.gpo import GPO, AvgPool, KMaxPool, MaxPool
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1e-30)).item()
+
+
+def make_pair(d_pe=32, d_hidden=32, device="cpu"):
+    published = PublishedGPO(d_pe, d_hidden).to(device)
+    ours = GPO(d_pe, d_hidden).to(device)
+    ours.load_state_dict(published.state_dict(), strict=True)
+    return published, ours
+
+
+def random_lengths(B, K, device="cpu"):
+    """Unsorted lengths in 1..K containing 1 and K (when B >= 2)."""
+    n = torch.randint(1, K + 1, (B,), device=device)
+    n[torch.randperm(B)[: min(B, 2)]] = torch.tensor([1, K], device=device)[: min(B, 2)]
+    return n
+
+
+def test_state_dict_round_trip_both_ways():
+    published, ours = PublishedGPO(32, 32), GPO(32, 32)
+    ours.load_state_dict(published.state_dict(), strict=True)
+    for (name_p, p), (name_o, o) in zip(published.state_dict().items(), ours.state_dict().items()):
+        assert name_p == name_o and torch.equal(p, o)
+    fresh = PublishedGPO(32, 32)
+    fresh.load_state_dict(GPO(32, 32).state_dict(), strict=True)
+    assert GPO(32, 32).state_dict().keys() == published.state_dict().keys()
+
+
+PARITY_CASES = [(9, 13, 17, "float"), (1, 1, 5, "long"), (16, 36, 64, "float"), (5, 20, 3, "int")]
+
+
+@pytest.mark.parametrize("B,K,D,length_type", PARITY_CASES, ids=[f"B{b}-K{k}-D{d}-{t}" for b, k, d, t in PARITY_CASES])
+def test_parity_with_published(B, K, D, length_type):
+    published, ours = make_pair()
+    lengths = random_lengths(B, K).to({"float": torch.float32, "long": torch.long, "int": torch.int32}[length_type])
+    features = torch.randn(B, K, D)
+    x_pub, x_ours = features.clone().requires_grad_(), features.clone().requires_grad_()
+    pooled_pub, weights_pub = published(x_pub, lengths)
+    pooled_ours, weights_ours = ours(x_ours, lengths)
+    assert pooled_ours.shape == pooled_pub.shape and weights_ours.shape == weights_pub.shape
+    assert rel_err(pooled_ours, pooled_pub) < 1e-5
+    assert rel_err(weights_ours, weights_pub) < 1e-5
+
+    grad_pooled, grad_weights = torch.randn_like(pooled_pub), torch.randn_like(weights_pub)
+    ((pooled_pub * grad_pooled).sum() + (weights_pub * grad_weights).sum()).backward()
+    ((pooled_ours * grad_pooled).sum() + (weights_ours * grad_weights).sum()).backward()
+    assert rel_err(x_ours.grad, x_pub.grad) < 1e-5
+    params_pub = dict(published.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel_err(p.grad, params_pub[name].grad) < 1e-5, name
+
+
+def test_pool_equals_forward_and_trains_parameters():
+    _, ours = make_pair()
+    features, lengths = torch.randn(6, 11, 7), random_lengths(6, 11)
+    pooled, _ = ours(features, lengths)
+    fast = ours.pool(features, lengths.float())
+    torch.testing.assert_close(fast, pooled, rtol=1e-6, atol=1e-6)
+    coefficients = ours.coefficients(lengths, 11)
+    assert coefficients.shape == (6, 11)
+    for b, n in enumerate(lengths.tolist()):
+        assert not coefficients[b, n:].any()
+        torch.testing.assert_close(coefficients[b, :n].sum(), torch.tensor(1.0))
+    fast.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ours.parameters())
+
+
+def test_eval_cache_reused_and_invalidated():
+    published, ours = make_pair()
+    features, lengths = torch.randn(5, 9, 4), random_lengths(5, 9)
+    ours.eval()
+    with torch.no_grad():
+        first = ours(features, lengths)
+        builds = ours.table_builds
+        second = ours(features, lengths)
+        ours.pool(features, lengths)
+        assert ours.table_builds == builds, "eval mode recomputed the coefficients"
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+    # an optimizer step changes the parameters in place: the cache must not serve stale weights
+    ours.train()
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.5)
+    ours.pool(features, lengths).pow(2).sum().backward()
+    optimizer.step()
+    ours.eval()
+    published.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        pooled, weights = ours(features, lengths)
+        assert ours.table_builds > builds
+        expected_pooled, expected_weights = published(features, lengths)
+    assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
+
+    builds = ours.table_builds
+    other = PublishedGPO(32, 32)
+    ours.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        pooled, weights = ours(features, lengths)
+        expected_pooled, expected_weights = other(features, lengths)
+    assert ours.table_builds == builds + 1
+    assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
+
+
+def test_training_mode_never_caches():
+    _, ours = make_pair()
+    features, lengths = torch.randn(3, 6, 4), random_lengths(3, 6)
+    builds = ours.table_builds
+    ours(features, lengths)
+    ours.pool(features, lengths)
+    assert ours.table_builds == builds + 2
+
+
+class _Coefficients(torch.nn.Module):
+    """Routes functional_call to GPO.coefficients."""
+
+    def __init__(self, gpo):
+        super().__init__()
+        self.gpo = gpo
+
+    def forward(self, lengths, K):
+        return self.gpo.coefficients(lengths, K)
+
+
+def test_coefficient_path_gradcheck_fp64():
+    wrapper = _Coefficients(GPO(4, 3).double())
+    names = [name for name, _ in wrapper.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in wrapper.parameters())
+    lengths = torch.tensor([3, 1, 4])
+    assert torch.autograd.gradcheck(
+        lambda *ps: torch.func.functional_call(wrapper, dict(zip(names, ps)), (lengths, 4)), params
+    )
+
+
+def test_gpo_input_errors():
+    gpo = GPO(32, 32)
+    with pytest.raises(ValueError, match="even d_pe.*d_pe=7"):
+        GPO(7, 32)
+    with pytest.raises(ValueError, match=r"in \[1, K=4\].*max 5"):
+        gpo(torch.randn(2, 4, 3), torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="whole numbers"):
+        gpo(torch.randn(2, 4, 3), torch.tensor([2.5, 1.0]))
+    with pytest.raises(ValueError, match=r"features must be \(B, K, D\)"):
+        gpo.pool(torch.randn(4, 3), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="KMaxPool needs an integer k >= 1"):
+        KMaxPool(0)
+
+
+def _direct_pools(features, lengths, k):
+    """Direct torch definitions over the n valid rows of each sample."""
+    rows = {"max": [], "avg": [], "kmax": []}
+    for b, n in enumerate(lengths.tolist()):
+        valid = features[b, :n]
+        rows["max"].append(valid.max(0).values)
+        rows["avg"].append(valid.mean(0))
+        rows["kmax"].append(valid.topk(min(k, n), dim=0).values.mean(0))
+    return {name: torch.stack(r) for name, r in rows.items()}
+
+
+def test_fixed_pools_match_direct_definitions():
+    B, K, D, k = 7, 10, 6, 3
+    features, lengths = torch.randn(B, K, D, dtype=torch.float64), random_lengths(B, K)
+    lengths[0] = 2  # fewer than k
+    modules = {"max": MaxPool(), "avg": AvgPool(), "kmax": KMaxPool(k)}
+    x_direct = features.clone().requires_grad_()
+    direct = _direct_pools(x_direct, lengths, k)
+    for name, module in modules.items():
+        x = features.clone().requires_grad_()
+        pooled, weights = module(x, lengths.float())
+        assert weights.shape == (B, int(lengths.max()), 1)
+        torch.testing.assert_close(pooled, direct[name])
+        torch.testing.assert_close(module.pool(x, lengths), pooled)
+        g = torch.randn(B, D, dtype=torch.float64)
+        (grad,) = torch.autograd.grad(pooled, x, g)
+        (expected,) = torch.autograd.grad(direct[name], x_direct, g)
+        torch.testing.assert_close(grad, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_parity_with_published(dtype):
+    published, ours = make_pair(device="cuda")
+    B, K, D = 32, 36, 256
+    lengths = random_lengths(B, K, "cuda").float()
+    features = torch.randn(B, K, D, device="cuda").to(dtype)
+    x_pub, x_ours = features.clone().requires_grad_(), features.clone().requires_grad_()
+    pooled_pub, weights_pub = published(x_pub, lengths)
+    pooled_ours, weights_ours = ours(x_ours, lengths)
+    fast = ours.pool(features, lengths)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel_err(weights_ours, weights_pub) < 1e-4
+    assert rel_err(pooled_ours, pooled_pub) < tol and rel_err(fast, pooled_pub) < tol
+    g = torch.randn(B, D, device="cuda")
+    pooled_pub.backward(g.to(pooled_pub.dtype))
+    pooled_ours.backward(g.to(pooled_ours.dtype))
+    assert rel_err(x_ours.grad, x_pub.grad) < tol
+    params_pub = dict(published.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel_err(p.grad, params_pub[name].grad) < (1e-3 if dtype == torch.float32 else 5e-2), name

@@ -1,0 +1,279 @@
+"""gpo_pool (vse_fast.ops.gpo_pool): torch path and Triton kernels against a float64 reference.
+
+CPU: the torch path on odd shapes and every dtype, fp64 gradcheck, the Triton kernels under the
+interpreter on tiny shapes (few programs: the interpreter is slow), every validation error.
+CUDA (skipped without a GPU): the Triton kernels over realistic shapes and the no-sync module path.
+"""
+import os
+
+import pytest
+import torch
+
+from tests.conftest import DTYPE_TOLERANCES, requires_cuda
+from vse_fast.ops.gpo_pool import gpo_pool
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+requires_interpreter = pytest.mark.skipif(not INTERPRETING, reason="Triton interpreter tests run only without a GPU")
+
+
+def reference_pool(features, lengths, weights):
+    """float64 oracle, written independently of the op: per sample, stable descending sort of the n
+    valid rows along the set axis, weighted by weights[:n]. Differentiable (torch's sort backward)."""
+    x = features.double()
+    w = weights.double()
+    rows = []
+    for b in range(x.shape[0]):
+        n = int(lengths[b])
+        ordered = torch.sort(x[b, :n], dim=0, descending=True, stable=True).values  # (n, D)
+        rows.append((ordered * w[b, :n].unsqueeze(1)).sum(0))
+    return torch.stack(rows)
+
+
+def make_inputs(B, K, D, dtype, *, device="cpu", kw_extra=0, lengths=None, strided=False, requires_grad=True):
+    """Random features (B, K, D), lengths (B,) with 1 and K present (unsorted), weights (B, K + kw_extra).
+    strided=True gives non-contiguous features (set axis innermost in memory) and weights (a column slice).
+    Weights are float64 for float64 features, float32 otherwise (as GPO's coefficients)."""
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if strided:
+        features = torch.randn(B, D, K, device=device).to(dtype).transpose(1, 2)
+        weights = torch.rand(B, 2 * (K + kw_extra), device=device, dtype=w_dtype)[:, ::2]
+    else:
+        features = torch.randn(B, K, D, device=device).to(dtype)
+        weights = torch.rand(B, K + kw_extra, device=device, dtype=w_dtype)
+    if lengths is None:
+        lengths = torch.randint(1, K + 1, (B,), device=device)
+        lengths[torch.randperm(B)[: min(B, 2)]] = torch.tensor([1, K], device=device)[: min(B, 2)]
+    return features.requires_grad_(requires_grad), lengths, weights.requires_grad_(requires_grad)
+
+
+def assert_close_scaled(actual, expected, dtype, what):
+    """|actual - expected| <= atol * scale + rtol * |expected|, scale = max(1, max|expected|) so that
+    sums over many terms get an error budget proportional to their magnitude."""
+    atol, rtol = DTYPE_TOLERANCES.get(dtype, (1e-10, 1e-10))
+    expected = expected.double()
+    actual = actual.double()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs()
+    bound = atol * scale + rtol * expected.abs()
+    bad = ~(err <= bound)  # NaN counts as bad
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off; max err "
+                                 f"{err.max().item():.3g} (atol {atol} x scale {scale:.3g}, rtol {rtol})")
+
+
+def check_against_reference(features, lengths, weights, backend):
+    out = gpo_pool(features, lengths, weights, backend=backend)
+    assert out.dtype == features.dtype and out.shape == (features.shape[0], features.shape[2])
+    grad_out = torch.randn(out.shape, device=out.device).to(out.dtype)
+    grad_x, grad_w = torch.autograd.grad(out, (features, weights), grad_out)
+
+    x_ref = features.detach().double().cpu().requires_grad_()
+    w_ref = weights.detach().double().cpu().requires_grad_()
+    ref = reference_pool(x_ref, lengths.cpu(), w_ref)
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x_ref, w_ref), grad_out.double().cpu())
+
+    dtype = features.dtype
+    assert_close_scaled(out.cpu(), ref, dtype, "output")
+    assert grad_x.shape == features.shape and grad_x.dtype == dtype
+    assert_close_scaled(grad_x.cpu(), ref_gx, dtype, "grad features")
+    assert grad_w.shape == weights.shape and grad_w.dtype == weights.dtype
+    # grad_w sums D products in fp32 (exact inputs): tolerance of the weights' dtype, scaled
+    assert_close_scaled(grad_w.cpu(), ref_gw, weights.dtype, "grad weights")
+
+
+# ---------------------------------------------------------------------------------------------- torch path
+TORCH_CASES = [  # (B, K, D, kw_extra, strided)
+    (1, 1, 1, 0, False),
+    (2, 5, 3, 0, False),
+    (7, 36, 33, 3, True),
+    (3, 13, 64, 0, True),
+    (5, 64, 17, 1, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES, "fp64"])
+@pytest.mark.parametrize("B,K,D,kw_extra,strided", TORCH_CASES,
+                         ids=[f"B{b}-K{k}-D{d}-Kw+{e}{'-strided' if s else ''}" for b, k, d, e, s in TORCH_CASES])
+def test_torch_path_matches_reference(poison_empty, B, K, D, kw_extra, strided, dtype):
+    features, lengths, weights = make_inputs(B, K, D, dtype, kw_extra=kw_extra, strided=strided)
+    check_against_reference(features, lengths, weights, "torch")
+
+
+def test_torch_path_float_lengths_and_unsorted():
+    features, lengths, weights = make_inputs(6, 9, 5, torch.float32)
+    lengths = torch.tensor([9, 1, 4, 9, 2, 7])
+    out_int = gpo_pool(features, lengths, weights, backend="torch")
+    out_float = gpo_pool(features, lengths.float(), weights, backend="torch")
+    assert torch.equal(out_int, out_float)
+    check_against_reference(features, lengths.float(), weights, "torch")
+
+
+def test_torch_path_gradcheck_fp64():
+    features, lengths, weights = make_inputs(3, 6, 4, torch.float64, kw_extra=2)
+    assert torch.autograd.gradcheck(lambda x, w: gpo_pool(x, lengths, w, backend="torch"), (features, weights))
+
+
+def test_padding_never_leaks():
+    """Huge or NaN values at padding positions and NaN weights beyond n change nothing."""
+    features, lengths, weights = make_inputs(4, 7, 6, torch.float32)
+    lengths = torch.tensor([3, 7, 1, 5])
+    dirty_x, dirty_w = features.detach().clone(), weights.detach().clone()
+    for b, n in enumerate(lengths.tolist()):
+        dirty_x[b, n:] = float("nan") if b % 2 else 1e30
+        dirty_w[b, n:] = float("nan")
+    dirty_x.requires_grad_()
+    dirty_w.requires_grad_()
+    for backend in ("torch",) + (("triton",) if INTERPRETING else ()):
+        clean = gpo_pool(features, lengths, weights, backend=backend)
+        dirty = gpo_pool(dirty_x, lengths, dirty_w, backend=backend)
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+        g = torch.randn_like(clean)
+        gx, gw = torch.autograd.grad(dirty, (dirty_x, dirty_w), g)
+        assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+        for b, n in enumerate(lengths.tolist()):
+            assert not gx[b, n:].any() and not gw[b, n:].any(), f"padding got a gradient ({backend})"
+
+
+def _nan_and_tie_inputs(dtype):
+    # sample 0: a NaN among the valid entries of column 0; sample 1: many ties and -inf, -0.0 / +0.0
+    x = torch.tensor([[[float("nan"), 1.0], [2.0, 3.0], [0.5, -1.0]],
+                      [[1.0, -0.0], [1.0, 0.0], [float("-inf"), 0.0]]]).to(dtype)
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]])
+    return x.requires_grad_(), torch.tensor([3, 3]), w.requires_grad_()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_nan_propagates_and_ties_are_stable(backend, dtype):
+    """NaN sorts first (as in torch.sort) and propagates; tied values take ranks in their original
+    order (stable), so each receives the weight of its own rank, as with torch.sort(stable=True)."""
+    x, n, w = _nan_and_tie_inputs(dtype)
+    out = gpo_pool(x, n, w, backend=backend)
+    assert torch.isnan(out[0, 0]) and not torch.isnan(out[0, 1]) and not torch.isnan(out[1]).any()
+    g = torch.ones_like(out)
+    gx, _ = torch.autograd.grad(out, (x, w), g)
+    # NaN ranks first: weight 0.5; then 2.0 (0.3), 0.5 (0.2)
+    torch.testing.assert_close(gx[0, :, 0].float(), torch.tensor([0.5, 0.3, 0.2]), rtol=1e-2, atol=1e-3)
+    # column 0 of sample 1: 1.0 (pos 0) rank 0, 1.0 (pos 1) rank 1, -inf rank 2
+    torch.testing.assert_close(gx[1, :, 0].float(), torch.tensor([0.6, 0.3, 0.1]), rtol=1e-2, atol=1e-3)
+    # column 1: -0.0 and 0.0 tie (positions 0, 1, 2 in order)
+    torch.testing.assert_close(gx[1, :, 1].float(), torch.tensor([0.6, 0.3, 0.1]), rtol=1e-2, atol=1e-3)
+
+
+# -------------------------------------------------------------------------------- Triton (interpreter)
+INTERP_CASES = [  # (B, K, D, kw_extra, strided, lengths): 1-4 programs each
+    (1, 1, 1, 0, False, None),
+    (2, 5, 3, 2, False, [1, 5]),
+    (2, 9, 20, 3, True, [9, 4]),  # two D-blocks, Kw > K, non-contiguous features and weights
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("B,K,D,kw_extra,strided,lengths", INTERP_CASES,
+                         ids=[f"B{c[0]}-K{c[1]}-D{c[2]}-Kw+{c[3]}{'-strided' if c[4] else ''}" for c in INTERP_CASES])
+def test_triton_interpreter_matches_reference(poison_empty, B, K, D, kw_extra, strided, lengths, dtype):
+    lengths = None if lengths is None else torch.tensor(lengths)
+    features, lengths, weights = make_inputs(B, K, D, dtype, kw_extra=kw_extra, strided=strided, lengths=lengths)
+    check_against_reference(features, lengths, weights, "triton")
+
+
+@requires_interpreter
+def test_triton_interpreter_many_ties_bf16():
+    """bf16 values from a 5-value alphabet: ranks of tied values must match the stable torch path."""
+    x = torch.randint(-2, 3, (2, 7, 4)).to(torch.bfloat16).requires_grad_()
+    n, w = torch.tensor([7, 5]), torch.rand(2, 7).requires_grad_()
+    g = torch.randn(2, 4).to(torch.bfloat16)
+    results = []
+    for backend in ("torch", "triton"):
+        out = gpo_pool(x, n, w, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (x, w), g)))
+    for ours, ref, what in zip(results[1], results[0], ("output", "grad features", "grad weights")):
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=what)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def _valid():
+    return torch.randn(2, 4, 3), torch.tensor([4, 2]), torch.rand(2, 4)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda x, n, w: (x[0], n, w), ValueError, r"features must be \(B, K, D\)"),
+    (lambda x, n, w: (x, n[:, None], w), ValueError, r"lengths must be \(B,\)"),
+    (lambda x, n, w: (x, n, w[0]), ValueError, r"weights must be \(B, Kw\)"),
+    (lambda x, n, w: (x, n[:1], w), ValueError, "batch sizes differ.*lengths has 1"),
+    (lambda x, n, w: (x, n, w[:1]), ValueError, "batch sizes differ.*weights has 1"),
+    (lambda x, n, w: (x, torch.tensor([0, 2]), w), ValueError, r"in \[1, K=4\].*min 0"),
+    (lambda x, n, w: (x, torch.tensor([5, 2]), w), ValueError, r"in \[1, K=4\].*max 5"),
+    (lambda x, n, w: (x, torch.tensor([2.5, 2.0]), w), ValueError, "whole numbers"),
+    (lambda x, n, w: (x, n, w[:, :3]), ValueError, "Kw=3.*longest set 4"),
+    (lambda x, n, w: (x.long(), n, w), TypeError, "features must be a floating-point.*torch.int64"),
+    (lambda x, n, w: (x, n, w.long()), TypeError, "weights must be a floating-point"),
+    (lambda x, n, w: (x, n.bool(), w), TypeError, "lengths must be an integer or float"),
+    (lambda x, n, w: (x, n.tolist(), w), TypeError, "lengths must be a torch.Tensor, got list"),
+    (lambda x, n, w: (x, n, None), TypeError, "weights must be a torch.Tensor"),
+    (lambda x, n, w: (x[:, :0], n, w), ValueError, "empty set axis"),
+    (lambda x, n, w: (x.to("meta"), n, w), ValueError, "one device.*features on meta"),
+], ids=["features-rank", "lengths-rank", "weights-rank", "B-lengths", "B-weights", "length-0", "length-gt-K",
+        "fractional-length", "Kw-short", "int-features", "int-weights", "bool-lengths", "list-lengths",
+        "no-weights", "K-0", "devices"])
+def test_validation_errors(mutate, error, match):
+    with pytest.raises(error, match=match):
+        gpo_pool(*mutate(*_valid()))
+
+
+def test_backend_errors():
+    x, n, w = _valid()
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        gpo_pool(x, n, w, backend="cuda")
+    with pytest.raises(TypeError, match="float32/bfloat16/float16 features, got torch.float64"):
+        gpo_pool(x.double(), n, w, backend="triton")
+    with pytest.raises(ValueError, match="K <= 512, got K=513"):
+        gpo_pool(torch.randn(1, 513, 2), torch.tensor([3]), torch.rand(1, 513), backend="triton")
+
+
+def test_validate_false_skips_only_value_checks():
+    x, n, w = _valid()
+    gpo_pool(x, torch.tensor([4, 2]), w[:, :4], validate=False)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        gpo_pool(x, n[:1], w, validate=False)
+
+
+# ------------------------------------------------------------------------------------------------- CUDA
+CUDA_SHAPES = [(B, K, D) for B in (1, 7, 128) for K in (1, 5, 36, 64, 100) for D in (1, 33, 1024)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("B,K,D", CUDA_SHAPES + [(3, 512, 65), (2, 300, 1024)],
+                         ids=[f"B{b}-K{k}-D{d}" for b, k, d in CUDA_SHAPES] + ["B3-K512-D65", "B2-K300-D1024"])
+def test_triton_cuda_matches_reference(poison_empty, B, K, D, dtype):
+    features, lengths, weights = make_inputs(B, K, D, dtype, device="cuda", kw_extra=K % 3, strided=(B + K) % 2 == 0)
+    check_against_reference(features, lengths, weights, "triton")
+
+
+@requires_cuda
+def test_auto_backend_picks_triton_on_cuda():
+    from vse_fast.ops.gpo_pool import TritonGPOPoolFunction
+
+    features, lengths, weights = make_inputs(2, 5, 8, torch.bfloat16, device="cuda")
+    out = gpo_pool(features, lengths, weights)
+    assert out.grad_fn is not None and out.grad_fn.__class__.__name__.startswith(TritonGPOPoolFunction.__name__)
+
+
+@requires_cuda
+def test_gpo_pool_path_has_no_host_sync():
+    from vse_fast.modules.gpo import GPO
+
+    gpo = GPO(32, 32).cuda()
+    features = torch.randn(16, 36, 256, device="cuda", requires_grad=True)
+    lengths = torch.randint(1, 37, (16,), device="cuda").float()
+    gpo.pool(features, lengths).sum().backward()  # warm-up: compilation, position-encoding cache
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pooled = gpo.pool(features, lengths)
+        pooled.backward(torch.randn_like(pooled))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert features.grad is not None and gpo.linear.weight.grad is not None

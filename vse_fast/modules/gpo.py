@@ -1,0 +1,213 @@
+"""GPO (Generalized Pooling Operator, VSE-infinity) and fixed-weight pools over sorted features.
+
+`GPO` is a drop-in for the published module (same constructor, parameter names, forward outputs):
+`load_state_dict(strict=True)` of a published GPO state dict works both ways.
+
+Coefficients: for a set of size n, sinusoidal position encodings of positions 0..n-1 run through a
+bidirectional GRU (reverse direction starting at n-1), the two directions averaged, scored by a
+bias-free linear layer, positions >= n scored -10000, softmax of score / 0.1 over positions.
+One packed bidirectional GRU call over the prefixes pe[0..n-1] of the needed sizes n gives every
+size's coefficients (the forward direction is the same for all sizes; the reverse one starts at n-1).
+Hence coefficients are computed once per distinct size, never per sample:
+
+* ``forward`` (drop-in, may sync with the host): sizes = the distinct lengths of the batch.
+* ``coefficients`` / ``pool`` (no host sync; used by our encoders): a table over every size 1..K
+  (K = features.shape[1], a Python int), gathered by length on the device.
+
+In eval mode, when no gradient to the parameters is needed, the table is cached and reused until
+a parameter changes (in-place update: optimizer step, load_state_dict) or its storage, device or
+dtype changes.
+"""
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, gpo_pool
+
+_PAD_SCORE = -10000.0
+_TEMPERATURE = 0.1
+
+
+def positional_encoding_1d(d_pe: int, length: int, device=None) -> torch.Tensor:
+    """(length, d_pe) float32: channel 2i = sin(pos * f_i), channel 2i+1 = cos(pos * f_i),
+    f_i = exp(-2i * ln(10000) / d_pe). Same operations as the published code (bitwise equal on CPU)."""
+    if d_pe % 2:
+        raise ValueError(f"sin/cos position encodings need an even d_pe, got d_pe={d_pe}")
+    pe = torch.zeros(length, d_pe, device=device)
+    position = torch.arange(0, length, device=device).unsqueeze(1).float()
+    freq = torch.exp(torch.arange(0, d_pe, 2, dtype=torch.float, device=device) * -(math.log(10000.0) / d_pe))
+    pe[:, 0::2] = torch.sin(position * freq)
+    pe[:, 1::2] = torch.cos(position * freq)
+    return pe
+
+
+def _lengths_as_long(lengths: torch.Tensor) -> torch.Tensor:
+    return lengths.detach() if lengths.dtype == torch.long else lengths.detach().to(torch.long)
+
+
+class _SortedPool(nn.Module):
+    """Shared forward / pool of the pools over sorted features; subclasses define `coefficients`."""
+
+    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:  # (B, K)
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor):
+        """features (B, K, D), lengths (B,) int or float (whole numbers, 1..K, any order).
+        Returns (pooled (B, D) in features.dtype, weights (B, L, 1)), L = max(lengths).
+        Validates lengths on the host (one sync), like the published module."""
+        check_gpo_pool_inputs(features, lengths, validate=True)
+        n = _lengths_as_long(lengths)
+        longest = int(n.max())
+        weights = self.coefficients(n, longest)
+        pooled = gpo_pool(features, n, weights, validate=False)
+        return pooled, weights.unsqueeze(-1)
+
+    def pool(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """No-sync path: features (B, K, D), lengths (B,) on the features' device -> pooled (B, D).
+        Lengths are trusted (not range-checked: that would read them on the host)."""
+        check_gpo_pool_inputs(features, lengths, validate=False)
+        n = _lengths_as_long(lengths)
+        return gpo_pool(features, n, self.coefficients(n, features.shape[1]), validate=False)
+
+
+
+class GPO(_SortedPool):
+    """Generalized Pooling Operator. Args: d_pe (even), d_hidden.
+    Parameters: gru (nn.GRU(d_pe, d_hidden, bidirectional, batch_first)), linear (d_hidden -> 1, no bias).
+
+    forward(features (B, K, D), lengths (B,)) -> (pooled (B, D), weights (B, L, 1)), L = max(lengths).
+    pool(features, lengths) -> pooled (B, D), without host syncs.
+    """
+
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32):
+        super().__init__()
+        if d_pe % 2:
+            raise ValueError(f"GPO needs an even d_pe for sin/cos position encodings, got d_pe={d_pe}")
+        self.d_pe, self.d_hidden = d_pe, d_hidden
+        self.gru = nn.GRU(d_pe, d_hidden, 1, batch_first=True, bidirectional=True)
+        self.linear = nn.Linear(d_hidden, 1, bias=False)
+        self._pe_cache = {}  # (device, length) -> (length, d_pe) float32
+        self._eval_cache = None  # (key, table (M, M)) over sizes 1..M
+        self.table_builds = 0  # how many coefficient tables were computed (observable cache behaviour)
+
+    # -- coefficients -------------------------------------------------------------------------
+    def _positional_encoding(self, length: int, device) -> torch.Tensor:
+        key = (device, length)
+        if key not in self._pe_cache:
+            self._pe_cache[key] = positional_encoding_1d(self.d_pe, length, device)
+        return self._pe_cache[key]
+
+    def _coefficient_table(self, sizes: torch.Tensor, longest: int, device_sizes: torch.Tensor) -> torch.Tensor:
+        """Coefficients (S, longest) of the set sizes `sizes` (S,), a CPU int64 tensor in descending order,
+        each <= longest: row i = softmax over positions of the GPO scores of a set of size sizes[i],
+        exactly 0 at positions >= sizes[i]. `device_sizes`: the same sizes on the parameters' device.
+        One packed bidirectional GRU call over the S prefixes pe[0..n-1] (sizes known on the host:
+        no device sync)."""
+        self.table_builds += 1
+        device = self.linear.weight.device
+        pe = self._positional_encoding(longest, device).to(self.linear.weight.dtype)  # (M, d_pe)
+        prefixes = pe.unsqueeze(0).expand(sizes.shape[0], longest, self.d_pe)
+        packed = pack_padded_sequence(prefixes, sizes, batch_first=True, enforce_sorted=True)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=longest)  # (S, M, 2H), 0 after n
+        averaged = (out[:, :, : self.d_hidden] + out[:, :, self.d_hidden:]) / 2
+        scores = self.linear(averaged)  # (S, M, 1)
+        valid = torch.arange(longest, device=device) < device_sizes.unsqueeze(1)
+        scores = scores.masked_fill(~valid.unsqueeze(-1), _PAD_SCORE)
+        return torch.softmax(scores / _TEMPERATURE, 1).squeeze(-1)
+
+    def _table_over_all_sizes(self, K: int) -> torch.Tensor:
+        """(K, K): row n-1 = coefficients of a set of size n, for n = 1..K."""
+        device_sizes = torch.arange(K, 0, -1, device=self.linear.weight.device)
+        return self._coefficient_table(torch.arange(K, 0, -1), K, device_sizes).flip(0)
+
+    def _cache_key(self):
+        return tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in self.parameters())
+
+    def _cache_usable(self) -> bool:
+        if self.training:
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _full_table(self, K: int) -> torch.Tensor:
+        """(K', K') table over every size 1..K' (K' >= K; rows/columns beyond K unused)."""
+        if not self._cache_usable():
+            return self._table_over_all_sizes(K)
+        key = self._cache_key()
+        if self._eval_cache is not None:
+            cached_key, table = self._eval_cache
+            if cached_key == key and table.shape[0] >= K:
+                return table
+        with torch.no_grad():
+            table = self._table_over_all_sizes(K)
+        self._eval_cache = (key, table)
+        return table
+
+    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
+        """No-sync coefficients (B, K) for lengths (B,) (int or float, trusted to be in 1..K):
+        row b = the GPO weights of a set of size lengths[b], zero at positions >= lengths[b]."""
+        table = self._full_table(K)
+        rows = (_lengths_as_long(lengths) - 1).clamp(0, K - 1)
+        return table.index_select(0, rows)[:, :K]
+
+    def compute_pool_weights(self, lengths: torch.Tensor, features: torch.Tensor = None):
+        """Published API: (weights (B, L, 1), mask (B, L, 1) bool), L = max(lengths). Syncs with the host."""
+        n = _lengths_as_long(lengths)
+        longest = int(n.max())
+        if self._cache_usable():
+            weights = self._full_table(longest).index_select(0, n - 1)[:, :longest]
+        else:  # once per distinct length (reads the lengths on the host; allowed here)
+            sizes, inverse = torch.unique(n.cpu(), return_inverse=True)  # ascending
+            sizes = sizes.flip(0)
+            table = self._coefficient_table(sizes, longest, sizes.to(self.linear.weight.device))  # by descending size
+            weights = table[(sizes.shape[0] - 1 - inverse).to(table.device)]
+        mask = torch.arange(longest, device=n.device) < n.unsqueeze(1)
+        return weights.unsqueeze(-1), mask.unsqueeze(-1)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor):
+        """features (B, K, D), lengths (B,) int or float (whole numbers in 1..K, any order).
+        Returns (pooled (B, D) in features.dtype, weights (B, L, 1) in the parameters' dtype)."""
+        check_gpo_pool_inputs(features, lengths, validate=True)
+        weights, _ = self.compute_pool_weights(lengths, features)
+        pooled = gpo_pool(features, _lengths_as_long(lengths), weights.squeeze(-1), validate=False)
+        return pooled, weights
+
+    def extra_repr(self) -> str:
+        return f"d_pe={self.d_pe}, d_hidden={self.d_hidden}"
+
+
+class AvgPool(_SortedPool):
+    """Mean over the n valid set elements (weight 1/n at every rank < n)."""
+
+    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
+        n = _lengths_as_long(lengths).unsqueeze(1)
+        ranks = torch.arange(K, device=lengths.device)
+        return (ranks < n).to(torch.float32) / n.clamp(min=1).to(torch.float32)
+
+
+class MaxPool(_SortedPool):
+    """Maximum over the n valid set elements per feature (weight 1 at rank 0)."""
+
+    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
+        ranks = torch.arange(K, device=lengths.device)
+        return (ranks == 0).to(torch.float32).expand(lengths.shape[0], K)
+
+
+class KMaxPool(_SortedPool):
+    """Mean of the top min(k, n) values per feature (weight 1/min(k, n) at ranks < min(k, n))."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"KMaxPool needs an integer k >= 1, got {k!r}")
+        self.k = k
+
+    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
+        top = _lengths_as_long(lengths).clamp(min=1, max=self.k).unsqueeze(1)
+        ranks = torch.arange(K, device=lengths.device)
+        return (ranks < top).to(torch.float32) / top.to(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"

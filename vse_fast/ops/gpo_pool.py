@@ -1,0 +1,181 @@
+"""GPO pool as an autograd op: sort every feature column of a set descending, weighted sum over ranks.
+
+    out[b, d] = sum_{r < n_b} weights[b, r] * sort_desc(features[b, :n_b, d])[r],   n_b = lengths[b]
+
+Backends: "triton" (vse_fast.kernels.gpo_pool; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the
+reference and the CPU path, with a hand-written backward) and "auto" (Triton for CUDA tensors of
+float32/bfloat16/float16 with K <= 512, torch otherwise: float64, larger K, CPU).
+
+Difference from the published VSE-infinity pool: the published code fills positions >= n with -10000
+before sorting, so a valid feature below -10000 would sort after the padding; here only the n valid
+entries are sorted (padding always ranks last). The results are identical whenever features > -10000.
+Ties sort stably (original order first), NaN sorts first (as in torch.sort) and propagates.
+"""
+import torch
+
+_BACKENDS = ("auto", "triton", "torch")
+_TRITON_MAX_K = 512
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", validate=True):
+    """Raise TypeError/ValueError naming the problem. Shape, dtype and device checks never sync;
+    the value checks of `lengths` (whole numbers, 1 <= n <= K, n <= Kw) read the tensor on the host
+    and run only with validate=True. weights=None checks features and lengths alone."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {_BACKENDS}")
+    named = [("features", features), ("lengths", lengths)] + ([("weights", weights)] if weights is not None else [])
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if features.dim() != 3:
+        raise ValueError(f"features must be (B, K, D), got shape {tuple(features.shape)}")
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be (B,), got shape {tuple(lengths.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"lengths must be an integer or float tensor, got {lengths.dtype}")
+    B, K, D = features.shape
+    if lengths.shape[0] != B:
+        raise ValueError(f"batch sizes differ: features has B={B}, lengths has {lengths.shape[0]}")
+    if K == 0:
+        raise ValueError("features has an empty set axis (K=0); every set needs at least one element")
+    if weights is not None:
+        if weights.dim() != 2:
+            raise ValueError(f"weights must be (B, Kw), got shape {tuple(weights.shape)}")
+        if not weights.is_floating_point():
+            raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+        if weights.shape[0] != B:
+            raise ValueError(f"batch sizes differ: features has B={B}, weights has {weights.shape[0]}")
+    devices = {t.device for _, t in named}
+    if len(devices) != 1:
+        raise ValueError("features, lengths and weights must be on one device, got "
+                         + ", ".join(f"{name} on {t.device}" for name, t in named))
+    if validate and B > 0:
+        n = lengths.detach()
+        if n.is_floating_point() and not bool(torch.all(n == n.round())):
+            raise ValueError(f"lengths must hold whole numbers, got {n.tolist()}")
+        n_min, n_max = int(n.min()), int(n.max())
+        if n_min < 1 or n_max > K:
+            raise ValueError(f"every length must be in [1, K={K}], got min {n_min}, max {n_max}")
+        if weights is not None and weights.shape[1] < n_max:
+            raise ValueError(f"weights has Kw={weights.shape[1]} positions, fewer than the longest set {n_max}")
+
+
+def _use_triton(features, backend):
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if features.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"the Triton GPO pool takes float32/bfloat16/float16 features, got {features.dtype}")
+        if features.shape[1] > _TRITON_MAX_K:
+            raise ValueError(f"the Triton GPO pool takes K <= {_TRITON_MAX_K}, got K={features.shape[1]}; "
+                             "use backend='torch' (or 'auto', which falls back to it)")
+        return True
+    return features.is_cuda and features.dtype in _TRITON_DTYPES and features.shape[1] <= _TRITON_MAX_K
+
+
+class TorchGPOPoolFunction(torch.autograd.Function):
+    """Torch path. Forward: features viewed as (B, D, K), padding set to -inf, one stable descending
+    sort along the contiguous last axis, the padding ranks zeroed, one batched matmul with the
+    weights. Backward (s = sorted values, zero at ranks >= n; idx = their original positions;
+    w' = weights zeroed at ranks >= n):
+
+        grad_weights[b, r] = sum_d s[b, d, r] * grad_out[b, d]            (ranks < n)
+        grad_features[b, idx[b, d, r], d] = grad_out[b, d] * w'[b, r]      (one scatter; 0 at padding)
+    """
+
+    @staticmethod
+    def forward(ctx, features, n, weights):
+        B, K, D = features.shape
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        valid = torch.arange(K, device=features.device) < n.unsqueeze(1)  # (B, K): position / rank < n
+        w = weights.new_zeros((B, K), dtype=acc)
+        kw = min(K, weights.shape[1])
+        w[:, :kw] = weights[:, :kw]
+        w.masked_fill_(~valid, 0.0)
+        x = torch.where(valid.unsqueeze(1), features.transpose(1, 2), float("-inf")).contiguous()  # (B, D, K)
+        s, idx = torch.sort(x, dim=2, descending=True, stable=True)
+        s.masked_fill_(~valid.unsqueeze(1), 0.0)
+        if s.dtype != acc:
+            s = s.to(acc)
+        out = torch.bmm(s, w.unsqueeze(2)).squeeze(2)  # (B, D)
+        ctx.save_for_backward(s, idx, w, valid)
+        ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
+        ctx.features_dtype = features.dtype
+        return out.to(features.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, idx, w, valid = ctx.saved_tensors
+        B, D, K = s.shape
+        g = grad_out.to(s.dtype)
+        grad_features = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            gs = (g.unsqueeze(2) * w.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)  # (B, D, K)
+            grad_t = torch.empty((B, K, D), dtype=ctx.features_dtype, device=s.device)
+            grad_t.transpose(1, 2).scatter_(2, idx, gs.to(ctx.features_dtype))
+            grad_features = grad_t
+        if ctx.needs_input_grad[2]:
+            gw = torch.bmm(g.unsqueeze(1), s).squeeze(1).masked_fill_(~valid, 0.0)  # (B, K)
+            grad_weights = gw.new_zeros(ctx.weights_shape)
+            kw = min(K, ctx.weights_shape[1])
+            grad_weights[:, :kw] = gw[:, :kw]
+            grad_weights = grad_weights.to(ctx.weights_dtype)
+        return grad_features, None, grad_weights
+
+
+class TritonGPOPoolFunction(torch.autograd.Function):
+    """Triton path: see vse_fast.kernels.gpo_pool for the kernels. Saves only the inputs; the backward
+    re-sorts (no B x K x D index tensor). Same gradients as TorchGPOPoolFunction."""
+
+    @staticmethod
+    def forward(ctx, features, n, weights):
+        from vse_fast.kernels.gpo_pool import gpo_pool_fwd
+
+        n32 = n.to(torch.int32)
+        w32 = weights.to(torch.float32)
+        out, settings = gpo_pool_fwd(features, n32, w32)
+        ctx.save_for_backward(features, n32, w32)
+        ctx.settings, ctx.weights_dtype = settings, weights.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from vse_fast.kernels.gpo_pool import gpo_pool_bwd
+
+        features, n32, w32 = ctx.saved_tensors
+        grad_x, grad_w = gpo_pool_bwd(features, n32, w32, grad_out.to(features.dtype), ctx.settings)
+        return grad_x, None, grad_w.to(ctx.weights_dtype) if ctx.needs_input_grad[2] else None
+
+
+def gpo_pool(features, lengths, weights, *, backend="auto", validate=True):
+    """Sort-and-weighted-sum pool of GPO.
+
+    Args:
+        features: (B, K, D) float tensor, any strides. Output and grad_features have its dtype
+            (fp32 accumulation for 16-bit dtypes).
+        lengths: (B,) integer or float tensor of whole numbers, 1 <= lengths[b] <= K, any order.
+        weights: (B, Kw) float tensor, Kw >= max(lengths): weight of each rank; positions >= lengths[b]
+            are ignored (treated as 0, gradient 0).
+        backend: "auto" | "triton" | "torch" (module docstring).
+        validate: True checks the values of `lengths` on the host (a device sync). False skips only
+            those checks (the no-sync path of GPO.pool); out-of-range lengths are then clamped to [0, K]
+            by the kernels for memory safety, with unspecified results.
+
+    Returns:
+        (B, D) tensor, differentiable w.r.t. features and weights.
+
+    Example:
+        >>> x = torch.tensor([[[1.0], [3.0], [2.0]]])          # B=1, K=3, D=1
+        >>> gpo_pool(x, torch.tensor([2]), torch.tensor([[0.75, 0.25, 9.0]]))
+        tensor([[2.5000]])                                    # 0.75 * 3 + 0.25 * 1
+    """
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+    check_gpo_pool_inputs(features, lengths, weights, backend, validate)
+    n = lengths.detach().to(torch.long) if lengths.dtype != torch.long else lengths.detach()
+    if _use_triton(features, backend):
+        return TritonGPOPoolFunction.apply(features, n, weights)
+    return TorchGPOPoolFunction.apply(features, n, weights)
