@@ -85,6 +85,9 @@ def main(argv=None):
         "sections": {},
     }
     print(f"{gpu}: copy bandwidth {ctx.copy_gbs:.0f} GB/s (read+write)", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+    path = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}.json")
     failed = []
     for name in [s for s in args.only.split(",") if s]:
         if name not in SECTIONS:
@@ -101,16 +104,18 @@ def main(argv=None):
         if result.get("error") or not result.get("ok", False):
             failed.append(name)
         print(f"[{name}] done in {result['seconds']} s, ok={result.get('ok')}", flush=True)
-    report["total_seconds"] = round(time.time() - t0, 1)
-    report["ok"] = not failed
-
-    os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-    path = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+        _write(report, path, t0, failed)  # after every section, so a cut-off run keeps what it measured
+    _write(report, path, t0, failed, complete=True)
     print(f"wrote {path}; failed sections: {failed or 'none'}")
     return 1 if failed else 0
+
+
+def _write(report, path, t0, failed, complete=False):
+    report["total_seconds"] = round(time.time() - t0, 1)
+    report["complete"] = complete
+    report["ok"] = complete and not failed
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
 
 
 if __name__ == "__main__":
