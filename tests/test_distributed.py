@@ -1,0 +1,245 @@
+"""Distributed training on CPU (gloo, loopback, 2 processes spawned by the tests).
+
+- The rank-split batch order equals the single-process order.
+- all_gather_with_grad: values and the reduce-scatter backward.
+- Global negatives: loss and every parameter gradient of a 2-process DDP step equal one process on the
+  concatenated batch (VSE0 and VSE++; BatchNorm model in eval mode and a BN-free model in train mode,
+  the two comparisons that are exact: train-mode BN uses per-rank batch statistics, see
+  docs/distributed.md).
+- A 2-process torchrun training run stops at --max_steps, resumes in 1 process and ends where a
+  1-process run ends.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from vse_fast import distributed as vdist
+from vse_fast.distributed import EpochBatchSampler, epoch_permutation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- batch order
+
+
+@pytest.mark.parametrize("n_items,batch,world", [(23, 6, 2), (40, 12, 3), (7, 7, 1), (64, 8, 4)])
+def test_rank_batches_concatenate_to_single_process_batches(n_items, batch, world):
+    single = list(EpochBatchSampler(n_items, batch, seed=3, epoch=2))
+    ranks = [list(EpochBatchSampler(n_items, batch, rank=r, world_size=world, seed=3, epoch=2)) for r in range(world)]
+    assert len(single) == n_items // batch  # ragged tail dropped (published drop_last=True)
+    for step, full in enumerate(single):
+        assert sum((ranks[r][step] for r in range(world)), []) == full
+        assert all(len(ranks[r][step]) == batch // world for r in range(world))
+    flat = sum(single, [])
+    assert len(set(flat)) == len(flat) and set(flat) <= set(range(n_items))
+
+
+def test_batch_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch():
+    a = list(EpochBatchSampler(50, 8, seed=1, epoch=0))
+    assert a == list(EpochBatchSampler(50, 8, seed=1, epoch=0))
+    assert a != list(EpochBatchSampler(50, 8, seed=1, epoch=1))
+    assert a != list(EpochBatchSampler(50, 8, seed=2, epoch=0))
+    sampler = EpochBatchSampler(50, 8, seed=1)
+    sampler.set_epoch(0, start_step=4)
+    assert list(sampler) == a[4:] and len(sampler) == len(a) - 4
+    assert torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 1, 0))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_items=10, global_batch=4, world_size=3), "multiple of the number of processes 3"),
+    (dict(n_items=3, global_batch=4), "fewer than one batch of 4"),
+    (dict(n_items=10, global_batch=0), "positive multiple"),
+    (dict(n_items=10, global_batch=4, rank=2, world_size=2), "invalid rank=2"),
+])
+def test_sampler_errors_name_the_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EpochBatchSampler(**kwargs)
+
+
+def test_single_process_context_and_identity_gather(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = vdist.init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.enabled, ctx.is_main) == (0, 1, False, True)
+    x = torch.randn(3, 4)
+    assert vdist.all_gather_with_grad(x, ctx) is x
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        vdist.init_distributed("cpu")
+
+
+# ----------------------------------------------------------------------------- 2-process checks
+
+
+def _tiny_bert_config(path, vocab_size=40, dropout=0.1):
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+               attention_probs_dropout_prob=dropout, model_type="bert")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+# (name, model options, train mode)
+CASES = [
+    ("bert-basicBN-eval", dict(text_encoder="bert", precomp_enc_type="basic"), False),
+    ("gru-noBN-train", dict(text_encoder="gru", precomp_enc_type="backbone", vocab_size=40, word_dim=16), True),
+]
+
+
+def _make_batch(n, g):
+    k, d, t = 5, 16, 7
+    img_lengths = torch.randint(1, k + 1, (n,), generator=g)
+    images = torch.randn(n, k, d, generator=g) * (torch.arange(k) < img_lengths[:, None]).unsqueeze(-1)
+    cap_lengths = torch.randint(3, t + 1, (n,), generator=g)
+    captions = torch.randint(5, 40, (n, t), generator=g) * (torch.arange(t) < cap_lengths[:, None])
+    return dict(images=images, img_lengths=img_lengths, captions=captions, cap_lengths=cap_lengths)
+
+
+def _build(opts, bert_config):
+    from vse_fast.model import build_model
+
+    return build_model(dict(embed_size=24, img_dim=16, bert_config=bert_config, **opts))
+
+
+def _ddp_worker(rank, world, port, workdir):
+    import torch.distributed as dist
+
+    from vse_fast.train import compute_loss
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ctx = vdist.init_distributed("cpu")
+    inputs = torch.load(os.path.join(workdir, "inputs.pt"), weights_only=True)
+    out = {}
+    # all_gather_with_grad: y = cat(x_q); loss_r = sum(w_r * y) => dx_r = sum_q w_q[rows of r]
+    x = inputs["gather_x"][rank].clone().requires_grad_(True)
+    y = vdist.all_gather_with_grad(x, ctx)
+    (inputs["gather_w"][rank] * y).sum().backward()
+    out["gather_y"], out["gather_dx"] = y.detach(), x.grad
+    for name, opts, train_mode in CASES:
+        for max_violation in (False, True):
+            model = _build(opts, inputs["bert_config"])
+            model.load_state_dict(inputs[f"{name}/state"])
+            model.train(train_mode)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            b = inputs["batch"]["images"].shape[0] // world
+            batch = {k: v[rank * b:(rank + 1) * b] for k, v in inputs["batch"].items()}
+            loss, _, _ = compute_loss(ddp, batch, ctx, margin=0.2, max_violation=max_violation)
+            (loss * vdist.loss_scale(ctx)).backward()
+            key = f"{name}/mv{int(max_violation)}"
+            out[key + "/loss"] = vdist.all_reduce_sum(loss.detach(), ctx)
+            out[key + "/grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            local, _, _ = compute_loss(ddp.module, batch, ctx, margin=0.2, max_violation=max_violation,
+                                       local_negatives=True)
+            out[key + "/local_loss"] = local.detach()
+    torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_global_negatives_match_single_process(tmp_path):
+    from vse_fast.ops.contrastive import contrastive_loss
+    from vse_fast.train import compute_loss
+
+    world, n = 2, 6
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    bert_config = _tiny_bert_config(tmp_path / "bert.json")
+    inputs = {"bert_config": bert_config, "batch": _make_batch(n, g),
+              "gather_x": torch.randn(world, 3, 4, generator=g),
+              "gather_w": torch.randn(world, world * 3, 4, generator=g)}
+    for name, opts, _ in CASES:
+        model = _build(opts, bert_config)
+        if opts["precomp_enc_type"] == "basic":  # non-trivial running statistics for eval mode
+            with torch.no_grad():
+                model.train()
+                model(**{k: v for k, v in inputs["batch"].items()})
+        inputs[f"{name}/state"] = model.state_dict()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+    xs, ws = inputs["gather_x"], inputs["gather_w"]
+    for r in range(world):
+        torch.testing.assert_close(outs[r]["gather_y"], xs.reshape(world * 3, 4))
+        torch.testing.assert_close(outs[r]["gather_dx"], ws.sum(0)[r * 3:(r + 1) * 3])
+
+    ctx1 = vdist.DistContext()
+    for name, opts, train_mode in CASES:
+        for max_violation in (False, True):
+            model = _build(opts, bert_config)
+            model.load_state_dict(inputs[f"{name}/state"])
+            model.train(train_mode)
+            loss, img_emb, cap_emb = compute_loss(model, inputs["batch"], ctx1, margin=0.2,
+                                                  max_violation=max_violation)
+            loss.backward()
+            key = f"{name}/mv{int(max_violation)}"
+            for r in range(world):
+                torch.testing.assert_close(outs[r][key + "/loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+                grads = outs[r][key + "/grads"]
+                expected = {p_name: p.grad for p_name, p in model.named_parameters() if p.grad is not None}
+                assert grads.keys() == expected.keys(), key
+                for p_name, grad in expected.items():
+                    torch.testing.assert_close(grads[p_name], grad, rtol=1e-4, atol=1e-6, msg=f"{key} {p_name}")
+                # --local_negatives: the rank's own block only
+                b = n // world
+                sl = slice(r * b, (r + 1) * b)
+                local = contrastive_loss(img_emb[sl].detach(), cap_emb[sl].detach(), margin=0.2,
+                                         max_violation=max_violation)
+                torch.testing.assert_close(outs[r][key + "/local_loss"], local, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from vse_fast.synthetic import generate
+
+    root = tmp_path_factory.mktemp("tiny_synthetic")
+    path = generate(str(root / "data"), flavour="image", seed=0, n_train=48, n_dev=12, n_test=12)
+    with open(os.path.join(path, "vocab.txt")) as f:
+        vocab_size = sum(1 for _ in f)
+    bert_config = _tiny_bert_config(root / "bert_nodrop.json", vocab_size=vocab_size, dropout=0.0)
+    return path, bert_config
+
+
+def _train_args(data, bert_config, run_dir, *extra):
+    return ["--data_path", data, "--bert_config", bert_config, "--vocab_file", os.path.join(data, "vocab.txt"),
+            "--precomp_enc_type", "backbone", "--embed_size", "32", "--batch_size", "16", "--num_epochs", "2",
+            "--lr_update", "1", "--workers", "0", "--log_step", "1", "--eval_batch_size", "64",
+            "--test_split", "test", "--run_dir", str(run_dir), "--progress", "off", *extra]
+
+
+def test_torchrun_two_processes_then_resume_in_one(tiny_data, tmp_path):
+    from vse_fast.checkpoint import load_checkpoint
+    from vse_fast.train import main
+
+    data, bert_config = tiny_data  # 240 captions / 16 = 15 steps per epoch
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "vse_fast.train",
+           *_train_args(data, bert_config, tmp_path / "ddp", "--max_steps", "20")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stopped = load_checkpoint(str(tmp_path / "ddp" / "last.pth"))
+    steps_per_epoch = stopped["step"] - stopped["epoch_step"]
+    assert stopped["step"] == 20 and stopped["epoch"] == 1 and steps_per_epoch > 0
+    assert stopped["rng"]["world_size"] == 2 and len(stopped["rng"]["per_rank"]) == 2
+    assert not any(k.startswith("module.") for k in stopped["model"])
+
+    resumed = main(["--resume", str(tmp_path / "ddp" / "last.pth"), "--progress", "off"])
+    straight = main(_train_args(data, bert_config, tmp_path / "single"))
+    assert not resumed["stopped"] and resumed["step"] == straight["step"] == 2 * steps_per_epoch
+    a = load_checkpoint(str(tmp_path / "ddp" / "last.pth"))["model"]
+    b = load_checkpoint(str(tmp_path / "single" / "last.pth"))["model"]
+    for key in b:  # BN-free, dropout-free model: 2 processes + resume in 1 == 1 process throughout
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -1,0 +1,198 @@
+"""python -m vse_fast.train: options, CLI errors, exact resume, collapse warning, schedules (CPU)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from vse_fast import train
+from vse_fast.distributed import DistContext
+
+
+def _bert_config(path, vocab_size, dropout=0.1):
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+               attention_probs_dropout_prob=dropout, model_type="bert")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny synthetic dataset (240 training captions) and a 1-layer BERT config WITH dropout."""
+    from vse_fast.synthetic import generate
+
+    root = tmp_path_factory.mktemp("train_data")
+    data = generate(str(root / "data"), flavour="image", seed=1, n_train=48, n_dev=12, n_test=12)
+    with open(os.path.join(data, "vocab.txt")) as f:
+        vocab_size = sum(1 for _ in f)
+    return data, _bert_config(root / "bert.json", vocab_size)
+
+
+def _args(tiny, run_dir, *extra):
+    data, bert_config = tiny
+    return ["--data_path", data, "--bert_config", bert_config, "--vocab_file", os.path.join(data, "vocab.txt"),
+            "--embed_size", "32", "--batch_size", "40", "--num_epochs", "2", "--lr_update", "1",
+            "--workers", "0", "--log_step", "2", "--eval_batch_size", "64", "--test_split", "test",
+            "--run_dir", str(run_dir),
+            "--progress", "off", *extra]
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--data_path", "--resume", "--precision", "--local_negatives", "--max_steps", "torchrun"):
+        assert option in out
+
+
+def test_defaults_published_with_data_path_and_small_demo_without(tmp_path):
+    parser = train.build_parser()
+    cfg = train.resolve_config(parser.parse_args(["--data_path", str(tmp_path), "--text_model", str(tmp_path)]),
+                               parser, None)
+    assert (cfg["embed_size"], cfg["margin"], cfg["batch_size"], cfg["learning_rate"], cfg["bert_lr_factor"],
+            cfg["weight_decay"], cfg["num_epochs"], cfg["lr_update"], cfg["grad_clip"],
+            cfg["vse_mean_warmup_epochs"], cfg["max_violation"], cfg["precomp_enc_type"]) == \
+        (1024, 0.2, 128, 5e-4, 0.1, 1e-4, 25, 15, 2.0, 1, False, "basic")
+    demo = train.resolve_config(parser.parse_args([]), parser, None)
+    assert demo["data_path"] is None and demo["embed_size"] < 1024 and demo["test_split"] == "test"
+
+
+def test_lr_schedule_and_warmup_switch():
+    model = torch.nn.Linear(2, 2)
+    model.param_groups = lambda lr, bert_lr_factor, weight_decay: [
+        dict(params=[model.weight], lr=lr), dict(params=[model.bias], lr=lr * bert_lr_factor)]
+    cfg = dict(train.PUBLISHED_DEFAULTS)
+    opt = train.build_optimizer(model, cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 1e-4]
+    for epoch, factor in ((0, 1.0), (14, 1.0), (15, 0.1), (24, 0.1)):
+        train.set_epoch_lr(opt, cfg, epoch)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4 * factor, 5e-5 * factor])
+    assert [train.max_violation_for_epoch(cfg, e) for e in range(3)] == [False, True, True]
+    assert train.max_violation_for_epoch(dict(cfg, max_violation=True), 0)
+
+
+@pytest.mark.parametrize("max_violation", [False, True])
+def test_collapse_loss_is_what_the_loss_gives_for_identical_embeddings(max_violation):
+    from vse_fast.ops.contrastive import contrastive_loss
+
+    b = 7
+    emb = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1).expand(b, 16)
+    loss = contrastive_loss(emb, emb, margin=0.2, max_violation=max_violation)
+    assert loss.item() == pytest.approx(train.collapse_expected_loss(b, 0.2, max_violation), rel=1e-5)
+
+
+def test_collapse_criterion():
+    b, e = 64, 256
+    spread = train.relative_spread(torch.nn.functional.normalize(torch.randn(b, e), dim=-1)).item()
+    assert 0.9 < spread < 1.1  # random directions
+    same = torch.nn.functional.normalize(torch.randn(1, e), dim=-1) + 1e-3 * torch.randn(b, e)
+    assert train.relative_spread(same).item() < 0.05
+    collapsed = train.collapse_expected_loss(b, 0.2, True)  # 25.6
+    assert train.is_collapsed(collapsed * 1.01, 0.06, b, 0.2, True)
+    assert not train.is_collapsed(collapsed * 1.01, 0.9, b, 0.2, True)  # spread out: just a hard batch
+    assert not train.is_collapsed(collapsed * 0.5, 0.06, b, 0.2, True)  # learning
+    assert not train.is_collapsed(0.0, 0.0, b, 0.0, True)  # margin 0: nothing to detect
+
+
+def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
+    data, bert_config = tiny
+    missing = str(tmp_path / "nope")
+    assert f"--data_path {missing!r} does not exist" in _error(capsys, ["--data_path", missing])
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert "is not a directory" in _error(capsys, ["--data_path", str(a_file), "--bert_config", bert_config])
+    assert "needs --text_model" in _error(capsys, ["--data_path", data])
+    assert "--resume" in _error(capsys, ["--resume", missing + ".pth"])
+    assert "--batch_size must be >= 1, got 0" in _error(capsys, _args(tiny, tmp_path / "r", "--batch_size", "0"))
+    assert "--feature_drop must be in [0, 1)" in _error(capsys, _args(tiny, tmp_path / "r", "--feature_drop", "1.5"))
+    assert "invalid choice: 'fp8'" in _error(capsys, _args(tiny, tmp_path / "r", "--precision", "fp8"))
+    assert "--bert_config" in _error(capsys, _args(tiny, tmp_path / "r", "--bert_config", missing))
+    os.makedirs(tmp_path / "used")
+    (tmp_path / "used" / "last.pth").write_bytes(b"")
+    assert "already holds last.pth" in _error(capsys, _args(tiny, tmp_path / "used"))
+    with pytest.raises(ValueError, match="fewer than one batch of 4000"):
+        train.main(_args(tiny, tmp_path / "big", "--batch_size", "4000"))
+
+
+def _final_state(run_dir):
+    from vse_fast.checkpoint import load_checkpoint
+
+    return load_checkpoint(os.path.join(run_dir, "last.pth"))
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # mid-epoch / at an epoch boundary (6 steps per epoch)
+def test_resume_gives_the_uninterrupted_result(tiny, tmp_path, capsys, stop_at):
+    """BatchNorm region MLP, BERT with dropout, augmentation on: k steps, stop, resume == straight."""
+    straight = train.main(_args(tiny, tmp_path / "a"))
+    assert "rsum" in capsys.readouterr().out  # the recall table of the test split is printed
+    stopped = train.main(_args(tiny, tmp_path / "b", "--max_steps", str(stop_at)))
+    assert stopped["stopped"] and stopped["step"] == stop_at
+    mid = _final_state(tmp_path / "b")
+    assert mid["step"] == stop_at and mid["epoch"] * 6 + mid["epoch_step"] == stop_at
+    assert "differs from the resumed checkpoint" in _error(
+        capsys, ["--resume", str(tmp_path / "b" / "last.pth"), "--embed_size", "64"])
+    resumed = train.main(["--resume", str(tmp_path / "b" / "last.pth"), "--progress", "off"])
+    assert resumed["step"] == straight["step"] == 12 and not resumed["stopped"]
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["best_rsum"] == b["best_rsum"] and math.isfinite(a["best_rsum"])
+    assert [m["rsum"] for m in _metrics(tmp_path / "a")] == [m["rsum"] for m in _metrics(tmp_path / "b")]
+    assert os.path.exists(tmp_path / "a" / "best.pth") and os.path.exists(tmp_path / "a" / "train.log")
+    assert resumed["test"]["rsum"] == straight["test"]["rsum"]
+
+
+def test_collapse_is_warned_in_the_training_loop(tiny, tmp_path, monkeypatch):
+    real = train.compute_loss
+
+    def collapsed(model, batch, ctx, **kw):  # every embedding identical (keeps the graph)
+        _, img, cap = real(model, batch, ctx, **kw)
+        same = img * 0 + img.shape[1] ** -0.5
+        from vse_fast.distributed import global_contrastive_loss
+
+        loss = global_contrastive_loss(same, cap * 0 + img.shape[1] ** -0.5, ctx, margin=kw["margin"],
+                                       max_violation=kw["max_violation"])
+        return loss, same, same
+
+    monkeypatch.setattr(train, "compute_loss", collapsed)
+    train.main(_args(tiny, tmp_path / "c", "--max_steps", "2", "--max_violation"))
+    log = (tmp_path / "c" / "train.log").read_text()
+    assert "collapsed at step 2" in log and "2*B*margin" in log
+
+
+def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):
+    result = train.main(_args(tiny, tmp_path / "bf", "--precision", "bf16", "--max_steps", "2"))
+    assert result["step"] == 2
+    state = _final_state(tmp_path / "bf")
+    assert state["config"]["precision_used"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_compute_loss_single_process_is_the_batch_loss():
+    from vse_fast.model import build_model
+    from vse_fast.ops.contrastive import contrastive_loss
+
+    model = build_model(dict(embed_size=16, img_dim=8, text_encoder="gru", vocab_size=20, word_dim=8))
+    batch = dict(images=torch.randn(5, 3, 8), img_lengths=torch.tensor([3, 1, 2, 3, 2]),
+                 captions=torch.randint(1, 20, (5, 4)), cap_lengths=torch.tensor([4, 2, 3, 1, 4]))
+    loss, img, cap = train.compute_loss(model, batch, DistContext(), margin=0.2, max_violation=True)
+    torch.testing.assert_close(loss, contrastive_loss(img, cap, margin=0.2, max_violation=True))

@@ -1,0 +1,716 @@
+"""Train VSE-infinity: ``python -m vse_fast.train [options]``.
+
+Without ``--data_path`` it trains a small model on a generated synthetic dataset on the CPU (about one
+minute on two idle cores: 3 epochs of 234 steps) and prints the recall table of the test split. With
+``--data_path`` (the SCAN/VSE-infinity precomputed layout: {split}_ims.npy, {split}_caps.txt, ...) the
+defaults are the published ones: embed 1024, margin 0.2, batch 128, AdamW lr 5e-4 (BERT 0.1x), weight
+decay 1e-4, 25 epochs, lr x0.1 at epoch 15, gradient-norm clip 2, one VSE0 warm-up epoch then hardest
+negatives (VSE++).
+
+Multi-GPU: ``torchrun --nproc_per_node=N -m vse_fast.train ...`` (DDP; ``--batch_size`` is the global
+batch, split over the processes; negatives are gathered from all processes unless
+``--local_negatives``). See docs/distributed.md.
+
+Runs write ``train.log``, ``metrics.jsonl``, ``last.pth`` and ``best.pth`` to ``--run_dir``;
+``--resume RUN_DIR/last.pth`` continues a stopped run exactly where it stopped (also mid-epoch and under
+a different number of processes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from vse_fast import distributed as vdist
+
+logger = logging.getLogger("vse_fast.train")
+
+# Options the published scripts train with (train.py/arguments.py of the published code, lr 5e-4 and
+# one VSE0 warm-up epoch from its training commands).
+PUBLISHED_DEFAULTS = dict(
+    embed_size=1024, margin=0.2, batch_size=128, learning_rate=5e-4, bert_lr_factor=0.1,
+    weight_decay=1e-4, num_epochs=25, lr_update=15, grad_clip=2.0, vse_mean_warmup_epochs=1,
+    max_violation=False, precomp_enc_type="basic", text_encoder="bert", no_imgnorm=False,
+    no_txtnorm=False, word_dim=300, num_layers=1, gpo_backend="auto", loss_backend="auto",
+    precision=None, seed=0, workers=4, log_step=100, save_steps=1000, train_split="train",
+    val_split="dev", test_split=None, eval_batch_size=128, local_negatives=False,
+    feature_drop=0.2, token_aug=0.2, max_steps=None, text_model=None, bert_config=None,
+    vocab_file=None, data_path=None, device="auto",
+)
+
+# The no-argument demo: a small model that trains on 2 CPU cores in about one minute. Its tiny BERT is
+# randomly initialised, so it learns at the full lr (the published 0.1x is for pretrained BERT). It
+# stays with the VSE0 loss: on this small synthetic set, hardest negatives from a model this weak
+# collapse (rsum falls; the collapse warning fires), even at lr 1e-4 after two VSE0 epochs.
+SYNTHETIC_DEFAULTS = dict(
+    PUBLISHED_DEFAULTS, embed_size=256, batch_size=64, learning_rate=1e-3, bert_lr_factor=1.0, num_epochs=3,
+    lr_update=2, vse_mean_warmup_epochs=3, workers=0, log_step=20, save_steps=0, val_split="dev",
+    test_split="test", eval_batch_size=256,
+)
+
+# Options that fix the model's shape: a resumed run must keep them.
+MODEL_KEYS = ("embed_size", "precomp_enc_type", "text_encoder", "no_imgnorm", "no_txtnorm", "word_dim",
+              "num_layers", "img_dim", "vocab_size", "text_model", "bert_config")
+# Options a resumed run may change (run control, not the optimisation it continues).
+RUN_KEYS = ("num_epochs", "max_steps", "run_dir", "device", "workers", "log_step", "save_steps",
+            "eval_batch_size", "progress", "gpo_backend", "loss_backend", "data_path", "test_split")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+BACKENDS = ("auto", "triton", "torch")
+
+
+class _Flag(argparse.Action):
+    """A store_true flag whose default is None, so an explicit flag can be told from a default."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=None, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vse_fast.train",
+        description=__doc__.split("\n\n")[0] + " Defaults in brackets: published / no-argument demo.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+
+    def d(key):  # default shown in the help text
+        pub, syn = PUBLISHED_DEFAULTS[key], SYNTHETIC_DEFAULTS[key]
+        return f"[{pub}]" if pub == syn else f"[{pub} / {syn}]"
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", help="directory with {split}_ims.npy, {split}_caps.txt, ... "
+                   "[none: generate the synthetic dataset]")
+    g.add_argument("--synthetic", choices=("image", "video"), default="image",
+                   help="flavour of the synthetic dataset used without --data_path [image]")
+    g.add_argument("--synthetic_dir", help="cache directory of the synthetic dataset "
+                   "[$VSE_FAST_CACHE or ~/.cache/vse_fast/...]")
+    g.add_argument("--train_split", help=f"training split {d('train_split')}")
+    g.add_argument("--val_split", help=f"split evaluated after each epoch (selects best.pth) {d('val_split')}")
+    g.add_argument("--test_split", help=f"split evaluated with best.pth at the end {d('test_split')}")
+    g.add_argument("--workers", type=int, help=f"data-loading worker processes per rank {d('workers')}")
+    g.add_argument("--feature_drop", type=float, help=f"training region/frame drop probability {d('feature_drop')}")
+    g.add_argument("--token_aug", type=float, help=f"training caption-token augmentation probability {d('token_aug')}")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--embed_size", type=int, help=f"joint embedding size {d('embed_size')}")
+    g.add_argument("--precomp_enc_type", choices=("basic", "backbone", "none"),
+                   help="image encoder: basic = fc + residual MLP (regions); backbone/none = fc only "
+                   f"{d('precomp_enc_type')}")
+    g.add_argument("--no_imgnorm", action=_Flag, help="do not L2-normalise image embeddings")
+    g.add_argument("--no_txtnorm", action=_Flag, help="do not L2-normalise caption embeddings")
+    g.add_argument("--text_encoder", choices=("bert", "gru"), help=f"text encoder {d('text_encoder')}")
+    g.add_argument("--text_model", help="BERT weights: a local directory (save_pretrained layout; offline)")
+    g.add_argument("--bert_config", help="BERT config json for a randomly initialised BERT (instead of --text_model)")
+    g.add_argument("--vocab_file", help="BERT vocab.txt (default: the tokenizer of --text_model), or the "
+                   "GRU vocabulary json")
+    g.add_argument("--word_dim", type=int, help=f"GRU word embedding size {d('word_dim')}")
+    g.add_argument("--num_layers", type=int, help=f"GRU layers {d('num_layers')}")
+    g.add_argument("--gpo_backend", choices=BACKENDS, help=f"GPO backend {d('gpo_backend')}")
+    g.add_argument("--loss_backend", choices=BACKENDS, help=f"contrastive loss backend {d('loss_backend')}")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--margin", type=float, help=f"hinge margin {d('margin')}")
+    g.add_argument("--max_violation", action=_Flag, help="hardest negatives also during the warm-up epochs")
+    g.add_argument("--vse_mean_warmup_epochs", type=int,
+                   help=f"epochs with the VSE0 (sum) loss before hardest negatives {d('vse_mean_warmup_epochs')}")
+    g.add_argument("--batch_size", type=int, help=f"GLOBAL batch size (split over processes) {d('batch_size')}")
+    g.add_argument("--learning_rate", type=float, help=f"AdamW learning rate {d('learning_rate')}")
+    g.add_argument("--bert_lr_factor", type=float, help=f"BERT lr = factor x lr {d('bert_lr_factor')}")
+    g.add_argument("--weight_decay", type=float, help=f"AdamW weight decay {d('weight_decay')}")
+    g.add_argument("--num_epochs", type=int, help=f"epochs {d('num_epochs')}")
+    g.add_argument("--lr_update", type=int, help=f"epoch at which every lr is multiplied by 0.1 {d('lr_update')}")
+    g.add_argument("--grad_clip", type=float, help=f"gradient-norm clip, <= 0 disables {d('grad_clip')}")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="autocast precision [bf16 on CUDA GPUs that support it, else fp32]; fp16 uses a GradScaler")
+    g.add_argument("--local_negatives", action=_Flag,
+                   help="multi-process: each process uses only its own batch as negatives")
+    g.add_argument("--seed", type=int, help=f"seed of initialisation, data order and augmentation {d('seed')}")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--run_dir", help="output directory [runs/<date-time>]")
+    g.add_argument("--resume", help="checkpoint (last.pth) to continue from; its options are reused")
+    g.add_argument("--max_steps", type=int, help="stop (and write last.pth) after this many optimizer steps in total")
+    g.add_argument("--save_steps", type=int,
+                   help=f"also write last.pth every N steps, 0 = only at epoch ends {d('save_steps')}")
+    g.add_argument("--log_step", type=int, help=f"log every N steps {d('log_step')}")
+    g.add_argument("--eval_batch_size", type=int, help=f"evaluation batch size {d('eval_batch_size')}")
+    g.add_argument("--device", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:1 [auto]")
+    g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar: auto = when stderr is a terminal [auto]")
+    return p
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, saved: Optional[dict]) -> dict:
+    """Defaults (published with --data_path, else the demo) <- the resumed checkpoint's config <- the
+    options given explicitly on the command line. Validates values, naming the bad option."""
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume",)}
+    if saved is not None:
+        cfg = dict(saved)
+        for key, value in explicit.items():
+            if key in MODEL_KEYS and key in cfg and cfg[key] != value:
+                parser.error(f"--{key} {value!r} differs from the resumed checkpoint's {cfg[key]!r}: "
+                             "a resumed run keeps the model's shape")
+            if key not in RUN_KEYS and key in cfg and cfg[key] != value and key not in MODEL_KEYS:
+                logger.warning("--%s %r overrides the resumed run's %r", key, value, cfg[key])
+        for key in ("max_steps", "device"):  # a stop point or device of the earlier run is not inherited
+            cfg[key] = PUBLISHED_DEFAULTS[key]
+        cfg.update(explicit)
+        return cfg
+    base = PUBLISHED_DEFAULTS if args.data_path else SYNTHETIC_DEFAULTS
+    cfg = dict(base)
+    cfg.update(explicit)
+    _validate(cfg, parser)
+    return cfg
+
+
+def _validate(cfg: dict, parser) -> None:
+    positive = ("embed_size", "batch_size", "num_epochs", "eval_batch_size", "log_step", "word_dim", "num_layers")
+    for key in positive:
+        if cfg.get(key) is not None and cfg[key] < 1:
+            parser.error(f"--{key} must be >= 1, got {cfg[key]}")
+    for key in ("workers", "save_steps", "vse_mean_warmup_epochs", "lr_update"):
+        if cfg.get(key) is not None and cfg[key] < 0:
+            parser.error(f"--{key} must be >= 0, got {cfg[key]}")
+    for key in ("learning_rate",):
+        if not cfg[key] > 0 or not math.isfinite(cfg[key]):
+            parser.error(f"--{key} must be a positive number, got {cfg[key]}")
+    for key in ("margin", "weight_decay", "bert_lr_factor"):
+        if not cfg[key] >= 0 or not math.isfinite(cfg[key]):
+            parser.error(f"--{key} must be a non-negative number, got {cfg[key]}")
+    for key in ("feature_drop", "token_aug"):
+        if not 0 <= cfg[key] < 1:
+            parser.error(f"--{key} must be in [0, 1), got {cfg[key]}")
+    if cfg.get("max_steps") is not None and cfg["max_steps"] < 0:
+        parser.error(f"--max_steps must be >= 0, got {cfg['max_steps']}")
+    for key in ("data_path", "text_model", "bert_config", "vocab_file"):
+        path = cfg.get(key)
+        if path is None:
+            continue
+        must_be_dir = key in ("data_path", "text_model")
+        if not os.path.exists(path):
+            parser.error(f"--{key} {path!r} does not exist")
+        if must_be_dir and not os.path.isdir(path):
+            parser.error(f"--{key} {path!r} is not a directory")
+        if key in ("bert_config", "vocab_file") and not os.path.isfile(path):
+            parser.error(f"--{key} {path!r} is not a file")
+    if not cfg.get("data_path"):
+        return  # the synthetic dataset brings its BERT config and vocabulary
+    if cfg["text_encoder"] == "bert" and not (cfg.get("text_model") or cfg.get("bert_config")):
+        parser.error("the BERT text encoder needs --text_model (a local BERT directory, e.g. bert-base-uncased "
+                     "saved with save_pretrained; nothing is downloaded) or --bert_config (a BertConfig json "
+                     "for random initialisation)")
+    if cfg["text_encoder"] == "bert" and cfg.get("bert_config") and not cfg.get("text_model") \
+            and not cfg.get("vocab_file"):
+        parser.error("--bert_config without --text_model needs --vocab_file (the BERT vocab.txt)")
+
+
+def _choose_precision(cfg: dict, device: torch.device) -> str:
+    if cfg.get("precision"):
+        precision = cfg["precision"]
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"--precision bf16 is not supported on {torch.cuda.get_device_name(device)}")
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _synthetic_path(args) -> str:
+    from vse_fast.synthetic import ensure_synthetic
+
+    return ensure_synthetic(args.synthetic_dir, flavour=args.synthetic, seed=0)
+
+
+def load_text_vocab(cfg: dict, data_path: str):
+    """The tokenizer (BERT) or Vocabulary (GRU) the captions are encoded with."""
+    from vse_fast import data
+
+    if cfg["text_encoder"] == "bert":
+        return data.load_tokenizer(text_model_dir=cfg.get("text_model") if not cfg.get("vocab_file") else None,
+                                   vocab_file=cfg.get("vocab_file"))
+    if cfg.get("vocab_file"):
+        return data.Vocabulary.load(cfg["vocab_file"])
+    return data.Vocabulary.from_caption_files([os.path.join(data_path, f"{cfg['train_split']}_caps.txt")])
+
+
+def model_options(cfg: dict) -> dict:
+    """The options ``vse_fast.model.build_model`` takes, filled from the run config."""
+    from vse_fast.model import model_defaults
+
+    opt = model_defaults()
+    opt.update({k: cfg[k] for k in opt if k in cfg and cfg[k] is not None})
+    return opt
+
+
+def build_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
+    groups = model.param_groups(cfg["learning_rate"], bert_lr_factor=cfg["bert_lr_factor"],
+                                weight_decay=cfg["weight_decay"])
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
+                             **({"fused": True} if on_cuda else {}))
+
+
+def set_epoch_lr(optimizer, cfg: dict, epoch: int) -> float:
+    """Published schedule: every lr x0.1 from epoch ``lr_update`` on. Returns the first group's lr."""
+    factor = 0.1 if epoch >= cfg["lr_update"] else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def max_violation_for_epoch(cfg: dict, epoch: int) -> bool:
+    """Published: VSE0 (sum over negatives) for the warm-up epochs unless --max_violation, then VSE++."""
+    return bool(cfg["max_violation"]) or epoch >= cfg["vse_mean_warmup_epochs"]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def compute_loss(model, batch: dict, ctx: vdist.DistContext, *, margin: float, max_violation: bool,
+                 local_negatives: bool = False, precision: str = "fp32", loss_backend: str = "auto"):
+    """Forward one (local) batch and this rank's share of the loss.
+
+    Returns (loss, img_emb, cap_emb): loss is a 0-d fp32 tensor (reduction "sum"; the sum over
+    ranks is the global-batch loss); embeddings (B_local, E). Backward ``loss * loss_scale(ctx)``.
+    """
+    device_type = batch["images"].device.type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        img_emb, cap_emb = model(batch["images"], batch["img_lengths"], batch["captions"], batch["cap_lengths"])
+    loss = vdist.global_contrastive_loss(
+        img_emb.float(), cap_emb.float(), ctx, margin=margin, max_violation=max_violation,
+        local_negatives=local_negatives, backend=loss_backend,
+    )
+    return loss, img_emb, cap_emb
+
+
+def train_step(model, batch: dict, optimizer, scaler, ctx: vdist.DistContext, *, margin: float,
+               max_violation: bool, grad_clip: float, precision: str = "fp32", local_negatives: bool = False,
+               loss_backend: str = "auto", params=None):
+    """One optimizer step on a (local) batch: forward, loss, backward (loss x world size, see
+    vse_fast.distributed), gradient-norm clip (published: over all parameters), AdamW step.
+    Returns (loss, img_emb) as tensors: no host synchronisation here."""
+    loss, img_emb, _ = compute_loss(model, batch, ctx, margin=margin, max_violation=max_violation,
+                                    local_negatives=local_negatives, precision=precision, loss_backend=loss_backend)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss * vdist.loss_scale(ctx)).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, img_emb
+
+
+def collapse_expected_loss(global_batch: int, margin: float, max_violation: bool) -> float:
+    """Loss when all embeddings coincide: every hinge is ``margin`` (the hardest-negative collapse)."""
+    return 2.0 * global_batch * margin * (1 if max_violation else global_batch - 1)
+
+
+def relative_spread(emb: torch.Tensor) -> torch.Tensor:
+    """How different the rows of ``emb`` (B, E) are: the per-dimension standard deviation over the
+    batch, averaged, relative to that of random directions of the same norm (||x|| / sqrt(E)).
+    About 1 for well spread embeddings, 0 when all rows coincide. A 0-d fp32 tensor (no sync)."""
+    emb = emb.detach().float()
+    if emb.shape[0] < 2:
+        return emb.new_ones(())
+    scale = emb.norm(dim=1).mean() / emb.shape[1] ** 0.5
+    return emb.std(dim=0).mean() / scale.clamp_min(1e-12)
+
+
+def is_collapsed(loss: float, spread: float, global_batch: int, margin: float, max_violation: bool,
+                 *, spread_tol: float = 0.2, loss_tol: float = 0.05) -> bool:
+    """The hardest-negative collapse: embeddings nearly alike (relative spread < ``spread_tol``) and the
+    loss within ``loss_tol`` of its value for identical embeddings (``collapse_expected_loss``)."""
+    expected = collapse_expected_loss(global_batch, margin, max_violation)
+    return margin > 0 and spread < spread_tol and abs(loss - expected) <= loss_tol * expected
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _Progress:
+    """tqdm on the main rank when wanted, else nothing (log lines carry the same numbers)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, n=1, **postfix):
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _setup_logging(run_dir: Optional[str], ctx: vdist.DistContext) -> None:
+    logger.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    stream.addFilter(lambda record: not getattr(record, "file_only", False))
+    logger.addHandler(stream)
+    if run_dir and ctx.is_main:
+        fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(fh)
+
+
+class Trainer:
+    """Owns the model, optimizer, scaler, data and counters of one run (see ``main``)."""
+
+    def __init__(self, cfg: dict, ctx: vdist.DistContext, data_path: str, saved_state: Optional[dict]):
+        from vse_fast import data
+        from vse_fast.model import build_model
+
+        self.cfg, self.ctx, self.data_path = cfg, ctx, data_path
+        self.device = ctx.device
+        self.precision = _choose_precision(cfg, self.device)
+        cfg["precision_used"] = self.precision
+
+        info = data.check_split(data_path, cfg["train_split"])
+        for split in filter(None, (cfg["val_split"], cfg.get("test_split"))):
+            data.check_split(data_path, split)
+        if cfg.get("img_dim") is not None and cfg["img_dim"] != info.feat_dim:
+            raise ValueError(f"the checkpoint's img_dim {cfg['img_dim']} differs from the features' "
+                             f"dimension {info.feat_dim} in {data_path}")
+        cfg["img_dim"] = info.feat_dim
+        self.vocab = load_text_vocab(cfg, data_path)
+        if cfg["text_encoder"] == "gru":
+            cfg["vocab_size"] = len(self.vocab)
+
+        torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+        if saved_state is not None and isinstance(cfg.get("model"), dict):
+            # the saved architecture (incl. the BERT config); the weights come from the checkpoint
+            self.model = build_model(cfg["model"], load_pretrained=False, gpo_backend=cfg["gpo_backend"])
+        else:
+            self.model = build_model(model_options(cfg))
+        self.model.to(self.device)
+        self.train_set = data.PrecomputedDataset(
+            data_path, cfg["train_split"], self.vocab, train=True, seed=cfg["seed"],
+            feature_drop=cfg["feature_drop"], token_aug=cfg["token_aug"],
+        )
+        self.sampler = vdist.EpochBatchSampler(len(self.train_set), cfg["batch_size"], rank=ctx.rank,
+                                               world_size=ctx.world_size, seed=cfg["seed"])
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.epoch, self.epoch_step, self.step, self.best_rsum = 0, 0, 0, -math.inf
+        if saved_state is not None:
+            self._restore(saved_state)
+        else:
+            torch.manual_seed(cfg["seed"] * 1000 + ctx.rank + 1)  # per-rank dropout streams
+        self.ddp_model = self.model
+        if ctx.enabled:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+
+    # -- checkpoints
+
+    def state(self) -> dict:
+        from vse_fast.checkpoint import capture_rng_state
+
+        rng = vdist.all_gather_object(capture_rng_state(), self.ctx)
+        return {
+            "format": "vse_fast/1",
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "step": self.step,
+            "best_rsum": self.best_rsum,
+            "rng": {"per_rank": rng, "world_size": self.ctx.world_size},
+            "config": {**{k: v for k, v in self.cfg.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                       "model": self.model.opt},
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]  # from the (resumed) config
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, base_lr in zip(self.optimizer.param_groups, base_lrs):
+            group["base_lr"] = base_lr
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.epoch_step, self.step = state["epoch"], state.get("epoch_step", 0), state["step"]
+        self.best_rsum = state.get("best_rsum", -math.inf)
+        if self.epoch_step > self.steps_per_epoch:
+            raise ValueError(f"the checkpoint stopped at step {self.epoch_step} of an epoch of "
+                             f"{self.steps_per_epoch} steps: was --batch_size changed?")
+        rng = state.get("rng", {})
+        per_rank = rng.get("per_rank", [])
+        if rng.get("world_size") == self.ctx.world_size and len(per_rank) == self.ctx.world_size:
+            from vse_fast.checkpoint import restore_rng_state
+
+            restore_rng_state(per_rank[self.ctx.rank])
+        else:
+            # Different process count: data order and augmentation still match exactly (they depend on
+            # (seed, epoch, index) only); dropout streams are re-seeded.
+            torch.manual_seed(self.cfg["seed"] * 1000 + self.ctx.rank + 1 + 7919 * self.step)
+            logger.warning("resuming with %d process(es) instead of %s: dropout random streams re-seeded",
+                           self.ctx.world_size, rng.get("world_size"))
+
+    def save(self, name: str) -> None:
+        from vse_fast.checkpoint import save_checkpoint
+
+        state = self.state()  # collective (RNG states of all ranks): every rank takes part
+        if self.ctx.is_main:
+            save_checkpoint(os.path.join(self.cfg["run_dir"], name), state)
+
+    # -- training
+
+    def _loader(self):
+        self.train_set.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, self.epoch_step)
+        from vse_fast.data import collate
+
+        workers = self.cfg["workers"]
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.cfg["seed"] + self.epoch),  # keeps the global RNG untouched
+        )
+
+    def train_epoch(self, max_violation: bool) -> bool:
+        """Train the rest of the current epoch. Returns False if stopped by --max_steps."""
+        cfg, ctx = self.cfg, self.ctx
+        self.ddp_model.train()
+        max_steps, log_step, save_steps = cfg.get("max_steps"), cfg["log_step"], cfg["save_steps"]
+        show = ctx.is_main and (cfg.get("progress") == "on" or (cfg.get("progress", "auto") == "auto"
+                                                                  and sys.stderr.isatty()))
+        bar = _Progress(show, self.steps_per_epoch, self.epoch_step, f"epoch {self.epoch}")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        t_last, steps_since = time.time(), 0
+        try:
+            if max_steps is not None and self.step >= max_steps and self.epoch_step < self.steps_per_epoch:
+                return False
+            for batch in self._loader():
+                batch = _to_device(batch, self.device)
+                loss, img_emb = train_step(
+                    self.ddp_model, batch, self.optimizer, self.scaler, ctx, margin=cfg["margin"],
+                    max_violation=max_violation, grad_clip=cfg["grad_clip"], precision=self.precision,
+                    local_negatives=cfg["local_negatives"], loss_backend=cfg["loss_backend"], params=params,
+                )
+                self.step += 1
+                self.epoch_step += 1
+                steps_since += 1
+                if self.step % log_step == 0 or self.epoch_step == self.steps_per_epoch:
+                    now = time.time()
+                    self._log_step(loss, img_emb, max_violation, steps_since / max(now - t_last, 1e-9), bar)
+                    t_last, steps_since = now, 0
+                else:
+                    bar.update()
+                if self.epoch_step == self.steps_per_epoch:
+                    break  # the epoch's end is checkpointed after evaluation
+                if max_steps is not None and self.step >= max_steps:
+                    return False
+                if save_steps and self.step % save_steps == 0:
+                    self.save("last.pth")
+        finally:
+            bar.close()
+        return True
+
+    def _log_step(self, loss, img_emb, max_violation, steps_per_s, bar) -> None:
+        """The only host synchronisation of the loop: at the logging cadence."""
+        cfg, ctx = self.cfg, self.ctx
+        stats = vdist.all_reduce_sum(torch.stack([loss.detach().float(), relative_spread(img_emb)]), ctx)
+        loss_v, spread_v = stats.tolist()
+        spread_v /= ctx.world_size
+        lr = self.optimizer.param_groups[0]["lr"]
+        throughput = steps_per_s * cfg["batch_size"]
+        bar.update(1, loss=f"{loss_v:.3f}", lr=f"{lr:.1e}", pairs_s=f"{throughput:.0f}")
+        logger.info("epoch %d step %d/%d (total %d) loss %.4f lr %.2e %.0f pairs/s%s", self.epoch,
+                    self.epoch_step, self.steps_per_epoch, self.step, loss_v, lr, throughput,
+                    "" if self.precision == "fp32" else f" ({self.precision})",
+                    extra={"file_only": bar.bar is not None})  # the bar shows these numbers
+        if not math.isfinite(loss_v) and self.precision != "fp16":
+            raise FloatingPointError(f"the loss became {loss_v} at step {self.step} (epoch {self.epoch}): "
+                                     "lower --learning_rate or check the features for NaN/inf")
+        # VSE++ only: under VSE0 a fresh model sits near that loss too, before it has learnt anything
+        if max_violation and is_collapsed(loss_v, spread_v, cfg["batch_size"], cfg["margin"], max_violation):
+            logger.warning(
+                "training has collapsed at step %d: the image embeddings are nearly all alike (spread %.3f of "
+                "random directions') and the loss is pinned at 2*B*margin = %.1f. Known failure of hardest "
+                "negatives from a poor start: use more VSE0 warm-up epochs (--vse_mean_warmup_epochs), a lower "
+                "--learning_rate, or check the data.", self.step, spread_v,
+                collapse_expected_loss(cfg["batch_size"], cfg["margin"], max_violation))
+
+    # -- evaluation
+
+    def evaluate(self, split: str) -> Optional[dict]:
+        """Recall metrics of the (unwrapped) model on ``split``, on the main rank; None elsewhere."""
+        from vse_fast.eval import evaluate
+
+        metrics = None
+        if self.ctx.is_main:
+            self.model.eval()
+            metrics = evaluate(self.model, self.data_path, split, batch_size=self.cfg["eval_batch_size"],
+                               device=self.device, tokenizer=self.vocab, precision=self.precision)
+            self.model.train()
+        vdist.barrier(self.ctx)
+        return metrics
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        metrics = None
+        while self.epoch < cfg["num_epochs"]:
+            lr = set_epoch_lr(self.optimizer, cfg, self.epoch)
+            max_violation = max_violation_for_epoch(cfg, self.epoch)
+            logger.info("epoch %d/%d: lr %.2e, %s loss, %d steps of %d pairs", self.epoch, cfg["num_epochs"],
+                        lr, "VSE++ (hardest negatives)" if max_violation else "VSE0 (sum)",
+                        self.steps_per_epoch - self.epoch_step, cfg["batch_size"])
+            t0 = time.time()
+            if not self.train_epoch(max_violation):
+                self.save("last.pth")
+                logger.info("stopped at step %d (--max_steps); continue with --resume %s", self.step,
+                            os.path.join(cfg["run_dir"], "last.pth"))
+                return {"stopped": True, "step": self.step}
+            train_s = time.time() - t0
+            metrics = self.evaluate(cfg["val_split"])
+            is_best = False
+            if self.ctx.is_main:
+                is_best = metrics["rsum"] > self.best_rsum
+                self.best_rsum = max(self.best_rsum, metrics["rsum"])
+                logger.info("epoch %d: %s rsum %.2f (best %.2f), train %.0f s", self.epoch, cfg["val_split"],
+                            metrics["rsum"], self.best_rsum, train_s)
+                with open(os.path.join(cfg["run_dir"], "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"epoch": self.epoch, "step": self.step, "split": cfg["val_split"],
+                                        **{k: float(v) for k, v in metrics.items() if _is_number(v)}}) + "\n")
+            self.best_rsum = float(self._broadcast(self.best_rsum))
+            is_best = bool(self._broadcast(is_best))
+            self.epoch += 1
+            self.epoch_step = 0
+            self.save("last.pth")
+            if is_best and self.ctx.is_main:
+                import shutil
+
+                shutil.copyfile(os.path.join(cfg["run_dir"], "last.pth"), os.path.join(cfg["run_dir"], "best.pth.tmp"))
+                os.replace(os.path.join(cfg["run_dir"], "best.pth.tmp"), os.path.join(cfg["run_dir"], "best.pth"))
+        return {"stopped": False, "step": self.step, "val": metrics, "best_rsum": self.best_rsum}
+
+    def _broadcast(self, value):
+        return vdist.all_gather_object(value, self.ctx)[0]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)
+
+
+def main(argv=None) -> dict:
+    """Run the CLI; returns {"stopped", "step", "val", "best_rsum", "test"} (metrics on the main rank)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    saved_state = None
+    if args.resume:
+        from vse_fast.checkpoint import load_checkpoint
+
+        if not os.path.isfile(args.resume):
+            parser.error(f"--resume {args.resume!r} does not exist or is not a file")
+        saved_state = load_checkpoint(args.resume, map_location="cpu")
+        if not isinstance(saved_state, dict) or saved_state.get("format") != "vse_fast/1":
+            parser.error(f"--resume {args.resume!r} is not a vse_fast training checkpoint (format vse_fast/1)")
+    cfg = resolve_config(args, parser, saved_state["config"] if saved_state else None)
+    if saved_state is not None:
+        _validate(cfg, parser)
+    ctx = vdist.init_distributed(cfg.get("device", "auto"))
+    try:
+        return _run(cfg, args, ctx, saved_state, parser)
+    finally:
+        vdist.cleanup_distributed(ctx)
+
+
+def _run(cfg, args, ctx, saved_state, parser) -> dict:
+    if cfg.get("data_path"):
+        data_path = cfg["data_path"]
+    else:
+        data_path = _synthetic_path(args) if ctx.is_main else None
+        data_path = vdist.all_gather_object(data_path, ctx)[0]  # rank 0 generates, the others reuse
+        cfg.setdefault("bert_config", None)
+        if cfg["text_encoder"] == "bert" and not cfg.get("text_model"):
+            cfg["bert_config"] = cfg.get("bert_config") or os.path.join(data_path, "bert_config.json")
+            cfg["vocab_file"] = cfg.get("vocab_file") or os.path.join(data_path, "vocab.txt")
+        elif cfg["text_encoder"] == "gru":
+            cfg["vocab_file"] = cfg.get("vocab_file") or os.path.join(data_path, "vocab.json")
+    cfg["data_path_used"] = data_path
+    if not cfg.get("run_dir"):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg["run_dir"] = vdist.all_gather_object(os.path.join("runs", stamp), ctx)[0]
+    run_dir = cfg["run_dir"]
+    if ctx.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        if saved_state is None and os.path.exists(os.path.join(run_dir, "last.pth")):
+            parser.error(f"--run_dir {run_dir!r} already holds last.pth: continue it with --resume "
+                         f"{os.path.join(run_dir, 'last.pth')} or choose another --run_dir")
+    vdist.barrier(ctx)
+    _setup_logging(run_dir, ctx)
+    if ctx.world_size > 1 and cfg["batch_size"] % ctx.world_size:
+        parser.error(f"--batch_size {cfg['batch_size']} is the global batch: it must be divisible by the "
+                     f"{ctx.world_size} processes")
+    trainer = Trainer(cfg, ctx, data_path, saved_state)
+    logger.info("data %s; %d training pairs, %d steps/epoch; %d process(es) on %s, %s; run dir %s",
+                data_path, len(trainer.train_set), trainer.steps_per_epoch, ctx.world_size, ctx.device,
+                trainer.precision, run_dir)
+    if saved_state is not None:
+        logger.info("resumed %s at epoch %d, step %d of the epoch (total %d)", args.resume, trainer.epoch,
+                    trainer.epoch_step, trainer.step)
+    result = trainer.fit()
+    if result["stopped"]:
+        return result
+    split, metrics, which = cfg["val_split"], result["val"], "last epoch"
+    test_split = cfg.get("test_split")
+    best_path = os.path.join(run_dir, "best.pth")
+    if test_split and trainer._broadcast(os.path.exists(best_path)):
+        if ctx.is_main:
+            from vse_fast.checkpoint import load_checkpoint
+
+            trainer.model.load_state_dict(load_checkpoint(best_path)["model"])
+        split, which = test_split, "best.pth"
+        metrics = result["test"] = trainer.evaluate(test_split)
+    if ctx.is_main and metrics is not None:
+        from vse_fast.evaluation import format_table
+
+        print(f"\n{split} split ({which}):")
+        print(format_table(metrics))
+    return result
+
+
+if __name__ == "__main__":
+    main()
