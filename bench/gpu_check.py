@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-SECTIONS = ("gpo", "loss", "train")
+SECTIONS = ("gpo", "loss", "train", "ddp")
 
 
 class Context:
