@@ -12,7 +12,6 @@
 Smoke test of the logic on CPU (tiny shapes, Triton interpreter):
     TRITON_INTERPRET=1 python bench/gpucheck_gpo.py --smoke
 """
-import contextlib
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tests.poison import poisoned_empty  # noqa: E402
 from tests.published.gpo import PublishedGPO, published_pool  # noqa: E402
 from vse_fast.modules.gpo import GPO  # noqa: E402
 from vse_fast.ops.gpo_pool import gpo_pool  # noqa: E402
@@ -35,22 +35,6 @@ CHECK_SHAPES = [(1, 1, 1, False), (7, 5, 33, True), (3, 36, 1024, False), (128, 
                 (5, 100, 33, False), (2, 512, 65, True), (1, 512, 1024, False)]
 SMOKE_SHAPES = [(1, 1, 1, False), (2, 5, 3, True)]
 MODULE_SHAPES = [(128, 36, 1024), (128, 64, 1024), (512, 64, 1024)]
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """torch.empty / empty_like return NaN-filled buffers, so unwritten outputs show up."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(real_empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
 def reference_pool(features, lengths, weights):

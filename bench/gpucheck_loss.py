@@ -7,7 +7,6 @@ Timing (fwd + bwd, median ms): ours vs the published re-implementation at B = 12
 (D = 1024, bf16 and fp32), ours alone at 32768 bf16 with peak extra memory, and two cuBLAS bf16
 matmuls B x D @ D x B (the FLOP floor of a forward that computes S twice) for the ratio.
 """
-import contextlib
 import os
 import sys
 
@@ -17,31 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tests.poison import poisoned_empty  # noqa: E402
 from tests.published.loss import PublishedContrastiveLoss  # noqa: E402
 from vse_fast.ops.contrastive import contrastive_loss, contrastive_loss_naive  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # relative to max |ref|
 SHAPES = [(1, 1, 1), (7, 7, 33), (129, 129, 1024), (1000, 1000, 33), (1, 7, 33), (129, 1000, 1024)]
 D_BENCH = 1024
-
-
-@contextlib.contextmanager
-def _poisoned_empty():
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(torch.iinfo(t.dtype).max)
-        return t
-
-    torch.empty = lambda *a, **k: poison(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poison(real_empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
 def _rel_err(a, b):
@@ -67,7 +48,7 @@ def _check_case(N, M, D, dtype, mv, device):
     s = torch.randn(M, D, device=device).to(dtype).requires_grad_()
     pos = None if N == M else torch.randint(0, N, (M,), device=device)
     g = torch.randn((), device=device)
-    with _poisoned_empty():
+    with poisoned_empty():
         out = contrastive_loss(im, s, 0.2, mv, positives=pos, backend="triton", return_indices=mv)
         loss, idx = out if mv else (out, None)
         dim, ds = torch.autograd.grad(loss * g, (im, s))

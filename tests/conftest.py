@@ -16,6 +16,8 @@ import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.poison import poisoned_empty  # noqa: E402
+
 # Fresh random inputs every run; VSE_TEST_SEED=<n> replays a run (the seed is in the header).
 BASE_SEED = int(os.environ.get("VSE_TEST_SEED", random.randrange(2**31)))
 
@@ -41,27 +43,12 @@ def _fresh_seed(request):
 
 
 @pytest.fixture
-def poison_empty(monkeypatch):
-    """Make torch.empty / empty_like return NaN-filled (floats) or extreme-valued (ints) buffers,
-    so a kernel that leaves an output element unwritten fails the comparison."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+def poison_empty():
+    """torch.empty / empty_like return NaN-filled (floats) or extreme-valued (ints) buffers for the
+    test's duration, so a kernel that leaves an output element unwritten fails the comparison."""
+    with poisoned_empty():
+        yield
 
-    def _poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(torch.iinfo(t.dtype).max)
-        return t
-
-    def empty(*args, **kwargs):
-        return _poison(real_empty(*args, **kwargs))
-
-    def empty_like(*args, **kwargs):
-        return _poison(real_empty_like(*args, **kwargs))
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
-    yield
 
 # Interpreter tests launch Triton kernels on CPU tensors: only possible without a GPU (on a GPU
 # machine TRITON_INTERPRET is not set and the CUDA tests cover the compiled kernels instead).
