@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -118,11 +119,29 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "--feature_drop must be in [0, 1)" in _error(capsys, _args(tiny, tmp_path / "r", "--feature_drop", "1.5"))
     assert "invalid choice: 'fp8'" in _error(capsys, _args(tiny, tmp_path / "r", "--precision", "fp8"))
     assert "--bert_config" in _error(capsys, _args(tiny, tmp_path / "r", "--bert_config", missing))
+    assert "not both" in _error(capsys, ["--data_path", data, "--text_model", str(tmp_path), "--bert_config", bert_config])
     os.makedirs(tmp_path / "used")
     (tmp_path / "used" / "last.pth").write_bytes(b"")
     assert "already holds last.pth" in _error(capsys, _args(tiny, tmp_path / "used"))
     with pytest.raises(ValueError, match="fewer than one batch of 4000"):
         train.main(_args(tiny, tmp_path / "big", "--batch_size", "4000"))
+
+
+def test_data_errors_exit_cleanly_and_resume_keeps_the_synthetic_flavour(tiny, tmp_path, capsys):
+    import numpy as np
+
+    data, bert_config = tiny
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "train_ims.npy", np.zeros((3, 2, 4), np.float32))
+    (bad / "train_caps.txt").write_text("a\nb\nc\nd\n")
+    err = _error(capsys, ["--data_path", str(bad), "--bert_config", bert_config, "--vocab_file",
+                          os.path.join(data, "vocab.txt"), "--val_split", "train", "--run_dir", str(tmp_path / "r")])
+    assert "train_caps.txt: 4 captions for 3 items" in err and "Traceback" not in err
+    assert "cannot be combined with --data_path" in _error(capsys, ["--data_path", data, "--synthetic", "video"])
+    parser = train.build_parser()
+    saved = train.resolve_config(parser.parse_args(["--synthetic", "video"]), parser, None)
+    assert train.resolve_config(parser.parse_args([]), parser, saved)["synthetic"] == "video"
 
 
 def _final_state(run_dir):
@@ -147,6 +166,12 @@ def test_resume_gives_the_uninterrupted_result(tiny, tmp_path, capsys, stop_at):
     assert mid["step"] == stop_at and mid["epoch"] * 6 + mid["epoch_step"] == stop_at
     assert "differs from the resumed checkpoint" in _error(
         capsys, ["--resume", str(tmp_path / "b" / "last.pth"), "--embed_size", "64"])
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copyfile(tmp_path / "b" / "last.pth", moved / "last.pth")
+    resumed = train.main(["--resume", str(moved / "last.pth"), "--progress", "off", "--max_steps", str(stop_at + 1)])
+    assert _final_state(moved)["step"] == stop_at + 1  # a resumed run writes beside its checkpoint
+    assert _final_state(tmp_path / "b")["step"] == stop_at
     resumed = train.main(["--resume", str(tmp_path / "b" / "last.pth"), "--progress", "off"])
     assert resumed["step"] == straight["step"] == 12 and not resumed["stopped"]
     a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")

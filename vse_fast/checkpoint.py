@@ -105,7 +105,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint {path!r} cannot be loaded safely (weights_only=True): {detail}. "
                               "vse_fast never unpickles arbitrary objects.") from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint: {err}") from err
+        detail = str(err) or ("empty or truncated file" if isinstance(err, EOFError) else type(err).__name__)
+        raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint: {detail}") from err
 
 
 # ----------------------------------------------------------------------------- RNG states

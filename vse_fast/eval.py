@@ -211,7 +211,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for path in args.checkpoint:
         if not os.path.isfile(path):
             parser.error(f"--checkpoint {path!r} does not exist")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r} requested but CUDA is not available")
     try:
         pairs, caps = [], None
         for path in args.checkpoint:

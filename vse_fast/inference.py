@@ -54,10 +54,10 @@ class Encoder:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        from vse_fast.data import _TextEncoder  # the evaluation pipeline's caption -> ids (no augmentation)
+        from vse_fast.data import CaptionEncoder  # the evaluation pipeline's caption -> ids (no augmentation)
 
         self.tokenizer = tokenizer
-        self._text = _TextEncoder(tokenizer)
+        self._text = CaptionEncoder(tokenizer)
         self.batch_size = batch_size
         self.precision = precision
         self.img_dim = model.opt["img_dim"]

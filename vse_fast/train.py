@@ -42,7 +42,7 @@ PUBLISHED_DEFAULTS = dict(
     precision=None, seed=0, workers=4, log_step=100, save_steps=1000, train_split="train",
     val_split="dev", test_split=None, eval_batch_size=128, local_negatives=False,
     feature_drop=0.2, token_aug=0.2, max_steps=None, text_model=None, bert_config=None,
-    vocab_file=None, data_path=None, device="auto",
+    vocab_file=None, data_path=None, device="auto", synthetic="image", synthetic_dir=None,
 )
 
 # The no-argument demo: a small model that trains on 2 CPU cores in about one minute. Its tiny BERT is
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data_path", help="directory with {split}_ims.npy, {split}_caps.txt, ... "
                    "[none: generate the synthetic dataset]")
-    g.add_argument("--synthetic", choices=("image", "video"), default="image",
+    g.add_argument("--synthetic", choices=("image", "video"),
                    help="flavour of the synthetic dataset used without --data_path [image]")
     g.add_argument("--synthetic_dir", help="cache directory of the synthetic dataset "
                    "[$VSE_FAST_CACHE or ~/.cache/vse_fast/...]")
@@ -168,6 +168,10 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
                 logger.warning("--%s %r overrides the resumed run's %r", key, value, cfg[key])
         for key in ("max_steps", "device"):  # a stop point or device of the earlier run is not inherited
             cfg[key] = PUBLISHED_DEFAULTS[key]
+        # A resumed run writes beside the checkpoint it resumes (which may have been moved or copied),
+        # not to the directory recorded when it was written.
+        if getattr(args, "resume", None):
+            cfg["run_dir"] = os.path.dirname(os.path.abspath(args.resume))
         cfg.update(explicit)
         return cfg
     base = PUBLISHED_DEFAULTS if args.data_path else SYNTHETIC_DEFAULTS
@@ -194,6 +198,11 @@ def _validate(cfg: dict, parser) -> None:
     for key in ("feature_drop", "token_aug"):
         if not 0 <= cfg[key] < 1:
             parser.error(f"--{key} must be in [0, 1), got {cfg[key]}")
+    if cfg.get("device") not in (None, "auto"):
+        try:
+            torch.device(cfg["device"])
+        except RuntimeError as err:
+            parser.error(f"--device {cfg['device']!r}: {err}")
     if cfg.get("max_steps") is not None and cfg["max_steps"] < 0:
         parser.error(f"--max_steps must be >= 0, got {cfg['max_steps']}")
     for key in ("data_path", "text_model", "bert_config", "vocab_file"):
@@ -207,6 +216,9 @@ def _validate(cfg: dict, parser) -> None:
             parser.error(f"--{key} {path!r} is not a directory")
         if key in ("bert_config", "vocab_file") and not os.path.isfile(path):
             parser.error(f"--{key} {path!r} is not a file")
+    if cfg.get("text_model") and cfg.get("bert_config"):
+        parser.error("give --text_model (pretrained BERT weights) or --bert_config (a randomly initialised "
+                     "BERT), not both: with both, the pretrained weights would not be loaded")
     if not cfg.get("data_path"):
         return  # the synthetic dataset brings its BERT config and vocabulary
     if cfg["text_encoder"] == "bert" and not (cfg.get("text_model") or cfg.get("bert_config")):
@@ -232,10 +244,11 @@ def _choose_precision(cfg: dict, device: torch.device) -> str:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _synthetic_path(args) -> str:
+def _synthetic_path(cfg: dict) -> str:
     from vse_fast.synthetic import ensure_synthetic
 
-    return ensure_synthetic(args.synthetic_dir, flavour=args.synthetic, seed=0)
+    # from the config, so a resumed run keeps its dataset flavour unless --synthetic is given again
+    return ensure_synthetic(cfg.get("synthetic_dir"), flavour=cfg.get("synthetic") or "image", seed=0)
 
 
 def load_text_vocab(cfg: dict, data_path: str):
@@ -636,32 +649,49 @@ def _is_number(v) -> bool:
 
 def main(argv=None) -> dict:
     """Run the CLI; returns {"stopped", "step", "val", "best_rsum", "test"} (metrics on the main rank)."""
+    from vse_fast.checkpoint import CheckpointError
+    from vse_fast.data import DataError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.data_path and (args.synthetic or args.synthetic_dir):
+        parser.error("--synthetic and --synthetic_dir select the generated dataset: they cannot be combined "
+                     "with --data_path")
     saved_state = None
     if args.resume:
         from vse_fast.checkpoint import load_checkpoint
 
         if not os.path.isfile(args.resume):
             parser.error(f"--resume {args.resume!r} does not exist or is not a file")
-        saved_state = load_checkpoint(args.resume, map_location="cpu")
+        try:
+            saved_state = load_checkpoint(args.resume, map_location="cpu")
+        except CheckpointError as err:
+            parser.error(f"--resume: {err}")
         if not isinstance(saved_state, dict) or saved_state.get("format") != "vse_fast/1":
             parser.error(f"--resume {args.resume!r} is not a vse_fast training checkpoint (format vse_fast/1)")
     cfg = resolve_config(args, parser, saved_state["config"] if saved_state else None)
     if saved_state is not None:
         _validate(cfg, parser)
-    ctx = vdist.init_distributed(cfg.get("device", "auto"))
+    try:
+        ctx = vdist.init_distributed(cfg.get("device", "auto"))
+    except ValueError as err:  # a --device that does not exist here, or a bad torchrun environment
+        parser.error(str(err))
     try:
         return _run(cfg, args, ctx, saved_state, parser)
+    except (DataError, CheckpointError) as err:  # they name the file (and line): no traceback needed
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     finally:
         vdist.cleanup_distributed(ctx)
 
 
 def _run(cfg, args, ctx, saved_state, parser) -> dict:
+    for key in ("gpo_backend", "loss_backend"):
+        if cfg[key] == "triton" and ctx.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            parser.error(f"--{key} triton needs a CUDA device (training on {ctx.device}): use auto or torch")
     if cfg.get("data_path"):
         data_path = cfg["data_path"]
     else:
-        data_path = _synthetic_path(args) if ctx.is_main else None
+        data_path = _synthetic_path(cfg) if ctx.is_main else None
         data_path = vdist.all_gather_object(data_path, ctx)[0]  # rank 0 generates, the others reuse
         cfg.setdefault("bert_config", None)
         if cfg["text_encoder"] == "bert" and not cfg.get("text_model"):
