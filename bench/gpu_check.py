@@ -51,6 +51,14 @@ class Context:
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - base)
 
+    def profile(self, fn, steps=5, top=12):
+        """Where the time of fn() goes: the `top` ops/kernels by self device time over `steps` calls
+        (torch.profiler), per call, with the host time per call. Never raises: errors are returned."""
+        try:
+            return profile_breakdown(fn, steps=steps, top=top, device=self.device)
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
     def _measure_copy_bandwidth(self, nbytes=2 * 1024**3):
         src = torch.empty(nbytes // 4, dtype=torch.float32, device=self.device).uniform_()
         dst = torch.empty_like(src)
@@ -58,6 +66,44 @@ class Context:
         del src, dst
         torch.cuda.empty_cache()
         return 2 * nbytes / (ms * 1e-3) / 1e9  # bytes read + bytes written
+
+
+def profile_breakdown(fn, *, steps=5, top=12, device=None):
+    """torch.profiler summary of `steps` calls of fn(): host wall time per call and the `top` entries by
+    self device time (self CPU time on a CPU-only run), each with calls and microseconds per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    wall_us = (time.perf_counter() - start) * 1e6 / steps
+
+    def self_device_us(e):
+        for attr in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(e, attr):
+                return getattr(e, attr)
+        return 0.0
+
+    key = self_device_us if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=key, reverse=True)[:top]
+    return {
+        "steps": steps,
+        "wall_us_per_step_profiled": round(wall_us, 1),
+        "top": [
+            {"name": e.key[:90], "calls_per_step": e.count / steps,
+             "self_device_us_per_step": round(self_device_us(e) / steps, 1),
+             "self_cpu_us_per_step": round(e.self_cpu_time_total / steps, 1)}
+            for e in events
+        ],
+    }
 
 
 def main(argv=None):

@@ -157,6 +157,17 @@ def time_module(ctx, shapes):
     return rows
 
 
+def profile_module(ctx, B, K, D, dtype):
+    """Profiler breakdown of our GPO.pool forward+backward (coefficient table vs pool kernels)."""
+    ours = GPO(32, 32).to(ctx.device)
+    features, lengths, _ = _inputs(B, K, D, dtype, ctx.device)
+    breakdown = ctx.profile(_fwd_bwd(lambda: ours.pool(features, lengths), [features, *ours.parameters()]))
+    print(f"profile GPO.pool fwd+bwd {[B, K, D]} {dtype}:", flush=True)
+    for row in breakdown.get("top", []):
+        print(f"  {row['self_device_us_per_step']:>9.1f} us  x{row['calls_per_step']:<5g} {row['name']}", flush=True)
+    return {"shape": [B, K, D], "dtype": str(dtype), **breakdown}
+
+
 def _table(result):
     lines = ["correctness (max rel err: out / grad_x / grad_w)"]
     for r in result["correctness"]:
@@ -184,6 +195,7 @@ def run(ctx, smoke=False) -> dict:
     else:
         result["pool_timing"] = time_pool(ctx, 512, 64, 1024)
         result["module_timing"] = time_module(ctx, MODULE_SHAPES)
+        result["profile"] = profile_module(ctx, 128, 36, 1024, torch.bfloat16)
     result["ok"] = all(r["ok"] for r in result["correctness"]) and result["no_sync"]["ok"]
     print(_table(result), flush=True)
     return result

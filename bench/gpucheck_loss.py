@@ -162,6 +162,7 @@ def run(ctx) -> dict:
     result["b128_forward_only_ms"] = {
         mode: ctx.bench(lambda: contrastive_loss(im, s, 0.2, mv)) for mode, mv in (("vse0", False), ("vsepp", True))}
     result["one_tiny_torch_op_ms"] = ctx.bench(lambda: one.add(1))
+    result["profile_b128_vsepp_bf16"] = ctx.profile(lambda: contrastive_loss(im, s, 0.2, True).backward())
     print(f"B=128 bf16 forward only: {result['b128_forward_only_ms']}; one tiny torch op "
           f"{result['one_tiny_torch_op_ms']:.4f} ms", flush=True)
     big = [r for r in result["timings"] if r["B"] == 32768]
