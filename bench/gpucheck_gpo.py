@@ -1,10 +1,11 @@
 """GPU check section "gpo" (driven by bench/gpu_check.py): `run(ctx) -> dict` with "ok".
 
 1. Triton pool forward + backward vs a float64 reference, every dtype, odd shapes (K = 1, 5, 36, 64, 100,
-   512; D = 1, 33, 1024; non-contiguous inputs; outputs poisoned with NaN): max relative errors.
+   512; D = 1, 33, 1024; non-contiguous inputs; outputs poisoned with NaN): max relative errors. Shapes
+   with K <= 64 run with both kernel implementations (VSE_FAST_GPO_POOL_KERNEL = sort, rank).
 2. The no-sync encoder path GPO.pool, forward + backward, under torch.cuda.set_sync_debug_mode("error").
-3. Pool forward + backward at B=512 K=64 D=1024 (bf16, fp32): Triton vs our torch path vs the published
-   pool; GB/s over the minimal traffic (fwd reads x, writes out; bwd reads x and grad_out, writes grad_x)
+3. Pool forward + backward at B=512 K=64 D=1024 (bf16, fp32): Triton (sort kernels; "triton-rank": the
+   rank-counting kernels) vs our torch path vs the published pool; GB/s over the minimal traffic (fwd reads x, writes out; bwd reads x and grad_out, writes grad_x)
    and its fraction of the card's copy bandwidth; peak extra memory.
 4. Whole GPO forward + backward, ours (GPO.pool) vs the published module, B=128 K=36/64 and B=512 K=64,
    D=1024, bf16 and fp32.
@@ -12,6 +13,7 @@
 Smoke test of the logic on CPU (tiny shapes, Triton interpreter):
     TRITON_INTERPRET=1 python bench/gpucheck_gpo.py --smoke
 """
+import contextlib
 import os
 import sys
 import time
@@ -25,6 +27,7 @@ if ROOT not in sys.path:
 from tests.poison import poisoned_empty  # noqa: E402
 from tests.published.gpo import PublishedGPO, published_pool  # noqa: E402
 from vse_fast.modules.gpo import GPO  # noqa: E402
+from vse_fast.kernels.gpo_pool import KERNEL_ENV, RANK_MAX_K  # noqa: E402
 from vse_fast.ops.gpo_pool import gpo_pool  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,12 +72,27 @@ def _max_rel(actual, expected):
     return float(((actual.double() - expected).abs().max() / scale).nan_to_num(float("inf")))
 
 
+@contextlib.contextmanager
+def kernel_impl(impl):
+    """Set VSE_FAST_GPO_POOL_KERNEL to impl ("sort" | "rank") inside the block, restore it after."""
+    old = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[KERNEL_ENV]
+        else:
+            os.environ[KERNEL_ENV] = old
+
+
 def check_correctness(device, shapes):
     rows = []
     for name, dtype in DTYPES.items():
-        for B, K, D, strided in shapes:
+        for (B, K, D, strided), impl in [(shape, impl) for shape in shapes
+                                         for impl in (("sort", "rank") if shape[1] <= RANK_MAX_K else ("sort",))]:
             features, lengths, weights = _inputs(B, K, D, dtype, device, strided, kw_extra=K % 3)
-            with poisoned_empty():
+            with poisoned_empty(), kernel_impl(impl):
                 out = gpo_pool(features, lengths, weights, backend="triton")
                 grad_out = torch.randn(out.shape, device=device).to(dtype)
                 gx, gw = torch.autograd.grad(out, (features, weights), grad_out)
@@ -84,7 +102,7 @@ def check_correctness(device, shapes):
             rgx, rgw = torch.autograd.grad(ref, (x64, w64), grad_out.double())
             errs = {"out": _max_rel(out, ref), "grad_x": _max_rel(gx, rgx), "grad_w": _max_rel(gw, rgw)}
             ok = max(errs.values()) <= TOLERANCE[dtype]
-            rows.append({"dtype": name, "shape": [B, K, D], "strided": strided, **errs, "ok": ok})
+            rows.append({"dtype": name, "impl": impl, "shape": [B, K, D], "strided": strided, **errs, "ok": ok})
     return rows
 
 
@@ -119,25 +137,34 @@ def time_pool(ctx, B, K, D):
         features, lengths, weights = _inputs(B, K, D, dtype, ctx.device)
         elem = features.element_size()
         min_bytes = elem * (3 * B * K * D + 2 * B * D)
-        impls = {
-            "triton": lambda: gpo_pool(features, lengths, weights, backend="triton", validate=False),
-            "torch": lambda: gpo_pool(features, lengths, weights, backend="torch", validate=False),
-            "published": lambda: published_pool(features, lengths, weights),
+        triton_fn = lambda: gpo_pool(features, lengths, weights, backend="triton", validate=False)  # noqa: E731
+        impls = {  # name: (fn, value of VSE_FAST_GPO_POOL_KERNEL while it runs)
+            "triton": (triton_fn, "sort"),
+            "torch": (lambda: gpo_pool(features, lengths, weights, backend="torch", validate=False), "sort"),
+            "published": (lambda: published_pool(features, lengths, weights), "sort"),
         }
-        for impl, fn in impls.items():
-            step = _fwd_bwd(fn, [features, weights])
-            ms = ctx.bench(step)
-            row = {"what": "pool fwd+bwd", "impl": impl, "dtype": name, "shape": [B, K, D], "ms": ms,
-                   "gbs": min_bytes / (ms * 1e-3) / 1e9}
-            row["frac_copy_bw"] = row["gbs"] / ctx.copy_gbs if ctx.copy_gbs else None
-            row["peak_extra_mb"] = ctx.peak_extra_memory(step) / 2**20
-            if impl == "triton":
-                out = fn()
-                g = torch.ones_like(out)
-                row["fwd_ms"] = ctx.bench(fn)
-                row["bwd_ms"] = ctx.bench(lambda: torch.autograd.grad(out, [features, weights], g, retain_graph=True))
-            rows.append(row)
+        if K <= RANK_MAX_K:
+            impls["triton-rank"] = (triton_fn, "rank")
+        for impl, (fn, kernel) in impls.items():
+            with kernel_impl(kernel):
+                rows.append(_time_one(ctx, impl, fn, features, weights, name, [B, K, D], min_bytes))
     return rows
+
+
+def _time_one(ctx, impl, fn, features, weights, dtype_name, shape, min_bytes):
+    """One timing row of the pool forward + backward (and the split for the Triton implementations)."""
+    step = _fwd_bwd(fn, [features, weights])
+    ms = ctx.bench(step)
+    row = {"what": "pool fwd+bwd", "impl": impl, "dtype": dtype_name, "shape": shape, "ms": ms,
+           "gbs": min_bytes / (ms * 1e-3) / 1e9}
+    row["frac_copy_bw"] = row["gbs"] / ctx.copy_gbs if ctx.copy_gbs else None
+    row["peak_extra_mb"] = ctx.peak_extra_memory(step) / 2**20
+    if impl.startswith("triton"):
+        out = fn()
+        g = torch.ones_like(out)
+        row["fwd_ms"] = ctx.bench(fn)
+        row["bwd_ms"] = ctx.bench(lambda: torch.autograd.grad(out, [features, weights], g, retain_graph=True))
+    return row
 
 
 def time_module(ctx, shapes):
@@ -171,13 +198,13 @@ def profile_module(ctx, B, K, D, dtype):
 def _table(result):
     lines = ["correctness (max rel err: out / grad_x / grad_w)"]
     for r in result["correctness"]:
-        lines.append(f"  {r['dtype']:<5} {str(r['shape']):<16} {'strided' if r['strided'] else '':<8} "
+        lines.append(f"  {r['dtype']:<5} {r['impl']:<5} {str(r['shape']):<16} {'strided' if r['strided'] else '':<8} "
                      f"{r['out']:.2e} {r['grad_x']:.2e} {r['grad_w']:.2e}  {'ok' if r['ok'] else 'FAIL'}")
     lines.append(f"no-sync GPO.pool fwd+bwd: {result['no_sync']}")
     for r in result["pool_timing"]:
         frac = f"{100 * r['frac_copy_bw']:.0f}% of copy" if r["frac_copy_bw"] else ""
         split = f" (fwd {r['fwd_ms']:.3f} / bwd {r['bwd_ms']:.3f})" if "fwd_ms" in r else ""
-        lines.append(f"  pool {r['dtype']} {r['shape']} {r['impl']:<9} {r['ms']:.3f} ms {r['gbs']:.0f} GB/s {frac} "
+        lines.append(f"  pool {r['dtype']} {r['shape']} {r['impl']:<11} {r['ms']:.3f} ms {r['gbs']:.0f} GB/s {frac} "
                      f"peak +{r['peak_extra_mb']:.0f} MB{split}")
     for r in result["module_timing"]:
         lines.append(f"  GPO {r['dtype']} {r['shape']} ours {r['ours_ms']:.3f} ms, published {r['published_ms']:.3f} ms"

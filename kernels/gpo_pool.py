@@ -20,6 +20,20 @@ keys give the sorted values (grad of the weights) and the permutation; a second 
 is stored in original order with coalesced writes and without a B x K x D index tensor.
 Keys are int32 for 16-bit dtypes (16 value bits + 16 index bits) and int64 for fp32.
 
+Two implementations, chosen per launch by the environment variable VSE_FAST_GPO_POOL_KERNEL:
+
+- "sort" (default): the tl.sort kernels above, every K <= MAX_K.
+- "rank" (K <= RANK_MAX_K = 64; larger K falls back to "sort"): rank counting, no sort and no layout
+  change. The tile stays [BLOCK_K, BLOCK_D] as loaded (d contiguous); a loop over the n valid rows i
+  (re-loaded from global memory, L1-resident) accumulates the stable descending rank of every element,
+  rank[j, d] = #{i < n : key_i > key_j or (key_i == key_j and i < j)}, on order-preserving int32 keys
+  of the values (NaN the largest and tied with other NaN, -0.0 == +0.0: the order of the sort kernels
+  and of torch.sort(stable=True)). Forward: out[d] = sum_{j < n} x[j, d] * w[rank[j, d]] (w gathered
+  by rank; a NaN propagates through the product). Backward: grad_x[j, d] = grad_out[d] * w[rank[j, d]],
+  and grad_w[r] = sum of grad_out[d] * x[j, d] over the (j, d) of rank r, one tile reduction per rank
+  r < n (deterministic, no atomics), written as the same (B, D-blocks, BLOCK_K) fp32 partials.
+  An unknown value raises ValueError. The choice is part of `PoolSettings` (kept for the backward).
+
 The launchers pick BLOCK_K / BLOCK_D / num_warps from `pool_settings` (buckets by K only);
 `compile_specializations()` lists exactly those specializations.
 """
@@ -35,6 +49,12 @@ _MIN_BLOCK_K = 16
 _TILE = 4096  # elements per program tile: BLOCK_K * BLOCK_D
 _NUM_WARPS_FWD = 4
 _NUM_WARPS_BWD = 8
+KERNEL_ENV = "VSE_FAST_GPO_POOL_KERNEL"
+KERNEL_IMPLS = ("sort", "rank")
+RANK_MAX_K = 64  # largest set size of the rank-counting kernels (K^2 compares per column)
+_RANK_TILE = 4096  # rank kernels: BLOCK_K * BLOCK_D
+_RANK_NUM_WARPS_FWD = 8
+_RANK_NUM_WARPS_BWD = 8
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -48,25 +68,43 @@ class PoolSettings:
     num_warps_fwd: int
     num_warps_bwd: int
     num_stages: int = 1  # no pipelined loops
+    impl: str = "sort"  # "sort" or "rank" (module docstring)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def pool_settings(K: int, D: int) -> PoolSettings:
+def kernel_impl(K: int) -> str:
+    """The implementation for set size K from VSE_FAST_GPO_POOL_KERNEL: "sort" (default, also when
+    unset or empty) or "rank" (used for K <= RANK_MAX_K, "sort" above). Unknown values raise ValueError."""
+    impl = os.environ.get(KERNEL_ENV, "") or "sort"
+    if impl not in KERNEL_IMPLS:
+        raise ValueError(f"{KERNEL_ENV}={impl!r} is not a GPO pool kernel; choose one of {KERNEL_IMPLS}")
+    return "rank" if impl == "rank" and K <= RANK_MAX_K else "sort"
+
+
+def pool_settings(K: int, D: int, impl: str = None) -> PoolSettings:
     """Bucketed launch settings for set size K (1 <= K <= MAX_K), by K only:
     BLOCK_K = max(16, next_pow2(K)), BLOCK_D = 4096 // BLOCK_K (256 .. 8 columns).
+    impl: "sort" | "rank" | None (None: `kernel_impl(K)`, from the environment).
     Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests) tiles shrink to
     BLOCK_K = max(2, next_pow2(K)), BLOCK_D = min(16, next_pow2(D)): the interpreter's cost grows
     with the tile size, the kernels' arithmetic does not depend on it."""
     if not 1 <= K <= MAX_K:
         raise ValueError(f"the Triton GPO pool takes set sizes 1..{MAX_K}, got K={K}")
+    impl = kernel_impl(K) if impl is None else impl
+    if impl not in KERNEL_IMPLS or (impl == "rank" and K > RANK_MAX_K):
+        raise ValueError(f"impl {impl!r} cannot run K={K}; 'sort' takes K <= {MAX_K}, 'rank' K <= {RANK_MAX_K}")
+    if impl == "rank":
+        warps, tile = (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD), _RANK_TILE
+    else:
+        warps, tile = (_NUM_WARPS_FWD, _NUM_WARPS_BWD), _TILE
     if _interpreting():
         return PoolSettings(max(2, triton.next_power_of_2(K)), min(16, triton.next_power_of_2(max(D, 1))),
-                            _NUM_WARPS_FWD, _NUM_WARPS_BWD)
+                            *warps, impl=impl)
     block_k = max(_MIN_BLOCK_K, triton.next_power_of_2(K))
-    return PoolSettings(block_k, _TILE // block_k, _NUM_WARPS_FWD, _NUM_WARPS_BWD)
+    return PoolSettings(block_k, tile // block_k, *warps, impl=impl)
 
 
 @triton.jit
@@ -171,6 +209,97 @@ def _gpo_pool_bwd_kernel(
     tl.store(p_gx, b_gx.to(gx_ptr.dtype.element_ty), mask=m_d[:, None] & (o_k < K)[None, :])
 
 
+@triton.jit
+def _rank_key(b_x):
+    """Order-preserving int32 key of each value (any shape): NaN -> the largest (all NaN tie),
+    -0.0 -> +0.0. Integer-only bit manipulation."""
+    if b_x.dtype.primitive_bitwidth == 16:
+        INF_BITS: tl.constexpr = 0x7F80 if b_x.dtype == tl.bfloat16 else 0x7C00
+        b_v = b_x.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended bits
+        b_v = tl.where(b_v == -32768, 0, b_v)  # -0.0
+        return tl.where((b_v & 0x7FFF) > INF_BITS, 0x7FFF, b_v ^ ((b_v >> 15) & 0x7FFF))
+    else:
+        b_v = b_x.to(tl.int32, bitcast=True)
+        b_v = tl.where(b_v == -2147483648, 0, b_v)
+        return tl.where((b_v & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, b_v ^ ((b_v >> 31) & 0x7FFFFFFF))
+
+
+@triton.jit
+def _stable_desc_rank(x_ptr, b_key, o_k, o_d, m_d, n, stride_xk, stride_xd):
+    """[BK, BD] int32: rank[j, d] = #{i < n : key_i > key_j or (key_i == key_j and i < j)}.
+    x_ptr points at the sample's row 0; rows i < n are re-loaded (coalesced along d)."""
+    b_rank = tl.zeros_like(b_key)  # int32
+    p_row = x_ptr + o_d * stride_xd
+    for i in range(0, n):
+        b_ki = _rank_key(tl.load(p_row + i * stride_xk, mask=m_d, other=0.0))[None, :]  # [1, BD]
+        b_rank += ((b_ki > b_key) | ((b_ki == b_key) & (i < o_k[:, None]))).to(tl.int32)
+    return b_rank
+
+
+@triton.jit
+def _gpo_pool_rank_fwd_kernel(
+    x_ptr, len_ptr, w_ptr, out_ptr,
+    K, D, Kw,
+    stride_xb, stride_xk, stride_xd,
+    stride_wb, stride_wk,
+    stride_ob, stride_od,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + i_b), 0), K)  # clamped: memory-safe without validation
+    o_k = tl.arange(0, BLOCK_K)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_tile = (o_k < n)[:, None] & m_d[None, :]
+
+    x_b = x_ptr + i_b.to(tl.int64) * stride_xb
+    b_x = tl.load(x_b + o_k[:, None] * stride_xk + o_d[None, :] * stride_xd, mask=m_tile, other=0.0)  # [BK, BD]
+    b_rank = _stable_desc_rank(x_b, _rank_key(b_x), o_k, o_d, m_d, n, stride_xk, stride_xd)
+    b_w = tl.load(w_ptr + i_b.to(tl.int64) * stride_wb + b_rank * stride_wk,
+                  mask=m_tile & (b_rank < Kw), other=0.0)  # [BK, BD] gather by rank
+    b_out = tl.sum(tl.where(m_tile, b_x.to(tl.float32) * b_w, 0.0), axis=0)  # [BD]; NaN propagates
+    tl.store(out_ptr + i_b.to(tl.int64) * stride_ob + o_d * stride_od, b_out.to(out_ptr.dtype.element_ty), mask=m_d)
+
+
+@triton.jit
+def _gpo_pool_rank_bwd_kernel(
+    x_ptr, len_ptr, w_ptr, gout_ptr, gx_ptr, gw_part_ptr,
+    K, D, Kw,
+    stride_xb, stride_xk, stride_xd,
+    stride_wb, stride_wk,
+    stride_gob, stride_god,
+    stride_gxb, stride_gxk, stride_gxd,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    n_d_blocks = tl.num_programs(1)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + i_b), 0), K)
+    o_k = tl.arange(0, BLOCK_K)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_tile = (o_k < n)[:, None] & m_d[None, :]
+
+    x_b = x_ptr + i_b.to(tl.int64) * stride_xb
+    b_x = tl.load(x_b + o_k[:, None] * stride_xk + o_d[None, :] * stride_xd, mask=m_tile, other=0.0)  # [BK, BD]
+    b_rank = _stable_desc_rank(x_b, _rank_key(b_x), o_k, o_d, m_d, n, stride_xk, stride_xd)
+    b_g = tl.load(gout_ptr + i_b.to(tl.int64) * stride_gob + o_d * stride_god, mask=m_d, other=0.0).to(tl.float32)
+
+    b_w = tl.load(w_ptr + i_b.to(tl.int64) * stride_wb + b_rank * stride_wk,
+                  mask=m_tile & (b_rank < Kw), other=0.0)  # [BK, BD] gather by rank
+    b_gx = tl.where(m_tile, b_g[None, :] * b_w, 0.0)
+    p_gx = gx_ptr + i_b.to(tl.int64) * stride_gxb + o_k[:, None] * stride_gxk + o_d[None, :] * stride_gxd
+    tl.store(p_gx, b_gx.to(gx_ptr.dtype.element_ty), mask=(o_k < K)[:, None] & m_d[None, :])
+
+    # grad_w[r] = sum over the (j, d) of rank r of g[d] * x[j, d]: one tile reduction per rank r < n
+    b_gxv = tl.where(m_tile, b_x.to(tl.float32) * b_g[None, :], 0.0)  # [BK, BD]
+    b_gw = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for r in range(0, n):
+        b_gw = tl.where(o_k == r, tl.sum(tl.sum(tl.where(b_rank == r, b_gxv, 0.0), axis=1), axis=0), b_gw)
+    tl.store(gw_part_ptr + (i_b.to(tl.int64) * n_d_blocks + i_d) * BLOCK_K + o_k, b_gw)
+
+
 def _check_launch(x, lengths, w):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton GPO pool takes float32/bfloat16/float16 features, got {x.dtype}")
@@ -181,7 +310,8 @@ def _check_launch(x, lengths, w):
 def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settings: PoolSettings = None):
     """Launch the forward. x (B, K, D) fp32/bf16/fp16, any strides; lengths (B,) int32 in [1, K]
     (clamped to [0, K] in the kernel); w (B, Kw) float32 (positions >= min(n, Kw) read as 0).
-    Returns (out (B, D) in x.dtype, settings)."""
+    settings=None takes `pool_settings(K, D)` (implementation from VSE_FAST_GPO_POOL_KERNEL).
+    Returns (out (B, D) in x.dtype, settings); pass the same settings to the backward."""
     _check_launch(x, lengths, w)
     B, K, D = x.shape
     settings = settings or pool_settings(K, D)
@@ -189,7 +319,8 @@ def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settin
     if B == 0 or D == 0:
         return out, settings
     grid = (B, triton.cdiv(D, settings.BLOCK_D))
-    _gpo_pool_fwd_kernel[grid](
+    kernel = _gpo_pool_rank_fwd_kernel if settings.impl == "rank" else _gpo_pool_fwd_kernel
+    kernel[grid](
         x, lengths, w, out,
         K, D, w.shape[1],
         *x.stride(), *w.stride(), *out.stride(),
@@ -211,7 +342,8 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
     gw_part = torch.empty((B, n_d_blocks, settings.BLOCK_K), dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:
         return grad_x.zero_(), torch.zeros((B, Kw), dtype=torch.float32, device=x.device)
-    _gpo_pool_bwd_kernel[(B, n_d_blocks)](
+    kernel = _gpo_pool_rank_bwd_kernel if settings.impl == "rank" else _gpo_pool_bwd_kernel
+    kernel[(B, n_d_blocks)](
         x, lengths, w, grad_out, grad_x, gw_part,
         K, D, Kw,
         *x.stride(), *w.stride(), *grad_out.stride(), *grad_x.stride(),
@@ -235,34 +367,42 @@ def _block_k_buckets():
 
 
 def compile_specializations() -> list:
-    """Every (kernel, dtype, BLOCK_K bucket) the launchers can pick, for an ahead-of-time compile check.
+    """Every (kernel, dtype, BLOCK_K bucket) the launchers can pick, for an ahead-of-time compile check:
+    the sort kernels ("gpo_pool_fwd-..."/"gpo_pool_bwd-...", K buckets 16..512) and the rank kernels
+    ("gpo_pool_rank_fwd-..."/"gpo_pool_rank_bwd-...", K buckets 16..64).
     Strides are given as in the common contiguous launch: unit strides as constexpr 1 (Triton
     specializes integer arguments equal to 1), the others i32."""
     specs = []
-    for dtype, tdt in _TRITON_DTYPE.items():
-        for block_k in _block_k_buckets():
-            s = PoolSettings(block_k, _TILE // block_k, _NUM_WARPS_FWD, _NUM_WARPS_BWD)
-            common = {"len_ptr": "*i32", "w_ptr": "*fp32", "K": "i32", "D": "i32", "Kw": "i32",
-                      "stride_xb": "i32", "stride_xk": "i32", "stride_xd": "constexpr",
-                      "stride_wb": "i32", "stride_wk": "constexpr",
-                      "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
-            consts = {"stride_xd": 1, "stride_wk": 1, "BLOCK_K": s.BLOCK_K, "BLOCK_D": s.BLOCK_D}
-            fwd_sig = {"x_ptr": f"*{tdt}", "out_ptr": f"*{tdt}", "stride_ob": "i32", "stride_od": "constexpr",
-                       **common}
-            bwd_sig = {"x_ptr": f"*{tdt}", "gout_ptr": f"*{tdt}", "gx_ptr": f"*{tdt}", "gw_part_ptr": "*fp32",
-                       "stride_gob": "i32", "stride_god": "constexpr",
-                       "stride_gxb": "i32", "stride_gxk": "i32", "stride_gxd": "constexpr", **common}
-            for name, fn, sig, extra, warps in (
-                ("fwd", _gpo_pool_fwd_kernel, fwd_sig, {"stride_od": 1}, s.num_warps_fwd),
-                ("bwd", _gpo_pool_bwd_kernel, bwd_sig, {"stride_god": 1, "stride_gxd": 1}, s.num_warps_bwd),
-            ):
-                order = fn.arg_names
-                specs.append({
-                    "name": f"gpo_pool_{name}-{tdt}-K{s.BLOCK_K}-D{s.BLOCK_D}",
-                    "fn": fn,
-                    "signature": {a: sig[a] for a in order},
-                    "constexprs": {**consts, **extra},
-                    "num_warps": warps,
-                    "num_stages": s.num_stages,
-                })
+    kernels = {"sort": ("gpo_pool", _gpo_pool_fwd_kernel, _gpo_pool_bwd_kernel, _TILE,
+                        (_NUM_WARPS_FWD, _NUM_WARPS_BWD)),
+               "rank": ("gpo_pool_rank", _gpo_pool_rank_fwd_kernel, _gpo_pool_rank_bwd_kernel, _RANK_TILE,
+                        (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD))}
+    for impl, (prefix, fwd_fn, bwd_fn, tile, warps) in kernels.items():
+        for dtype, tdt in _TRITON_DTYPE.items():
+            for block_k in _block_k_buckets():
+                if impl == "rank" and block_k > RANK_MAX_K:
+                    break
+                s = PoolSettings(block_k, tile // block_k, *warps, impl=impl)
+                common = {"len_ptr": "*i32", "w_ptr": "*fp32", "K": "i32", "D": "i32", "Kw": "i32",
+                          "stride_xb": "i32", "stride_xk": "i32", "stride_xd": "constexpr",
+                          "stride_wb": "i32", "stride_wk": "constexpr",
+                          "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
+                consts = {"stride_xd": 1, "stride_wk": 1, "BLOCK_K": s.BLOCK_K, "BLOCK_D": s.BLOCK_D}
+                fwd_sig = {"x_ptr": f"*{tdt}", "out_ptr": f"*{tdt}", "stride_ob": "i32", "stride_od": "constexpr",
+                           **common}
+                bwd_sig = {"x_ptr": f"*{tdt}", "gout_ptr": f"*{tdt}", "gx_ptr": f"*{tdt}", "gw_part_ptr": "*fp32",
+                           "stride_gob": "i32", "stride_god": "constexpr",
+                           "stride_gxb": "i32", "stride_gxk": "i32", "stride_gxd": "constexpr", **common}
+                for name, fn, sig, extra, num_warps in (
+                    ("fwd", fwd_fn, fwd_sig, {"stride_od": 1}, s.num_warps_fwd),
+                    ("bwd", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1}, s.num_warps_bwd),
+                ):
+                    specs.append({
+                        "name": f"{prefix}_{name}-{tdt}-K{s.BLOCK_K}-D{s.BLOCK_D}",
+                        "fn": fn,
+                        "signature": {a: sig[a] for a in fn.arg_names},
+                        "constexprs": {**consts, **extra},
+                        "num_warps": num_warps,
+                        "num_stages": s.num_stages,
+                    })
     return specs

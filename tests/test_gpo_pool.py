@@ -12,6 +12,8 @@ import torch
 from tests.conftest import DTYPE_TOLERANCES, requires_cuda
 from vse_fast.ops.gpo_pool import gpo_pool
 
+KERNEL_ENV = "VSE_FAST_GPO_POOL_KERNEL"
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 requires_interpreter = pytest.mark.skipif(not INTERPRETING, reason="Triton interpreter tests run only without a GPU")
@@ -113,8 +115,10 @@ def test_torch_path_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda x, w: gpo_pool(x, lengths, w, backend="torch"), (features, weights))
 
 
-def test_padding_never_leaks():
+@pytest.mark.parametrize("impl", ["sort", "rank"])
+def test_padding_never_leaks(monkeypatch, impl):
     """Huge or NaN values at padding positions and NaN weights beyond n change nothing."""
+    monkeypatch.setenv(KERNEL_ENV, impl)
     features, lengths, weights = make_inputs(4, 7, 6, torch.float32)
     lengths = torch.tensor([3, 7, 1, 5])
     dirty_x, dirty_w = features.detach().clone(), weights.detach().clone()
@@ -142,11 +146,14 @@ def _nan_and_tie_inputs(dtype):
     return x.requires_grad_(), torch.tensor([3, 3]), w.requires_grad_()
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("backend,impl", [("torch", "sort"), pytest.param("triton", "sort", marks=requires_interpreter),
+                                          pytest.param("triton", "rank", marks=requires_interpreter)],
+                         ids=["torch", "triton-sort", "triton-rank"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-def test_nan_propagates_and_ties_are_stable(backend, dtype):
+def test_nan_propagates_and_ties_are_stable(monkeypatch, backend, impl, dtype):
     """NaN sorts first (as in torch.sort) and propagates; tied values take ranks in their original
     order (stable), so each receives the weight of its own rank, as with torch.sort(stable=True)."""
+    monkeypatch.setenv(KERNEL_ENV, impl)
     x, n, w = _nan_and_tie_inputs(dtype)
     out = gpo_pool(x, n, w, backend=backend)
     assert torch.isnan(out[0, 0]) and not torch.isnan(out[0, 1]) and not torch.isnan(out[1]).any()
@@ -166,21 +173,27 @@ INTERP_CASES = [  # (B, K, D, kw_extra, strided, lengths): 1-4 programs each
     (2, 5, 3, 2, False, [1, 5]),
     (2, 9, 20, 3, True, [9, 4]),  # two D-blocks, Kw > K, non-contiguous features and weights
 ]
+KERNEL_IMPLS = ["sort", "rank"]  # values of VSE_FAST_GPO_POOL_KERNEL
 
 
 @requires_interpreter
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("B,K,D,kw_extra,strided,lengths", INTERP_CASES,
                          ids=[f"B{c[0]}-K{c[1]}-D{c[2]}-Kw+{c[3]}{'-strided' if c[4] else ''}" for c in INTERP_CASES])
-def test_triton_interpreter_matches_reference(poison_empty, B, K, D, kw_extra, strided, lengths, dtype):
+def test_triton_interpreter_matches_reference(poison_empty, monkeypatch, B, K, D, kw_extra, strided, lengths, dtype,
+                                              impl):
+    monkeypatch.setenv(KERNEL_ENV, impl)
     lengths = None if lengths is None else torch.tensor(lengths)
     features, lengths, weights = make_inputs(B, K, D, dtype, kw_extra=kw_extra, strided=strided, lengths=lengths)
     check_against_reference(features, lengths, weights, "triton")
 
 
 @requires_interpreter
-def test_triton_interpreter_many_ties_bf16():
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_triton_interpreter_many_ties_bf16(monkeypatch, impl):
     """bf16 values from a 5-value alphabet: ranks of tied values must match the stable torch path."""
+    monkeypatch.setenv(KERNEL_ENV, impl)
     x = torch.randint(-2, 3, (2, 7, 4)).to(torch.bfloat16).requires_grad_()
     n, w = torch.tensor([7, 5]), torch.rand(2, 7).requires_grad_()
     g = torch.randn(2, 4).to(torch.bfloat16)
@@ -190,6 +203,27 @@ def test_triton_interpreter_many_ties_bf16():
         results.append((out, *torch.autograd.grad(out, (x, w), g)))
     for ours, ref, what in zip(results[1], results[0], ("output", "grad features", "grad weights")):
         torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=what)
+
+
+def test_kernel_impl_selection(monkeypatch):
+    """VSE_FAST_GPO_POOL_KERNEL: unset/"sort" -> sort; "rank" -> rank for K <= 64, sort above."""
+    from vse_fast.kernels.gpo_pool import RANK_MAX_K, pool_settings
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert pool_settings(RANK_MAX_K, 8).impl == "sort"
+    monkeypatch.setenv(KERNEL_ENV, "rank")
+    assert pool_settings(1, 8).impl == "rank" and pool_settings(RANK_MAX_K, 8).impl == "rank"
+    assert pool_settings(RANK_MAX_K + 1, 8).impl == "sort"
+    monkeypatch.setenv(KERNEL_ENV, "sort")
+    assert pool_settings(5, 8).impl == "sort"
+
+
+@requires_interpreter
+def test_unknown_kernel_impl_raises(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "bitonic")
+    x, n, w = _valid()
+    with pytest.raises(ValueError, match=f"{KERNEL_ENV}='bitonic'.*'sort', 'rank'"):
+        gpo_pool(x, n, w, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -241,13 +275,16 @@ def test_validate_false_skips_only_value_checks():
 
 # ------------------------------------------------------------------------------------------------- CUDA
 CUDA_SHAPES = [(B, K, D) for B in (1, 7, 128) for K in (1, 5, 36, 64, 100) for D in (1, 33, 1024)]
+# (impl, B, K, D): the sort kernels on every shape, the rank kernels on the shapes with K <= 64
+CUDA_CASES = ([("sort", *shape) for shape in CUDA_SHAPES + [(3, 512, 65), (2, 300, 1024)]]
+              + [("rank", B, K, D) for B, K, D in CUDA_SHAPES if K <= 64])
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("B,K,D", CUDA_SHAPES + [(3, 512, 65), (2, 300, 1024)],
-                         ids=[f"B{b}-K{k}-D{d}" for b, k, d in CUDA_SHAPES] + ["B3-K512-D65", "B2-K300-D1024"])
-def test_triton_cuda_matches_reference(poison_empty, B, K, D, dtype):
+@pytest.mark.parametrize("impl,B,K,D", CUDA_CASES, ids=[f"{i}-B{b}-K{k}-D{d}" for i, b, k, d in CUDA_CASES])
+def test_triton_cuda_matches_reference(poison_empty, monkeypatch, impl, B, K, D, dtype):
+    monkeypatch.setenv(KERNEL_ENV, impl)
     features, lengths, weights = make_inputs(B, K, D, dtype, device="cuda", kw_extra=K % 3, strided=(B + K) % 2 == 0)
     check_against_reference(features, lengths, weights, "triton")
 
