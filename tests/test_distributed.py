@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.tiny_data import tiny_synthetic, write_tiny_bert_config
 from vse_fast import distributed as vdist
 from vse_fast.distributed import EpochBatchSampler, epoch_permutation
 
@@ -81,15 +82,6 @@ def test_single_process_context_and_identity_gather(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 2-process checks
-
-
-def _tiny_bert_config(path, vocab_size=40, dropout=0.1):
-    cfg = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-               attention_probs_dropout_prob=dropout, model_type="bert")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return str(path)
 
 
 # (name, model options, train mode)
@@ -155,7 +147,7 @@ def test_ddp_global_negatives_match_single_process(tmp_path):
 
     world, n = 2, 6
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
-    bert_config = _tiny_bert_config(tmp_path / "bert.json")
+    bert_config = write_tiny_bert_config(tmp_path / "bert.json")
     inputs = {"bert_config": bert_config, "batch": _make_batch(n, g),
               "gather_x": torch.randn(world, 3, 4, generator=g),
               "gather_w": torch.randn(world, world * 3, 4, generator=g)}
@@ -202,13 +194,9 @@ def test_ddp_global_negatives_match_single_process(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from vse_fast.synthetic import generate
-
     root = tmp_path_factory.mktemp("tiny_synthetic")
-    path = generate(str(root / "data"), flavour="image", seed=0, n_train=48, n_dev=12, n_test=12)
-    with open(os.path.join(path, "vocab.txt")) as f:
-        vocab_size = sum(1 for _ in f)
-    bert_config = _tiny_bert_config(root / "bert_nodrop.json", vocab_size=vocab_size, dropout=0.0)
+    path, vocab_size = tiny_synthetic(root, seed=0)
+    bert_config = write_tiny_bert_config(root / "bert_nodrop.json", vocab_size=vocab_size, dropout=0.0)
     return path, bert_config
 
 

@@ -7,29 +7,17 @@ import shutil
 import pytest
 import torch
 
+from tests.tiny_data import tiny_synthetic, write_tiny_bert_config
 from vse_fast import train
 from vse_fast.distributed import DistContext
-
-
-def _bert_config(path, vocab_size, dropout=0.1):
-    cfg = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-               attention_probs_dropout_prob=dropout, model_type="bert")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny synthetic dataset (240 training captions) and a 1-layer BERT config WITH dropout."""
-    from vse_fast.synthetic import generate
-
     root = tmp_path_factory.mktemp("train_data")
-    data = generate(str(root / "data"), flavour="image", seed=1, n_train=48, n_dev=12, n_test=12)
-    with open(os.path.join(data, "vocab.txt")) as f:
-        vocab_size = sum(1 for _ in f)
-    return data, _bert_config(root / "bert.json", vocab_size)
+    data, vocab_size = tiny_synthetic(root, seed=1)
+    return data, write_tiny_bert_config(root / "bert.json", vocab_size)
 
 
 def _args(tiny, run_dir, *extra):
