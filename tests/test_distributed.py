@@ -9,7 +9,6 @@
 - A 2-process torchrun training run stops at --max_steps, resumes in 1 process and ends where a
   1-process run ends.
 """
-import json
 import os
 import socket
 import subprocess
