@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from vse_fast.data import collate
 from vse_fast.eval import _autocast
 
 
@@ -97,13 +98,10 @@ class Encoder:
             raise ValueError("no feature sets to encode")
         out = []
         for a in range(0, len(sets), self.batch_size):
-            chunk = sets[a:a + self.batch_size]
-            lengths = torch.tensor([len(x) for x in chunk])
-            images = torch.zeros(len(chunk), int(lengths.max()), self.img_dim)
-            for i, x in enumerate(chunk):
-                images[i, : len(x)] = x.float()
+            batch = collate([{"features": x.float()} for x in sets[a:a + self.batch_size]])
             with _autocast(self.device, self.precision):
-                out.append(self.model.encode_images(images.to(self.device), lengths.to(self.device)).float())
+                out.append(self.model.encode_images(batch["images"].to(self.device),
+                                                    batch["img_lengths"].to(self.device)).float())
         return torch.cat(out)
 
     @torch.inference_mode()
@@ -116,13 +114,10 @@ class Encoder:
             raise ValueError("no captions to encode")
         out = []
         for a in range(0, len(tokens), self.batch_size):
-            chunk = tokens[a:a + self.batch_size]
-            lengths = torch.tensor([len(t) for t in chunk])
-            ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
-            for i, t in enumerate(chunk):
-                ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            batch = collate([{"tokens": torch.tensor(t, dtype=torch.long)} for t in tokens[a:a + self.batch_size]])
             with _autocast(self.device, self.precision):
-                out.append(self.model.encode_captions(ids.to(self.device), lengths.to(self.device)).float())
+                out.append(self.model.encode_captions(batch["captions"].to(self.device),
+                                                      batch["cap_lengths"].to(self.device)).float())
         return torch.cat(out)
 
 
