@@ -8,7 +8,9 @@
    rank-counting kernels) vs our torch path vs the published pool; GB/s over the minimal traffic (fwd reads x, writes out; bwd reads x and grad_out, writes grad_x)
    and its fraction of the card's copy bandwidth; peak extra memory.
 4. Whole GPO forward + backward, ours (GPO.pool) vs the published module, B=128 K=36/64 and B=512 K=64,
-   D=1024, bf16 and fp32.
+   D=1024, bf16 and fp32; "ours_torch_table_ms": ours with the packed-GRU table instead of the Triton one.
+5. The coefficient table over sizes 1..K: the fused Triton GRU kernels vs float64 (values and every
+   parameter gradient), and its forward + backward time against the packed cuDNN GRU table.
 
 Smoke test of the logic on CPU (tiny shapes, Triton interpreter):
     TRITON_INTERPRET=1 python bench/gpucheck_gpo.py --smoke
@@ -174,13 +176,63 @@ def time_module(ctx, shapes):
             published = PublishedGPO(32, 32).to(ctx.device)
             ours = GPO(32, 32).to(ctx.device)
             ours.load_state_dict(published.state_dict())
+            ours_torch_table = GPO(32, 32, table_backend="torch").to(ctx.device)
+            ours_torch_table.load_state_dict(published.state_dict())
             features, lengths, _ = _inputs(B, K, D, DTYPES[name], ctx.device)
             ms = {}
             for impl, module, fn in (("ours", ours, lambda: ours.pool(features, lengths)),
+                                     ("ours_torch_table", ours_torch_table,
+                                      lambda: ours_torch_table.pool(features, lengths)),
                                      ("published", published, lambda: published(features, lengths)[0])):
                 ms[impl] = ctx.bench(_fwd_bwd(fn, [features, *module.parameters()]))
             rows.append({"what": "GPO fwd+bwd", "dtype": name, "shape": [B, K, D], "ours_ms": ms["ours"],
+                         "ours_torch_table_ms": ms["ours_torch_table"],
                          "published_ms": ms["published"], "speedup": ms["published"] / ms["ours"]})
+    return rows
+
+
+TABLE_CHECK_K = [1, 5, 36, 64, 100]
+TABLE_TIME_K = [36, 64]
+
+
+def _table_pair(K_seed, device):
+    torch.manual_seed(K_seed)
+    reference = GPO(32, 32, table_backend="torch").double()
+    fused = GPO(32, 32, table_backend="triton").to(device)
+    fused.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
+    return reference, fused
+
+
+def check_table(device, Ks):
+    """Max relative errors of the Triton table and its parameter gradients against float64."""
+    rows = []
+    for K in Ks:
+        reference, fused = _table_pair(K, device)
+        with poisoned_empty():
+            table = fused._table_over_all_sizes(K)
+            upstream = torch.randn(K, K, dtype=torch.float64)
+            grads = torch.autograd.grad((table * upstream.to(table)).sum(), list(fused.parameters()))
+        expected = reference._table_over_all_sizes(K)
+        exp_grads = torch.autograd.grad((expected * upstream).sum(), list(reference.parameters()))
+        grad_err = max(_max_rel(g.cpu(), e) for g, e in zip(grads, exp_grads))
+        errs = {"table": _max_rel(table.cpu(), expected), "grads": grad_err}
+        rows.append({"K": K, **errs, "ok": max(errs.values()) <= 2e-5})
+    return rows
+
+
+def time_table(ctx, Ks):
+    """Coefficient table fwd+bwd over sizes 1..K: Triton kernels vs one packed cuDNN GRU call."""
+    rows = []
+    for K in Ks:
+        _, fused = _table_pair(K, "cpu")
+        fused = fused.to(ctx.device)
+        ms = {}
+        for backend in ("triton", "torch"):
+            fused.table_backend = backend
+            params = list(fused.parameters())
+            ms[backend] = ctx.bench(_fwd_bwd(lambda: fused._table_over_all_sizes(K), params))
+        rows.append({"what": "table fwd+bwd", "K": K, "triton_ms": ms["triton"], "torch_ms": ms["torch"],
+                     "speedup": ms["torch"] / ms["triton"]})
     return rows
 
 
@@ -207,7 +259,12 @@ def _table(result):
         lines.append(f"  pool {r['dtype']} {r['shape']} {r['impl']:<11} {r['ms']:.3f} ms {r['gbs']:.0f} GB/s {frac} "
                      f"peak +{r['peak_extra_mb']:.0f} MB{split}")
     for r in result["module_timing"]:
-        lines.append(f"  GPO {r['dtype']} {r['shape']} ours {r['ours_ms']:.3f} ms, published {r['published_ms']:.3f} ms"
+        lines.append(f"  GPO {r['dtype']} {r['shape']} ours {r['ours_ms']:.3f} ms (torch table "
+                     f"{r['ours_torch_table_ms']:.3f}), published {r['published_ms']:.3f} ms -> {r['speedup']:.1f}x")
+    for r in result["table_correctness"]:
+        lines.append(f"  table K={r['K']}: rel err {r['table']:.2e}, grads {r['grads']:.2e} {'ok' if r['ok'] else 'FAIL'}")
+    for r in result["table_timing"]:
+        lines.append(f"  table fwd+bwd K={r['K']}: triton {r['triton_ms']:.3f} ms, packed GRU {r['torch_ms']:.3f} ms"
                      f" -> {r['speedup']:.1f}x")
     return "\n".join(lines)
 
@@ -216,14 +273,18 @@ def run(ctx, smoke=False) -> dict:
     torch.manual_seed(0)
     result = {"correctness": check_correctness(ctx.device, SMOKE_SHAPES if smoke else CHECK_SHAPES)}
     result["no_sync"] = check_no_sync(ctx.device)
+    result["table_correctness"] = check_table(ctx.device, [1, 5] if smoke else TABLE_CHECK_K)
     if smoke:
         result["pool_timing"] = time_pool(ctx, 2, 5, 3)
         result["module_timing"] = time_module(ctx, [(2, 5, 3)])
+        result["table_timing"] = time_table(ctx, [5])
     else:
+        result["table_timing"] = time_table(ctx, TABLE_TIME_K)
         result["pool_timing"] = time_pool(ctx, 512, 64, 1024)
         result["module_timing"] = time_module(ctx, MODULE_SHAPES)
         result["profile"] = profile_module(ctx, 128, 36, 1024, torch.bfloat16)
-    result["ok"] = all(r["ok"] for r in result["correctness"]) and result["no_sync"]["ok"]
+    result["ok"] = (all(r["ok"] for r in result["correctness"] + result["table_correctness"])
+                    and result["no_sync"]["ok"])
     print(_table(result), flush=True)
     return result
 

@@ -28,7 +28,7 @@ def test_every_specialization_builds_for_every_arch(compile_results):
     results, table = compile_results
     names = {r["name"] for r in results}
     assert len(names) == len(results) // len(ARCHES), "a specialization name is used twice"
-    for kind in ("gpo_pool", "contrastive"):
+    for kind in ("gpo_pool", "gpo_table", "contrastive"):
         assert any(kind in n for n in names), f"no {kind} kernel specializations were listed"
     errors = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in results if r["error"]]
     assert not errors, "\n".join(errors)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-KERNEL_MODULES = ("vse_fast.kernels.gpo_pool", "vse_fast.kernels.contrastive")
+KERNEL_MODULES = ("vse_fast.kernels.gpo_pool", "vse_fast.kernels.gpo_table", "vse_fast.kernels.contrastive")
 DEFAULT_ARCHES = (90, 80)
 
 

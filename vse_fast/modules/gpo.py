@@ -6,11 +6,15 @@
 Coefficients: for a set of size n, sinusoidal position encodings of positions 0..n-1 run through a
 bidirectional GRU (reverse direction starting at n-1), the two directions averaged, scored by a
 bias-free linear layer, positions >= n scored -10000, softmax of score / 0.1 over positions.
-One packed bidirectional GRU call over the prefixes pe[0..n-1] of the needed sizes n gives every
-size's coefficients (the forward direction is the same for all sizes; the reverse one starts at n-1).
-Hence coefficients are computed once per distinct size, never per sample:
+The forward GRU direction is the same for all sizes; the reverse one starts at n-1. Coefficients are
+computed once per size, never per sample, by one of two table backends (`table_backend`):
 
-* ``forward`` (drop-in, may sync with the host): sizes = the distinct lengths of the batch.
+* "triton" (auto on CUDA): one fused kernel runs both directions of every size 1..K with the hidden
+  states in registers, forward and hand-written backward (vse_fast.ops.gpo_table);
+* "torch": one packed bidirectional GRU call over the prefixes pe[0..n-1] of the needed sizes.
+
+* ``forward`` (drop-in, may sync with the host): the torch backend builds the distinct lengths of the
+  batch, the Triton one every size up to max(lengths).
 * ``coefficients`` / ``pool`` (no host sync; used by our encoders): a table over every size 1..K
   (K = features.shape[1], a Python int), gathered by length on the device.
 
@@ -22,12 +26,11 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, gpo_pool
+from vse_fast.ops.gpo_table import triton_coefficient_table, torch_coefficient_table, use_triton_table
 
-_PAD_SCORE = -10000.0
-_TEMPERATURE = 0.1
+TABLE_BACKENDS = ("auto", "triton", "torch")
 
 
 def positional_encoding_1d(d_pe: int, length: int, device=None) -> torch.Tensor:
@@ -74,18 +77,23 @@ class _SortedPool(nn.Module):
 
 
 class GPO(_SortedPool):
-    """Generalized Pooling Operator. Args: d_pe (even), d_hidden.
+    """Generalized Pooling Operator. Args: d_pe (even), d_hidden; table_backend (keyword, ours): how the
+    coefficient table is computed: "triton" (one fused GRU kernel for every size, d_hidden <= 64),
+    "torch" (one packed GRU call) or "auto" (Triton for CUDA parameters, torch otherwise).
     Parameters: gru (nn.GRU(d_pe, d_hidden, bidirectional, batch_first)), linear (d_hidden -> 1, no bias).
 
     forward(features (B, K, D), lengths (B,)) -> (pooled (B, D), weights (B, L, 1)), L = max(lengths).
     pool(features, lengths) -> pooled (B, D), without host syncs.
     """
 
-    def __init__(self, d_pe: int = 32, d_hidden: int = 32):
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32, *, table_backend: str = "auto"):
         super().__init__()
         if d_pe % 2:
             raise ValueError(f"GPO needs an even d_pe for sin/cos position encodings, got d_pe={d_pe}")
+        if table_backend not in TABLE_BACKENDS:
+            raise ValueError(f"unknown table_backend {table_backend!r}; choose one of {TABLE_BACKENDS}")
         self.d_pe, self.d_hidden = d_pe, d_hidden
+        self.table_backend = table_backend
         self.gru = nn.GRU(d_pe, d_hidden, 1, batch_first=True, bidirectional=True)
         self.linear = nn.Linear(d_hidden, 1, bias=False)
         self._pe_cache = {}  # (device, length) -> (length, d_pe) float32
@@ -106,25 +114,21 @@ class GPO(_SortedPool):
         One packed bidirectional GRU call over the S prefixes pe[0..n-1] (sizes known on the host:
         no device sync)."""
         self.table_builds += 1
-        device = self.linear.weight.device
-        pe = self._positional_encoding(longest, device).to(self.linear.weight.dtype)  # (M, d_pe)
-        prefixes = pe.unsqueeze(0).expand(sizes.shape[0], longest, self.d_pe)
-        packed = pack_padded_sequence(prefixes, sizes, batch_first=True, enforce_sorted=True)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=longest)  # (S, M, 2H), 0 after n
-        averaged = (out[:, :, : self.d_hidden] + out[:, :, self.d_hidden:]) / 2
-        scores = self.linear(averaged)  # (S, M, 1)
-        valid = torch.arange(longest, device=device) < device_sizes.unsqueeze(1)
-        scores = scores.masked_fill(~valid.unsqueeze(-1), _PAD_SCORE)
-        return torch.softmax(scores / _TEMPERATURE, 1).squeeze(-1)
+        pe = self._positional_encoding(longest, self.linear.weight.device)
+        return torch_coefficient_table(pe, self.gru, self.linear.weight, sizes, device_sizes)
 
     def _table_over_all_sizes(self, K: int) -> torch.Tensor:
-        """(K, K): row n-1 = coefficients of a set of size n, for n = 1..K."""
-        device_sizes = torch.arange(K, 0, -1, device=self.linear.weight.device)
+        """(K, K): row n-1 = coefficients of a set of size n, for n = 1..K. On the Triton path one fused
+        kernel runs both GRU directions of all K prefixes; otherwise one packed GRU call."""
+        device = self.linear.weight.device
+        if use_triton_table(self.gru, self.table_backend):
+            self.table_builds += 1
+            return triton_coefficient_table(self._positional_encoding(K, device), self.gru, self.linear.weight)
+        device_sizes = torch.arange(K, 0, -1, device=device)
         return self._coefficient_table(torch.arange(K, 0, -1), K, device_sizes).flip(0)
 
     def _cache_key(self):
-        return tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in self.parameters())
+        return (self.table_backend,) + tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in self.parameters())
 
     def _cache_usable(self) -> bool:
         if self.training:
@@ -158,6 +162,8 @@ class GPO(_SortedPool):
         longest = int(n.max())
         if self._cache_usable():
             weights = self._full_table(longest).index_select(0, n - 1)[:, :longest]
+        elif use_triton_table(self.gru, self.table_backend):  # every size 1..longest in one kernel
+            weights = self._table_over_all_sizes(longest).index_select(0, n - 1)
         else:  # once per distinct length (reads the lengths on the host; allowed here)
             sizes, inverse = torch.unique(n.cpu(), return_inverse=True)  # ascending
             sizes = sizes.flip(0)
