@@ -2,10 +2,11 @@
 
 1. Triton pool forward + backward vs a float64 reference, every dtype, odd shapes (K = 1, 5, 36, 64, 100,
    512; D = 1, 33, 1024; non-contiguous inputs; outputs poisoned with NaN): max relative errors. Shapes
-   with K <= 64 run with both kernel implementations (VSE_FAST_GPO_POOL_KERNEL = sort, rank).
+   with K <= 64 run with the rank kernels too, and two shapes with the sorting networks
+   (VSE_FAST_GPO_POOL_KERNEL = sort, rank, net).
 2. The no-sync encoder path GPO.pool, forward + backward, under torch.cuda.set_sync_debug_mode("error").
 3. Pool forward + backward at B=512 K=64 D=1024 (bf16, fp32): Triton (sort kernels; "triton-rank": the
-   rank-counting kernels) vs our torch path vs the published pool; GB/s over the minimal traffic (fwd reads x, writes out; bwd reads x and grad_out, writes grad_x)
+   rank-counting kernels; "triton-net": the sorting-network kernels) vs our torch path vs the published pool; GB/s over the minimal traffic (fwd reads x, writes out; bwd reads x and grad_out, writes grad_x)
    and its fraction of the card's copy bandwidth; peak extra memory.
 4. Whole GPO forward + backward, ours (GPO.pool) vs the published module, B=128 K=36/64 and B=512 K=64,
    D=1024, bf16 and fp32; "ours_torch_table_ms": ours with the packed-GRU table instead of the Triton one.
@@ -29,7 +30,7 @@ if ROOT not in sys.path:
 from tests.poison import poisoned_empty  # noqa: E402
 from tests.published.gpo import PublishedGPO, published_pool  # noqa: E402
 from vse_fast.modules.gpo import GPO  # noqa: E402
-from vse_fast.kernels.gpo_pool import KERNEL_ENV, RANK_MAX_K  # noqa: E402
+from vse_fast.kernels.gpo_pool import KERNEL_ENV, NET_MAX_K, RANK_MAX_K  # noqa: E402
 from vse_fast.ops.gpo_pool import gpo_pool  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,23 +89,36 @@ def kernel_impl(impl):
             os.environ[KERNEL_ENV] = old
 
 
+NET_CHECK_SHAPES = [(7, 5, 33, True), (128, 64, 1024, False)]  # the second shares its build with the timing
+NET_CHECK_SKIP = {((128, 64, 1024, False), "fp16")}  # fp16 keys = bf16 code path; saves a ~40 s build
+
+
+def _cases(shapes):
+    """(shape, impl, dtype name) to check: sort on every shape, rank on K <= 64, and the sorting networks
+    (slow to build: about 40 s per dtype for the 64-input backward) on NET_CHECK_SHAPES."""
+    cases = [(shape, "sort", name) for name in DTYPES for shape in shapes]
+    cases += [(shape, "rank", name) for name in DTYPES for shape in shapes if shape[1] <= RANK_MAX_K]
+    net_shapes = [shape for shape in NET_CHECK_SHAPES if shape[1] <= max(sh[1] for sh in shapes)]
+    cases += [(shape, "net", name) for name in DTYPES for shape in net_shapes if (shape, name) not in NET_CHECK_SKIP]
+    return cases
+
+
 def check_correctness(device, shapes):
     rows = []
-    for name, dtype in DTYPES.items():
-        for (B, K, D, strided), impl in [(shape, impl) for shape in shapes
-                                         for impl in (("sort", "rank") if shape[1] <= RANK_MAX_K else ("sort",))]:
-            features, lengths, weights = _inputs(B, K, D, dtype, device, strided, kw_extra=K % 3)
-            with poisoned_empty(), kernel_impl(impl):
-                out = gpo_pool(features, lengths, weights, backend="triton")
-                grad_out = torch.randn(out.shape, device=device).to(dtype)
-                gx, gw = torch.autograd.grad(out, (features, weights), grad_out)
-            x64 = features.detach().double().requires_grad_()
-            w64 = weights.detach().double().requires_grad_()
-            ref = reference_pool(x64, lengths, w64)
-            rgx, rgw = torch.autograd.grad(ref, (x64, w64), grad_out.double())
-            errs = {"out": _max_rel(out, ref), "grad_x": _max_rel(gx, rgx), "grad_w": _max_rel(gw, rgw)}
-            ok = max(errs.values()) <= TOLERANCE[dtype]
-            rows.append({"dtype": name, "impl": impl, "shape": [B, K, D], "strided": strided, **errs, "ok": ok})
+    for (B, K, D, strided), impl, name in _cases(shapes):
+        dtype = DTYPES[name]
+        features, lengths, weights = _inputs(B, K, D, dtype, device, strided, kw_extra=K % 3)
+        with poisoned_empty(), kernel_impl(impl):
+            out = gpo_pool(features, lengths, weights, backend="triton")
+            grad_out = torch.randn(out.shape, device=device).to(dtype)
+            gx, gw = torch.autograd.grad(out, (features, weights), grad_out)
+        x64 = features.detach().double().requires_grad_()
+        w64 = weights.detach().double().requires_grad_()
+        ref = reference_pool(x64, lengths, w64)
+        rgx, rgw = torch.autograd.grad(ref, (x64, w64), grad_out.double())
+        errs = {"out": _max_rel(out, ref), "grad_x": _max_rel(gx, rgx), "grad_w": _max_rel(gw, rgw)}
+        ok = max(errs.values()) <= TOLERANCE[dtype]
+        rows.append({"dtype": name, "impl": impl, "shape": [B, K, D], "strided": strided, **errs, "ok": ok})
     return rows
 
 
@@ -147,6 +161,8 @@ def time_pool(ctx, B, K, D):
         }
         if K <= RANK_MAX_K:
             impls["triton-rank"] = (triton_fn, "rank")
+        if K <= NET_MAX_K:
+            impls["triton-net"] = (triton_fn, "net")
         for impl, (fn, kernel) in impls.items():
             with kernel_impl(kernel):
                 rows.append(_time_one(ctx, impl, fn, features, weights, name, [B, K, D], min_bytes))

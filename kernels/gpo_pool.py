@@ -32,6 +32,9 @@ Two implementations, chosen per launch by the environment variable VSE_FAST_GPO_
   by rank; a NaN propagates through the product). Backward: grad_x[j, d] = grad_out[d] * w[rank[j, d]],
   and grad_w[r] = sum of grad_out[d] * x[j, d] over the (j, d) of rank r, one tile reduction per rank
   r < n (deterministic, no atomics), written as the same (B, D-blocks, BLOCK_K) fp32 partials.
+- "net" (K <= NET_MAX_K = 64; larger K falls back to "sort"): sorting networks in registers, one thread
+  per feature column, no shuffles and no shared memory (vse_fast.kernels.gpo_pool_net). Forward:
+  one network over fp32 values; backward: one over the packed keys, one inverting the permutation.
   An unknown value raises ValueError. The choice is part of `PoolSettings` (kept for the backward).
 
 The launchers pick BLOCK_K / BLOCK_D / num_warps from `pool_settings` (buckets by K only);
@@ -50,11 +53,13 @@ _TILE = 4096  # elements per program tile: BLOCK_K * BLOCK_D
 _NUM_WARPS_FWD = 4
 _NUM_WARPS_BWD = 8
 KERNEL_ENV = "VSE_FAST_GPO_POOL_KERNEL"
-KERNEL_IMPLS = ("sort", "rank")
+KERNEL_IMPLS = ("sort", "rank", "net")
 RANK_MAX_K = 64  # largest set size of the rank-counting kernels (K^2 compares per column)
 _RANK_TILE = 4096  # rank kernels: BLOCK_K * BLOCK_D
 _RANK_NUM_WARPS_FWD = 8
 _RANK_NUM_WARPS_BWD = 8
+NET_MAX_K = 64  # largest set size of the sorting-network kernels (vse_fast.kernels.gpo_pool_net)
+_NET_NUM_WARPS = 4  # one feature column per thread: BLOCK_D = 32 * warps
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -68,7 +73,7 @@ class PoolSettings:
     num_warps_fwd: int
     num_warps_bwd: int
     num_stages: int = 1  # no pipelined loops
-    impl: str = "sort"  # "sort" or "rank" (module docstring)
+    impl: str = "sort"  # "sort", "rank" or "net" (module docstring)
 
 
 def _interpreting() -> bool:
@@ -77,25 +82,33 @@ def _interpreting() -> bool:
 
 def kernel_impl(K: int) -> str:
     """The implementation for set size K from VSE_FAST_GPO_POOL_KERNEL: "sort" (default, also when
-    unset or empty) or "rank" (used for K <= RANK_MAX_K, "sort" above). Unknown values raise ValueError."""
+    unset or empty), "rank" (used for K <= RANK_MAX_K) or "net" (used for K <= NET_MAX_K); larger K
+    falls back to "sort". Unknown values raise ValueError."""
     impl = os.environ.get(KERNEL_ENV, "") or "sort"
     if impl not in KERNEL_IMPLS:
         raise ValueError(f"{KERNEL_ENV}={impl!r} is not a GPO pool kernel; choose one of {KERNEL_IMPLS}")
-    return "rank" if impl == "rank" and K <= RANK_MAX_K else "sort"
+    if (impl == "rank" and K <= RANK_MAX_K) or (impl == "net" and K <= NET_MAX_K):
+        return impl
+    return "sort"
 
 
 def pool_settings(K: int, D: int, impl: str = None) -> PoolSettings:
     """Bucketed launch settings for set size K (1 <= K <= MAX_K), by K only:
     BLOCK_K = max(16, next_pow2(K)), BLOCK_D = 4096 // BLOCK_K (256 .. 8 columns).
-    impl: "sort" | "rank" | None (None: `kernel_impl(K)`, from the environment).
+    impl: "sort" | "rank" | "net" | None (None: `kernel_impl(K)`, from the environment).
     Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests) tiles shrink to
     BLOCK_K = max(2, next_pow2(K)), BLOCK_D = min(16, next_pow2(D)): the interpreter's cost grows
     with the tile size, the kernels' arithmetic does not depend on it."""
     if not 1 <= K <= MAX_K:
         raise ValueError(f"the Triton GPO pool takes set sizes 1..{MAX_K}, got K={K}")
     impl = kernel_impl(K) if impl is None else impl
-    if impl not in KERNEL_IMPLS or (impl == "rank" and K > RANK_MAX_K):
-        raise ValueError(f"impl {impl!r} cannot run K={K}; 'sort' takes K <= {MAX_K}, 'rank' K <= {RANK_MAX_K}")
+    if impl not in KERNEL_IMPLS or (impl == "rank" and K > RANK_MAX_K) or (impl == "net" and K > NET_MAX_K):
+        raise ValueError(f"impl {impl!r} cannot run K={K}; 'sort' takes K <= {MAX_K}, 'rank' K <= {RANK_MAX_K}, "
+                         f"'net' K <= {NET_MAX_K}")
+    if impl == "net":  # BLOCK_K = the network size, one column per thread
+        block_k = max(2, triton.next_power_of_2(K))
+        block_d = min(16, triton.next_power_of_2(max(D, 1))) if _interpreting() else 32 * _NET_NUM_WARPS
+        return PoolSettings(block_k, block_d, _NET_NUM_WARPS, _NET_NUM_WARPS, impl=impl)
     if impl == "rank":
         warps, tile = (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD), _RANK_TILE
     else:
@@ -307,6 +320,22 @@ def _check_launch(x, lengths, w):
         raise TypeError(f"launcher wants int32 lengths and float32 weights, got {lengths.dtype} and {w.dtype}")
 
 
+def _kernels(settings: PoolSettings):
+    """(forward, backward) jit kernels of the settings' implementation."""
+    if settings.impl == "net":
+        from vse_fast.kernels.gpo_pool_net import net_kernels
+
+        return net_kernels(settings.BLOCK_K)
+    if settings.impl == "rank":
+        return _gpo_pool_rank_fwd_kernel, _gpo_pool_rank_bwd_kernel
+    return _gpo_pool_fwd_kernel, _gpo_pool_bwd_kernel
+
+
+def _net_flags(settings: PoolSettings) -> dict:
+    """The network kernels run their comparators as inline PTX when compiled, as tl code when interpreted."""
+    return {"USE_ASM": not _interpreting()} if settings.impl == "net" else {}
+
+
 def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settings: PoolSettings = None):
     """Launch the forward. x (B, K, D) fp32/bf16/fp16, any strides; lengths (B,) int32 in [1, K]
     (clamped to [0, K] in the kernel); w (B, Kw) float32 (positions >= min(n, Kw) read as 0).
@@ -319,12 +348,12 @@ def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settin
     if B == 0 or D == 0:
         return out, settings
     grid = (B, triton.cdiv(D, settings.BLOCK_D))
-    kernel = _gpo_pool_rank_fwd_kernel if settings.impl == "rank" else _gpo_pool_fwd_kernel
+    kernel = _kernels(settings)[0]
     kernel[grid](
         x, lengths, w, out,
         K, D, w.shape[1],
         *x.stride(), *w.stride(), *out.stride(),
-        BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D,
+        BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D, **_net_flags(settings),
         num_warps=settings.num_warps_fwd, num_stages=settings.num_stages,
     )
     return out, settings
@@ -342,12 +371,12 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
     gw_part = torch.empty((B, n_d_blocks, settings.BLOCK_K), dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:
         return grad_x.zero_(), torch.zeros((B, Kw), dtype=torch.float32, device=x.device)
-    kernel = _gpo_pool_rank_bwd_kernel if settings.impl == "rank" else _gpo_pool_bwd_kernel
+    kernel = _kernels(settings)[1]
     kernel[(B, n_d_blocks)](
         x, lengths, w, grad_out, grad_x, gw_part,
         K, D, Kw,
         *x.stride(), *w.stride(), *grad_out.stride(), *grad_x.stride(),
-        BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D,
+        BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D, **_net_flags(settings),
         num_warps=settings.num_warps_bwd, num_stages=settings.num_stages,
     )
     gw_sum = gw_part.sum(dim=1)  # (B, BLOCK_K)
@@ -405,4 +434,32 @@ def compile_specializations() -> list:
                         "num_warps": num_warps,
                         "num_stages": s.num_stages,
                     })
+    specs += _net_specializations()
+    return specs
+
+
+def _net_specializations() -> list:
+    """The sorting-network kernels ("gpo_pool_net_fwd-..."/"gpo_pool_net_bwd-..."), every network size."""
+    from vse_fast.kernels.gpo_pool_net import NET_SIZES, net_kernels
+
+    specs = []
+    for dtype, tdt in _TRITON_DTYPE.items():
+        for block_k in NET_SIZES:
+            s = pool_settings(block_k, 1024, impl="net") if not _interpreting() else None
+            block_d = s.BLOCK_D if s else 32 * _NET_NUM_WARPS
+            fwd_fn, bwd_fn = net_kernels(block_k)
+            common = {"len_ptr": "*i32", "w_ptr": "*fp32", "K": "i32", "D": "i32", "Kw": "i32",
+                      "stride_xb": "i32", "stride_xk": "i32", "stride_xd": "constexpr",
+                      "stride_wb": "i32", "stride_wk": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
+            common["USE_ASM"] = "constexpr"
+            consts = {"stride_xd": 1, "stride_wk": 1, "BLOCK_K": block_k, "BLOCK_D": block_d, "USE_ASM": True}
+            fwd_sig = {"x_ptr": f"*{tdt}", "out_ptr": f"*{tdt}", "stride_ob": "i32", "stride_od": "constexpr", **common}
+            bwd_sig = {"x_ptr": f"*{tdt}", "gout_ptr": f"*{tdt}", "gx_ptr": f"*{tdt}", "gw_part_ptr": "*fp32",
+                       "stride_gob": "i32", "stride_god": "constexpr",
+                       "stride_gxb": "i32", "stride_gxk": "i32", "stride_gxd": "constexpr", **common}
+            for name, fn, sig, extra in (("fwd", fwd_fn, fwd_sig, {"stride_od": 1}),
+                                         ("bwd", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1})):
+                specs.append({"name": f"gpo_pool_net_{name}-{tdt}-K{block_k}-D{block_d}", "fn": fn,
+                              "signature": {a: sig[a] for a in fn.arg_names}, "constexprs": {**consts, **extra},
+                              "num_warps": _NET_NUM_WARPS, "num_stages": 1})
     return specs

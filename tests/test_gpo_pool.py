@@ -115,7 +115,7 @@ def test_torch_path_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda x, w: gpo_pool(x, lengths, w, backend="torch"), (features, weights))
 
 
-@pytest.mark.parametrize("impl", ["sort", "rank"])
+@pytest.mark.parametrize("impl", ["sort", "rank", "net"])
 def test_padding_never_leaks(monkeypatch, impl):
     """Huge or NaN values at padding positions and NaN weights beyond n change nothing."""
     monkeypatch.setenv(KERNEL_ENV, impl)
@@ -147,8 +147,9 @@ def _nan_and_tie_inputs(dtype):
 
 
 @pytest.mark.parametrize("backend,impl", [("torch", "sort"), pytest.param("triton", "sort", marks=requires_interpreter),
-                                          pytest.param("triton", "rank", marks=requires_interpreter)],
-                         ids=["torch", "triton-sort", "triton-rank"])
+                                          pytest.param("triton", "rank", marks=requires_interpreter),
+                                          pytest.param("triton", "net", marks=requires_interpreter)],
+                         ids=["torch", "triton-sort", "triton-rank", "triton-net"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_nan_propagates_and_ties_are_stable(monkeypatch, backend, impl, dtype):
     """NaN sorts first (as in torch.sort) and propagates; tied values take ranks in their original
@@ -173,7 +174,7 @@ INTERP_CASES = [  # (B, K, D, kw_extra, strided, lengths): 1-4 programs each
     (2, 5, 3, 2, False, [1, 5]),
     (2, 9, 20, 3, True, [9, 4]),  # two D-blocks, Kw > K, non-contiguous features and weights
 ]
-KERNEL_IMPLS = ["sort", "rank"]  # values of VSE_FAST_GPO_POOL_KERNEL
+KERNEL_IMPLS = ["sort", "rank", "net"]  # values of VSE_FAST_GPO_POOL_KERNEL
 
 
 @requires_interpreter
@@ -205,15 +206,96 @@ def test_triton_interpreter_many_ties_bf16(monkeypatch, impl):
         torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=what)
 
 
+@requires_interpreter
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("K,lengths", [(33, [33, 17]), (64, [64, 2])], ids=["K33", "K64"])
+def test_triton_interpreter_net_largest_networks(poison_empty, monkeypatch, K, lengths, dtype):
+    """The 64-input sorting network (K = 33 pads to it, K = 64 fills it), non-contiguous, Kw > K."""
+    monkeypatch.setenv(KERNEL_ENV, "net")
+    features, lengths, weights = make_inputs(2, K, 3, dtype, kw_extra=2, strided=True, lengths=torch.tensor(lengths))
+    check_against_reference(features, lengths, weights, "triton")
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
+def test_sorting_networks_sort_every_zero_one_input(n):
+    """0-1 principle: a comparator network that sorts all 2^n zero-one inputs sorts every input."""
+    from vse_fast.kernels.gpo_pool_net import batcher_pairs
+
+    pairs = batcher_pairs(n)
+    bits = (torch.arange(2 ** n)[:, None] >> torch.arange(n)[None, :]) & 1  # (2^n, n)
+    v = bits.clone()
+    for i, j in pairs:
+        v[:, i], v[:, j] = torch.maximum(v[:, i], v[:, j]), torch.minimum(v[:, i], v[:, j])
+    assert torch.equal(v, bits.sort(dim=1, descending=True).values)
+
+
+@pytest.mark.parametrize("n,comparators", [(32, 191), (64, 543)])
+def test_sorting_networks_large_sizes(n, comparators):
+    from vse_fast.kernels.gpo_pool_net import batcher_pairs
+
+    pairs = batcher_pairs(n)
+    assert len(pairs) == comparators and all(i < j for i, j in pairs)
+    v = torch.randn(2000, n)
+    v[:100, : n // 2] = v[:100, n // 2:]  # ties
+    x = v.clone()
+    for i, j in pairs:
+        x[:, i], x[:, j] = torch.maximum(x[:, i], x[:, j]), torch.minimum(x[:, i], x[:, j])
+    assert torch.equal(x, v.sort(dim=1, descending=True).values)
+
+
+def _run_ptx(ptx, inputs):
+    """Execute the mov/max/min PTX of `network_ptx` on Python numbers: $0..$n-1 outputs, $n.. inputs."""
+    import re
+
+    n = len(inputs)
+    reg = {f"${n + i}": v for i, v in enumerate(inputs)}
+    for op, dst, srcs in re.findall(r"(mov|max|min)\.\w+ (\S+), ([^;]+);", ptx):
+        vals = [reg[r.strip()] for r in srcs.split(",")]
+        reg[dst] = vals[0] if op == "mov" else (max(vals) if op == "max" else min(vals))
+    return [reg[f"${i}"] for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 8, 64])
+@pytest.mark.parametrize("descending", [True, False], ids=["desc", "asc"])
+def test_network_ptx_sorts(n, descending):
+    """The inline PTX the compiled kernels run is the comparator network, in both directions."""
+    from vse_fast.kernels.gpo_pool_net import batcher_pairs, network_ptx
+
+    ptx = network_ptx(n, batcher_pairs(n), descending, "s32")
+    assert ptx.count("max.s32") == ptx.count("min.s32") == len(batcher_pairs(n))
+    gen = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        values = torch.randint(-50, 50, (n,), generator=gen).tolist()
+        assert _run_ptx(ptx, values) == sorted(values, reverse=descending)
+
+
+def test_generated_net_module_is_cached_by_source(tmp_path, monkeypatch):
+    import vse_fast.kernels.gpo_pool_net as net
+
+    monkeypatch.setenv("VSE_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(net, "_MODULE", None)
+    module = net.generated_module()
+    files = list(tmp_path.glob("gpo_pool_net_*.py"))
+    assert len(files) == 1 and files[0].read_text() == net.module_source()
+    for size in net.NET_SIZES:
+        fwd, bwd = net.net_kernels(size)
+        assert fwd.fn.__name__ == f"gpo_pool_net{size}_fwd_kernel" and bwd.fn.__module__ == module.__name__
+    with pytest.raises(ValueError, match="no sorting network for BLOCK_K=128"):
+        net.net_kernels(128)
+
+
 def test_kernel_impl_selection(monkeypatch):
-    """VSE_FAST_GPO_POOL_KERNEL: unset/"sort" -> sort; "rank" -> rank for K <= 64, sort above."""
-    from vse_fast.kernels.gpo_pool import RANK_MAX_K, pool_settings
+    """VSE_FAST_GPO_POOL_KERNEL: unset/"sort" -> sort; "rank" / "net" -> that for K <= 64, sort above."""
+    from vse_fast.kernels.gpo_pool import NET_MAX_K, RANK_MAX_K, pool_settings
 
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     assert pool_settings(RANK_MAX_K, 8).impl == "sort"
     monkeypatch.setenv(KERNEL_ENV, "rank")
     assert pool_settings(1, 8).impl == "rank" and pool_settings(RANK_MAX_K, 8).impl == "rank"
     assert pool_settings(RANK_MAX_K + 1, 8).impl == "sort"
+    monkeypatch.setenv(KERNEL_ENV, "net")
+    assert pool_settings(1, 8).impl == "net" and pool_settings(NET_MAX_K, 8).impl == "net"
+    assert pool_settings(NET_MAX_K + 1, 8).impl == "sort"
     monkeypatch.setenv(KERNEL_ENV, "sort")
     assert pool_settings(5, 8).impl == "sort"
 
@@ -275,9 +357,9 @@ def test_validate_false_skips_only_value_checks():
 
 # ------------------------------------------------------------------------------------------------- CUDA
 CUDA_SHAPES = [(B, K, D) for B in (1, 7, 128) for K in (1, 5, 36, 64, 100) for D in (1, 33, 1024)]
-# (impl, B, K, D): the sort kernels on every shape, the rank kernels on the shapes with K <= 64
+# (impl, B, K, D): the sort kernels on every shape, the rank and net kernels on the shapes with K <= 64
 CUDA_CASES = ([("sort", *shape) for shape in CUDA_SHAPES + [(3, 512, 65), (2, 300, 1024)]]
-              + [("rank", B, K, D) for B, K, D in CUDA_SHAPES if K <= 64])
+              + [(impl, B, K, D) for impl in ("rank", "net") for B, K, D in CUDA_SHAPES if K <= 64])
 
 
 @requires_cuda
