@@ -1,7 +1,8 @@
 """Contrastive loss forward + backward: ours vs the published re-implementation, same run.
 
 CPU: the torch paths in fp32 (B = 128, 1024, 4096). GPU: the Triton path in bf16 at B = 128 ...
-32768 (the published loss is skipped at 32768: its (B, B) fp32 temporaries do not fit comfortably).
+32768 (the published loss is skipped at 32768: its (B, B) fp32 temporaries do not fit comfortably);
+B = 128 runs the one-launch "small" path, B = 129 the smallest "fused" one (the boundary).
 D = 1024, both modes. The GPU fixture records the peak extra memory in extra_info.
     pytest bench/bench_loss.py --benchmark-only
 """
@@ -13,7 +14,7 @@ from vse_fast.ops.contrastive import contrastive_loss
 
 D = 1024
 ON_GPU = torch.cuda.is_available()
-SIZES = [128, 1024, 4096] + ([16384, 32768] if ON_GPU else [])
+SIZES = [128] + ([129] if ON_GPU else []) + [1024, 4096] + ([16384, 32768] if ON_GPU else [])
 CPU_ROUNDS = {128: None, 1024: 5, 4096: 2}  # None: pytest-benchmark's own calibration
 
 

@@ -1,8 +1,12 @@
 """GPU check of the contrastive loss kernels (section "loss" of bench/gpu_check.py).
 
 Correctness: Triton vs a float64 reference (value, both gradients under a random upstream gradient,
-hardest indices) for fp32/bf16/fp16, VSE0/VSE++, with and without positives, odd shapes, with
-torch.empty poisoned to NaN. No host sync in forward + backward (set_sync_debug_mode("error")).
+hardest indices) for fp32/bf16/fp16, VSE0/VSE++, with and without positives, odd shapes covering the
+"small" (B <= 128, one launch), "fused" (both terms from one pass over S) and "terms" (positives)
+paths, with torch.empty poisoned to NaN; exact ties (integer inputs) resolve to the first index as in
+the reference. No host sync in forward + backward (set_sync_debug_mode("error")).
+Launches: device kernels per forward + backward at B = 128 and 129, bf16, ours and published
+(torch.profiler, CUDA activity), in "launches_per_fwd_bwd".
 Timing (fwd + bwd, median ms): ours vs the published re-implementation at B = 128, 4096, 16384
 (D = 1024, bf16 and fp32), ours alone at 32768 bf16 with peak extra memory, and two cuBLAS bf16
 matmuls B x D @ D x B (the FLOP floor of a forward that computes S twice) for the ratio.
@@ -21,7 +25,8 @@ from tests.published.loss import PublishedContrastiveLoss  # noqa: E402
 from vse_fast.ops.contrastive import contrastive_loss, contrastive_loss_naive  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # relative to max |ref|
-SHAPES = [(1, 1, 1), (7, 7, 33), (129, 129, 1024), (1000, 1000, 33), (1, 7, 33), (129, 1000, 1024)]
+SHAPES = [(1, 1, 1), (7, 7, 33), (128, 128, 1024), (129, 129, 1024), (1000, 1000, 33), (4096, 4096, 64),
+          (1, 7, 33), (129, 1000, 1024)]
 D_BENCH = 1024
 
 
@@ -60,6 +65,41 @@ def _check_case(N, M, D, dtype, mv, device):
     if mv and dtype == torch.float32:  # up to 1 + M // 100 near-tie mismatches when M >= 100
         idx_ok = all(int((idx[t] != ref_idx[t]).sum()) <= (0 if M < 100 else 1 + M // 100) for t in idx)
     return err, idx_ok
+
+
+def _check_ties(device):
+    """Integer inputs in {-2..2}: exact ties; hardest indices must equal the reference's (first index)."""
+    ok = True
+    for B in (128, 1000):
+        for dtype in (torch.bfloat16, torch.float32):
+            im = torch.randint(-2, 3, (B, 40), device=device).to(dtype)
+            s = torch.randint(-2, 3, (B, 40), device=device).to(dtype)
+            _, idx = contrastive_loss(im, s, 0.2, True, backend="triton", return_indices=True)
+            _, ref = contrastive_loss_naive(im.double(), s.double(), 0.2, True)
+            ok &= all(torch.equal(idx[t], ref[t]) for t in ref)
+    return bool(ok)
+
+
+def _count_launches(fn, steps=3):
+    """Device kernels (and memsets/copies) per call of fn, from torch.profiler's CUDA activity, with
+    their names; the host-side launch API calls per call as a cross-check."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    device = [e.name for e in events if e.device_type == DeviceType.CUDA]
+    api = [e.name for e in events if e.device_type == DeviceType.CPU and "LaunchKernel" in e.name]
+    names = {}
+    for n in device:
+        names[n[:60]] = names.get(n[:60], 0) + 1
+    return {"device_ops_per_call": len(device) / steps, "launch_api_calls_per_call": len(api) / steps,
+            "names": {k: v / steps for k, v in sorted(names.items())}}
 
 
 def _check_no_sync(device):
@@ -134,6 +174,24 @@ def run(ctx) -> dict:
         result["no_sync_error"] = str(exc)[:300]
         ok = False
     print(f"loss no host sync: {result['no_sync']}", flush=True)
+    result["ties_first_index_ok"] = _check_ties(device)
+    ok &= result["ties_first_index_ok"]
+    print(f"loss ties -> first index: {result['ties_first_index_ok']}", flush=True)
+    launches = {}
+    for B in (128, 129):  # the "small" path and the smallest "fused" one, bf16
+        im = torch.randn(B, D_BENCH, device=device, dtype=torch.bfloat16, requires_grad=True)
+        s = torch.randn(B, D_BENCH, device=device, dtype=torch.bfloat16, requires_grad=True)
+        for mode, mv in (("vse0", False), ("vsepp", True)):
+            for impl, fn in (("ours", lambda a, b: contrastive_loss(a, b, 0.2, mv)),
+                             ("published", PublishedContrastiveLoss(None, 0.2, mv))):
+                key = f"B{B}-bf16-{mode}-{impl}"
+                try:
+                    launches[key] = _count_launches(_step(fn, im, s))
+                except Exception as exc:  # the profiler is a diagnostic: never fail the section on it
+                    launches[key] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    result["launches_per_fwd_bwd"] = launches
+    print("loss kernels per fwd+bwd: " + ", ".join(
+        f"{k} {v.get('device_ops_per_call', v.get('error'))}" for k, v in launches.items()), flush=True)
 
     floors = {B: _matmul_floor(ctx, B) for B in (4096, 16384, 32768)}
     result["cublas_two_bf16_matmuls_ms"] = floors

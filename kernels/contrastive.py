@@ -3,35 +3,70 @@
 Inputs: images ``im`` (N, D), captions ``s`` (M, D), ``labels`` (M,) int64 = index of each caption's
 image (``None``: the diagonal, N == M). Similarities S = im @ s.T are never written to memory.
 
-Every positive pair (caption j, image p_j) has the threshold d_j = <im[p_j], s[j]> and two terms,
-each a *row reduction* of a product X @ Y.T masked by a label test (the row of pair j is r = j):
+Every positive pair (caption j, image p_j) has the threshold d_j = <im[p_j], s[j]> (fp32 pair dot,
+`_pair_dot`) and two terms, each a reduction of the similarities of its negatives:
 
-    i2t (caption retrieval): X = im[labels] (gathered in-kernel), Y = s,  invalid where labels[c] == p_j
-    t2i (image retrieval):   X = s,                             Y = im, invalid where c == p_j
+    i2t (caption retrieval): row p_j of S over captions c with labels[c] != p_j
+    t2i (image retrieval):   column j of S over images c != p_j
 
-VSE++ keeps the running max of the valid similarities and its column (first index on ties); since
-relu is monotone, max_c relu(m + T[j, c] - d_j) = relu(m + max_c T[j, c] - d_j). VSE0 keeps the
-running hinge sum sum_c relu(m + T[j, c] - d_j) and the count of active hinges.
+VSE++ keeps the running max of the valid similarities and its index (first index on ties); since
+relu is monotone, max_c relu(m + S_c - d_j) = relu(m + max_c S_c - d_j). VSE0 keeps the running
+hinge sum sum_c relu(m + S_c - d_j) and the count of active hinges.
 
-Launches of the forward: `_contrastive_fwd_kernel` once per term, grid (row blocks, column splits)
-so that small batches still fill the GPU; each program writes per-row partials (max + argmax, or sum
-+ count) of its column range; `_contrastive_combine_kernel` reduces the splits in column order
-(deterministic, first index on ties), computes d_j and writes the per-pair loss values (scaled).
+Three forward paths (`contrastive_path` picks one):
+
+* "small" (labels None, both terms, N = M <= settings.SMALL_B): `_contrastive_small_fwd_kernel`, ONE
+  launch of ONE program: the whole (B, B) tile of S, d from pair dots, both reductions (row = i2t,
+  column = t2i), the per-pair values, the scalar loss, and the gradient matrix A (B, B) in the input
+  dtype with dim = g scale A @ s and ds = g scale A.T @ im:
+      VSE0:  A = G_i2t + G_t2i - diag(c),  G_i2t[i, j] = [j != i and m + S_ij - d_i > 0],
+             G_t2i[i, j] = [i != j and m + S_ij - d_j > 0],  c_i = active hinges of pair i (both terms)
+      VSE++: A[i, a_i] += ok1_i,  A[b_j, j] += ok2_j,  A[i, i] -= ok1_i + ok2_i
+             (a_i / b_j hardest caption / image, ok = [value > 0 and a negative exists])
+  Entries are integers in [-2B + 2, 2]: exact in bf16 for B <= 129 (fp16: B <= 1025), hence
+  SMALL_B <= 128. The backward is ONE launch, `_contrastive_small_bwd_kernel`: a program per
+  D-block multiplies A and A.T by its block of s and im, scales by g * scale and stores the final
+  gradients in the input dtype (no recompute of S, no atomics, deterministic).
+* "fused" (labels None, both terms, larger B): both terms from ONE pass over tiles of S = im @ s.T.
+  `_contrastive_fused_fwd_kernel`, grid (row blocks of images, column splits): per row i it keeps the
+  i2t running reduction over its columns (partial per (split, row)); per tile column j it reduces the
+  tile's rows for t2i (partial per (row block, column)). VSE0 needs both thresholds inside the tile
+  loop: `_contrastive_diag_kernel` writes d first (one more launch, O(BD)). `_contrastive_combine_kernel`
+  reduces the i2t partials in column order and the t2i partials in row order (deterministic, first
+  index on ties: strict > keeps the earlier part) and writes the per-pair values (scaled).
+* "terms" (labels given, or one term): `_contrastive_fwd_kernel` once per term, rows = pairs j,
+  X @ Y.T masked by a label test:
+      i2t: X = im[labels] (gathered in-kernel), Y = s,  invalid where labels[c] == p_j
+      t2i: X = s,                              Y = im, invalid where c == p_j
+  grid (row blocks, column splits) so that small batches still fill the GPU, then the combine kernel
+  (column order, which computes d_j as well).
 
 Non-finite inputs: a max reduction can drop a NaN, so every per-pair value gets ``+ 0 * d_j``: d_j is
 non-finite iff im[p_j] or s[j] holds a NaN/inf (inf * 0 = NaN), which covers every caption and every
 image that is some caption's positive (all of them when labels is None; the op layer checks the rest).
+The VSE++ tile kernels drop NaN similarities from the max explicitly (the hardest indices are then
+those of the non-NaN ones, -1 if none; the loss is NaN all the same).
 
-Backward, VSE++ (`_contrastive_vsepp_bwd_kernel`, O((N + M) D)): with w = g * scale * [value > 0],
+Backward, VSE++ ("fused"/"terms": `_contrastive_vsepp_bwd_kernel`, O((N + M) D)): with
+w = g * scale * [value > 0],
     i2t pair j, hardest caption a:  dim[p_j] += w (s[a] - s[j]),  ds[a] += w im[p_j],  ds[j] -= w im[p_j]
     t2i pair j, hardest image b:    dim[b] += w s[j],  dim[p_j] -= w s[j],  ds[j] += w (im[b] - im[p_j])
 accumulated with fp32 atomic adds (a row can be the hardest negative of many pairs), so the last bits
 of the gradient may differ between runs (1 + #pairs-it-is-hardest-for adds per row).
 
-Backward, VSE0: G = [valid and m + T - d > 0] is recomputed tile by tile (`_contrastive_vse0_mask_kernel`)
-into a bounded row chunk (the launcher caps it at 256 MB) that cuBLAS multiplies: dX = G @ Y,
-dY = G.T @ X. With D ~ 1024 an on-chip dX accumulator does not fit, and recomputing S once per
-D-block costs D / BLOCK_D extra matmuls; the chunk keeps the backward at three matmuls per term.
+Backward, VSE0 ("terms"): G = [valid and m + T - d > 0] is recomputed tile by tile
+(`_contrastive_vse0_mask_kernel`) into a bounded row chunk (the launcher caps it at 256 MB) that cuBLAS
+multiplies: dX = G @ Y, dY = G.T @ X: three matmul-equivalents per term. With D ~ 1024 an on-chip dX
+accumulator does not fit, and recomputing S once per D-block costs D / BLOCK_D extra matmuls.
+Backward, VSE0 ("fused"): the mask kernel with BOTH_TERMS recomputes S once and stores
+G_i2t + G_t2i (0/1/2, exact in every dtype) by image-row chunks; cuBLAS: dim[chunk] = G @ s,
+ds += G.T @ im[chunk]; `_contrastive_vse0_epilogue_kernel` subtracts the threshold terms in fp32
+(dim[i] -= c_i s[i], ds[j] -= c_j im[j]; the counts c up to 2B stay out of G: not exact in bf16),
+scales by g * scale and writes the input dtype. One mask recompute + two matmuls.
+
+Matmul-equivalents (B x B x D products) per forward + backward, labels None, both terms:
+"terms" (the design before the fused paths) VSE0 2 + 6, VSE++ 2 + 0; "fused" VSE0 1 + 3,
+VSE++ 1 + 0; "small" VSE0 1 + 2, VSE++ 1 + 2 (one program / a program per D-block; B <= 128 only).
 
 Precision: tl.dot takes bf16/fp16 operands as they are (tensor cores) with fp32 accumulation. fp32
 operands use ``input_precision="tf32x3"``: each product as three TF32 tensor-core products
@@ -51,17 +86,18 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 _DOT_BLOCK_D = 64  # D-block of the pair dot products d_j (fixed: the same bits in every kernel)
 _MASK_CHUNK_BYTES = 256 * 1024**2  # VSE0 backward: largest chunk of G held at once
 
-# Label modes of the row-reduction kernels (which side is gathered, where column labels come from).
+# Label modes of the per-term row-reduction kernels (which side is gathered, where column labels come from).
 NO_LABELS, I2T_LABELS, T2I_LABELS = 0, 1, 2
+# Forward paths (see the module docstring).
+SMALL, FUSED, TERMS = "small", "fused", "terms"
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# TRITON_INTERPRET is read by triton when it is imported, so once is enough here too.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _interp_bf16(dtype) -> bool:
     """The interpreter's tl.dot multiplies bf16 tiles as raw uint16: upcast there (never on a GPU)."""
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and INTERPRETING
 
 
 @dataclass(frozen=True)
@@ -73,19 +109,48 @@ class LossSettings:
     BLOCK_D: int
     num_warps: int
     num_stages: int
-    BLOCK_M: int = 128  # pairs per program of the combine and VSE++ backward kernels
-    BLOCK_DB: int = 128  # feature columns per program of the VSE++ backward
+    BLOCK_M: int = 128  # pairs per program of the combine, diag, epilogue and VSE++ backward kernels
+    BLOCK_DB: int = 128  # feature columns per program of the VSE++ backward and the VSE0 epilogue
     target_programs: int = 264  # the forward grid aims at about this many programs (2 x H100 SMs)
+    SMALL_B: int = 128  # "small" path: the one-program tile (N = M <= SMALL_B); <= 128 (A exact in bf16)
+    SMALL_BLOCK_D: int = 64  # "small" path: D-block of the forward tile loop and of a backward program
+    small_warps: int = 8
+    interp_bf16: bool = False  # upcast bf16 dots (interpreter only)
+    tf32x3: bool = False  # fp32 operands: 3xTF32 dots
+
+
+def _make_settings(dtype: torch.dtype) -> LossSettings:
+    """The GPU settings (`_gpu_settings`), or under the interpreter tiny tiles that exercise the
+    multi-tile / multi-split paths (and a 16 x 16 "small" tile)."""
+    if INTERPRETING:
+        return LossSettings(16, 16, 16, 4, 1, BLOCK_M=16, BLOCK_DB=16, target_programs=4, SMALL_B=16,
+                            SMALL_BLOCK_D=16, small_warps=4, interp_bf16=_interp_bf16(dtype),
+                            tf32x3=dtype == torch.float32)
+    return _gpu_settings(dtype)
+
+
+def _gpu_settings(dtype: torch.dtype) -> LossSettings:
+    """Tiles per dtype: 16-bit operands run 128 x 128 x 64 tensor-core tiles (8 warps); fp32 (3xTF32)
+    64 x 64 x 32 (4 warps). The one-program "small" tile is 128 x 128 with 8 warps (D-block 64 for
+    16-bit, 32 for fp32)."""
+    if dtype == torch.float32:
+        return LossSettings(64, 64, 32, 4, 3, SMALL_B=128, SMALL_BLOCK_D=32, small_warps=8, tf32x3=True)
+    return LossSettings(128, 128, 64, 8, 3, SMALL_B=128, SMALL_BLOCK_D=64, small_warps=8)
+
+
+_SETTINGS = {dtype: _make_settings(dtype) for dtype in SUPPORTED_DTYPES}
 
 
 def loss_settings(dtype: torch.dtype) -> LossSettings:
-    """Tiles per dtype: 16-bit operands run 128 x 128 x 64 tensor-core tiles (8 warps); fp32 (3xTF32)
-    64 x 64 x 32 (4 warps). Under the interpreter tiny tiles exercise the multi-tile / multi-split paths."""
-    if _interpreting():
-        return LossSettings(16, 16, 16, 4, 1, BLOCK_M=16, BLOCK_DB=16, target_programs=4)
-    if dtype == torch.float32:
-        return LossSettings(64, 64, 32, 4, 3)
-    return LossSettings(128, 128, 64, 8, 3)
+    """The cached settings of `dtype` (fp32 / bf16 / fp16)."""
+    return _SETTINGS[dtype]
+
+
+def contrastive_path(N: int, M: int, labels, terms: tuple, settings: LossSettings) -> str:
+    """SMALL, FUSED or TERMS (see the module docstring); decided on host values only (no sync)."""
+    if labels is not None or len(terms) != 2:
+        return TERMS
+    return SMALL if M <= settings.SMALL_B else FUSED
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,6 +201,17 @@ def _pair_dot(x_ptr, p_ptr, o_xr, o_pr, m_r, D, stride_xr, stride_xd, stride_pr,
 
 
 @triton.jit
+def _mma(a, b, acc, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc + a @ b in fp32: tensor cores for bf16/fp16, 3xTF32 for fp32 (see the module docstring)."""
+    if INTERP_BF16:  # the interpreter multiplies bf16 as raw uint16 bits: upcast (products are exact)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif TF32X3:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride_yr, stride_yd,
               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, TF32X3: tl.constexpr,
               INTERP_BF16: tl.constexpr):
@@ -148,12 +224,7 @@ def _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride
         m_d = o_d < D
         b_x = tl.load(p_x + o_d[None, :] * stride_xd, mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BR, BD]
         b_yt = tl.load(p_y + o_d[:, None] * stride_yd, mask=m_d[:, None] & m_c[None, :], other=0.0)  # [BD, BC]
-        if INTERP_BF16:  # the interpreter multiplies bf16 as raw uint16 bits: upcast (products are exact)
-            acc = tl.dot(b_x.to(tl.float32), b_yt.to(tl.float32), acc, input_precision="ieee")
-        elif TF32X3:
-            acc = tl.dot(b_x, b_yt, acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(b_x, b_yt, acc)
+        acc = _mma(b_x, b_yt, acc, TF32X3, INTERP_BF16)
     return acc
 
 
@@ -197,7 +268,7 @@ def _contrastive_fwd_kernel(
                         BLOCK_R, BLOCK_C, BLOCK_D, TF32X3, INTERP_BF16)  # [BR, BC]
         m_valid = m_r[:, None] & m_c[None, :] & (lab_r[:, None] != lab_c[None, :])
         if MAX_VIOLATION:
-            b_t = tl.where(m_valid, b_t, float("-inf"))
+            b_t = tl.where(m_valid & (b_t == b_t), b_t, float("-inf"))  # NaN drops out (module docstring)
             t_max = tl.max(b_t, axis=1)
             t_arg = tl.argmax(b_t, axis=1)  # first index among equal maxima
             upd = t_max > run_max  # strict: earlier columns win ties
@@ -218,39 +289,132 @@ def _contrastive_fwd_kernel(
         tl.store(part_aux_ptr + o_out, run_cnt, mask=m_r)
 
 
-@triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
-def _contrastive_combine_kernel(
-    im_ptr, s_ptr, lab_ptr, part_val_ptr, part_aux_ptr, val_ptr, aux_ptr, d_ptr,
-    M, D, NUM_SPLITS,
+@triton.jit(do_not_specialize=["B", "COLS_PER_SPLIT", "NUM_SPLITS"])
+def _contrastive_fused_fwd_kernel(
+    im_ptr, s_ptr, d_ptr, part_val_ptr, part_aux_ptr,
+    B, D, COLS_PER_SPLIT, NUM_SPLITS,
     stride_imr, stride_imd, stride_sr, stride_sd,
-    margin, scale,
-    HAS_LABELS: tl.constexpr, NUM_TERMS: tl.constexpr, MAX_VIOLATION: tl.constexpr,
+    margin,
+    MAX_VIOLATION: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Both terms of the diagonal pairs (labels None) from one pass over tiles T = im[rows] @ s[cols].T:
+    image rows [i_r * BLOCK_R, +BLOCK_R), caption columns of split i_s. Writes
+      i2t partial of row i:                 part[i_s, i]               (reduction over the split's j != i)
+      t2i partial of column j (row block):  part[NUM_SPLITS + i_r, j]  (reduction over the block's i != j)
+    part_val = max of valid T (VSE++) or hinge sum (VSE0, relative to d_i resp. d_j from d_ptr);
+    part_aux = int32 argmax (-1 if none) or fp32 active count. part_* are (NUM_SPLITS + row blocks, B)."""
+    i_r = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < B
+    c_start = i_s * COLS_PER_SPLIT
+    c_end = tl.minimum(c_start + COLS_PER_SPLIT, B)
+    p_col = (NUM_SPLITS + i_r).to(tl.int64) * B  # this row block's t2i partial row
+    if MAX_VIOLATION:
+        run_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+        run_idx = tl.full((BLOCK_R,), -1, dtype=tl.int32)
+    else:
+        b_dr = tl.load(d_ptr + o_r, mask=m_r, other=0.0)  # [BR]
+        run_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        run_cnt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+
+    for c0 in range(c_start, c_end, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = o_c < c_end
+        b_t = _sim_tile(im_ptr, s_ptr, o_r.to(tl.int64), m_r, o_c, m_c, D, stride_imr, stride_imd,
+                        stride_sr, stride_sd, BLOCK_R, BLOCK_C, BLOCK_D, TF32X3, INTERP_BF16)  # [BR, BC]
+        m_valid = m_r[:, None] & m_c[None, :] & (o_r[:, None] != o_c[None, :])
+        if MAX_VIOLATION:
+            # NaN similarities drop out of the max (their pairs' values are NaN through 0 * d)
+            b_t = tl.where(m_valid & (b_t == b_t), b_t, float("-inf"))
+            t_max = tl.max(b_t, axis=1)
+            t_arg = tl.argmax(b_t, axis=1)  # first index among equal maxima
+            upd = t_max > run_max  # strict: earlier columns win ties
+            run_idx = tl.where(upd, c0 + t_arg.to(tl.int32), run_idx)
+            run_max = tl.where(upd, t_max, run_max)
+            c_max = tl.max(b_t, axis=0)  # [BC]
+            c_arg = tl.argmax(b_t, axis=0)  # first row among equal maxima
+            c_idx = tl.where(c_max > float("-inf"), i_r * BLOCK_R + c_arg.to(tl.int32), -1)
+            tl.store(part_val_ptr + p_col + o_c, c_max, mask=m_c)
+            tl.store(part_aux_ptr + p_col + o_c, c_idx, mask=m_c)
+        else:
+            b_dc = tl.load(d_ptr + o_c, mask=m_c, other=0.0)  # [BC]
+            b_h = margin + b_t - b_dr[:, None]
+            m_act = m_valid & (b_h > 0)
+            run_sum += tl.sum(tl.where(m_act, b_h, 0.0), axis=1)
+            run_cnt += tl.sum(m_act.to(tl.float32), axis=1)
+            b_h = margin + b_t - b_dc[None, :]
+            m_act = m_valid & (b_h > 0)
+            tl.store(part_val_ptr + p_col + o_c, tl.sum(tl.where(m_act, b_h, 0.0), axis=0), mask=m_c)
+            tl.store(part_aux_ptr + p_col + o_c, tl.sum(m_act.to(tl.float32), axis=0), mask=m_c)
+
+    o_out = i_s.to(tl.int64) * B + o_r
+    if MAX_VIOLATION:
+        tl.store(part_val_ptr + o_out, run_max, mask=m_r)
+        tl.store(part_aux_ptr + o_out, run_idx, mask=m_r)
+    else:
+        tl.store(part_val_ptr + o_out, run_sum, mask=m_r)
+        tl.store(part_aux_ptr + o_out, run_cnt, mask=m_r)
+
+
+@triton.jit(do_not_specialize=["B"])
+def _contrastive_diag_kernel(
+    im_ptr, s_ptr, d_ptr, B, D, stride_imr, stride_imd, stride_sr, stride_sd,
     BLOCK_M: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
 ):
-    """Reduce the split partials of each term (in column order) and write, per pair j:
+    """d[j] = <im[j], s[j]> (fp32) for j in [i_m * BLOCK_M, +BLOCK_M): the diagonal thresholds."""
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < B
+    o_m64 = o_m.to(tl.int64)
+    b_d = _pair_dot(im_ptr, s_ptr, o_m64, o_m64, m_m, D, stride_imr, stride_imd, stride_sr, stride_sd,
+                    BLOCK_M, DOT_BLOCK_D)
+    tl.store(d_ptr + o_m, b_d, mask=m_m)
+
+
+@triton.jit(do_not_specialize=["M", "PARTS0", "PARTS1"])
+def _contrastive_combine_kernel(
+    im_ptr, s_ptr, lab_ptr, part_val_ptr, part_aux_ptr, val_ptr, aux_ptr, d_ptr,
+    M, D, PARTS0, PARTS1,
+    stride_imr, stride_imd, stride_sr, stride_sd,
+    margin, scale,
+    HAS_LABELS: tl.constexpr, NUM_TERMS: tl.constexpr, MAX_VIOLATION: tl.constexpr, LOAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
+):
+    """Reduce the partials of each term in order (term 0: rows [0, PARTS0) of part_*, term 1: the
+    next PARTS1 rows; each row holds M values) and write, per pair j:
     val[t, j] = scale * relu(m + max - d_j) (VSE++) or scale * hinge sum (VSE0), plus 0 * d_j;
-    aux[t, j] = hardest index (int32, -1 if none) or active count (fp32); d[j] = <im[p_j], s[j]>."""
+    aux[t, j] = hardest index (int32, -1 if none) or active count (fp32).
+    d[j] = <im[p_j], s[j]> is computed and written, or read from d_ptr when LOAD_D."""
     i_m = tl.program_id(0)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     o_m64 = o_m.to(tl.int64)
-    if HAS_LABELS:
-        o_p = tl.load(lab_ptr + o_m, mask=m_m, other=0)
+    if LOAD_D:
+        b_d = tl.load(d_ptr + o_m, mask=m_m, other=0.0)
     else:
-        o_p = o_m64
-    b_d = _pair_dot(im_ptr, s_ptr, o_p, o_m64, m_m, D, stride_imr, stride_imd, stride_sr, stride_sd,
-                    BLOCK_M, DOT_BLOCK_D)
+        if HAS_LABELS:
+            o_p = tl.load(lab_ptr + o_m, mask=m_m, other=0)
+        else:
+            o_p = o_m64
+        b_d = _pair_dot(im_ptr, s_ptr, o_p, o_m64, m_m, D, stride_imr, stride_imd, stride_sr, stride_sd,
+                        BLOCK_M, DOT_BLOCK_D)
+        tl.store(d_ptr + o_m, b_d, mask=m_m)
     nan_flag = b_d * 0.0  # NaN when im[p_j] or s[j] is not finite
-    tl.store(d_ptr + o_m, b_d, mask=m_m)
     for t in tl.static_range(NUM_TERMS):
-        base = t * NUM_SPLITS * M
+        if t == 0:
+            base = 0
+            n_parts = PARTS0
+        else:
+            base = PARTS0.to(tl.int64) * M
+            n_parts = PARTS1
         if MAX_VIOLATION:
             best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             arg = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-            for i_s in range(NUM_SPLITS):
-                pv = tl.load(part_val_ptr + base + i_s * M + o_m, mask=m_m, other=float("-inf"))
-                pa = tl.load(part_aux_ptr + base + i_s * M + o_m, mask=m_m, other=-1)
-                upd = pv > best
+            for k in range(n_parts):
+                pv = tl.load(part_val_ptr + base + k * M + o_m, mask=m_m, other=float("-inf"))
+                pa = tl.load(part_aux_ptr + base + k * M + o_m, mask=m_m, other=-1)
+                upd = pv > best  # strict: earlier parts (columns / rows) win ties
                 best = tl.where(upd, pv, best)
                 arg = tl.where(upd, pa, arg)
             val = tl.maximum(margin + best - b_d, 0.0)
@@ -258,11 +422,99 @@ def _contrastive_combine_kernel(
         else:
             val = tl.zeros((BLOCK_M,), dtype=tl.float32)
             cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for i_s in range(NUM_SPLITS):
-                val += tl.load(part_val_ptr + base + i_s * M + o_m, mask=m_m, other=0.0)
-                cnt += tl.load(part_aux_ptr + base + i_s * M + o_m, mask=m_m, other=0.0)
+            for k in range(n_parts):
+                val += tl.load(part_val_ptr + base + k * M + o_m, mask=m_m, other=0.0)
+                cnt += tl.load(part_aux_ptr + base + k * M + o_m, mask=m_m, other=0.0)
             tl.store(aux_ptr + t * M + o_m, cnt, mask=m_m)
         tl.store(val_ptr + t * M + o_m, val * scale + nan_flag, mask=m_m)
+
+
+@triton.jit(do_not_specialize=["B"])
+def _contrastive_small_fwd_kernel(
+    im_ptr, s_ptr, loss_ptr, val_ptr, aux_ptr, a_ptr,
+    B, D,
+    stride_imr, stride_imd, stride_sr, stride_sd,
+    margin, scale,
+    MAX_VIOLATION: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
+):
+    """The whole "small" forward (labels None, both terms, B <= BLOCK_B) in one program: T = im @ s.T
+    (one [BLOCK_B, BLOCK_B] tile), d from pair dots, i2t = row reductions, t2i = column reductions.
+    Writes val (2, B) fp32 (scaled, + 0 * d), aux (2, B) (int32 hardest index / -1, or fp32 count),
+    loss (0-dim fp32) = sum of val, and a (B, B) = the gradient matrix A (module docstring), stored
+    in a's dtype (integers in [-2B + 2, 2], exact)."""
+    o_i = tl.arange(0, BLOCK_B)
+    m_i = o_i < B
+    o_i64 = o_i.to(tl.int64)
+    b_t = _sim_tile(im_ptr, s_ptr, o_i64, m_i, o_i, m_i, D, stride_imr, stride_imd, stride_sr, stride_sd,
+                    BLOCK_B, BLOCK_B, BLOCK_D, TF32X3, INTERP_BF16)  # [BB(i), BB(j)]
+    b_d = _pair_dot(im_ptr, s_ptr, o_i64, o_i64, m_i, D, stride_imr, stride_imd, stride_sr, stride_sd,
+                    BLOCK_B, DOT_BLOCK_D)  # [BB]
+    nan_flag = b_d * 0.0
+    m_diag = o_i[:, None] == o_i[None, :]
+    m_valid = m_i[:, None] & m_i[None, :] & (o_i[:, None] != o_i[None, :])
+    if MAX_VIOLATION:
+        b_t = tl.where(m_valid & (b_t == b_t), b_t, float("-inf"))  # NaN: as in the fused kernel
+        r_max = tl.max(b_t, axis=1)
+        r_idx = tl.where(r_max > float("-inf"), tl.argmax(b_t, axis=1).to(tl.int32), -1)  # hardest caption
+        c_max = tl.max(b_t, axis=0)
+        c_idx = tl.where(c_max > float("-inf"), tl.argmax(b_t, axis=0).to(tl.int32), -1)  # hardest image
+        v_r = tl.maximum(margin + r_max - b_d, 0.0) * scale + nan_flag
+        v_c = tl.maximum(margin + c_max - b_d, 0.0) * scale + nan_flag
+        ok_r = ((v_r > 0) & (r_idx >= 0)).to(tl.float32)
+        ok_c = ((v_c > 0) & (c_idx >= 0)).to(tl.float32)
+        b_a = tl.where(o_i[None, :] == r_idx[:, None], ok_r[:, None], 0.0)
+        b_a += tl.where(o_i[:, None] == c_idx[None, :], ok_c[None, :], 0.0)
+        b_a -= tl.where(m_diag, ok_r[:, None] + ok_c[None, :], 0.0)
+        tl.store(aux_ptr + o_i, r_idx, mask=m_i)
+        tl.store(aux_ptr + B + o_i, c_idx, mask=m_i)
+    else:
+        b_h = margin + b_t - b_d[:, None]
+        m_r = m_valid & (b_h > 0)  # G_i2t
+        v_r = tl.sum(tl.where(m_r, b_h, 0.0), axis=1) * scale + nan_flag
+        n_r = tl.sum(m_r.to(tl.float32), axis=1)
+        b_h = margin + b_t - b_d[None, :]
+        m_c = m_valid & (b_h > 0)  # G_t2i
+        v_c = tl.sum(tl.where(m_c, b_h, 0.0), axis=0) * scale + nan_flag
+        n_c = tl.sum(m_c.to(tl.float32), axis=0)
+        b_a = m_r.to(tl.float32) + m_c.to(tl.float32) - tl.where(m_diag, n_r[:, None] + n_c[None, :], 0.0)
+        tl.store(aux_ptr + o_i, n_r, mask=m_i)
+        tl.store(aux_ptr + B + o_i, n_c, mask=m_i)
+    tl.store(val_ptr + o_i, v_r, mask=m_i)
+    tl.store(val_ptr + B + o_i, v_c, mask=m_i)
+    tl.store(loss_ptr, tl.sum(tl.where(m_i, v_r, 0.0), axis=0) + tl.sum(tl.where(m_i, v_c, 0.0), axis=0))
+    p_a = a_ptr + o_i64[:, None] * B + o_i[None, :]
+    tl.store(p_a, b_a.to(a_ptr.dtype.element_ty), mask=m_i[:, None] & m_i[None, :])
+
+
+@triton.jit(do_not_specialize=["B"])
+def _contrastive_small_bwd_kernel(
+    im_ptr, s_ptr, a_ptr, g_ptr, dim_ptr, ds_ptr,
+    B, D,
+    stride_imr, stride_imd, stride_sr, stride_sd,
+    scale,
+    TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """"small" backward, features [i_d * BLOCK_D, +BLOCK_D): dim = g scale A @ s, ds = g scale A.T @ im,
+    stored in dim/ds's dtype; dim and ds are contiguous (B, D), a is contiguous (B, B)."""
+    i_d = tl.program_id(0)
+    o_i = tl.arange(0, BLOCK_B)
+    m_i = o_i < B
+    o_i64 = o_i.to(tl.int64)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_bb = m_i[:, None] & m_i[None, :]
+    m_bd = m_i[:, None] & m_d[None, :]
+    b_a = tl.load(a_ptr + o_i64[:, None] * B + o_i[None, :], mask=m_bb, other=0.0)  # [BB(i), BB(j)] A
+    b_at = tl.load(a_ptr + o_i64[None, :] * B + o_i[:, None], mask=m_bb, other=0.0)  # [BB(j), BB(i)] A.T
+    b_s = tl.load(s_ptr + o_i64[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_bd, other=0.0)
+    b_im = tl.load(im_ptr + o_i64[:, None] * stride_imr + o_d[None, :] * stride_imd, mask=m_bd, other=0.0)
+    g = tl.load(g_ptr).to(tl.float32) * scale
+    b_dim = _mma(b_a, b_s, tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), TF32X3, INTERP_BF16) * g
+    b_ds = _mma(b_at, b_im, tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), TF32X3, INTERP_BF16) * g
+    o_out = o_i64[:, None] * D + o_d[None, :]
+    tl.store(dim_ptr + o_out, b_dim.to(dim_ptr.dtype.element_ty), mask=m_bd)
+    tl.store(ds_ptr + o_out, b_ds.to(ds_ptr.dtype.element_ty), mask=m_bd)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -326,11 +578,13 @@ def _contrastive_vse0_mask_kernel(
     ROW0, ROWS, R, C, D,
     stride_xr, stride_xd, stride_yr, stride_yd, stride_gr,
     margin,
-    LABEL_MODE: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
+    LABEL_MODE: tl.constexpr, BOTH_TERMS: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """G[r - ROW0, c] = [valid(r, c) and m + T[r, c] - d[r] > 0] for rows ROW0 .. ROW0 + ROWS - 1,
-    stored in g's dtype (0/1 exact in bf16/fp16/fp32); g is (ROWS, C) with unit column stride."""
+    stored in g's dtype (0/1 exact in bf16/fp16/fp32); g is (ROWS, C) with unit column stride.
+    BOTH_TERMS (labels None, X = im, Y = s): G = G_i2t + G_t2i, adding [valid and m + T - d[c] > 0]
+    (values 0/1/2, exact in every dtype)."""
     i_r = tl.program_id(0)
     i_c = tl.program_id(1)
     o_rl = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # rows within the chunk
@@ -344,9 +598,43 @@ def _contrastive_vse0_mask_kernel(
     b_t = _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride_yr, stride_yd,
                     BLOCK_R, BLOCK_C, BLOCK_D, TF32X3, INTERP_BF16)  # [BR, BC]
     m_valid = m_r[:, None] & m_c[None, :] & (lab_r[:, None] != lab_c[None, :])
-    b_g = (m_valid & ((margin + b_t - b_d[:, None]) > 0)).to(tl.float32).to(g_ptr.dtype.element_ty)
+    b_g = (m_valid & ((margin + b_t - b_d[:, None]) > 0)).to(tl.float32)
+    if BOTH_TERMS:
+        b_dc = tl.load(d_ptr + o_c, mask=m_c, other=0.0)
+        b_g += (m_valid & ((margin + b_t - b_dc[None, :]) > 0)).to(tl.float32)
+    b_g = b_g.to(g_ptr.dtype.element_ty)
     p_g = g_ptr + o_rl.to(tl.int64)[:, None] * stride_gr + o_c[None, :]
     tl.store(p_g, b_g, mask=m_r[:, None] & m_c[None, :])
+
+
+
+@triton.jit(do_not_specialize=["B"])
+def _contrastive_vse0_epilogue_kernel(
+    mm_dim_ptr, mm_ds_ptr, im_ptr, s_ptr, cnt_ptr, g_ptr, dim_ptr, ds_ptr,
+    B, D,
+    stride_imr, stride_imd, stride_sr, stride_sd,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_DB: tl.constexpr,
+):
+    """"fused" VSE0 backward epilogue, rows [i_m * BLOCK_M, +BLOCK_M), features of block i_d:
+    dim[i] = g scale (mm_dim[i] - c_i s[i]),  ds[j] = g scale (mm_ds[j] - c_j im[j]),  in fp32, stored
+    in dim/ds's dtype; c = cnt[0] + cnt[1] (active hinges of both terms); mm_*, dim, ds contiguous (B, D)."""
+    i_m = tl.program_id(0)
+    i_d = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < B
+    o_m64 = o_m.to(tl.int64)
+    o_d = i_d * BLOCK_DB + tl.arange(0, BLOCK_DB)
+    m_md = m_m[:, None] & (o_d < D)[None, :]
+    g = tl.load(g_ptr).to(tl.float32) * scale
+    c = tl.load(cnt_ptr + o_m, mask=m_m, other=0.0) + tl.load(cnt_ptr + B + o_m, mask=m_m, other=0.0)
+    o_out = o_m64[:, None] * D + o_d[None, :]
+    b_s = tl.load(s_ptr + o_m64[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_md, other=0.0)
+    b_mm = tl.load(mm_dim_ptr + o_out, mask=m_md, other=0.0).to(tl.float32)
+    tl.store(dim_ptr + o_out, ((b_mm - c[:, None] * b_s.to(tl.float32)) * g).to(dim_ptr.dtype.element_ty), mask=m_md)
+    b_im = tl.load(im_ptr + o_m64[:, None] * stride_imr + o_d[None, :] * stride_imd, mask=m_md, other=0.0)
+    b_mm = tl.load(mm_ds_ptr + o_out, mask=m_md, other=0.0).to(tl.float32)
+    tl.store(ds_ptr + o_out, ((b_mm - c[:, None] * b_im.to(tl.float32)) * g).to(ds_ptr.dtype.element_ty), mask=m_md)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,14 +666,104 @@ def _num_splits(settings: LossSettings, M: int, C_max: int) -> int:
     return max(1, min(n_col_blocks, triton.cdiv(settings.target_programs, n_row_blocks)))
 
 
+def contrastive_small_fwd(im, s, margin: float, max_violation: bool, scale: float, settings: LossSettings):
+    """"small" path forward, ONE launch: im, s (B, D) with B <= settings.SMALL_B, labels None, both terms.
+
+    Returns loss (0-dim fp32), val (2, B) fp32 per-pair values (scaled), aux (2, B) (VSE++: int32
+    hardest index or -1; VSE0: fp32 active count) and A (B, B) in the input dtype, the gradient matrix
+    of `contrastive_small_bwd` (module docstring)."""
+    B, D = im.shape
+    dev = im.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    val = torch.empty((2, B), dtype=torch.float32, device=dev)
+    aux = torch.empty((2, B), dtype=torch.int32 if max_violation else torch.float32, device=dev)
+    A = torch.empty((B, B), dtype=im.dtype, device=dev)
+    _contrastive_small_fwd_kernel[(1,)](
+        im, s, loss, val, aux, A,
+        B, D,
+        im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+        margin, scale,
+        MAX_VIOLATION=max_violation, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
+        BLOCK_B=settings.SMALL_B, BLOCK_D=settings.SMALL_BLOCK_D, DOT_BLOCK_D=_DOT_BLOCK_D,
+        num_warps=settings.small_warps, num_stages=settings.num_stages,
+    )
+    return loss, val, aux, A
+
+
+def contrastive_small_bwd(grad_loss, im, s, A, scale: float, settings: LossSettings):
+    """"small" path backward, ONE launch (a program per D-block): dim = g scale A @ s, ds = g scale A.T @ im
+    in the input dtype; grad_loss is the 0-dim fp32 upstream gradient (read on the device, no sync)."""
+    B, D = im.shape
+    dim = torch.empty((B, D), dtype=im.dtype, device=im.device)
+    ds = torch.empty((B, D), dtype=s.dtype, device=s.device)
+    _contrastive_small_bwd_kernel[(triton.cdiv(D, settings.SMALL_BLOCK_D),)](
+        im, s, A, grad_loss, dim, ds,
+        B, D,
+        im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+        scale,
+        TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
+        BLOCK_B=settings.SMALL_B, BLOCK_D=settings.SMALL_BLOCK_D,
+        num_warps=settings.small_warps, num_stages=1,
+    )
+    return dim, ds
+
+
+def _fused_fwd(im, s, margin, max_violation, scale, settings):
+    """"fused" path forward (labels None, both terms): [diag kernel (VSE0)] + fused tile kernel + combine."""
+    B, D = im.shape
+    dev = im.device
+    splits = _num_splits(settings, B, B)
+    row_blocks = triton.cdiv(B, settings.BLOCK_R)
+    aux_dtype = torch.int32 if max_violation else torch.float32
+    d = torch.empty((B,), dtype=torch.float32, device=dev)
+    if not max_violation:  # the hinges of both terms need d_i and d_j inside the tile loop
+        _contrastive_diag_kernel[(triton.cdiv(B, settings.BLOCK_M),)](
+            im, s, d, B, D, im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+            BLOCK_M=settings.BLOCK_M, DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=4,
+        )
+    part_val = torch.empty((splits + row_blocks, B), dtype=torch.float32, device=dev)
+    part_aux = torch.empty((splits + row_blocks, B), dtype=aux_dtype, device=dev)
+    cols_per_split = triton.cdiv(triton.cdiv(B, settings.BLOCK_C), splits) * settings.BLOCK_C
+    _contrastive_fused_fwd_kernel[(row_blocks, splits)](
+        im, s, d, part_val, part_aux,
+        B, D, cols_per_split, splits,
+        im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+        margin,
+        MAX_VIOLATION=max_violation, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
+        BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
+        num_warps=settings.num_warps, num_stages=settings.num_stages,
+    )
+    return _combine(im, s, None, part_val, part_aux, d, splits, row_blocks, 2, margin, max_violation, scale,
+                    settings, load_d=not max_violation)
+
+
+def _combine(im, s, labels, part_val, part_aux, d, parts0, parts1, T, margin, max_violation, scale, settings,
+             load_d):
+    M, D = s.shape
+    val = torch.empty((T, M), dtype=torch.float32, device=im.device)
+    aux = torch.empty((T, M), dtype=part_aux.dtype, device=im.device)
+    _contrastive_combine_kernel[(triton.cdiv(M, settings.BLOCK_M),)](
+        im, s, _labels_or_dummy(labels, im.device), part_val, part_aux, val, aux, d,
+        M, D, parts0, parts1,
+        im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+        margin, scale,
+        HAS_LABELS=labels is not None, NUM_TERMS=T, MAX_VIOLATION=max_violation, LOAD_D=load_d,
+        BLOCK_M=settings.BLOCK_M, DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=4,
+    )
+    return val, aux, d
+
+
 def contrastive_fwd(im, s, labels, margin: float, max_violation: bool, terms: tuple, scale: float,
                     settings: LossSettings):
-    """Forward of the selected terms ("i2t", "t2i" in that order).
+    """Forward of the selected terms ("i2t", "t2i" in that order) on the "fused" path (labels None and
+    both terms) or the "terms" path (else); the "small" path is `contrastive_small_fwd`.
 
     im (N, D), s (M, D): fp32/bf16/fp16, same dtype and device, any strides; labels (M,) int64 or None.
     Returns val (T, M) fp32 per-pair loss values (scaled), aux (T, M) (VSE++: int32 hardest index or
     -1; VSE0: fp32 active count) and d (M,) fp32 = <im[p_j], s[j]>.
     """
+    if labels is None and len(terms) == 2:
+        return _fused_fwd(im, s, margin, max_violation, scale, settings)
     N, D = im.shape
     M = s.shape[0]
     T = len(terms)
@@ -395,7 +773,6 @@ def contrastive_fwd(im, s, labels, margin: float, max_violation: bool, terms: tu
     aux_dtype = torch.int32 if max_violation else torch.float32
     part_val = torch.empty((T, splits, M), dtype=torch.float32, device=dev)
     part_aux = torch.empty((T, splits, M), dtype=aux_dtype, device=dev)
-    tf32x3 = im.dtype == torch.float32
     for t, term in enumerate(terms):
         X, Y, P, mode, C = _term_operands(im, s, labels, term)
         cols_per_split = triton.cdiv(triton.cdiv(C, settings.BLOCK_C), splits) * settings.BLOCK_C
@@ -405,22 +782,13 @@ def contrastive_fwd(im, s, labels, margin: float, max_violation: bool, terms: tu
             M, C, D, cols_per_split,
             X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), P.stride(0), P.stride(1),
             float(margin),
-            LABEL_MODE=mode, MAX_VIOLATION=max_violation, TF32X3=tf32x3, INTERP_BF16=_interp_bf16(im.dtype),
+            LABEL_MODE=mode, MAX_VIOLATION=max_violation, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
             BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
             DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=settings.num_warps, num_stages=settings.num_stages,
         )
-    val = torch.empty((T, M), dtype=torch.float32, device=dev)
-    aux = torch.empty((T, M), dtype=aux_dtype, device=dev)
     d = torch.empty((M,), dtype=torch.float32, device=dev)
-    _contrastive_combine_kernel[(triton.cdiv(M, settings.BLOCK_M),)](
-        im, s, lab, part_val, part_aux, val, aux, d,
-        M, D, splits,
-        im.stride(0), im.stride(1), s.stride(0), s.stride(1),
-        float(margin), float(scale),
-        HAS_LABELS=labels is not None, NUM_TERMS=T, MAX_VIOLATION=max_violation,
-        BLOCK_M=settings.BLOCK_M, DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=4,
-    )
-    return val, aux, d
+    return _combine(im, s, labels, part_val, part_aux, d, splits, splits, T, margin, max_violation, scale,
+                    settings, load_d=False)
 
 
 def contrastive_vsepp_bwd(grad_loss, im, s, labels, val, idx, terms: tuple, scale: float,
@@ -431,14 +799,13 @@ def contrastive_vsepp_bwd(grad_loss, im, s, labels, val, idx, terms: tuple, scal
     M = s.shape[0]
     dim = torch.zeros((N, D), dtype=torch.float32, device=im.device)
     ds = torch.zeros((M, D), dtype=torch.float32, device=im.device)
-    g = grad_loss.to(torch.float32).reshape(1)
     lab = _labels_or_dummy(labels, im.device)
     grid = (triton.cdiv(M, settings.BLOCK_M), triton.cdiv(D, settings.BLOCK_DB))
     _contrastive_vsepp_bwd_kernel[grid](
-        im, s, lab, val, idx, g, dim, ds,
+        im, s, lab, val, idx, grad_loss, dim, ds,
         M, D,
         im.stride(0), im.stride(1), s.stride(0), s.stride(1),
-        float(scale),
+        scale,
         HAS_LABELS=labels is not None, HAS_I2T="i2t" in terms, HAS_T2I="t2i" in terms,
         BLOCK_M=settings.BLOCK_M, BLOCK_DB=settings.BLOCK_DB, num_warps=4,
     )
@@ -451,18 +818,64 @@ def _chunk_rows(settings: LossSettings, R: int, C: int, itemsize: int) -> int:
     return min(rows, R)
 
 
+def _launch_mask(X, Y, lab, d, G, r0, n, R, C, margin, mode, both_terms, settings):
+    grid = (triton.cdiv(n, settings.BLOCK_R), triton.cdiv(C, settings.BLOCK_C))
+    _contrastive_vse0_mask_kernel[grid](
+        X, Y, lab, d, G,
+        r0, n, R, C, X.shape[1],
+        X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), G.stride(0),
+        margin,
+        LABEL_MODE=mode, BOTH_TERMS=both_terms, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
+        BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
+        num_warps=settings.num_warps, num_stages=settings.num_stages,
+    )
+
+
+def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings):
+    """"fused" VSE0 backward (labels None, both terms): per image-row chunk G = G_i2t + G_t2i (one
+    recompute of S), dim[chunk] = G @ s and ds += G.T @ im[chunk] (cuBLAS), then the epilogue kernel."""
+    B, D = im.shape
+    rows = _chunk_rows(settings, B, B, im.element_size())
+    lab = _labels_or_dummy(None, im.device)
+    if rows >= B:  # one chunk: the matmul outputs go straight to the epilogue
+        G = torch.empty((B, B), dtype=im.dtype, device=im.device)
+        _launch_mask(im, s, lab, d, G, 0, B, B, B, margin, NO_LABELS, True, settings)
+        mm_dim, mm_ds = G @ s, G.t() @ im
+    else:
+        mm_dim = torch.empty((B, D), dtype=im.dtype, device=im.device)
+        mm_ds = torch.zeros((B, D), dtype=torch.float32, device=im.device)
+        for r0 in range(0, B, rows):
+            n = min(rows, B - r0)
+            G = torch.empty((n, B), dtype=im.dtype, device=im.device)
+            _launch_mask(im, s, lab, d, G, r0, n, B, B, margin, NO_LABELS, True, settings)
+            torch.mm(G, s, out=mm_dim[r0:r0 + n])
+            mm_ds += G.t() @ im[r0:r0 + n]
+    dim = torch.empty((B, D), dtype=im.dtype, device=im.device)
+    ds = torch.empty((B, D), dtype=s.dtype, device=s.device)
+    grid = (triton.cdiv(B, settings.BLOCK_M), triton.cdiv(D, settings.BLOCK_DB))
+    _contrastive_vse0_epilogue_kernel[grid](
+        mm_dim, mm_ds, im, s, cnt, grad_loss, dim, ds,
+        B, D,
+        im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+        scale,
+        BLOCK_M=settings.BLOCK_M, BLOCK_DB=settings.BLOCK_DB, num_warps=4,
+    )
+    return dim, ds
+
+
 def contrastive_vse0_bwd(grad_loss, im, s, labels, cnt, d, margin: float, terms: tuple, scale: float,
                          settings: LossSettings):
-    """VSE0 gradients. Per term and row chunk: G (rows, C) from `_contrastive_vse0_mask_kernel`, then
-    dX = G @ Y and dY += G.T @ X (cuBLAS). The threshold terms of all pairs, with
-    c_j = total active count of pair j: dim[p_j] -= c_j s[j], ds[j] -= c_j im[p_j]. All times g * scale.
-    With labels, the i2t rows and the threshold terms are scattered into dim by index_add_ (atomic
-    on CUDA when labels repeat)."""
+    """VSE0 gradients; labels None with both terms: `_fused_vse0_bwd`. Else per term and row chunk:
+    G (rows, C) from `_contrastive_vse0_mask_kernel`, then dX = G @ Y and dY += G.T @ X (cuBLAS). The
+    threshold terms of all pairs, with c_j = total active count of pair j: dim[p_j] -= c_j s[j],
+    ds[j] -= c_j im[p_j]. All times g * scale. With labels, the i2t rows and the threshold terms are
+    scattered into dim by index_add_ (atomic on CUDA when labels repeat)."""
+    if labels is None and len(terms) == 2:
+        return _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings)
     N, D = im.shape
     M = s.shape[0]
     dim = torch.zeros((N, D), dtype=torch.float32, device=im.device)
     ds = torch.zeros((M, D), dtype=torch.float32, device=im.device)
-    tf32x3 = im.dtype == torch.float32
     lab = _labels_or_dummy(labels, im.device)
     for term in terms:
         X, Y, _, mode, C = _term_operands(im, s, labels, term)
@@ -471,16 +884,7 @@ def contrastive_vse0_bwd(grad_loss, im, s, labels, cnt, d, margin: float, terms:
         for r0 in range(0, M, rows):
             n = min(rows, M - r0)
             G = torch.empty((n, C), dtype=im.dtype, device=im.device)
-            grid = (triton.cdiv(n, settings.BLOCK_R), triton.cdiv(C, settings.BLOCK_C))
-            _contrastive_vse0_mask_kernel[grid](
-                X, Y, lab, d, G,
-                r0, n, M, C, D,
-                X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), G.stride(0),
-                float(margin),
-                LABEL_MODE=mode, TF32X3=tf32x3, INTERP_BF16=_interp_bf16(im.dtype),
-                BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
-                num_warps=settings.num_warps, num_stages=settings.num_stages,
-            )
+            _launch_mask(X, Y, lab, d, G, r0, n, M, C, margin, mode, False, settings)
             if term == "i2t" and labels is not None:
                 Xc = X.index_select(0, labels[r0:r0 + n])
                 dim.index_add_(0, labels[r0:r0 + n], (G @ Y).float())
@@ -504,15 +908,19 @@ def contrastive_vse0_bwd(grad_loss, im, s, labels, cnt, d, margin: float, terms:
 
 
 def compile_specializations() -> list:
-    """Every (kernel, dtype, flag combination) the launchers can pick, with the tile configs of
+    """Every (kernel, dtype, flag combination) the launchers can pick, with the GPU tile configs of
     `loss_settings` (no autotuning: one config per dtype). Strides as in a contiguous launch: unit
     feature strides as constexpr 1 (Triton specializes integer arguments equal to 1), the rest i32.
-    The forward and VSE0-mask kernels of bf16/fp16 are marked tensor_cores=True."""
+    The tile kernels of bf16/fp16 (forward, fused forward, small forward/backward, VSE0 mask) are
+    marked tensor_cores=True."""
     specs = []
     for dtype, tdt in _TRITON_DTYPE.items():
-        st = LossSettings(64, 64, 32, 4, 3) if dtype == torch.float32 else LossSettings(128, 128, 64, 8, 3)
+        st = _gpu_settings(dtype)
         tc = dtype != torch.float32
         blocks = {"BLOCK_R": st.BLOCK_R, "BLOCK_C": st.BLOCK_C, "BLOCK_D": st.BLOCK_D}
+        strides = {"stride_imr": "i32", "stride_imd": "constexpr", "stride_sr": "i32", "stride_sd": "constexpr"}
+        unit = {"stride_imd": 1, "stride_sd": 1}
+        prec = {"TF32X3": not tc, "INTERP_BF16": False}
         for mode in (NO_LABELS, I2T_LABELS, T2I_LABELS):
             for mv in (True, False):
                 sig = {"x_ptr": f"*{tdt}", "y_ptr": f"*{tdt}", "p_ptr": f"*{tdt}", "lab_ptr": "*i64",
@@ -524,41 +932,79 @@ def compile_specializations() -> list:
                        "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "BLOCK_D": "constexpr",
                        "DOT_BLOCK_D": "constexpr"}
                 consts = {"stride_xd": 1, "stride_yd": 1, "stride_pd": 1, "LABEL_MODE": mode,
-                          "MAX_VIOLATION": mv, "TF32X3": not tc, "INTERP_BF16": False, "DOT_BLOCK_D": _DOT_BLOCK_D, **blocks}
+                          "MAX_VIOLATION": mv, "DOT_BLOCK_D": _DOT_BLOCK_D, **prec, **blocks}
                 specs.append(_spec(f"contrastive_fwd-{tdt}-L{mode}-{'vsepp' if mv else 'vse0'}",
                                    _contrastive_fwd_kernel, sig, consts, st.num_warps, st.num_stages, tc))
-            sig = {"x_ptr": f"*{tdt}", "y_ptr": f"*{tdt}", "lab_ptr": "*i64", "d_ptr": "*fp32", "g_ptr": f"*{tdt}",
-                   "ROW0": "i32", "ROWS": "i32", "R": "i32", "C": "i32", "D": "i32",
-                   "stride_xr": "i32", "stride_xd": "constexpr", "stride_yr": "i32", "stride_yd": "constexpr",
-                   "stride_gr": "i32", "margin": "fp32", "LABEL_MODE": "constexpr", "TF32X3": "constexpr",
-                   "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
-            consts = {"stride_xd": 1, "stride_yd": 1, "LABEL_MODE": mode, "TF32X3": not tc, "INTERP_BF16": False,
-                      **blocks}
-            specs.append(_spec(f"contrastive_vse0_mask-{tdt}-L{mode}", _contrastive_vse0_mask_kernel, sig, consts,
-                               st.num_warps, st.num_stages, tc))
+            for both in ((False, True) if mode == NO_LABELS else (False,)):
+                sig = {"x_ptr": f"*{tdt}", "y_ptr": f"*{tdt}", "lab_ptr": "*i64", "d_ptr": "*fp32", "g_ptr": f"*{tdt}",
+                       "ROW0": "i32", "ROWS": "i32", "R": "i32", "C": "i32", "D": "i32",
+                       "stride_xr": "i32", "stride_xd": "constexpr", "stride_yr": "i32", "stride_yd": "constexpr",
+                       "stride_gr": "i32", "margin": "fp32", "LABEL_MODE": "constexpr", "BOTH_TERMS": "constexpr",
+                       "TF32X3": "constexpr", "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr",
+                       "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
+                consts = {"stride_xd": 1, "stride_yd": 1, "LABEL_MODE": mode, "BOTH_TERMS": both, **prec, **blocks}
+                specs.append(_spec(f"contrastive_vse0_mask-{tdt}-L{mode}{'-both' if both else ''}",
+                                   _contrastive_vse0_mask_kernel, sig, consts, st.num_warps, st.num_stages, tc))
+        for mv in (True, False):
+            mode_name = "vsepp" if mv else "vse0"
+            sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "d_ptr": "*fp32", "part_val_ptr": "*fp32",
+                   "part_aux_ptr": "*i32" if mv else "*fp32", "B": "i32", "D": "i32", "COLS_PER_SPLIT": "i32",
+                   "NUM_SPLITS": "i32", **strides, "margin": "fp32", "MAX_VIOLATION": "constexpr",
+                   "TF32X3": "constexpr", "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
+                   "BLOCK_D": "constexpr"}
+            consts = {**unit, "MAX_VIOLATION": mv, **prec, **blocks}
+            specs.append(_spec(f"contrastive_fused_fwd-{tdt}-{mode_name}", _contrastive_fused_fwd_kernel, sig,
+                               consts, st.num_warps, st.num_stages, tc))
+            sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "loss_ptr": "*fp32", "val_ptr": "*fp32",
+                   "aux_ptr": "*i32" if mv else "*fp32", "a_ptr": f"*{tdt}", "B": "i32", "D": "i32", **strides,
+                   "margin": "fp32", "scale": "fp32", "MAX_VIOLATION": "constexpr", "TF32X3": "constexpr",
+                   "INTERP_BF16": "constexpr", "BLOCK_B": "constexpr", "BLOCK_D": "constexpr",
+                   "DOT_BLOCK_D": "constexpr"}
+            consts = {**unit, "MAX_VIOLATION": mv, **prec, "BLOCK_B": st.SMALL_B, "BLOCK_D": st.SMALL_BLOCK_D,
+                      "DOT_BLOCK_D": _DOT_BLOCK_D}
+            specs.append(_spec(f"contrastive_small_fwd-{tdt}-{mode_name}", _contrastive_small_fwd_kernel, sig,
+                               consts, st.small_warps, st.num_stages, tc))
+        sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "a_ptr": f"*{tdt}", "g_ptr": "*fp32", "dim_ptr": f"*{tdt}",
+               "ds_ptr": f"*{tdt}", "B": "i32", "D": "i32", **strides, "scale": "fp32", "TF32X3": "constexpr",
+               "INTERP_BF16": "constexpr", "BLOCK_B": "constexpr", "BLOCK_D": "constexpr"}
+        consts = {**unit, **prec, "BLOCK_B": st.SMALL_B, "BLOCK_D": st.SMALL_BLOCK_D}
+        specs.append(_spec(f"contrastive_small_bwd-{tdt}", _contrastive_small_bwd_kernel, sig, consts,
+                           st.small_warps, 1, tc))
+        sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "d_ptr": "*fp32", "B": "i32", "D": "i32", **strides,
+               "BLOCK_M": "constexpr", "DOT_BLOCK_D": "constexpr"}
+        specs.append(_spec(f"contrastive_diag-{tdt}", _contrastive_diag_kernel, sig,
+                           {**unit, "BLOCK_M": st.BLOCK_M, "DOT_BLOCK_D": _DOT_BLOCK_D}, 4, 1, False))
+        for mm_dt in sorted({tdt, "fp32"}):  # mm_ds of one chunk (input dtype) or of several (fp32)
+            sig = {"mm_dim_ptr": f"*{tdt}", "mm_ds_ptr": f"*{mm_dt}", "im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}",
+                   "cnt_ptr": "*fp32", "g_ptr": "*fp32", "dim_ptr": f"*{tdt}", "ds_ptr": f"*{tdt}",
+                   "B": "i32", "D": "i32", **strides, "scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_DB": "constexpr"}
+            specs.append(_spec(f"contrastive_vse0_epilogue-{tdt}-mmds_{mm_dt}", _contrastive_vse0_epilogue_kernel,
+                               sig, {**unit, "BLOCK_M": st.BLOCK_M, "BLOCK_DB": st.BLOCK_DB}, 4, 1, False))
         for has_labels in (False, True):
             for mv in (True, False):
                 for n_terms in (1, 2):
-                    sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "lab_ptr": "*i64", "part_val_ptr": "*fp32",
-                           "part_aux_ptr": "*i32" if mv else "*fp32", "val_ptr": "*fp32",
-                           "aux_ptr": "*i32" if mv else "*fp32", "d_ptr": "*fp32",
-                           "M": "i32", "D": "i32", "NUM_SPLITS": "i32",
-                           "stride_imr": "i32", "stride_imd": "constexpr", "stride_sr": "i32", "stride_sd": "constexpr",
-                           "margin": "fp32", "scale": "fp32", "HAS_LABELS": "constexpr", "NUM_TERMS": "constexpr",
-                           "MAX_VIOLATION": "constexpr", "BLOCK_M": "constexpr", "DOT_BLOCK_D": "constexpr"}
-                    consts = {"stride_imd": 1, "stride_sd": 1, "HAS_LABELS": has_labels, "NUM_TERMS": n_terms,
-                              "MAX_VIOLATION": mv, "BLOCK_M": st.BLOCK_M, "DOT_BLOCK_D": _DOT_BLOCK_D}
-                    specs.append(_spec(
-                        f"contrastive_combine-{tdt}-{'lab' if has_labels else 'diag'}-T{n_terms}-"
-                        f"{'vsepp' if mv else 'vse0'}", _contrastive_combine_kernel, sig, consts, 4, 1, False))
+                    # labels None with both terms is the "fused" path: VSE0 reads d there (LOAD_D)
+                    for load_d in ((not has_labels and n_terms == 2 and not mv),):
+                        sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "lab_ptr": "*i64", "part_val_ptr": "*fp32",
+                               "part_aux_ptr": "*i32" if mv else "*fp32", "val_ptr": "*fp32",
+                               "aux_ptr": "*i32" if mv else "*fp32", "d_ptr": "*fp32",
+                               "M": "i32", "D": "i32", "PARTS0": "i32", "PARTS1": "i32", **strides,
+                               "margin": "fp32", "scale": "fp32", "HAS_LABELS": "constexpr", "NUM_TERMS": "constexpr",
+                               "MAX_VIOLATION": "constexpr", "LOAD_D": "constexpr", "BLOCK_M": "constexpr",
+                               "DOT_BLOCK_D": "constexpr"}
+                        consts = {**unit, "HAS_LABELS": has_labels, "NUM_TERMS": n_terms, "MAX_VIOLATION": mv,
+                                  "LOAD_D": load_d, "BLOCK_M": st.BLOCK_M, "DOT_BLOCK_D": _DOT_BLOCK_D}
+                        specs.append(_spec(
+                            f"contrastive_combine-{tdt}-{'lab' if has_labels else 'diag'}-T{n_terms}-"
+                            f"{'vsepp' if mv else 'vse0'}{'-loadd' if load_d else ''}",
+                            _contrastive_combine_kernel, sig, consts, 4, 1, False))
             for i2t, t2i in ((True, True), (True, False), (False, True)):
                 sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "lab_ptr": "*i64", "val_ptr": "*fp32",
                        "idx_ptr": "*i32", "g_ptr": "*fp32", "dim_ptr": "*fp32", "ds_ptr": "*fp32",
-                       "M": "i32", "D": "i32",
-                       "stride_imr": "i32", "stride_imd": "constexpr", "stride_sr": "i32", "stride_sd": "constexpr",
+                       "M": "i32", "D": "i32", **strides,
                        "scale": "fp32", "HAS_LABELS": "constexpr", "HAS_I2T": "constexpr", "HAS_T2I": "constexpr",
                        "BLOCK_M": "constexpr", "BLOCK_DB": "constexpr"}
-                consts = {"stride_imd": 1, "stride_sd": 1, "HAS_LABELS": has_labels, "HAS_I2T": i2t,
+                consts = {**unit, "HAS_LABELS": has_labels, "HAS_I2T": i2t,
                           "HAS_T2I": t2i, "BLOCK_M": st.BLOCK_M, "BLOCK_DB": st.BLOCK_DB}
                 terms = "both" if i2t and t2i else ("i2t" if i2t else "t2i")
                 specs.append(_spec(f"contrastive_vsepp_bwd-{tdt}-{'lab' if has_labels else 'diag'}-{terms}",

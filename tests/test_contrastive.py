@@ -1,7 +1,9 @@
 """Contrastive loss (VSE0 / VSE++): drop-in parity with the published module, torch and Triton
 paths against a float64 reference (values, gradients under a random upstream gradient, hardest
 indices), positives with duplicates, rectangular and single-row batches, NaN/inf, input errors.
-Triton runs under the interpreter on CPU (tiny shapes) and compiled on CUDA."""
+Triton runs under the interpreter on CPU (tiny shapes) and compiled on CUDA; its three paths ("small":
+one program, "fused": both terms from one pass over S, "terms": per term) against the reference, each
+other, exact ties (integer inputs) and the VSE0 backward in row chunks."""
 import pytest
 import torch
 
@@ -192,10 +194,10 @@ NONFINITE = [
 ]
 
 
-def _nonfinite_case(where, row, value, positives, device="cpu"):
-    im = torch.randn(6, 8, device=device)
-    s = torch.randn(6, 8, device=device)
-    (im if where == "im" else s)[row, 3] = value
+def _nonfinite_case(where, row, value, positives, device="cpu", B=6):
+    im = torch.randn(B, 8, device=device)
+    s = torch.randn(B, 8, device=device)
+    (im if where == "im" else s)[row if B == 6 else B - 1 - row, 3] = value
     pos = torch.tensor([0, 1, 2, 3, 4, 0], device=device) if positives else None
     return im, s, pos
 
@@ -216,6 +218,12 @@ def test_nonfinite_inputs_give_nonfinite_loss_torch(where, row, value, positives
 @pytest.mark.parametrize("where,row,value,positives", NONFINITE)
 def test_nonfinite_inputs_give_nonfinite_loss_triton(where, row, value, positives):
     _assert_nonfinite(*_nonfinite_case(where, row, value, positives), "triton")
+
+
+@interpreter_only
+@pytest.mark.parametrize("where,row,value", [("im", 2, float("nan")), ("s", 4, float("inf"))], ids=["nan-im", "inf-s"])
+def test_nonfinite_inputs_give_nonfinite_loss_triton_fused(where, row, value):
+    _assert_nonfinite(*_nonfinite_case(where, row, value, False, B=20), "triton")  # 20 > 16: "fused" path
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -303,6 +311,153 @@ def test_triton_interpreter_matches_torch_path():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+# ------------------------------------------------------------------------------------- Triton paths
+# Under the interpreter the tiles are 16 x 16 (vse_fast.kernels.contrastive._make_settings): B <= 16 runs
+# the one-program "small" path, larger B the "fused" path (B = 37: 3 row blocks x 2 column splits).
+
+
+def _kernels():
+    from vse_fast.kernels import contrastive
+
+    return contrastive
+
+
+def _integer_inputs(B, D, dtype, device="cpu", noncontig=False):
+    """Entries in {-2, ..., 2}: every similarity is an exact integer in every dtype, so equal
+    similarities (ties) are frequent and exact, and no hinge m + S - d (m = 0.2) sits at 0."""
+    im = torch.randint(-2, 3, (B, 2 * D if noncontig else D), device=device).to(dtype)
+    s = torch.randint(-2, 3, (B, D), device=device).to(dtype)
+    if noncontig:
+        im, s = im[:, ::2], s.t().contiguous().t()
+    return im.requires_grad_(), s.requires_grad_()
+
+
+def test_path_selection():
+    K = _kernels()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        gpu = K._gpu_settings(dtype)
+        assert gpu.SMALL_B <= 128  # A's diagonal counts up to 2B - 2 must be exact in bf16
+        st = K.loss_settings(dtype)
+        both = ("i2t", "t2i")
+        assert K.contrastive_path(st.SMALL_B, st.SMALL_B, None, both, st) == K.SMALL
+        assert K.contrastive_path(1, 1, None, both, st) == K.SMALL
+        assert K.contrastive_path(st.SMALL_B + 1, st.SMALL_B + 1, None, both, st) == K.FUSED
+        assert K.contrastive_path(5, 5, torch.arange(5), both, st) == K.TERMS
+        assert K.contrastive_path(5, 5, None, ("t2i",), st) == K.TERMS
+
+
+PATH_CASES = [
+    pytest.param(1, 5, False, id="small-B1"),
+    pytest.param(7, 33, False, id="small-B7-D33"),
+    pytest.param(16, 20, True, id="small-B16-noncontig"),
+    pytest.param(17, 16, False, id="fused-B17"),
+    pytest.param(37, 19, True, id="fused-B37-D19-noncontig"),
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("B,D,noncontig", PATH_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_triton_interpreter_small_and_fused_paths(B, D, noncontig, dtype, max_violation, poison_empty):
+    _check_against_reference(B, B, D, dtype, max_violation, noncontig=noncontig, backend="triton",
+                             reduction="mean" if B % 2 else "sum")
+
+
+@interpreter_only
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("B,noncontig", [(13, False), (37, True)], ids=["small-B13", "fused-B37-noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_interpreter_ties_take_the_first_index(B, noncontig, dtype, max_violation, poison_empty):
+    """Integer inputs: exact ties everywhere; hardest indices (first index on ties), loss and
+    gradients must equal the float64 reference exactly up to the output rounding."""
+    im, s = _integer_inputs(B, 8, dtype, noncontig=noncontig)
+    upstream = torch.randn(())
+    kw = dict(margin=0.2, max_violation=max_violation)
+    out = _loss_and_grads(lambda a, b: contrastive_loss(a, b, **kw, backend="triton", return_indices=max_violation),
+                          im, s, upstream)
+    ref = _reference(im, s, upstream, **kw)
+    for got, want in zip(out[:3], ref[:3]):
+        _assert_close(got, want, dtype)  # no near-tie allowance: ties are exact and resolved alike
+    if max_violation:
+        for term in ("i2t", "t2i"):
+            torch.testing.assert_close(out[3][term], ref[3][term], rtol=0, atol=0)
+
+
+@interpreter_only
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("B", [9, 37], ids=["small-B9", "fused-B37"])
+def test_triton_interpreter_paths_agree_per_pair(B, max_violation, poison_empty):
+    """Per-pair values and hardest indices / counts of the chosen path ("small" or "fused") equal
+    those of the per-term kernels ("terms" path, one launch per term) on integer inputs."""
+    K = _kernels()
+    im, s = (t.detach() for t in _integer_inputs(B, 12, torch.float32))
+    st = K.loss_settings(torch.float32)
+    if B <= st.SMALL_B:
+        loss, val, aux, A = K.contrastive_small_fwd(im, s, 0.2, max_violation, 0.5, st)
+        torch.testing.assert_close(loss, val.sum())
+        assert A.shape == (B, B) and A.dtype == im.dtype
+        # A holds the gradient of the loss (scale 1) with respect to S = im @ s.T
+        S = (im.double() @ s.double().t()).requires_grad_()
+        ref = _loss_of_similarities(S, 0.2, max_violation)
+        torch.testing.assert_close(A.double(), torch.autograd.grad(ref, S)[0], rtol=0, atol=0)
+    else:
+        val, aux, _ = K.contrastive_fwd(im, s, None, 0.2, max_violation, ("i2t", "t2i"), 0.5, st)
+    for t, term in enumerate(("i2t", "t2i")):
+        v, a, _ = K.contrastive_fwd(im, s, None, 0.2, max_violation, (term,), 0.5, st)
+        torch.testing.assert_close(val[t], v[0], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(aux[t], a[0], rtol=0, atol=0)
+
+
+def _loss_of_similarities(S, margin, max_violation):
+    """The published loss written on the similarity matrix S (rows images, columns captions)."""
+    d = S.diagonal()
+    eye = torch.eye(S.shape[0], dtype=torch.bool)
+    cost_s = (margin + S - d[:, None]).clamp(min=0).masked_fill(eye, 0)
+    cost_im = (margin + S - d[None, :]).clamp(min=0).masked_fill(eye, 0)
+    if max_violation:
+        return cost_s.max(1).values.sum() + cost_im.max(0).values.sum()
+    return cost_s.sum() + cost_im.sum()
+
+
+@interpreter_only
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("B,D", [(128, 72), (300, 40)], ids=["small-B128", "fused-B300"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_interpreter_gpu_tile_sizes(B, D, dtype, max_violation, monkeypatch, poison_empty):
+    """The GPU tiles (128 x 128 "small" tile, 128- / 64-row fused tiles) on the interpreter."""
+    import dataclasses
+
+    K = _kernels()
+    monkeypatch.setitem(K._SETTINGS, dtype, dataclasses.replace(K._gpu_settings(dtype),
+                                                                interp_bf16=K._interp_bf16(dtype)))
+    st = K.loss_settings(dtype)
+    assert K.contrastive_path(B, B, None, ("i2t", "t2i"), st) == (K.SMALL if B <= 128 else K.FUSED)
+    _check_against_reference(B, B, D, dtype, max_violation, backend="triton")
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_interpreter_vse0_backward_in_chunks(dtype, monkeypatch, poison_empty):
+    """The "fused" VSE0 backward with G split into row chunks (fp32 accumulation of ds) gives the
+    one-chunk gradients."""
+    K = _kernels()
+    B = 37
+    im, s, _ = _inputs(B, B, 24, dtype)
+    upstream = torch.randn(())
+    one = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, False, backend="triton"), im, s, upstream)
+    monkeypatch.setattr(K, "_MASK_CHUNK_BYTES", 16 * B * im.element_size())  # chunks of 16 image rows
+    assert K._chunk_rows(K.loss_settings(dtype), B, B, im.element_size()) == 16
+    chunked = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, False, backend="triton"), im, s, upstream)
+    torch.testing.assert_close(chunked[0], one[0], rtol=0, atol=0)
+    for a, b in zip(chunked[1:3], one[1:3]):
+        atol, rtol = DTYPE_TOLERANCES[dtype]
+        torch.testing.assert_close(a, b, atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)
+    ref = _reference(im, s, upstream, margin=0.2, max_violation=False)
+    _assert_grad_close(chunked[1], ref[1], dtype, s)
+    _assert_grad_close(chunked[2], ref[2], dtype, im)
+
+
 # ------------------------------------------------------------------------------------- CUDA
 
 
@@ -317,6 +472,65 @@ def test_cuda_triton_matches_reference(N, M, D, dtype, max_violation, poison_emp
     _check_against_reference(N, M, D, dtype, max_violation, positives=N != M, backend="triton", device="cuda")
 
 
+PATH_B = [1, 7, 128, 129, 1000, 4096]  # small (<= 128) and fused paths, one and several tiles
+
+
+@requires_cuda
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("B", PATH_B, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cuda_small_and_fused_paths(B, dtype, max_violation, poison_empty):
+    _check_against_reference(B, B, 1024 if B <= 129 else 256, dtype, max_violation, backend="triton", device="cuda",
+                             noncontig=B in (7, 1000))
+
+
+@requires_cuda
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("B", [128, 129, 1000], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_ties_take_the_first_index(B, dtype, max_violation, poison_empty):
+    im, s = _integer_inputs(B, 40, dtype, device="cuda")
+    upstream = torch.randn((), device="cuda")
+    kw = dict(margin=0.2, max_violation=max_violation)
+    out = _loss_and_grads(lambda a, b: contrastive_loss(a, b, **kw, backend="triton", return_indices=max_violation),
+                          im, s, upstream)
+    ref = _reference(im, s, upstream, **kw)
+    for got, want in zip(out[:3], ref[:3]):
+        _assert_close(got, want, dtype)
+    if max_violation:
+        for term in ("i2t", "t2i"):
+            torch.testing.assert_close(out[3][term], ref[3][term], rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("B", [128, 1000], ids=lambda b: f"B{b}")
+def test_cuda_paths_are_deterministic(B, max_violation):
+    """Same bits twice: the loss always (ordered combines), the gradients where no atomics are used
+    (the "small" path, and the VSE0 "fused" backward)."""
+    im, s, _ = _inputs(B, B, 256, torch.bfloat16, "cuda")
+    one = torch.ones((), device="cuda")
+    runs = [_loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, max_violation), im, s, one) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    if B <= 128 or not max_violation:
+        assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+
+
+@requires_cuda
+def test_cuda_vse0_backward_in_chunks(monkeypatch):
+    K = _kernels()
+    B = 1000
+    im, s, _ = _inputs(B, B, 128, torch.bfloat16, "cuda")
+    upstream = torch.randn((), device="cuda")
+    one = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, False), im, s, upstream)
+    monkeypatch.setattr(K, "_MASK_CHUNK_BYTES", 256 * B * im.element_size())  # 4 chunks
+    chunked = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, False), im, s, upstream)
+    ref = _reference(im, s, upstream, margin=0.2, max_violation=False)
+    torch.testing.assert_close(chunked[0], one[0], rtol=0, atol=0)
+    _assert_grad_close(chunked[1], ref[1], torch.bfloat16, s)
+    _assert_grad_close(chunked[2], ref[2], torch.bfloat16, im)
+
+
 @requires_cuda
 @pytest.mark.parametrize("max_violation", MODES)
 def test_cuda_triton_noncontiguous_and_terms(max_violation):
@@ -327,16 +541,18 @@ def test_cuda_triton_noncontiguous_and_terms(max_violation):
 
 
 @requires_cuda
+@pytest.mark.parametrize("B", [6, 300], ids=["small", "fused"])
 @pytest.mark.parametrize("where,row,value,positives", NONFINITE)
-def test_cuda_nonfinite_inputs(where, row, value, positives):
-    _assert_nonfinite(*_nonfinite_case(where, row, value, positives, device="cuda"), "triton")
+def test_cuda_nonfinite_inputs(where, row, value, positives, B):
+    _assert_nonfinite(*_nonfinite_case(where, row, value, positives and B == 6, device="cuda", B=B), "triton")
 
 
 @requires_cuda
 @pytest.mark.parametrize("max_violation", MODES)
-@pytest.mark.parametrize("positives", [False, True], ids=["diag", "pos"])
-def test_cuda_no_host_sync(max_violation, positives):
-    im, s, pos = _inputs(300, 300, 64, torch.bfloat16, "cuda", positives)
+@pytest.mark.parametrize("B,positives", [(128, False), (300, False), (300, True)],
+                         ids=["small-B128", "fused-B300", "terms-B300-pos"])
+def test_cuda_no_host_sync(B, max_violation, positives):
+    im, s, pos = _inputs(B, B, 64, torch.bfloat16, "cuda", positives)
 
     def step():
         loss = contrastive_loss(im, s, 0.2, max_violation, positives=pos)

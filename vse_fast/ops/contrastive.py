@@ -212,32 +212,62 @@ def _torch_vse0_grads(im, s, labels, cnt, masks, terms, g):
 # Triton backend
 
 
+_KERNELS = None
+
+
+def _kernels():
+    """vse_fast.kernels.contrastive, imported on first use (triton is only needed on this path)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from vse_fast.kernels import contrastive
+
+        _KERNELS = contrastive
+    return _KERNELS
+
+
 class ContrastiveLossFunction(torch.autograd.Function):
-    """Triton forward (tiles of S on chip, per-pair values + hardest indices / active counts saved)
-    and backward (VSE++: gathers + atomic adds, O((N + M) D); VSE0: recomputed hinge mask by row
-    chunks times cuBLAS). See vse_fast.kernels.contrastive for the kernels and the backward math."""
+    """Triton forward and backward; the path is chosen from the shapes (vse_fast.kernels.contrastive):
+
+    "small" (positives None, both terms, B <= 128): one launch forward (loss, per-pair values, and the
+    integer gradient matrix A (B, B)), one launch backward: dim = g scale A @ s, ds = g scale A.T @ im.
+    "fused" (positives None, both terms): one pass over tiles of S for both terms (+ a threshold kernel
+    for VSE0) and a combine kernel; backward VSE++: gathers + atomic adds, O((N + M) D); VSE0: one
+    recompute of the hinge mask G_i2t + G_t2i by row chunks, two cuBLAS matmuls and an epilogue kernel.
+    "terms" (positives or one term): a tile kernel per term and the combine kernel; backward VSE++ as
+    above, VSE0 a mask recompute and two cuBLAS matmuls per term."""
 
     @staticmethod
     def forward(ctx, im, s, labels, margin, max_violation, terms, scale):
-        from vse_fast.kernels import contrastive as K
-
+        K = _kernels()
         settings = K.loss_settings(im.dtype)
-        val, aux, d = K.contrastive_fwd(im, s, labels, margin, max_violation, terms, scale, settings)
-        ctx.save_for_backward(im, s, labels, val, aux, d)
-        ctx.cfg = (margin, max_violation, terms, scale, settings)
+        path = K.contrastive_path(im.shape[0], s.shape[0], labels, terms, settings)
+        if path == K.SMALL:
+            loss, _, aux, A = K.contrastive_small_fwd(im, s, margin, max_violation, scale, settings)
+            ctx.save_for_backward(im, s, A)
+        else:
+            val, aux, d = K.contrastive_fwd(im, s, labels, margin, max_violation, terms, scale, settings)
+            loss = val.sum()
+            ctx.save_for_backward(im, s, labels, val, aux, d)
+        ctx.cfg = (path, margin, max_violation, terms, scale, settings)
         ctx.mark_non_differentiable(aux)
-        return val.sum(), aux
+        ctx.set_materialize_grads(False)  # no zeros for the aux output's (unused) gradient
+        return loss, aux
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_aux):
-        from vse_fast.kernels import contrastive as K
-
-        im, s, labels, val, aux, d = ctx.saved_tensors
-        margin, max_violation, terms, scale, settings = ctx.cfg
-        if max_violation:
-            dim, ds = K.contrastive_vsepp_bwd(grad_loss, im, s, labels, val, aux, terms, scale, settings)
+        if grad_loss is None:
+            return None, None, None, None, None, None, None
+        K = _kernels()
+        path, margin, max_violation, terms, scale, settings = ctx.cfg
+        if path == K.SMALL:
+            im, s, A = ctx.saved_tensors
+            dim, ds = K.contrastive_small_bwd(grad_loss, im, s, A, scale, settings)
         else:
-            dim, ds = K.contrastive_vse0_bwd(grad_loss, im, s, labels, aux, d, margin, terms, scale, settings)
+            im, s, labels, val, aux, d = ctx.saved_tensors
+            if max_violation:
+                dim, ds = K.contrastive_vsepp_bwd(grad_loss, im, s, labels, val, aux, terms, scale, settings)
+            else:
+                dim, ds = K.contrastive_vse0_bwd(grad_loss, im, s, labels, aux, d, margin, terms, scale, settings)
         return dim, ds, None, None, None, None, None
 
 
