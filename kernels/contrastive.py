@@ -228,6 +228,13 @@ def _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride
     return acc
 
 
+@triton.jit
+def _store_partials(part_val_ptr, part_aux_ptr, o_out, b_val, b_aux, mask):
+    """Per-row partials of one column split: value (max or hinge sum) and aux (argmax or count)."""
+    tl.store(part_val_ptr + o_out, b_val, mask=mask)
+    tl.store(part_aux_ptr + o_out, b_aux, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------------
 # kernels
 
@@ -282,11 +289,9 @@ def _contrastive_fwd_kernel(
 
     o_out = i_s.to(tl.int64) * R + o_r
     if MAX_VIOLATION:
-        tl.store(part_val_ptr + o_out, run_max, mask=m_r)
-        tl.store(part_aux_ptr + o_out, run_idx, mask=m_r)
+        _store_partials(part_val_ptr, part_aux_ptr, o_out, run_max, run_idx, m_r)
     else:
-        tl.store(part_val_ptr + o_out, run_sum, mask=m_r)
-        tl.store(part_aux_ptr + o_out, run_cnt, mask=m_r)
+        _store_partials(part_val_ptr, part_aux_ptr, o_out, run_sum, run_cnt, m_r)
 
 
 @triton.jit(do_not_specialize=["B", "COLS_PER_SPLIT", "NUM_SPLITS"])
@@ -351,11 +356,9 @@ def _contrastive_fused_fwd_kernel(
 
     o_out = i_s.to(tl.int64) * B + o_r
     if MAX_VIOLATION:
-        tl.store(part_val_ptr + o_out, run_max, mask=m_r)
-        tl.store(part_aux_ptr + o_out, run_idx, mask=m_r)
+        _store_partials(part_val_ptr, part_aux_ptr, o_out, run_max, run_idx, m_r)
     else:
-        tl.store(part_val_ptr + o_out, run_sum, mask=m_r)
-        tl.store(part_aux_ptr + o_out, run_cnt, mask=m_r)
+        _store_partials(part_val_ptr, part_aux_ptr, o_out, run_sum, run_cnt, m_r)
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -605,7 +608,6 @@ def _contrastive_vse0_mask_kernel(
     b_g = b_g.to(g_ptr.dtype.element_ty)
     p_g = g_ptr + o_rl.to(tl.int64)[:, None] * stride_gr + o_c[None, :]
     tl.store(p_g, b_g, mask=m_r[:, None] & m_c[None, :])
-
 
 
 @triton.jit(do_not_specialize=["B"])

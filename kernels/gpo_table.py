@@ -63,6 +63,30 @@ def _load_square(p_w, o_a, o_b, m_a, m_b, H):
 
 
 @triton.jit
+def _load_recurrent(whh_ptr, bhh_ptr, direction, o_h, m_h, H):
+    """W_hh gate blocks [BH(out), BH(in)] (r, z, n) and b_hh gate vectors [BH] of one direction."""
+    p_w = whh_ptr + direction * (3 * H * H)
+    w_r = _load_square(p_w, o_h, o_h, m_h, m_h, H)
+    w_z = _load_square(p_w + H * H, o_h, o_h, m_h, m_h, H)
+    w_n = _load_square(p_w + 2 * H * H, o_h, o_h, m_h, m_h, H)
+    p_b = bhh_ptr + direction * (3 * H)
+    b_hr = tl.load(p_b + o_h, mask=m_h, other=0.0)
+    b_hz = tl.load(p_b + H + o_h, mask=m_h, other=0.0)
+    b_hn = tl.load(p_b + 2 * H + o_h, mask=m_h, other=0.0)
+    return w_r, w_z, w_n, b_hr, b_hz, b_hn
+
+
+@triton.jit
+def _num_steps(i_prog, K, BLOCK_R: tl.constexpr):
+    """Recurrence steps of a program: K for the forward direction, up to its largest size otherwise."""
+    if i_prog == 0:
+        n_steps = K
+    else:
+        n_steps = tl.minimum(K, i_prog * BLOCK_R)
+    return n_steps
+
+
+@triton.jit
 def _row_positions(i_prog, t, K, BLOCK_R: tl.constexpr):
     """Rows of this program, their output row, position at step t and activity, all [BLOCK_R]."""
     o_r = (i_prog - 1) * BLOCK_R + tl.arange(0, BLOCK_R)  # reverse rows (sizes o_r + 1)
@@ -121,19 +145,12 @@ def _gpo_table_fwd_kernel(gi_ptr, whh_ptr, bhh_ptr, out_ptr, K, H,
     direction = tl.minimum(i_prog, 1)
     o_h = tl.arange(0, BLOCK_H)
     m_h = o_h < H
-    p_w = whh_ptr + direction * (3 * H * H)
-    w_rt = _load_square(p_w, o_h, o_h, m_h, m_h, H).trans()  # W_hr^T [BH(in), BH(out)]
-    w_zt = _load_square(p_w + H * H, o_h, o_h, m_h, m_h, H).trans()
-    w_nt = _load_square(p_w + 2 * H * H, o_h, o_h, m_h, m_h, H).trans()
-    p_b = bhh_ptr + direction * (3 * H)
-    b_hr = tl.load(p_b + o_h, mask=m_h, other=0.0)
-    b_hz = tl.load(p_b + H + o_h, mask=m_h, other=0.0)
-    b_hn = tl.load(p_b + 2 * H + o_h, mask=m_h, other=0.0)
+    w_r, w_z, w_n, b_hr, b_hz, b_hn = _load_recurrent(whh_ptr, bhh_ptr, direction, o_h, m_h, H)
+    w_rt = w_r.trans()  # W_hr^T [BH(in), BH(out)]
+    w_zt = w_z.trans()
+    w_nt = w_n.trans()
     p_gi = gi_ptr + direction * (3 * H * K)
-    if i_prog == 0:
-        n_steps = K
-    else:
-        n_steps = tl.minimum(K, i_prog * BLOCK_R)
+    n_steps = _num_steps(i_prog, K, BLOCK_R)
 
     h = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
     for t in range(0, n_steps):
@@ -157,22 +174,12 @@ def _gpo_table_bwd_kernel(gi_ptr, whh_ptr, bhh_ptr, out_ptr, gout_ptr, dgi_ptr, 
     o_h = tl.arange(0, BLOCK_H)
     m_h = o_h < H
     m_hh = m_h[:, None] & m_h[None, :]
-    p_w = whh_ptr + direction * (3 * H * H)
-    w_r = _load_square(p_w, o_h, o_h, m_h, m_h, H)  # W_hr [BH(out), BH(in)]
-    w_z = _load_square(p_w + H * H, o_h, o_h, m_h, m_h, H)
-    w_n = _load_square(p_w + 2 * H * H, o_h, o_h, m_h, m_h, H)
+    w_r, w_z, w_n, b_hr, b_hz, b_hn = _load_recurrent(whh_ptr, bhh_ptr, direction, o_h, m_h, H)
     w_rt = w_r.trans()
     w_zt = w_z.trans()
     w_nt = w_n.trans()
-    p_b = bhh_ptr + direction * (3 * H)
-    b_hr = tl.load(p_b + o_h, mask=m_h, other=0.0)
-    b_hz = tl.load(p_b + H + o_h, mask=m_h, other=0.0)
-    b_hn = tl.load(p_b + 2 * H + o_h, mask=m_h, other=0.0)
     p_gi = gi_ptr + direction * (3 * H * K)
-    if i_prog == 0:
-        n_steps = K
-    else:
-        n_steps = tl.minimum(K, i_prog * BLOCK_R)
+    n_steps = _num_steps(i_prog, K, BLOCK_R)
 
     dh = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
     acc_wr = tl.zeros((BLOCK_H, BLOCK_H), dtype=tl.float32)
