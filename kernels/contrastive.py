@@ -58,15 +58,17 @@ Backward, VSE0 ("terms"): G = [valid and m + T - d > 0] is recomputed tile by ti
 (`_contrastive_vse0_mask_kernel`) into a bounded row chunk (the launcher caps it at 256 MB) that cuBLAS
 multiplies: dX = G @ Y, dY = G.T @ X: three matmul-equivalents per term. With D ~ 1024 an on-chip dX
 accumulator does not fit, and recomputing S once per D-block costs D / BLOCK_D extra matmuls.
-Backward, VSE0 ("fused"): the mask kernel with BOTH_TERMS recomputes S once and stores
-G_i2t + G_t2i (0/1/2, exact in every dtype) by image-row chunks; cuBLAS: dim[chunk] = G @ s,
+Backward, VSE0 ("fused"): G_i2t + G_t2i (0/1/2, exact in every dtype) by image-row chunks, unpacked
+(`_contrastive_vse0_unpack_kernel`) from the 2-bit mask the forward saved when a gradient is needed
+(B^2 / 4 bytes, at most SAVED_MASK_MAX_BYTES; G chunks then shrink to 128 MB to keep the peak down),
+else recomputed from S by the mask kernel with BOTH_TERMS; cuBLAS: dim[chunk] = G @ s,
 ds += G.T @ im[chunk]; `_contrastive_vse0_epilogue_kernel` subtracts the threshold terms in fp32
 (dim[i] -= c_i s[i], ds[j] -= c_j im[j]; the counts c up to 2B stay out of G: not exact in bf16),
 scales by g * scale and writes the input dtype. One mask recompute + two matmuls.
 
 Matmul-equivalents (B x B x D products) per forward + backward, labels None, both terms:
-"terms" (the design before the fused paths) VSE0 2 + 6, VSE++ 2 + 0; "fused" VSE0 1 + 3,
-VSE++ 1 + 0; "small" VSE0 1 + 2, VSE++ 1 + 2 (one program / a program per D-block; B <= 128 only).
+"terms" (the design before the fused paths) VSE0 2 + 6, VSE++ 2 + 0; "fused" VSE0 1 + 2 with the
+saved mask (1 + 3 recomputing), VSE++ 1 + 0; "small" VSE0 1 + 2, VSE++ 1 + 2 (one program / a program per D-block; B <= 128 only).
 
 Precision: tl.dot takes bf16/fp16 operands as they are (tensor cores) with fp32 accumulation. fp32
 operands use ``input_precision="tf32x3"``: each product as three TF32 tensor-core products
@@ -85,6 +87,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _DOT_BLOCK_D = 64  # D-block of the pair dot products d_j (fixed: the same bits in every kernel)
 _MASK_CHUNK_BYTES = 256 * 1024**2  # VSE0 backward: largest chunk of G held at once
+_SAVED_MASK_CHUNK_BYTES = 128 * 1024**2  # the same when the forward saved the packed mask (it takes memory too)
+SAVED_MASK_MAX_BYTES = 512 * 1024**2  # "fused" VSE0: largest packed mask the forward saves (B <= 46340)
 
 # Label modes of the per-term row-reduction kernels (which side is gathered, where column labels come from).
 NO_LABELS, I2T_LABELS, T2I_LABELS = 0, 1, 2
@@ -296,11 +300,11 @@ def _contrastive_fwd_kernel(
 
 @triton.jit(do_not_specialize=["B", "COLS_PER_SPLIT", "NUM_SPLITS"])
 def _contrastive_fused_fwd_kernel(
-    im_ptr, s_ptr, d_ptr, part_val_ptr, part_aux_ptr,
-    B, D, COLS_PER_SPLIT, NUM_SPLITS,
+    im_ptr, s_ptr, d_ptr, part_val_ptr, part_aux_ptr, mask_ptr,
+    B, D, COLS_PER_SPLIT, NUM_SPLITS, W,
     stride_imr, stride_imd, stride_sr, stride_sd,
     margin,
-    MAX_VIOLATION: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
+    MAX_VIOLATION: tl.constexpr, SAVE_MASK: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Both terms of the diagonal pairs (labels None) from one pass over tiles T = im[rows] @ s[cols].T:
@@ -308,7 +312,10 @@ def _contrastive_fused_fwd_kernel(
       i2t partial of row i:                 part[i_s, i]               (reduction over the split's j != i)
       t2i partial of column j (row block):  part[NUM_SPLITS + i_r, j]  (reduction over the block's i != j)
     part_val = max of valid T (VSE++) or hinge sum (VSE0, relative to d_i resp. d_j from d_ptr);
-    part_aux = int32 argmax (-1 if none) or fp32 active count. part_* are (NUM_SPLITS + row blocks, B)."""
+    part_aux = int32 argmax (-1 if none) or fp32 active count. part_* are (NUM_SPLITS + row blocks, B).
+    SAVE_MASK (VSE0): also the active hinges, packed: bit 2 (j % 16) of mask[i, j // 16] = i2t hinge (i, j)
+    active, bit 2 (j % 16) + 1 = t2i hinge active; mask is (B, W = cdiv(B, 16)) int32. Splits and tiles
+    start at multiples of BLOCK_C (a multiple of 16), so every word is written by exactly one tile."""
     i_r = tl.program_id(0)
     i_s = tl.program_id(1)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -349,10 +356,18 @@ def _contrastive_fused_fwd_kernel(
             m_act = m_valid & (b_h > 0)
             run_sum += tl.sum(tl.where(m_act, b_h, 0.0), axis=1)
             run_cnt += tl.sum(m_act.to(tl.float32), axis=1)
+            if SAVE_MASK:
+                b_bits = m_act.to(tl.int32)
             b_h = margin + b_t - b_dc[None, :]
             m_act = m_valid & (b_h > 0)
             tl.store(part_val_ptr + p_col + o_c, tl.sum(tl.where(m_act, b_h, 0.0), axis=0), mask=m_c)
             tl.store(part_aux_ptr + p_col + o_c, tl.sum(m_act.to(tl.float32), axis=0), mask=m_c)
+            if SAVE_MASK:
+                b_bits = (b_bits | (m_act.to(tl.int32) << 1)) << (2 * (tl.arange(0, BLOCK_C) % 16))[None, :]
+                b_words = tl.sum(tl.reshape(b_bits, (BLOCK_R, BLOCK_C // 16, 16)), axis=2)  # disjoint bits: sum = or
+                o_w = c0 // 16 + tl.arange(0, BLOCK_C // 16)
+                p_w = mask_ptr + o_r.to(tl.int64)[:, None] * W + o_w[None, :]
+                tl.store(p_w, b_words, mask=m_r[:, None] & (o_w < W)[None, :])
 
     o_out = i_s.to(tl.int64) * B + o_r
     if MAX_VIOLATION:
@@ -610,6 +625,28 @@ def _contrastive_vse0_mask_kernel(
     tl.store(p_g, b_g, mask=m_r[:, None] & m_c[None, :])
 
 
+@triton.jit(do_not_specialize=["ROW0", "ROWS", "B", "W"])
+def _contrastive_vse0_unpack_kernel(
+    mask_ptr, g_ptr,
+    ROW0, ROWS, B, W, stride_gr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """G[r - ROW0, c] = G_i2t + G_t2i (0/1/2) of rows ROW0 .. ROW0 + ROWS - 1 from the packed mask the
+    "fused" VSE0 forward saved (see `_contrastive_fused_fwd_kernel`), in g's dtype."""
+    i_r = tl.program_id(0)
+    i_c = tl.program_id(1)
+    o_rl = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_r = ROW0 + o_rl
+    m_r = (o_rl < ROWS) & (o_r < B)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < B
+    m = m_r[:, None] & m_c[None, :]
+    b_w = tl.load(mask_ptr + o_r.to(tl.int64)[:, None] * W + (o_c // 16)[None, :], mask=m, other=0)
+    b_bits = (b_w >> (2 * (o_c % 16))[None, :]) & 3
+    b_g = ((b_bits & 1) + (b_bits >> 1)).to(tl.float32).to(g_ptr.dtype.element_ty)
+    tl.store(g_ptr + o_rl.to(tl.int64)[:, None] * stride_gr + o_c[None, :], b_g, mask=m)
+
+
 @triton.jit(do_not_specialize=["B"])
 def _contrastive_vse0_epilogue_kernel(
     mm_dim_ptr, mm_ds_ptr, im_ptr, s_ptr, cnt_ptr, g_ptr, dim_ptr, ds_ptr,
@@ -710,8 +747,10 @@ def contrastive_small_bwd(grad_loss, im, s, A, scale: float, settings: LossSetti
     return dim, ds
 
 
-def _fused_fwd(im, s, margin, max_violation, scale, settings):
-    """"fused" path forward (labels None, both terms): [diag kernel (VSE0)] + fused tile kernel + combine."""
+def _fused_fwd(im, s, margin, max_violation, scale, settings, save_mask):
+    """"fused" path forward (labels None, both terms): [diag kernel (VSE0)] + fused tile kernel + combine.
+    Returns (val, aux, d, mask): mask = the packed active hinges (VSE0 with save_mask, when at most
+    SAVED_MASK_MAX_BYTES), else None."""
     B, D = im.shape
     dev = im.device
     splits = _num_splits(settings, B, B)
@@ -726,17 +765,21 @@ def _fused_fwd(im, s, margin, max_violation, scale, settings):
     part_val = torch.empty((splits + row_blocks, B), dtype=torch.float32, device=dev)
     part_aux = torch.empty((splits + row_blocks, B), dtype=aux_dtype, device=dev)
     cols_per_split = triton.cdiv(triton.cdiv(B, settings.BLOCK_C), splits) * settings.BLOCK_C
+    words = triton.cdiv(B, 16)
+    save_mask = save_mask and not max_violation and B * words * 4 <= SAVED_MASK_MAX_BYTES
+    mask = torch.empty((B, words), dtype=torch.int32, device=dev) if save_mask else part_val
     _contrastive_fused_fwd_kernel[(row_blocks, splits)](
-        im, s, d, part_val, part_aux,
-        B, D, cols_per_split, splits,
+        im, s, d, part_val, part_aux, mask,
+        B, D, cols_per_split, splits, words,
         im.stride(0), im.stride(1), s.stride(0), s.stride(1),
         margin,
-        MAX_VIOLATION=max_violation, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
+        MAX_VIOLATION=max_violation, SAVE_MASK=save_mask, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
         BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
         num_warps=settings.num_warps, num_stages=settings.num_stages,
     )
-    return _combine(im, s, None, part_val, part_aux, d, splits, row_blocks, 2, margin, max_violation, scale,
-                    settings, load_d=not max_violation)
+    val, aux, d = _combine(im, s, None, part_val, part_aux, d, splits, row_blocks, 2, margin, max_violation, scale,
+                           settings, load_d=not max_violation)
+    return val, aux, d, (mask if save_mask else None)
 
 
 def _combine(im, s, labels, part_val, part_aux, d, parts0, parts1, T, margin, max_violation, scale, settings,
@@ -756,16 +799,17 @@ def _combine(im, s, labels, part_val, part_aux, d, parts0, parts1, T, margin, ma
 
 
 def contrastive_fwd(im, s, labels, margin: float, max_violation: bool, terms: tuple, scale: float,
-                    settings: LossSettings):
+                    settings: LossSettings, save_mask: bool = False):
     """Forward of the selected terms ("i2t", "t2i" in that order) on the "fused" path (labels None and
     both terms) or the "terms" path (else); the "small" path is `contrastive_small_fwd`.
 
     im (N, D), s (M, D): fp32/bf16/fp16, same dtype and device, any strides; labels (M,) int64 or None.
     Returns val (T, M) fp32 per-pair loss values (scaled), aux (T, M) (VSE++: int32 hardest index or
-    -1; VSE0: fp32 active count) and d (M,) fp32 = <im[p_j], s[j]>.
+    -1; VSE0: fp32 active count), d (M,) fp32 = <im[p_j], s[j]>, and the packed hinge mask for the
+    backward (int32 (N, cdiv(N, 16)); "fused" VSE0 with save_mask only, else None).
     """
     if labels is None and len(terms) == 2:
-        return _fused_fwd(im, s, margin, max_violation, scale, settings)
+        return _fused_fwd(im, s, margin, max_violation, scale, settings, save_mask)
     N, D = im.shape
     M = s.shape[0]
     T = len(terms)
@@ -789,8 +833,9 @@ def contrastive_fwd(im, s, labels, margin: float, max_violation: bool, terms: tu
             DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=settings.num_warps, num_stages=settings.num_stages,
         )
     d = torch.empty((M,), dtype=torch.float32, device=dev)
-    return _combine(im, s, labels, part_val, part_aux, d, splits, splits, T, margin, max_violation, scale,
-                    settings, load_d=False)
+    val, aux, d = _combine(im, s, labels, part_val, part_aux, d, splits, splits, T, margin, max_violation, scale,
+                           settings, load_d=False)
+    return val, aux, d, None
 
 
 def contrastive_vsepp_bwd(grad_loss, im, s, labels, val, idx, terms: tuple, scale: float,
@@ -814,8 +859,8 @@ def contrastive_vsepp_bwd(grad_loss, im, s, labels, val, idx, terms: tuple, scal
     return dim.to(im.dtype), ds.to(s.dtype)
 
 
-def _chunk_rows(settings: LossSettings, R: int, C: int, itemsize: int) -> int:
-    rows = max(1, _MASK_CHUNK_BYTES // max(1, C * itemsize))
+def _chunk_rows(settings: LossSettings, R: int, C: int, itemsize: int, max_bytes: int = None) -> int:
+    rows = max(1, (_MASK_CHUNK_BYTES if max_bytes is None else max_bytes) // max(1, C * itemsize))
     rows = max(settings.BLOCK_R, rows // settings.BLOCK_R * settings.BLOCK_R)
     return min(rows, R)
 
@@ -833,15 +878,26 @@ def _launch_mask(X, Y, lab, d, G, r0, n, R, C, margin, mode, both_terms, setting
     )
 
 
-def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings):
-    """"fused" VSE0 backward (labels None, both terms): per image-row chunk G = G_i2t + G_t2i (one
-    recompute of S), dim[chunk] = G @ s and ds += G.T @ im[chunk] (cuBLAS), then the epilogue kernel."""
+def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings, mask=None):
+    """"fused" VSE0 backward (labels None, both terms): per image-row chunk G = G_i2t + G_t2i, unpacked
+    from the forward's saved mask (or, without one, from a recompute of S), dim[chunk] = G @ s and
+    ds += G.T @ im[chunk] (cuBLAS), then the epilogue kernel."""
     B, D = im.shape
-    rows = _chunk_rows(settings, B, B, im.element_size())
     lab = _labels_or_dummy(None, im.device)
+
+    def fill(G, r0, n):
+        if mask is None:
+            _launch_mask(im, s, lab, d, G, r0, n, B, B, margin, NO_LABELS, True, settings)
+        else:
+            grid = (triton.cdiv(n, settings.BLOCK_R), triton.cdiv(B, settings.BLOCK_C))
+            _contrastive_vse0_unpack_kernel[grid](mask, G, r0, n, B, mask.shape[1], G.stride(0),
+                                                  BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, num_warps=4)
+
+    chunk_bytes = _MASK_CHUNK_BYTES if mask is None else _SAVED_MASK_CHUNK_BYTES
+    rows = _chunk_rows(settings, B, B, im.element_size(), chunk_bytes)
     if rows >= B:  # one chunk: the matmul outputs go straight to the epilogue
         G = torch.empty((B, B), dtype=im.dtype, device=im.device)
-        _launch_mask(im, s, lab, d, G, 0, B, B, B, margin, NO_LABELS, True, settings)
+        fill(G, 0, B)
         mm_dim, mm_ds = G @ s, G.t() @ im
     else:
         mm_dim = torch.empty((B, D), dtype=im.dtype, device=im.device)
@@ -849,7 +905,7 @@ def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings):
         for r0 in range(0, B, rows):
             n = min(rows, B - r0)
             G = torch.empty((n, B), dtype=im.dtype, device=im.device)
-            _launch_mask(im, s, lab, d, G, r0, n, B, B, margin, NO_LABELS, True, settings)
+            fill(G, r0, n)
             torch.mm(G, s, out=mm_dim[r0:r0 + n])
             mm_ds += G.t() @ im[r0:r0 + n]
     dim = torch.empty((B, D), dtype=im.dtype, device=im.device)
@@ -866,14 +922,14 @@ def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings):
 
 
 def contrastive_vse0_bwd(grad_loss, im, s, labels, cnt, d, margin: float, terms: tuple, scale: float,
-                         settings: LossSettings):
+                         settings: LossSettings, mask=None):
     """VSE0 gradients; labels None with both terms: `_fused_vse0_bwd`. Else per term and row chunk:
     G (rows, C) from `_contrastive_vse0_mask_kernel`, then dX = G @ Y and dY += G.T @ X (cuBLAS). The
     threshold terms of all pairs, with c_j = total active count of pair j: dim[p_j] -= c_j s[j],
     ds[j] -= c_j im[p_j]. All times g * scale. With labels, the i2t rows and the threshold terms are
     scattered into dim by index_add_ (atomic on CUDA when labels repeat)."""
     if labels is None and len(terms) == 2:
-        return _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings)
+        return _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings, mask)
     N, D = im.shape
     M = s.shape[0]
     dim = torch.zeros((N, D), dtype=torch.float32, device=im.device)
@@ -947,16 +1003,23 @@ def compile_specializations() -> list:
                 consts = {"stride_xd": 1, "stride_yd": 1, "LABEL_MODE": mode, "BOTH_TERMS": both, **prec, **blocks}
                 specs.append(_spec(f"contrastive_vse0_mask-{tdt}-L{mode}{'-both' if both else ''}",
                                    _contrastive_vse0_mask_kernel, sig, consts, st.num_warps, st.num_stages, tc))
-        for mv in (True, False):
-            mode_name = "vsepp" if mv else "vse0"
+        for mv, save_mask in ((True, False), (False, False), (False, True)):
+            mode_name = ("vsepp" if mv else "vse0") + ("-mask" if save_mask else "")
             sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "d_ptr": "*fp32", "part_val_ptr": "*fp32",
-                   "part_aux_ptr": "*i32" if mv else "*fp32", "B": "i32", "D": "i32", "COLS_PER_SPLIT": "i32",
-                   "NUM_SPLITS": "i32", **strides, "margin": "fp32", "MAX_VIOLATION": "constexpr",
-                   "TF32X3": "constexpr", "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
-                   "BLOCK_D": "constexpr"}
-            consts = {**unit, "MAX_VIOLATION": mv, **prec, **blocks}
+                   "part_aux_ptr": "*i32" if mv else "*fp32", "mask_ptr": "*i32" if save_mask else "*fp32",
+                   "B": "i32", "D": "i32", "COLS_PER_SPLIT": "i32",
+                   "NUM_SPLITS": "i32", "W": "i32", **strides, "margin": "fp32", "MAX_VIOLATION": "constexpr",
+                   "SAVE_MASK": "constexpr", "TF32X3": "constexpr", "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr",
+                   "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
+            consts = {**unit, "MAX_VIOLATION": mv, "SAVE_MASK": save_mask, **prec, **blocks}
             specs.append(_spec(f"contrastive_fused_fwd-{tdt}-{mode_name}", _contrastive_fused_fwd_kernel, sig,
                                consts, st.num_warps, st.num_stages, tc))
+        sig = {"mask_ptr": "*i32", "g_ptr": f"*{tdt}", "ROW0": "i32", "ROWS": "i32", "B": "i32", "W": "i32",
+               "stride_gr": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+        specs.append(_spec(f"contrastive_vse0_unpack-{tdt}", _contrastive_vse0_unpack_kernel, sig,
+                           {"BLOCK_R": st.BLOCK_R, "BLOCK_C": st.BLOCK_C}, 4, 1, False))
+        for mv in (True, False):
+            mode_name = "vsepp" if mv else "vse0"
             sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "loss_ptr": "*fp32", "val_ptr": "*fp32",
                    "aux_ptr": "*i32" if mv else "*fp32", "a_ptr": f"*{tdt}", "B": "i32", "D": "i32", **strides,
                    "margin": "fp32", "scale": "fp32", "MAX_VIOLATION": "constexpr", "TF32X3": "constexpr",

@@ -402,9 +402,9 @@ def test_triton_interpreter_paths_agree_per_pair(B, max_violation, poison_empty)
         ref = _loss_of_similarities(S, 0.2, max_violation)
         torch.testing.assert_close(A.double(), torch.autograd.grad(ref, S)[0], rtol=0, atol=0)
     else:
-        val, aux, _ = K.contrastive_fwd(im, s, None, 0.2, max_violation, ("i2t", "t2i"), 0.5, st)
+        val, aux, _, _ = K.contrastive_fwd(im, s, None, 0.2, max_violation, ("i2t", "t2i"), 0.5, st)
     for t, term in enumerate(("i2t", "t2i")):
-        v, a, _ = K.contrastive_fwd(im, s, None, 0.2, max_violation, (term,), 0.5, st)
+        v, a, _, _ = K.contrastive_fwd(im, s, None, 0.2, max_violation, (term,), 0.5, st)
         torch.testing.assert_close(val[t], v[0], rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(aux[t], a[0], rtol=0, atol=0)
 
@@ -437,16 +437,20 @@ def test_triton_interpreter_gpu_tile_sizes(B, D, dtype, max_violation, monkeypat
 
 
 @interpreter_only
+@pytest.mark.parametrize("saved_mask", [True, False], ids=["saved-mask", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_interpreter_vse0_backward_in_chunks(dtype, monkeypatch, poison_empty):
+def test_triton_interpreter_vse0_backward_in_chunks(dtype, saved_mask, monkeypatch, poison_empty):
     """The "fused" VSE0 backward with G split into row chunks (fp32 accumulation of ds) gives the
-    one-chunk gradients."""
+    one-chunk gradients, with G unpacked from the forward's mask or recomputed from S."""
     K = _kernels()
     B = 37
+    if not saved_mask:
+        monkeypatch.setattr(K, "SAVED_MASK_MAX_BYTES", 0)
     im, s, _ = _inputs(B, B, 24, dtype)
     upstream = torch.randn(())
     one = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, False, backend="triton"), im, s, upstream)
     monkeypatch.setattr(K, "_MASK_CHUNK_BYTES", 16 * B * im.element_size())  # chunks of 16 image rows
+    monkeypatch.setattr(K, "_SAVED_MASK_CHUNK_BYTES", 16 * B * im.element_size())
     assert K._chunk_rows(K.loss_settings(dtype), B, B, im.element_size()) == 16
     chunked = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, False, backend="triton"), im, s, upstream)
     torch.testing.assert_close(chunked[0], one[0], rtol=0, atol=0)
@@ -456,6 +460,31 @@ def test_triton_interpreter_vse0_backward_in_chunks(dtype, monkeypatch, poison_e
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False)
     _assert_grad_close(chunked[1], ref[1], dtype, s)
     _assert_grad_close(chunked[2], ref[2], dtype, im)
+
+
+@interpreter_only
+@pytest.mark.parametrize("B", [17, 37], ids=["B17", "B37"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_triton_interpreter_saved_mask_equals_recomputed_mask(B, dtype, poison_empty):
+    """The 2-bit mask the fused VSE0 forward packs, unpacked, is exactly the G_i2t + G_t2i that the
+    backward would otherwise recompute from S (several row blocks, column splits, a partial last word)."""
+    K = _kernels()
+    st = K.loss_settings(dtype)
+    im, s, _ = _inputs(B, B, 24, dtype)
+    val, aux, d, mask = K.contrastive_fwd(im, s, None, 0.2, False, ("i2t", "t2i"), 1.0, st, save_mask=True)
+    assert mask is not None and mask.shape == (B, (B + 15) // 16) and mask.dtype == torch.int32
+    unpacked = torch.empty((B, B), dtype=dtype)
+    grid = ((B + st.BLOCK_R - 1) // st.BLOCK_R, (B + st.BLOCK_C - 1) // st.BLOCK_C)
+    K._contrastive_vse0_unpack_kernel[grid](mask, unpacked, 0, B, B, mask.shape[1], unpacked.stride(0),
+                                            BLOCK_R=st.BLOCK_R, BLOCK_C=st.BLOCK_C)
+    recomputed = torch.empty((B, B), dtype=dtype)
+    K._launch_mask(im, s, K._labels_or_dummy(None, im.device), d, recomputed, 0, B, B, B, 0.2, K.NO_LABELS, True, st)
+    assert torch.equal(unpacked, recomputed)
+    assert (recomputed == 2).any() and (recomputed == 1).any()
+    assert float(aux.sum()) == float(recomputed.float().sum())  # every active hinge counted once
+    # no mask without a gradient to compute, or for VSE++
+    assert K.contrastive_fwd(im, s, None, 0.2, False, ("i2t", "t2i"), 1.0, st)[3] is None
+    assert K.contrastive_fwd(im, s, None, 0.2, True, ("i2t", "t2i"), 1.0, st, save_mask=True)[3] is None
 
 
 # ------------------------------------------------------------------------------------- CUDA

@@ -231,8 +231,10 @@ class ContrastiveLossFunction(torch.autograd.Function):
     "small" (positives None, both terms, B <= 128): one launch forward (loss, per-pair values, and the
     integer gradient matrix A (B, B)), one launch backward: dim = g scale A @ s, ds = g scale A.T @ im.
     "fused" (positives None, both terms): one pass over tiles of S for both terms (+ a threshold kernel
-    for VSE0) and a combine kernel; backward VSE++: gathers + atomic adds, O((N + M) D); VSE0: one
-    recompute of the hinge mask G_i2t + G_t2i by row chunks, two cuBLAS matmuls and an epilogue kernel.
+    for VSE0) and a combine kernel; VSE0 with a gradient to compute also saves the active hinges as a
+    2-bit packed mask (B^2 / 4 bytes, up to SAVED_MASK_MAX_BYTES). Backward VSE++: gathers + atomic adds,
+    O((N + M) D); VSE0: G_i2t + G_t2i unpacked from that mask (else recomputed from S) by row chunks,
+    two cuBLAS matmuls and an epilogue kernel.
     "terms" (positives or one term): a tile kernel per term and the combine kernel; backward VSE++ as
     above, VSE0 a mask recompute and two cuBLAS matmuls per term."""
 
@@ -245,9 +247,11 @@ class ContrastiveLossFunction(torch.autograd.Function):
             loss, _, aux, A = K.contrastive_small_fwd(im, s, margin, max_violation, scale, settings)
             ctx.save_for_backward(im, s, A)
         else:
-            val, aux, d = K.contrastive_fwd(im, s, labels, margin, max_violation, terms, scale, settings)
+            save_mask = not max_violation and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+            val, aux, d, mask = K.contrastive_fwd(im, s, labels, margin, max_violation, terms, scale, settings,
+                                                  save_mask=save_mask)
             loss = val.sum()
-            ctx.save_for_backward(im, s, labels, val, aux, d)
+            ctx.save_for_backward(im, s, labels, val, aux, d, mask)
         ctx.cfg = (path, margin, max_violation, terms, scale, settings)
         ctx.mark_non_differentiable(aux)
         ctx.set_materialize_grads(False)  # no zeros for the aux output's (unused) gradient
@@ -263,11 +267,12 @@ class ContrastiveLossFunction(torch.autograd.Function):
             im, s, A = ctx.saved_tensors
             dim, ds = K.contrastive_small_bwd(grad_loss, im, s, A, scale, settings)
         else:
-            im, s, labels, val, aux, d = ctx.saved_tensors
+            im, s, labels, val, aux, d, mask = ctx.saved_tensors
             if max_violation:
                 dim, ds = K.contrastive_vsepp_bwd(grad_loss, im, s, labels, val, aux, terms, scale, settings)
             else:
-                dim, ds = K.contrastive_vse0_bwd(grad_loss, im, s, labels, aux, d, margin, terms, scale, settings)
+                dim, ds = K.contrastive_vse0_bwd(grad_loss, im, s, labels, aux, d, margin, terms, scale, settings,
+                                                 mask=mask)
         return dim, ds, None, None, None, None, None
 
 
