@@ -207,9 +207,17 @@ def module_source() -> str:
 
 
 def _cache_dir() -> str:
+    """$VSE_FAST_CACHE_DIR, else $XDG_CACHE_HOME/vse_fast or ~/.cache/vse_fast; a temporary directory
+    when that cannot be created (read-only home)."""
     base = os.environ.get(_CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vse_fast")
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError:
+        if os.environ.get(_CACHE_ENV):
+            raise
+        base = os.path.join(tempfile.gettempdir(), "vse_fast")
+        os.makedirs(base, exist_ok=True)
     return base
 
 
@@ -218,7 +226,7 @@ _MODULE = None
 
 def generated_module():
     """The generated kernels' module, written (atomically, named by a hash of its source) into the cache
-    directory ($VSE_FAST_CACHE_DIR, else $XDG_CACHE_HOME/vse_fast or ~/.cache/vse_fast) and imported."""
+    directory (`_cache_dir`) and imported."""
     global _MODULE
     if _MODULE is None:
         source = module_source()

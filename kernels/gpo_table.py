@@ -57,18 +57,18 @@ def table_settings(hidden: int) -> TableSettings:
 
 
 @triton.jit
-def _load_square(p_w, o_a, o_b, m_a, m_b, H):
-    """[BH, BH] tile w[o_a, o_b] of a row-major (., H) matrix, zero outside the masks."""
-    return tl.load(p_w + o_a[:, None] * H + o_b[None, :], mask=m_a[:, None] & m_b[None, :], other=0.0)
+def _load_square(p_w, o_h, m_h, H):
+    """[BH, BH] tile of a row-major (H, H) matrix, zero-padded beyond H."""
+    return tl.load(p_w + o_h[:, None] * H + o_h[None, :], mask=m_h[:, None] & m_h[None, :], other=0.0)
 
 
 @triton.jit
 def _load_recurrent(whh_ptr, bhh_ptr, direction, o_h, m_h, H):
     """W_hh gate blocks [BH(out), BH(in)] (r, z, n) and b_hh gate vectors [BH] of one direction."""
     p_w = whh_ptr + direction * (3 * H * H)
-    w_r = _load_square(p_w, o_h, o_h, m_h, m_h, H)
-    w_z = _load_square(p_w + H * H, o_h, o_h, m_h, m_h, H)
-    w_n = _load_square(p_w + 2 * H * H, o_h, o_h, m_h, m_h, H)
+    w_r = _load_square(p_w, o_h, m_h, H)
+    w_z = _load_square(p_w + H * H, o_h, m_h, H)
+    w_n = _load_square(p_w + 2 * H * H, o_h, m_h, H)
     p_b = bhh_ptr + direction * (3 * H)
     b_hr = tl.load(p_b + o_h, mask=m_h, other=0.0)
     b_hz = tl.load(p_b + H + o_h, mask=m_h, other=0.0)
@@ -128,7 +128,7 @@ def _gates(b_gi_r, b_gi_z, b_gi_n, h, w_rt, w_zt, w_nt, b_hr, b_hz, b_hn):
 
 
 @triton.jit
-def _load_gi(gi_ptr, pos, active, o_h, m_h, H, K):
+def _load_gi(gi_ptr, pos, active, o_h, m_h, H):
     """gi rows at positions pos of one direction: three [BR, BH] gate blocks (0 where inactive)."""
     m = active[:, None] & m_h[None, :]
     p = gi_ptr + pos[:, None] * (3 * H) + o_h[None, :]
@@ -155,7 +155,7 @@ def _gpo_table_fwd_kernel(gi_ptr, whh_ptr, bhh_ptr, out_ptr, K, H,
     h = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
     for t in range(0, n_steps):
         o_out, pos, active = _row_positions(i_prog, t, K, BLOCK_R)
-        b_gi_r, b_gi_z, b_gi_n = _load_gi(p_gi, pos, active, o_h, m_h, H, K)
+        b_gi_r, b_gi_z, b_gi_n = _load_gi(p_gi, pos, active, o_h, m_h, H)
         r, z, c, _ = _gates(b_gi_r, b_gi_z, b_gi_n, h, w_rt, w_zt, w_nt, b_hr, b_hz, b_hn)
         h_new = (1.0 - z) * c + z * h
         h = tl.where(active[:, None], h_new, h)
@@ -200,7 +200,7 @@ def _gpo_table_bwd_kernel(gi_ptr, whh_ptr, bhh_ptr, out_ptr, gout_ptr, dgi_ptr, 
         has_prev = (tl.zeros((BLOCK_R,), dtype=tl.int32) + t) > 0  # the first step starts from h = 0
         p_prev = out_ptr + (o_row + pos_prev[:, None]) * H + o_h[None, :]
         h_prev = tl.load(p_prev, mask=m_rh & has_prev[:, None], other=0.0)
-        b_gi_r, b_gi_z, b_gi_n = _load_gi(p_gi, pos, active, o_h, m_h, H, K)
+        b_gi_r, b_gi_z, b_gi_n = _load_gi(p_gi, pos, active, o_h, m_h, H)
         r, z, c, gh_n = _gates(b_gi_r, b_gi_z, b_gi_n, h_prev, w_rt, w_zt, w_nt, b_hr, b_hz, b_hn)
         g = tl.load(gout_ptr + (o_row + pos[:, None]) * H + o_h[None, :], mask=m_rh, other=0.0)
         dh_t = tl.where(m_rh, dh + g, 0.0)
