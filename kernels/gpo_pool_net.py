@@ -37,7 +37,7 @@ import triton.language as tl
 
 NET_MAX_K = 64
 NET_SIZES = (2, 4, 8, 16, 32, 64)
-_CACHE_ENV = "VSE_FAST_CACHE_DIR"
+_CACHE_ENV = "VSE_FAST_CACHE"  # the same cache directory as the synthetic data (vse_fast.synthetic)
 
 
 def batcher_pairs(n: int) -> list:
@@ -207,10 +207,9 @@ def module_source() -> str:
 
 
 def _cache_dir() -> str:
-    """$VSE_FAST_CACHE_DIR, else $XDG_CACHE_HOME/vse_fast or ~/.cache/vse_fast; a temporary directory
-    when that cannot be created (read-only home)."""
-    base = os.environ.get(_CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vse_fast")
+    """$VSE_FAST_CACHE, else ~/.cache/vse_fast; a temporary directory when that cannot be created
+    (read-only home)."""
+    base = os.environ.get(_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vse_fast")
     try:
         os.makedirs(base, exist_ok=True)
     except OSError:

@@ -272,7 +272,7 @@ def test_network_ptx_sorts(n, descending):
 def test_generated_net_module_is_cached_by_source(tmp_path, monkeypatch):
     import vse_fast.kernels.gpo_pool_net as net
 
-    monkeypatch.setenv("VSE_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("VSE_FAST_CACHE", str(tmp_path))
     monkeypatch.setattr(net, "_MODULE", None)
     module = net.generated_module()
     files = list(tmp_path.glob("gpo_pool_net_*.py"))
