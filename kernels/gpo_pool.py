@@ -149,22 +149,17 @@ def _gpo_pool_fwd_kernel(
 
 
 @triton.jit
-def _ordered_key(b_x, o_k, m_valid, BLOCK_K: tl.constexpr):
-    """Packed sort keys [BD, BK]: order-preserving integer of the value, then BLOCK_K-1-k; padding lowest.
-    Integer-only bit manipulation: NaN -> the largest key, -0.0 -> +0.0."""
+def _ordered_key(b_x, b_pos, m_valid):
+    """Packed sort keys: the order-preserving integer of the value (`_rank_key`: NaN the largest,
+    -0.0 == +0.0) above the position bits b_pos (BLOCK_K - 1 - k, broadcastable to b_x); padding
+    (not m_valid) below every value. int32 for 16-bit dtypes, int64 for fp32."""
+    b_v = _rank_key(b_x)
     if b_x.dtype.primitive_bitwidth == 16:
-        INF_BITS: tl.constexpr = 0x7F80 if b_x.dtype == tl.bfloat16 else 0x7C00
-        b_v = b_x.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended bits
-        b_v = tl.where(b_v == -32768, 0, b_v)  # -0.0
-        b_v = tl.where((b_v & 0x7FFF) > INF_BITS, 0x7FFF, b_v ^ ((b_v >> 15) & 0x7FFF))  # NaN -> largest
-        b_v = tl.where(m_valid, b_v, -32768)  # padding: below every value
-        return (b_v << 16) | (BLOCK_K - 1 - o_k)[None, :]
+        b_v = tl.where(m_valid, b_v, -32768)
+        return (b_v << 16) | b_pos
     else:
-        b_v = b_x.to(tl.int32, bitcast=True)
-        b_v = tl.where(b_v == -2147483648, 0, b_v)
-        b_v = tl.where((b_v & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, b_v ^ ((b_v >> 31) & 0x7FFFFFFF))
         b_v = tl.where(m_valid, b_v.to(tl.int64), -2147483648)
-        return (b_v << 32) | (BLOCK_K - 1 - o_k)[None, :].to(tl.int64)
+        return (b_v << 32) | b_pos
 
 
 @triton.jit
@@ -205,7 +200,7 @@ def _gpo_pool_bwd_kernel(
     b_g = tl.load(gout_ptr + i_b.to(tl.int64) * stride_gob + o_d * stride_god, mask=m_d, other=0.0).to(tl.float32)
 
     # sort 1: sorted values (for grad_w) and the permutation perm[d, r] = original position of rank r
-    b_key = tl.sort(_ordered_key(b_x, o_k, m_tile, BLOCK_K), dim=1, descending=True)  # [BD, BK]
+    b_key = tl.sort(_ordered_key(b_x, (BLOCK_K - 1 - o_k)[None, :], m_tile), dim=1, descending=True)  # [BD, BK]
     b_s = _decode_value(b_key, x_ptr.dtype.element_ty)  # [BD, BK] fp32
     b_gw = tl.sum(tl.where(m_tile, b_s * b_g[:, None], 0.0), axis=0)  # [BK], rank r < n only
     p_gw = gw_part_ptr + (i_b.to(tl.int64) * n_d_blocks + i_d) * BLOCK_K + o_k
