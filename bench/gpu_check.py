@@ -69,8 +69,9 @@ class Context:
 
 
 def profile_breakdown(fn, *, steps=5, top=12, device=None):
-    """torch.profiler summary of `steps` calls of fn(): host wall time per call and the `top` entries by
-    self device time (self CPU time on a CPU-only run), each with calls and microseconds per step."""
+    """torch.profiler summary of `steps` calls of fn(): host wall time per call, the device's busy time
+    per call (all self device time), and the `top` entries by self device time (self CPU time on a
+    CPU-only run), each with calls and microseconds per step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -93,10 +94,13 @@ def profile_breakdown(fn, *, steps=5, top=12, device=None):
         return 0.0
 
     key = self_device_us if cuda else (lambda e: e.self_cpu_time_total)
-    events = sorted(prof.key_averages(), key=key, reverse=True)[:top]
+    averages = list(prof.key_averages())
+    events = sorted(averages, key=key, reverse=True)[:top]
     return {
         "steps": steps,
         "wall_us_per_step_profiled": round(wall_us, 1),
+        # all self device time per step: far below the wall time means the host (launches) bounds it
+        "device_busy_us_per_step": round(sum(self_device_us(e) for e in averages) / steps, 1),
         "top": [
             {"name": e.key[:90], "calls_per_step": e.count / steps,
              "self_device_us_per_step": round(self_device_us(e) / steps, 1),

@@ -33,13 +33,15 @@ Two implementations, chosen per launch by the environment variable VSE_FAST_GPO_
   and grad_w[r] = sum of grad_out[d] * x[j, d] over the (j, d) of rank r, one tile reduction per rank
   r < n (deterministic, no atomics), written as the same (B, D-blocks, BLOCK_K) fp32 partials.
 - "net" (K <= NET_MAX_K = 64; larger K falls back to "sort"): sorting networks in registers, one thread
-  per feature column, no shuffles and no shared memory (vse_fast.kernels.gpo_pool_net). Forward:
-  one network over fp32 values; backward: one over the packed keys, one inverting the permutation.
+  per feature column (two for 16-bit dtypes), no shuffles and no shared memory in the forward
+  (vse_fast.kernels.gpo_pool_net). Forward: one network over the values (16-bit ones packed two
+  columns per register); backward: one over the packed keys, one inverting the permutation.
   An unknown value raises ValueError. The choice is part of `PoolSettings` (kept for the backward).
 
 The launchers pick BLOCK_K / BLOCK_D / num_warps from `pool_settings` (buckets by K only);
 `compile_specializations()` lists exactly those specializations.
 """
+import functools
 import os
 from dataclasses import dataclass
 
@@ -59,7 +61,7 @@ _RANK_TILE = 4096  # rank kernels: BLOCK_K * BLOCK_D
 _RANK_NUM_WARPS_FWD = 8
 _RANK_NUM_WARPS_BWD = 8
 NET_MAX_K = 64  # largest set size of the sorting-network kernels (vse_fast.kernels.gpo_pool_net)
-_NET_NUM_WARPS = 4  # one feature column per thread: BLOCK_D = 32 * warps
+_NET_NUM_WARPS = 4  # one feature column per thread (two for 16-bit dtypes): BLOCK_D = 32 * warps (* 2)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -92,10 +94,12 @@ def kernel_impl(K: int) -> str:
     return "sort"
 
 
-def pool_settings(K: int, D: int, impl: str = None) -> PoolSettings:
+def pool_settings(K: int, D: int, impl: str = None, itemsize: int = 4) -> PoolSettings:
     """Bucketed launch settings for set size K (1 <= K <= MAX_K), by K only:
     BLOCK_K = max(16, next_pow2(K)), BLOCK_D = 4096 // BLOCK_K (256 .. 8 columns).
     impl: "sort" | "rank" | "net" | None (None: `kernel_impl(K)`, from the environment).
+    "net": BLOCK_K = next_pow2(K) (the network size), one column per thread, two for 16-bit features
+    (itemsize 2: two columns share each 32-bit register of the packed networks).
     Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests) tiles shrink to
     BLOCK_K = max(2, next_pow2(K)), BLOCK_D = min(16, next_pow2(D)): the interpreter's cost grows
     with the tile size, the kernels' arithmetic does not depend on it."""
@@ -107,7 +111,8 @@ def pool_settings(K: int, D: int, impl: str = None) -> PoolSettings:
                          f"'net' K <= {NET_MAX_K}")
     if impl == "net":  # BLOCK_K = the network size, one column per thread
         block_k = max(2, triton.next_power_of_2(K))
-        block_d = min(16, triton.next_power_of_2(max(D, 1))) if _interpreting() else 32 * _NET_NUM_WARPS
+        columns = 2 if itemsize == 2 else 1
+        block_d = min(16, triton.next_power_of_2(max(D, 1))) if _interpreting() else 32 * _NET_NUM_WARPS * columns
         return PoolSettings(block_k, block_d, _NET_NUM_WARPS, _NET_NUM_WARPS, impl=impl)
     if impl == "rank":
         warps, tile = (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD), _RANK_TILE
@@ -326,19 +331,31 @@ def _kernels(settings: PoolSettings):
     return _gpo_pool_fwd_kernel, _gpo_pool_bwd_kernel
 
 
-def _net_flags(settings: PoolSettings) -> dict:
-    """The network kernels run their comparators as inline PTX when compiled, as tl code when interpreted."""
-    return {"USE_ASM": not _interpreting()} if settings.impl == "net" else {}
+@functools.lru_cache(maxsize=None)
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def _net_flags(settings: PoolSettings, x: torch.Tensor, backward: bool) -> dict:
+    """The network kernels run their comparators as inline PTX when compiled, as tl code when
+    interpreted. PACK_16X2 (16-bit features, two columns per thread): the forward sorts bf16x2/f16x2
+    lanes (PTX min/max, sm_80+), the backward inverts its permutation on s16x2 lanes (sm_90+)."""
+    if settings.impl != "net":
+        return {}
+    if _interpreting():
+        return {"USE_ASM": False, "PACK_16X2": False}
+    two_columns = settings.BLOCK_D == 64 * _NET_NUM_WARPS and x.element_size() == 2
+    return {"USE_ASM": True, "PACK_16X2": two_columns and _capability_major(x.device) >= (9 if backward else 8)}
 
 
 def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settings: PoolSettings = None):
     """Launch the forward. x (B, K, D) fp32/bf16/fp16, any strides; lengths (B,) int32 in [1, K]
     (clamped to [0, K] in the kernel); w (B, Kw) float32 (positions >= min(n, Kw) read as 0).
-    settings=None takes `pool_settings(K, D)` (implementation from VSE_FAST_GPO_POOL_KERNEL).
+    settings=None takes `pool_settings(K, D, itemsize=...)` (implementation from VSE_FAST_GPO_POOL_KERNEL).
     Returns (out (B, D) in x.dtype, settings); pass the same settings to the backward."""
     _check_launch(x, lengths, w)
     B, K, D = x.shape
-    settings = settings or pool_settings(K, D)
+    settings = settings or pool_settings(K, D, itemsize=x.element_size())
     out = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B == 0 or D == 0:
         return out, settings
@@ -348,7 +365,7 @@ def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settin
         x, lengths, w, out,
         K, D, w.shape[1],
         *x.stride(), *w.stride(), *out.stride(),
-        BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D, **_net_flags(settings),
+        BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D, **_net_flags(settings, x, backward=False),
         num_warps=settings.num_warps_fwd, num_stages=settings.num_stages,
     )
     return out, settings
@@ -371,7 +388,7 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
         x, lengths, w, grad_out, grad_x, gw_part,
         K, D, Kw,
         *x.stride(), *w.stride(), *grad_out.stride(), *grad_x.stride(),
-        BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D, **_net_flags(settings),
+        BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D, **_net_flags(settings, x, backward=True),
         num_warps=settings.num_warps_bwd, num_stages=settings.num_stages,
     )
     gw_sum = gw_part.sum(dim=1)  # (B, BLOCK_K)
@@ -434,27 +451,40 @@ def compile_specializations() -> list:
 
 
 def _net_specializations() -> list:
-    """The sorting-network kernels ("gpo_pool_net_fwd-..."/"gpo_pool_net_bwd-..."), every network size."""
+    """The sorting-network kernels ("gpo_pool_net_fwd-..."/"gpo_pool_net_bwd-..."), every network size.
+    16-bit dtypes: two columns per thread; the forward packs bf16x2/f16x2 (sm_80 and sm_90), the
+    backward packs s16x2 on sm_90 only ("...-s16x2") and sorts int32 keys on sm_80 (the launcher's
+    choice by capability, `_net_flags`)."""
     from vse_fast.kernels.gpo_pool_net import NET_SIZES, net_kernels
 
     specs = []
     for dtype, tdt in _TRITON_DTYPE.items():
+        itemsize = torch.empty((), dtype=dtype).element_size()
         for block_k in NET_SIZES:
-            s = pool_settings(block_k, 1024, impl="net") if not _interpreting() else None
+            s = pool_settings(block_k, 1024, impl="net", itemsize=itemsize) if not _interpreting() else None
             block_d = s.BLOCK_D if s else 32 * _NET_NUM_WARPS
             fwd_fn, bwd_fn = net_kernels(block_k)
             common = {"len_ptr": "*i32", "w_ptr": "*fp32", "K": "i32", "D": "i32", "Kw": "i32",
                       "stride_xb": "i32", "stride_xk": "i32", "stride_xd": "constexpr",
-                      "stride_wb": "i32", "stride_wk": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
-            common["USE_ASM"] = "constexpr"
+                      "stride_wb": "i32", "stride_wk": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
+                      "USE_ASM": "constexpr", "PACK_16X2": "constexpr"}
             consts = {"stride_xd": 1, "stride_wk": 1, "BLOCK_K": block_k, "BLOCK_D": block_d, "USE_ASM": True}
             fwd_sig = {"x_ptr": f"*{tdt}", "out_ptr": f"*{tdt}", "stride_ob": "i32", "stride_od": "constexpr", **common}
             bwd_sig = {"x_ptr": f"*{tdt}", "gout_ptr": f"*{tdt}", "gx_ptr": f"*{tdt}", "gw_part_ptr": "*fp32",
                        "stride_gob": "i32", "stride_god": "constexpr",
                        "stride_gxb": "i32", "stride_gxk": "i32", "stride_gxd": "constexpr", **common}
-            for name, fn, sig, extra in (("fwd", fwd_fn, fwd_sig, {"stride_od": 1}),
-                                         ("bwd", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1})):
-                specs.append({"name": f"gpo_pool_net_{name}-{tdt}-K{block_k}-D{block_d}", "fn": fn,
-                              "signature": {a: sig[a] for a in fn.arg_names}, "constexprs": {**consts, **extra},
-                              "num_warps": _NET_NUM_WARPS, "num_stages": 1})
+            packed = itemsize == 2
+            variants = [("fwd", "", fwd_fn, fwd_sig, {"stride_od": 1, "PACK_16X2": packed}, None)]
+            if packed:
+                variants += [("bwd", "-s16x2", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1, "PACK_16X2": True}, (90,)),
+                             ("bwd", "", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1, "PACK_16X2": False}, (80,))]
+            else:
+                variants += [("bwd", "", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1, "PACK_16X2": False}, None)]
+            for name, suffix, fn, sig, extra, arches in variants:
+                spec = {"name": f"gpo_pool_net_{name}-{tdt}-K{block_k}-D{block_d}{suffix}", "fn": fn,
+                        "signature": {a: sig[a] for a in fn.arg_names}, "constexprs": {**consts, **extra},
+                        "num_warps": _NET_NUM_WARPS, "num_stages": 1}
+                if arches:
+                    spec["arches"] = arches
+                specs.append(spec)
     return specs

@@ -1,7 +1,8 @@
 """Sorting-network kernels of the GPO pool for set sizes K <= NET_MAX_K (implementation "net").
 
 Same semantics and launch signature as the kernels in `vse_fast.kernels.gpo_pool` (read its docstring).
-One thread owns one feature column d of one sample: the NK = next_pow2(K) values x[b, 0..NK-1, d] are
+One thread owns one feature column d of one sample (two for 16-bit dtypes, see PACK_16X2 below): the
+NK = next_pow2(K) values x[b, 0..NK-1, d] are
 NK separate registers, loaded row by row (coalesced along d), and a Batcher odd-even merge sorting
 network of compare-exchanges (max / min of two registers) sorts them with no shuffle, no shared memory
 and no layout change. The network is straight-line code, so the kernels are generated from the
@@ -15,15 +16,21 @@ as inline PTX, well under a minute (still the slowest build of the project: a on
 Triton). The interpreter cannot run PTX, so under TRITON_INTERPRET the same network runs as
 tl.maximum / tl.minimum (USE_ASM=False); the tests check the PTX text against the comparator list.
 
-Forward: fp32 values, padding -inf (ranks last), network descending, out[d] = sum_{r < n} w[r] s_r[d];
-a NaN among the n valid values makes out[d] NaN (max/min would drop it).
+Forward: padding -inf (ranks last), network descending, out[d] = sum_{r < n} w[r] s_r[d] in fp32;
+a NaN among the n valid values makes out[d] NaN (max/min would drop it). fp32 values sort as fp32.
+16-bit values (bf16, fp16) sort as they are, two feature columns per thread packed in one 32-bit
+register (`pack=2`), each comparator one `max.bf16x2`/`max.f16x2` and one `min` for both columns
+(PACK_16X2, sm_80+): half the comparator instructions per column, and exact, since the order of
+16-bit floats needs no wider type.
 
 Backward: the packed integer keys of `gpo_pool` (order-preserving value bits above NK-1-k, so ties keep
 their original order and padding ranks last) go through the network descending: s_r (decoded) gives
 grad_w[r] = sum_d grad_out[d] s_r[d] (one reduction per rank, per-program partials), and the position
 bits give the permutation perm_r. A second, ascending network over (perm_r << 8) | r inverts it: register
 j then holds rank(j), so grad_x[j, d] = grad_out[d] w[rank(j)] is stored row by row, coalesced.
-Keys are int32 for 16-bit dtypes and int64 for fp32.
+Keys are int32 for 16-bit dtypes and int64 for fp32. (perm_r << 8) | r < 2^14, so for 16-bit dtypes
+(two columns per thread) the inverting network runs on `s16x2` lanes where PTX has them (PACK_16X2,
+sm_90+), on int32 otherwise.
 
 Comparators: 1, 5, 19, 63, 191, 543 for NK = 2 .. 64.
 """
@@ -64,10 +71,11 @@ from vse_fast.kernels.gpo_pool import _decode_value, _ordered_key
 '''
 
 _SIGNATURE_FWD = """x_ptr, len_ptr, w_ptr, out_ptr, K, D, Kw, stride_xb, stride_xk, stride_xd, stride_wb, stride_wk,
-    stride_ob, stride_od, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_ASM: tl.constexpr"""
+    stride_ob, stride_od, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_ASM: tl.constexpr,
+    PACK_16X2: tl.constexpr"""
 _SIGNATURE_BWD = """x_ptr, len_ptr, w_ptr, gout_ptr, gx_ptr, gw_part_ptr, K, D, Kw, stride_xb, stride_xk, stride_xd,
     stride_wb, stride_wk, stride_gob, stride_god, stride_gxb, stride_gxk, stride_gxd,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_ASM: tl.constexpr"""
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_ASM: tl.constexpr, PACK_16X2: tl.constexpr"""
 _PROLOGUE = """    i_b = tl.program_id(0)
     i_d = tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -90,14 +98,17 @@ def _network(names: list, pairs: list, descending: bool, indent: str = "    ") -
             for i, j in pairs]
 
 
-_PTX_REGISTER = {"f32": "f", "s32": "r", "s64": "l"}
-_TL_DTYPE = {"f32": "tl.float32", "s32": "tl.int32", "s64": "tl.int64"}
+_PTX_REGISTER = {"f32": "f", "s32": "r", "s64": "l", "bf16x2": "r", "f16x2": "r", "s16x2": "r"}
+_TL_DTYPE = {"f32": "tl.float32", "s32": "tl.int32", "s64": "tl.int64",
+             "bf16x2": "tl.bfloat16", "f16x2": "tl.float16", "s16x2": "tl.int16"}
+PACKED_TYPES = ("bf16x2", "f16x2", "s16x2")  # two 16-bit lanes (two feature columns) per 32-bit register
 
 
 def network_ptx(n_inputs: int, pairs: list, descending: bool, ptx_type: str) -> str:
     """PTX of the whole network as one inline-asm block: outputs $0..$n-1 start as copies of the
-    inputs $n..$2n-1, then each comparator (i, j) writes max to $i and min to $j (descending)."""
-    bits = ptx_type[1:]
+    inputs $n..$2n-1, then each comparator (i, j) writes max to $i and min to $j (descending).
+    A packed type (PACKED_TYPES) sorts the two 16-bit lanes of each register independently."""
+    bits = "32" if ptx_type in PACKED_TYPES else ptx_type[1:]
     first, second = ("max", "min") if descending else ("min", "max")
     body = [f"mov.b{bits} ${i}, ${i + n_inputs};" for i in range(n_inputs)]
     body += [f"{first}.{ptx_type} t, ${i}, ${j}; {second}.{ptx_type} ${j}, ${i}, ${j}; mov.b{bits} ${i}, t;"
@@ -106,12 +117,15 @@ def network_ptx(n_inputs: int, pairs: list, descending: bool, ptx_type: str) -> 
 
 
 def _asm_network(names: list, pairs: list, descending: bool, ptx_type: str, indent: str) -> str:
+    """pack=2 for the packed types: Triton hands each asm instance two elements of a thread (two of its
+    columns) in one 32-bit register; every lane is sorted on its own, so their order does not matter."""
     reg = _PTX_REGISTER[ptx_type]
     constraints = ",".join(["=" + reg] * len(names) + [reg] * len(names))
     args = ", ".join(names)
     dtypes = ", ".join([_TL_DTYPE[ptx_type]] * len(names))
+    pack = 2 if ptx_type in PACKED_TYPES else 1
     return (f'{indent}{args} = tl.inline_asm_elementwise("{network_ptx(len(names), pairs, descending, ptx_type)}", '
-            f'"{constraints}", [{args}], dtype=({dtypes},), is_pure=True, pack=1)')
+            f'"{constraints}", [{args}], dtype=({dtypes},), is_pure=True, pack={pack})')
 
 
 def _sorting_block(names: list, pairs: list, descending: bool, ptx_types: tuple) -> list:
@@ -133,15 +147,25 @@ def _sorting_block(names: list, pairs: list, descending: bool, ptx_types: tuple)
 
 def _fwd_source(nk: int) -> str:
     x = [f"x{j}" for j in range(nk)]
+    pairs = batcher_pairs(nk)
     lines = [f"@triton.jit\ndef gpo_pool_net{nk}_fwd_kernel({_SIGNATURE_FWD}):", _PROLOGUE.rstrip("\n")]
     for j in range(nk):
-        lines.append(f"    {x[j]} = tl.load(p_x + {j} * stride_xk, mask=m_d & (n > {j}), other=float('-inf'))"
-                     ".to(tl.float32)")
-    lines.append("    has_nan = " + " | ".join(f"({v} != {v})" for v in x))
-    lines += _sorting_block(x, batcher_pairs(nk), True, ("f32", "f32"))
+        lines.append(f"    {x[j]} = tl.load(p_x + {j} * stride_xk, mask=m_d & (n > {j}), other=float('-inf'))")
+    has_nan = "        has_nan = " + " | ".join(f"({v} != {v})" for v in x)  # before the network drops NaN
+    lines += ["    if PACK_16X2:  # the 16-bit values themselves, two columns per register (sm_80+)",
+              has_nan,
+              "        if x_ptr.dtype.element_ty == tl.bfloat16:",
+              _asm_network(x, pairs, True, "bf16x2", "            "),
+              "        else:",
+              _asm_network(x, pairs, True, "f16x2", "            "),
+              "    else:"]
+    lines += [f"        {v} = {v}.to(tl.float32)" for v in x]
+    lines.append(has_nan)
+    lines += ["    " + line for line in _sorting_block(x, pairs, True, ("f32", "f32"))]
     lines.append("    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)")
     for r in range(nk):
-        lines.append(f"    acc += tl.where(n > {r}, {x[r]}, 0.0) * tl.load(p_w + {r} * stride_wk, mask=n_w_scalar > {r}, other=0.0)")
+        lines.append(f"    acc += tl.where(n > {r}, {x[r]}.to(tl.float32), 0.0) * tl.load(p_w + {r} * stride_wk, "
+                     f"mask=n_w_scalar > {r}, other=0.0)")
     lines.append("    acc = tl.where(has_nan, float('nan'), acc)")
     lines.append("    tl.store(out_ptr + i_b.to(tl.int64) * stride_ob + o_d * stride_od, acc.to(out_ptr.dtype.element_ty), "
                  "mask=m_d)")
@@ -165,7 +189,12 @@ def _bwd_source(nk: int) -> str:
                      f" * b_g, 0.0), axis=0))")
     for r in range(nk):  # (original position << 8) | rank
         lines.append(f"    {k[r]} = (({nk - 1} - ({k[r]} & {nk - 1})).to(tl.int32) << 8) | {r}")
-    lines += _sorting_block(k, pairs, False, ("s32", "s32"))
+    lines.append("    if PACK_16X2:  # < 2^14: two columns per register as 16-bit lanes (sm_90+)")
+    lines += [f"        {v} = {v}.to(tl.int16)" for v in k]
+    lines.append(_asm_network(k, pairs, False, "s16x2", "        "))
+    lines += [f"        {v} = {v}.to(tl.int32)" for v in k]
+    lines.append("    else:")
+    lines += ["    " + line for line in _sorting_block(k, pairs, False, ("s32", "s32"))]
     lines.append("    p_gx = gx_ptr + i_b.to(tl.int64) * stride_gxb + o_d * stride_gxd")
     for j in range(nk):
         lines.append(f"    rank = {k[j]} & 255")

@@ -241,6 +241,7 @@ def comm_worker(rank: int, world: int, port: int, backend: str, cfg_dict: dict, 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     vdist.barrier(ctx)
+    del ddp, optimizer, step  # the DDP wrapper holds the process group: release it before the teardown
     vdist.cleanup_distributed(ctx)
 
 

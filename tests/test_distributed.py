@@ -9,6 +9,7 @@
 - A 2-process torchrun training run stops at --max_steps, resumes in 1 process and ends where a
   1-process run ends.
 """
+import gc
 import os
 import socket
 import subprocess
@@ -137,6 +138,8 @@ def _ddp_worker(rank, world, port, workdir):
                                        local_negatives=True)
             out[key + "/local_loss"] = local.detach()
     torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
+    del ddp, model  # the DDP wrapper holds the process group: release it before the teardown
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -182,7 +185,10 @@ def test_ddp_global_negatives_match_single_process(tmp_path):
                 expected = {p_name: p.grad for p_name, p in model.named_parameters() if p.grad is not None}
                 assert grads.keys() == expected.keys(), key
                 for p_name, grad in expected.items():
-                    torch.testing.assert_close(grads[p_name], grad, rtol=1e-4, atol=1e-6, msg=f"{key} {p_name}")
+                    # summation order differs (two halves + all-reduce): error relative to the largest entry,
+                    # as a sum over many tokens (an embedding row's gradient) can cancel to near zero
+                    atol = max(1e-6, 1e-5 * grad.abs().max().item())
+                    torch.testing.assert_close(grads[p_name], grad, rtol=1e-4, atol=atol, msg=f"{key} {p_name}")
                 # --local_negatives: the rank's own block only
                 b = n // world
                 sl = slice(r * b, (r + 1) * b)

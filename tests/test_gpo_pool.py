@@ -244,14 +244,21 @@ def test_sorting_networks_large_sizes(n, comparators):
 
 
 def _run_ptx(ptx, inputs):
-    """Execute the mov/max/min PTX of `network_ptx` on Python numbers: $0..$n-1 outputs, $n.. inputs."""
+    """Execute the mov/max/min PTX of `network_ptx` on Python numbers: $0..$n-1 outputs, $n.. inputs.
+    A packed type's register is a tuple of its lanes: max/min act lane by lane, mov copies the tuple."""
     import re
 
     n = len(inputs)
     reg = {f"${n + i}": v for i, v in enumerate(inputs)}
-    for op, dst, srcs in re.findall(r"(mov|max|min)\.\w+ (\S+), ([^;]+);", ptx):
+    for op, ptx_type, dst, srcs in re.findall(r"(mov|max|min)\.(\w+) (\S+), ([^;]+);", ptx):
         vals = [reg[r.strip()] for r in srcs.split(",")]
-        reg[dst] = vals[0] if op == "mov" else (max(vals) if op == "max" else min(vals))
+        if op == "mov":
+            reg[dst] = vals[0]
+        elif ptx_type.endswith("x2"):
+            pick = max if op == "max" else min
+            reg[dst] = tuple(pick(a, b) for a, b in zip(*vals))
+        else:
+            reg[dst] = max(vals) if op == "max" else min(vals)
     return [reg[f"${i}"] for i in range(n)]
 
 
@@ -267,6 +274,23 @@ def test_network_ptx_sorts(n, descending):
     for _ in range(20):
         values = torch.randint(-50, 50, (n,), generator=gen).tolist()
         assert _run_ptx(ptx, values) == sorted(values, reverse=descending)
+
+
+@pytest.mark.parametrize("ptx_type", ["bf16x2", "f16x2", "s16x2"])
+@pytest.mark.parametrize("descending", [True, False], ids=["desc", "asc"])
+def test_network_ptx_sorts_packed_lanes(ptx_type, descending):
+    """The packed networks (two feature columns per 32-bit register) sort each lane on its own."""
+    from vse_fast.kernels.gpo_pool_net import batcher_pairs, network_ptx
+
+    n = 64
+    ptx = network_ptx(n, batcher_pairs(n), descending, ptx_type)
+    assert ptx.count(f"max.{ptx_type}") == ptx.count(f"min.{ptx_type}") == len(batcher_pairs(n))
+    assert ".reg .b32 t;" in ptx and ".b16 " not in ptx
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(10):
+        lanes = torch.randint(-20, 20, (2, n), generator=gen).tolist()  # ties in both lanes
+        out = _run_ptx(ptx, list(zip(*lanes)))
+        assert [list(lane) for lane in zip(*out)] == [sorted(lane, reverse=descending) for lane in lanes]
 
 
 def test_generated_net_module_is_cached_by_source(tmp_path, monkeypatch):
@@ -298,6 +322,25 @@ def test_kernel_impl_selection(monkeypatch):
     assert pool_settings(NET_MAX_K + 1, 8).impl == "sort"
     monkeypatch.setenv(KERNEL_ENV, "sort")
     assert pool_settings(5, 8).impl == "sort"
+
+
+def test_net_compiled_settings_and_packing_flags(monkeypatch):
+    """Compiled "net" launches: one column per thread (BLOCK_D 128) for fp32, two for 16-bit dtypes
+    (BLOCK_D 256), and the packed networks only where PTX has them: bf16x2/f16x2 min/max from sm_80
+    (forward), s16x2 from sm_90 (backward)."""
+    import vse_fast.kernels.gpo_pool as gp
+
+    monkeypatch.setattr(gp, "_interpreting", lambda: False)
+    fp32 = gp.pool_settings(64, 1024, impl="net", itemsize=4)
+    half = gp.pool_settings(33, 1024, impl="net", itemsize=2)
+    assert (fp32.BLOCK_K, fp32.BLOCK_D, half.BLOCK_K, half.BLOCK_D) == (64, 128, 64, 256)
+    x16, x32 = torch.empty(1, 1, 1, dtype=torch.bfloat16), torch.empty(1, 1, 1)
+    for major, fwd, bwd in ((7, False, False), (8, True, False), (9, True, True), (10, True, True)):
+        monkeypatch.setattr(gp, "_capability_major", lambda device, major=major: major)
+        assert gp._net_flags(half, x16, backward=False) == {"USE_ASM": True, "PACK_16X2": fwd}
+        assert gp._net_flags(half, x16, backward=True) == {"USE_ASM": True, "PACK_16X2": bwd}
+        assert gp._net_flags(fp32, x32, backward=False) == {"USE_ASM": True, "PACK_16X2": False}
+    assert gp._net_flags(gp.pool_settings(64, 1024, impl="sort"), x16, backward=False) == {}
 
 
 @requires_interpreter
@@ -369,6 +412,34 @@ def test_triton_cuda_matches_reference(poison_empty, monkeypatch, impl, B, K, D,
     monkeypatch.setenv(KERNEL_ENV, impl)
     features, lengths, weights = make_inputs(B, K, D, dtype, device="cuda", kw_extra=K % 3, strided=(B + K) % 2 == 0)
     check_against_reference(features, lengths, weights, "triton")
+
+
+@requires_cuda
+@pytest.mark.parametrize("major", [7, 8, 9], ids=["unpacked", "fwd-packed", "both-packed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_cuda_net_packed_and_unpacked_paths(poison_empty, monkeypatch, major, dtype):
+    """Every PACK_16X2 combination the launcher can pick (as on sm_75/sm_80/sm_90), forced on this GPU
+    where it supports them: random inputs with many ties (a 9-value alphabet) and a -0.0 column against
+    the float64 reference, then NaN, -inf and -0.0 / +0.0 ties (NaN out, stable ranks in the gradient)."""
+    import vse_fast.kernels.gpo_pool as gp
+
+    if major > torch.cuda.get_device_capability()[0]:
+        pytest.skip(f"this GPU has no sm_{major}0 packed instructions")
+    monkeypatch.setenv(KERNEL_ENV, "net")
+    monkeypatch.setattr(gp, "_capability_major", lambda device: major)
+    features, lengths, weights = make_inputs(7, 64, 300, dtype, device="cuda", kw_extra=1)
+    with torch.no_grad():
+        features.copy_(torch.randint(-4, 5, features.shape, device="cuda").to(dtype) / 2)
+        features[1, :, 3] = -0.0
+    check_against_reference(features, lengths, weights, "triton")
+    x, n, w = _nan_and_tie_inputs(dtype)
+    x, n, w = (t.detach().cuda().requires_grad_(t.requires_grad) for t in (x, n, w))
+    out = gpo_pool(x, n, w, backend="triton")
+    assert torch.isnan(out[0, 0]) and not torch.isnan(out[0, 1]) and not torch.isnan(out[1]).any()
+    gx, _ = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    expected = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.6, 0.3, 0.1]])
+    torch.testing.assert_close(torch.stack([gx[0, :, 0], gx[1, :, 0], gx[1, :, 1]]).float().cpu(), expected,
+                               rtol=1e-2, atol=1e-3)
 
 
 @requires_cuda

@@ -6,7 +6,8 @@ Each kernel module in `vse_fast.kernels` exports `compile_specializations()`: on
 specialization its launchers can choose (dtype, block-size bucket, mode flag, forward/backward):
 {"name", "fn" (the @triton.jit function), "signature" {arg: "*bf16"|"i32"|...|"constexpr"},
 "constexprs" {arg: value}, "num_warps", "num_stages", optional "tensor_cores": True when its tl.dot
-must compile to tensor-core instructions (HGMMA on sm_90, HMMA on sm_80).
+must compile to tensor-core instructions (HGMMA on sm_90, HMMA on sm_80), optional "arches": the
+only compute capabilities it is built for (a launcher picks it by capability).
 This compiles each for CUDA targets with `triton.compile(ASTSource(...), target=GPUTarget(...))`
 and reads the cubin with the `cuobjdump` shipped in the Triton wheel: registers, shared memory,
 local memory (spills), and the count of tensor-core instructions (HGMMA on sm_90, HMMA) in the SASS.
@@ -38,6 +39,7 @@ class CompileResult:
     hgmma: int  # warpgroup tensor-core instructions (sm_90)
     hmma: int  # warp-level tensor-core instructions
     needs_tensor_cores: bool = False  # the spec says its tl.dot must run on tensor cores
+    only_arches: tuple = ()  # the spec's "arches": built for these only (empty: every arch asked for)
     error: str = ""
 
     @property
@@ -90,7 +92,7 @@ def compile_spec(spec: dict, arch: int) -> CompileResult:
     from triton.compiler import ASTSource
 
     base = dict(name=spec["name"], arch=arch, num_warps=spec["num_warps"], num_stages=spec["num_stages"],
-                needs_tensor_cores=bool(spec.get("tensor_cores", False)))
+                needs_tensor_cores=bool(spec.get("tensor_cores", False)), only_arches=tuple(spec.get("arches", ())))
     try:
         src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
         kernel = triton.compile(
@@ -129,7 +131,7 @@ def _compile_forked(job):
 def compile_all(arches=DEFAULT_ARCHES, specs=None, jobs=None):
     """Compile every spec for every arch, in `jobs` forked worker processes (default: all cores)."""
     specs = collect_specializations() if specs is None else specs
-    work = [(i, arch) for i in range(len(specs)) for arch in arches]
+    work = [(i, arch) for i in range(len(specs)) for arch in arches if arch in specs[i].get("arches", arches)]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
         return [compile_spec(specs[i], arch) for i, arch in work]

@@ -20,6 +20,7 @@ of one process holding the whole global batch.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
@@ -128,8 +129,11 @@ def init_distributed(device=None, backend: Optional[str] = None, timeout_minutes
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
-    """Destroy the process group if this context initialised one."""
+    """Destroy the process group if this context initialised one. Unreachable DDP wrappers (which hold
+    the group and its gloo work objects) are collected first: left to interpreter shutdown, gloo's
+    worker threads can abort the process ("terminate called without an active exception")."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
