@@ -75,6 +75,16 @@ def test_bad_parameters_are_named(tmp_path):
         synthetic.generate(str(tmp_path), seed=-2)
 
 
+def test_data_of_another_generator_version_is_regenerated(tmp_path, monkeypatch):
+    """A cache folder written by another version of the generator (same parameters otherwise) is not
+    reused: its manifest records that version's source fingerprint."""
+    first = synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL)
+    assert json.load(open(os.path.join(first, "manifest.json")))["generator"] == synthetic.GENERATOR
+    monkeypatch.setattr(synthetic, "GENERATOR", "another-version")
+    second = synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL)
+    assert second != first and json.load(open(os.path.join(second, "manifest.json")))["generator"] == "another-version"
+
+
 def test_ensure_synthetic_caches_by_parameters(tmp_path, monkeypatch):
     first = synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL)
     assert os.path.basename(first).startswith("synthetic-image-")

@@ -25,7 +25,8 @@ epoch of a stand-in BERT-tiny model: rsum ~320 with max pooling, ~190 with mean 
 Files (as real data, see vse_fast.data): {train,dev,test}_ims.npy (N, K, D) float32 zero-padded,
 _lens.npy, _caps.txt, _ids.txt, plus vocab.txt (BERT WordPiece vocabulary, [PAD]=0 [UNK] [CLS]
 [SEP] [MASK] then the words), bert_config.json (2-layer, 2-head, hidden 64 BERT), vocab.json (word
-vocabulary for the BiGRU, published format) and manifest.json (all parameters + format version).
+vocabulary for the BiGRU, published format) and manifest.json (all parameters, the format version
+and the generator's source fingerprint).
 """
 from __future__ import annotations
 
@@ -40,6 +41,19 @@ import numpy as np
 __all__ = ["generate", "ensure_synthetic", "concept_patterns", "default_params", "FORMAT"]
 
 FORMAT = "vse_fast-synthetic/1"
+
+
+def _source_fingerprint() -> str:
+    """16 hex digits of sha256 over this module's source. Part of every dataset's parameters, so a
+    cached dataset written by another version of the generator is never reused as if current."""
+    try:
+        with open(__file__, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:  # no source file (frozen install): fall back to the format version alone
+        return "unknown"
+
+
+GENERATOR = _source_fingerprint()
 
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "brown", "orange", "purple", "pink", "gray", "silver")
 OBJECTS = (
@@ -85,7 +99,7 @@ def _params(flavour, seed, sizes):
         raise ValueError(f"noise must be a non-negative number, got {params['noise']!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return dict(format=FORMAT, flavour=flavour, seed=seed, **params)
+    return dict(format=FORMAT, generator=GENERATOR, flavour=flavour, seed=seed, **params)
 
 
 def concept_patterns(seed, feat_dim=64, pattern_dims=8):
@@ -257,7 +271,9 @@ def ensure_synthetic(cache_dir=None, *, flavour="image", seed=0, **sizes):
     """Path of a synthetic dataset for these parameters, generated on first use.
 
     Lives in ``<cache>/synthetic-<flavour>-<hash of the parameters>``, cache = cache_dir, else
-    $VSE_FAST_CACHE, else ~/.cache/vse_fast. Reused when its manifest.json equals the parameters;
+    $VSE_FAST_CACHE, else ~/.cache/vse_fast. Reused when its manifest.json equals the parameters
+    (which include the generator's source fingerprint, `GENERATOR`: data from another version of
+    this module is regenerated, not reused);
     otherwise (re)generated into a temporary folder that is renamed into place, so concurrent
     processes (DDP ranks) never see a half-written dataset.
     """
