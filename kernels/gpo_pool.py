@@ -474,12 +474,14 @@ def _net_specializations() -> list:
                        "stride_gob": "i32", "stride_god": "constexpr",
                        "stride_gxb": "i32", "stride_gxk": "i32", "stride_gxd": "constexpr", **common}
             packed = itemsize == 2
+            bwd_consts = {"stride_god": 1, "stride_gxd": 1}
             variants = [("fwd", "", fwd_fn, fwd_sig, {"stride_od": 1, "PACK_16X2": packed}, None)]
-            if packed:
-                variants += [("bwd", "-s16x2", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1, "PACK_16X2": True}, (90,)),
-                             ("bwd", "", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1, "PACK_16X2": False}, (80,))]
+            if packed:  # (suffix, PACK_16X2, arches): s16x2 lanes on sm_90, int32 keys on sm_80
+                bwd_variants = [("-s16x2", True, (90,)), ("", False, (80,))]
             else:
-                variants += [("bwd", "", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1, "PACK_16X2": False}, None)]
+                bwd_variants = [("", False, None)]
+            variants += [("bwd", suffix, bwd_fn, bwd_sig, {**bwd_consts, "PACK_16X2": pack}, arches)
+                         for suffix, pack, arches in bwd_variants]
             for name, suffix, fn, sig, extra, arches in variants:
                 spec = {"name": f"gpo_pool_net_{name}-{tdt}-K{block_k}-D{block_d}{suffix}", "fn": fn,
                         "signature": {a: sig[a] for a in fn.arg_names}, "constexprs": {**consts, **extra},
