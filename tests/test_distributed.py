@@ -9,7 +9,6 @@
 - A 2-process torchrun training run stops at --max_steps, resumes in 1 process and ends where a
   1-process run ends.
 """
-import gc
 import os
 import socket
 import subprocess
@@ -139,8 +138,7 @@ def _ddp_worker(rank, world, port, workdir):
             out[key + "/local_loss"] = local.detach()
     torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
     del ddp, model  # the DDP wrapper holds the process group: release it before the teardown
-    gc.collect()
-    dist.destroy_process_group()
+    vdist.cleanup_distributed(ctx)
 
 
 def test_ddp_global_negatives_match_single_process(tmp_path):
