@@ -21,7 +21,7 @@ timeout ${CHECK_TIMEOUT:-330} python bench/gpu_check.py --out "$out" 2>&1 | tee 
 echo "gpu_check exit: ${PIPESTATUS[0]}"
 
 # CUDA tests (the interpreter tests skip themselves when a GPU is present): the quick files first, the
-# GPO pool file (hundreds of cases, and the sorting-network builds) last.
+# GPO pool file (hundreds of cases, one build per shape specialization) last.
 timeout ${TEST_TIMEOUT:-240} python -m pytest -q -p no:cacheprovider tests/test_gpo_table.py tests/test_contrastive.py \
   tests/test_gpo_module.py tests/test_gpo_pool.py -k "cuda or sync" 2>&1 | tee "$out/gpu_tests.log" | tail -n 40
 echo "cuda tests exit: ${PIPESTATUS[0]}"

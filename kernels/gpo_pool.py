@@ -117,7 +117,7 @@ def pool_settings(K: int, D: int, impl: str = None, itemsize: int = 4) -> PoolSe
     if impl == "rank":
         warps, tile = (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD), _RANK_TILE
     else:
-        warps, tile = (_NUM_WARPS_FWD, _NUM_WARPS_BWD), _TILE
+        warps, tile = _sort_warps(K, itemsize), _TILE
     if _interpreting():
         return PoolSettings(max(2, triton.next_power_of_2(K)), min(16, triton.next_power_of_2(max(D, 1))),
                             *warps, impl=impl)
@@ -400,6 +400,14 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
     return grad_x, grad_w
 
 
+def _sort_warps(K: int, itemsize: int) -> tuple:
+    """(forward, backward) warps of the sort kernels: the fp32 backward's int64 keys at BLOCK_K 256
+    take 16 warps (8 spill registers on sm_90)."""
+    if itemsize == 4 and triton.next_power_of_2(K) == 256:
+        return _NUM_WARPS_FWD, 2 * _NUM_WARPS_BWD
+    return _NUM_WARPS_FWD, _NUM_WARPS_BWD
+
+
 def _block_k_buckets():
     block_k = _MIN_BLOCK_K
     while block_k <= MAX_K:
@@ -414,15 +422,15 @@ def compile_specializations() -> list:
     Strides are given as in the common contiguous launch: unit strides as constexpr 1 (Triton
     specializes integer arguments equal to 1), the others i32."""
     specs = []
-    kernels = {"sort": ("gpo_pool", _gpo_pool_fwd_kernel, _gpo_pool_bwd_kernel, _TILE,
-                        (_NUM_WARPS_FWD, _NUM_WARPS_BWD)),
-               "rank": ("gpo_pool_rank", _gpo_pool_rank_fwd_kernel, _gpo_pool_rank_bwd_kernel, _RANK_TILE,
-                        (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD))}
-    for impl, (prefix, fwd_fn, bwd_fn, tile, warps) in kernels.items():
+    kernels = {"sort": ("gpo_pool", _gpo_pool_fwd_kernel, _gpo_pool_bwd_kernel, _TILE),
+               "rank": ("gpo_pool_rank", _gpo_pool_rank_fwd_kernel, _gpo_pool_rank_bwd_kernel, _RANK_TILE)}
+    for impl, (prefix, fwd_fn, bwd_fn, tile) in kernels.items():
         for dtype, tdt in _TRITON_DTYPE.items():
+            itemsize = torch.empty((), dtype=dtype).element_size()
             for block_k in _block_k_buckets():
                 if impl == "rank" and block_k > RANK_MAX_K:
                     break
+                warps = _sort_warps(block_k, itemsize) if impl == "sort" else (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD)
                 s = PoolSettings(block_k, tile // block_k, *warps, impl=impl)
                 common = {"len_ptr": "*i32", "w_ptr": "*fp32", "K": "i32", "D": "i32", "Kw": "i32",
                           "stride_xb": "i32", "stride_xk": "i32", "stride_xd": "constexpr",

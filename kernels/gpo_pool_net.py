@@ -1,33 +1,37 @@
 """Sorting-network kernels of the GPO pool for set sizes K <= NET_MAX_K (implementation "net").
 
 Same semantics and launch signature as the kernels in `vse_fast.kernels.gpo_pool` (read its docstring).
-One thread owns one feature column d of one sample (two for 16-bit dtypes, see PACK_16X2 below): the
-NK = next_pow2(K) values x[b, 0..NK-1, d] are
-NK separate registers, loaded row by row (coalesced along d), and a Batcher odd-even merge sorting
-network of compare-exchanges (max / min of two registers) sorts them with no shuffle, no shared memory
-and no layout change. The network is straight-line code, so the kernels are generated from the
-comparator list (`batcher_pairs`) as Python source, written once to a cache file and imported (Triton
-compiles functions from their source file).
+One thread owns one feature column d of one sample (two for 16-bit dtypes): each kernel loads the
+[BLOCK_K, BLOCK_D] tile of x (BLOCK_K = next_pow2(K) = NK, rows >= n are padding) in a layout that keeps
+all NK rows of a column in its thread's registers, and a `tl.split` tree (free in that layout) makes them
+NK separate [BLOCK_D] tensors. A Batcher odd-even merge sorting network of compare-exchanges (max / min
+of two registers) sorts them, with no shuffle, no shared memory and no layout change; `tl.join` puts the
+sorted registers back together for the tile-wide epilogue. The network is straight-line code, so the
+kernels are generated from the comparator list (`batcher_pairs`) as Python source, written once to a
+cache file and imported (Triton compiles functions from their source file).
 
-Compiled (USE_ASM=True), each network is ONE `tl.inline_asm_elementwise` op holding the comparators as
-PTX `max`/`min` (`network_ptx`): written as 543 pairs of tl ops, Triton's coalescing pass, quadratic in
-the ops connected to each memory access, took about 4 minutes for the 64-input backward on this CPU;
-as inline PTX, well under a minute (still the slowest build of the project: a one-time cost, cached by
-Triton). The interpreter cannot run PTX, so under TRITON_INTERPRET the same network runs as
-tl.maximum / tl.minimum (USE_ASM=False); the tests check the PTX text against the comparator list.
+Compile time: Triton's coalescing pass costs about (memory ops) x (ops in the kernel)^2. One load and
+one store per tile (instead of one per row) and the network as ONE `tl.inline_asm_elementwise` op
+holding the comparators as PTX `max`/`min` (`network_ptx`) keep the 64-input backward at a few seconds
+on this CPU (it took about 50 s with a load, a gather and a store per row, and about 4 minutes with the
+network as 1086 separate tl ops). The interpreter cannot run PTX, so under TRITON_INTERPRET the same
+network runs as tl.maximum / tl.minimum (USE_ASM=False); the tests check the PTX text against the
+comparator list.
 
-Forward: padding -inf (ranks last), network descending, out[d] = sum_{r < n} w[r] s_r[d] in fp32;
-a NaN among the n valid values makes out[d] NaN (max/min would drop it). fp32 values sort as fp32.
-16-bit values (bf16, fp16) sort as they are, two feature columns per thread packed in one 32-bit
-register (`pack=2`), each comparator one `max.bf16x2`/`max.f16x2` and one `min` for both columns
-(PACK_16X2, sm_80+): half the comparator instructions per column, and exact, since the order of
-16-bit floats needs no wider type.
+Forward: padding -inf (ranks last), network descending, out[d] = sum_{r < n} w[r] s_r[d] in fp32
+(accumulated in rank order); a NaN among the n valid values makes out[d] NaN (max/min would drop it).
+fp32 values sort as fp32. 16-bit values (bf16, fp16) sort as they are, two adjacent feature columns
+per thread packed in one 32-bit register (`pack=2`), each comparator one `max.bf16x2`/`max.f16x2` and
+one `min` for both columns (PACK_16X2, sm_80+): half the comparator instructions per column, and exact,
+since the order of 16-bit floats needs no wider type.
 
 Backward: the packed integer keys of `gpo_pool` (order-preserving value bits above NK-1-k, so ties keep
-their original order and padding ranks last) go through the network descending: s_r (decoded) gives
-grad_w[r] = sum_d grad_out[d] s_r[d] (one reduction per rank, per-program partials), and the position
-bits give the permutation perm_r. A second, ascending network over (perm_r << 8) | r inverts it: register
-j then holds rank(j), so grad_x[j, d] = grad_out[d] w[rank(j)] is stored row by row, coalesced.
+their original order and padding ranks last) go through the network descending: the sorted keys give
+grad_w[r] = sum_d grad_out[d] s_r[d] (tile reductions over d, a quarter of the ranks at a time, as
+per-program partials), and their position bits the permutation perm_r. A second, ascending network over
+(perm_r << 8) | r inverts it: register j then holds rank(j), and grad_x[j, d] = grad_out[d] w[rank(j)]
+is one gather of w and one tile store. The backward's threads hold columns t and t + 128 rather than
+2t, 2t + 1: that is the layout a gather by computed index gets, so the gather needs no data exchange.
 Keys are int32 for 16-bit dtypes and int64 for fp32. (perm_r << 8) | r < 2^14, so for 16-bit dtypes
 (two columns per thread) the inverting network runs on `s16x2` lanes where PTX has them (PACK_16X2,
 sm_90+), on int32 otherwise.
@@ -78,18 +82,50 @@ _SIGNATURE_BWD = """x_ptr, len_ptr, w_ptr, gout_ptr, gx_ptr, gw_part_ptr, K, D, 
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_ASM: tl.constexpr, PACK_16X2: tl.constexpr"""
 _PROLOGUE = """    i_b = tl.program_id(0)
     i_d = tl.program_id(1)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    # [BLOCK_D] copies of the scalars (the interpreter cannot AND a scalar mask into a vector one)
-    zero = tl.zeros((BLOCK_D,), dtype=tl.int32)
-    n_scalar = tl.minimum(tl.maximum(tl.load(len_ptr + i_b), 0), K)  # clamped: memory-safe without validation
-    n_w_scalar = tl.minimum(n_scalar, Kw)  # weights are read at ranks < n_w
-    n = zero + n_scalar
-    n_w = zero + n_w_scalar
-    n_rows = zero + K
+    o_k = tl.arange(0, BLOCK_K)
+{columns}
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + i_b), 0), K)  # clamped: memory-safe without validation
+    n_w = tl.minimum(n, Kw)  # weights are read at ranks < n_w
+    m_row = o_k[:, None] < n  # [BLOCK_K, 1]: the valid set elements
     m_d = o_d < D
-    p_x = x_ptr + i_b.to(tl.int64) * stride_xb + o_d * stride_xd
-    p_w = w_ptr + i_b.to(tl.int64) * stride_wb
 """
+# Which feature columns a thread holds (BLOCK_D = 128 threads x 1 column, x 2 for 16-bit dtypes), set by
+# the contiguity hint that Triton's layout choice for the [BLOCK_K, BLOCK_D] tiles follows; every row of
+# the tile stays in the thread's registers either way.
+_ADJACENT_COLUMNS = """    if x_ptr.dtype.element_ty.primitive_bitwidth == 16:  # columns 2t, 2t+1: a 32-bit access per row
+        o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 2)
+    else:
+        o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)"""
+# one column per lane, 16-bit tiles wrapping around the 128 threads (columns t, t+128): the layout that
+# a gather by computed index (no contiguity) gets too, so the backward's weight gather needs no shuffle
+_LANE_COLUMNS = "    o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)"
+
+
+def _split_columns(tile: str, names: list, indent: str = "    ") -> list:
+    """Lines setting names[k] = tile[:, k] ([BLOCK_D] each) for the [BLOCK_D, len(names)] tensor `tile`,
+    by halving its minor axis with tl.split (even, odd columns) until single columns remain. The tile's
+    layout keeps the minor axis within each thread, so no data moves."""
+    lines = []
+
+    def split(var, columns):
+        if len(columns) == 2:
+            lines.append(f"{indent}{names[columns[0]]}, {names[columns[1]]} = tl.split({var})")
+            return
+        even, odd = f"{var}e", f"{var}o"
+        lines.append(f"{indent}{even}, {odd} = tl.split(tl.reshape({var}, (BLOCK_D, {len(columns) // 2}, 2)))")
+        split(even, columns[0::2])
+        split(odd, columns[1::2])
+
+    split(tile, list(range(len(names))))
+    return lines
+
+
+def _join_columns(names: list) -> str:
+    """Expression of the [BLOCK_D, len(names)] tensor whose column k is names[k] (undoes _split_columns)."""
+    if len(names) == 2:
+        return f"tl.join({names[0]}, {names[1]})"
+    pairs = f"tl.join({_join_columns(names[0::2])}, {_join_columns(names[1::2])})"
+    return f"tl.reshape({pairs}, (BLOCK_D, {len(names)}))"
 
 
 def _network(names: list, pairs: list, descending: bool, indent: str = "    ") -> list:
@@ -148,59 +184,69 @@ def _sorting_block(names: list, pairs: list, descending: bool, ptx_types: tuple)
 def _fwd_source(nk: int) -> str:
     x = [f"x{j}" for j in range(nk)]
     pairs = batcher_pairs(nk)
-    lines = [f"@triton.jit\ndef gpo_pool_net{nk}_fwd_kernel({_SIGNATURE_FWD}):", _PROLOGUE.rstrip("\n")]
-    for j in range(nk):
-        lines.append(f"    {x[j]} = tl.load(p_x + {j} * stride_xk, mask=m_d & (n > {j}), other=float('-inf'))")
-    has_nan = "        has_nan = " + " | ".join(f"({v} != {v})" for v in x)  # before the network drops NaN
-    lines += ["    if PACK_16X2:  # the 16-bit values themselves, two columns per register (sm_80+)",
-              has_nan,
+    lines = [f"@triton.jit\ndef gpo_pool_net{nk}_fwd_kernel({_SIGNATURE_FWD}):",
+             _PROLOGUE.format(columns=_ADJACENT_COLUMNS).rstrip("\n"),
+             "    p_x = x_ptr + i_b.to(tl.int64) * stride_xb + o_k[:, None] * stride_xk + o_d[None, :] * stride_xd",
+             "    tile = tl.load(p_x, mask=m_row & m_d[None, :], other=float('-inf'))  # [BLOCK_K, BLOCK_D]",
+             "    if not PACK_16X2:  # PACK_16X2: the 16-bit values themselves, two columns per register (sm_80+)",
+             "        tile = tile.to(tl.float32)",
+             "    has_nan = tl.max((tile != tile).to(tl.int32), axis=0) > 0  # before the network drops NaN",
+             "    tile = tl.trans(tile)"]
+    lines += _split_columns("tile", x)
+    lines += ["    if PACK_16X2:",
               "        if x_ptr.dtype.element_ty == tl.bfloat16:",
               _asm_network(x, pairs, True, "bf16x2", "            "),
               "        else:",
               _asm_network(x, pairs, True, "f16x2", "            "),
               "    else:"]
-    lines += [f"        {v} = {v}.to(tl.float32)" for v in x]
-    lines.append(has_nan)
     lines += ["    " + line for line in _sorting_block(x, pairs, True, ("f32", "f32"))]
-    lines.append("    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)")
-    for r in range(nk):
-        lines.append(f"    acc += tl.where(n > {r}, {x[r]}.to(tl.float32), 0.0) * tl.load(p_w + {r} * stride_wk, "
-                     f"mask=n_w_scalar > {r}, other=0.0)")
-    lines.append("    acc = tl.where(has_nan, float('nan'), acc)")
-    lines.append("    tl.store(out_ptr + i_b.to(tl.int64) * stride_ob + o_d * stride_od, acc.to(out_ptr.dtype.element_ty), "
-                 "mask=m_d)")
+    # x_r (rank r) times the scalar w[r], accumulated in rank order: one fused multiply-add per value
+    lines += ["    p_w = w_ptr + i_b.to(tl.int64) * stride_wb",
+              "    n_vec = tl.zeros((BLOCK_D,), dtype=tl.int32) + n  # the interpreter cannot select on a scalar mask",
+              "    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)"]
+    lines += [f"    acc += tl.where(n_vec > {r}, {x[r]}.to(tl.float32), 0.0) * tl.load(p_w + {r} * stride_wk, "
+              f"mask=n_w > {r}, other=0.0)" for r in range(nk)]
+    lines += ["    acc = tl.where(has_nan, float('nan'), acc)",
+              "    tl.store(out_ptr + i_b.to(tl.int64) * stride_ob + o_d * stride_od, acc.to(out_ptr.dtype.element_ty), "
+              "mask=m_d)"]
     return "\n".join(lines) + "\n"
 
 
 def _bwd_source(nk: int) -> str:
     k = [f"k{j}" for j in range(nk)]
     pairs = batcher_pairs(nk)
-    lines = [f"@triton.jit\ndef gpo_pool_net{nk}_bwd_kernel({_SIGNATURE_BWD}):", _PROLOGUE.rstrip("\n"),
-             "    n_d_blocks = tl.num_programs(1)",
+    lines = [f"@triton.jit\ndef gpo_pool_net{nk}_bwd_kernel({_SIGNATURE_BWD}):",
+             _PROLOGUE.format(columns=_LANE_COLUMNS).rstrip("\n"),
              "    b_g = tl.load(gout_ptr + i_b.to(tl.int64) * stride_gob + o_d * stride_god, mask=m_d, other=0.0)"
-             ".to(tl.float32)"]
-    for j in range(nk):
-        lines.append(f"    {k[j]} = _ordered_key(tl.load(p_x + {j} * stride_xk, mask=m_d & (n > {j}), other=0.0), "
-                     f"{nk - 1 - j}, m_d & (n > {j}))")
+             ".to(tl.float32)",
+             "    p_x = x_ptr + i_b.to(tl.int64) * stride_xb + o_k[:, None] * stride_xk + o_d[None, :] * stride_xd",
+             "    tile = tl.load(p_x, mask=m_row & m_d[None, :], other=0.0)",
+             "    keys = tl.trans(_ordered_key(tile, (BLOCK_K - 1 - o_k)[:, None], m_row))  # [BLOCK_D, BLOCK_K]"]
+    lines += _split_columns("keys", k)
     lines += _sorting_block(k, pairs, True, ("s32", "s64"))
-    lines.append("    p_gw = gw_part_ptr + (i_b.to(tl.int64) * n_d_blocks + i_d) * BLOCK_K")
-    for r in range(nk):
-        lines.append(f"    tl.store(p_gw + {r}, tl.sum(tl.where(m_d & (n > {r}), _decode_value({k[r]}, x_ptr.dtype.element_ty)"
-                     f" * b_g, 0.0), axis=0))")
-    for r in range(nk):  # (original position << 8) | rank
-        lines.append(f"    {k[r]} = (({nk - 1} - ({k[r]} & {nk - 1})).to(tl.int32) << 8) | {r}")
+    # grad_w[r] = sum_d grad_out[d] s_r[d] over ranks r < n, a quarter of the ranks at a time (the sorted
+    # keys die as they are reduced, which keeps the 64-input backward within 255 registers, no spills)
+    parts = max(1, min(4, nk // 2))
+    lines.append("    p_gw = gw_part_ptr + (i_b.to(tl.int64) * tl.num_programs(1) + i_d) * BLOCK_K")
+    for part in range(parts):
+        ranks = k[part * nk // parts:(part + 1) * nk // parts]
+        lines += [f"    o_r = tl.arange(0, {len(ranks)}) + {part * nk // parts}",
+                  f"    b_s = _decode_value(tl.trans({_join_columns(ranks)}), x_ptr.dtype.element_ty)  # ranks o_r",
+                  "    tl.store(p_gw + o_r, tl.sum(tl.where(o_r[:, None] < n, b_s * b_g[None, :], 0.0), axis=1))"]
+    lines.append("    # (original position << 8) | rank, sorted by position: register j then holds rank(j)")
+    lines += [f"    {k[r]} = ((BLOCK_K - 1 - ({k[r]} & (BLOCK_K - 1))).to(tl.int32) << 8) | {r}" for r in range(nk)]
     lines.append("    if PACK_16X2:  # < 2^14: two columns per register as 16-bit lanes (sm_90+)")
     lines += [f"        {v} = {v}.to(tl.int16)" for v in k]
-    lines.append(_asm_network(k, pairs, False, "s16x2", "        "))
-    lines += [f"        {v} = {v}.to(tl.int32)" for v in k]
-    lines.append("    else:")
+    lines += [_asm_network(k, pairs, False, "s16x2", "        "),
+              f"        inverse = tl.trans({_join_columns(k)}).to(tl.int32)",
+              "    else:"]
     lines += ["    " + line for line in _sorting_block(k, pairs, False, ("s32", "s32"))]
-    lines.append("    p_gx = gx_ptr + i_b.to(tl.int64) * stride_gxb + o_d * stride_gxd")
-    for j in range(nk):
-        lines.append(f"    rank = {k[j]} & 255")
-        lines.append(f"    b_w = tl.load(p_w + rank * stride_wk, mask=m_d & (n > {j}) & (rank < n_w), other=0.0)")
-        lines.append(f"    tl.store(p_gx + {j} * stride_gxk, tl.where(n > {j}, b_g * b_w, 0.0).to(gx_ptr.dtype.element_ty), "
-                     f"mask=m_d & (n_rows > {j}))")
+    lines += [f"        inverse = tl.trans({_join_columns(k)})",
+              "    rank = inverse & 255  # [BLOCK_K, BLOCK_D]; padding rows rank >= n, so their weight reads 0",
+              "    b_w = tl.load(w_ptr + i_b.to(tl.int64) * stride_wb + rank * stride_wk, mask=rank < n_w, other=0.0)",
+              "    p_gx = gx_ptr + i_b.to(tl.int64) * stride_gxb + o_k[:, None] * stride_gxk + o_d[None, :] * stride_gxd",
+              "    tl.store(p_gx, tl.where(m_row, b_g[None, :] * b_w, 0.0).to(gx_ptr.dtype.element_ty), "
+              "mask=(o_k[:, None] < K) & m_d[None, :])"]
     return "\n".join(lines) + "\n"
 
 

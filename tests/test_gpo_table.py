@@ -90,7 +90,7 @@ def test_table_backend_errors(monkeypatch):
     with pytest.raises(ValueError, match="table_backend"):
         GPO(32, 32, table_backend="cuda")
     features, lengths = torch.randn(2, 3, 4), torch.tensor([3, 1])
-    with pytest.raises(ValueError, match="d_hidden <= 64"):
+    with pytest.raises(ValueError, match="d_hidden <= 32"):
         GPO(32, 128, table_backend="triton").pool(features, lengths)
     with pytest.raises(TypeError, match="float32/bfloat16/float16"):
         GPO(32, 32, table_backend="triton").double().pool(features.double(), lengths)
@@ -110,7 +110,7 @@ def test_auto_uses_torch_table_on_cpu():
 
 @requires_cuda
 @pytest.mark.parametrize("K", [1, 5, 16, 36, 64, 100])
-@pytest.mark.parametrize("d_hidden", [32, 20, 64])
+@pytest.mark.parametrize("d_hidden", [32, 20, 16])
 def test_cuda_table_matches_float64(K, d_hidden):
     torch.manual_seed(K + d_hidden)
     reference, fused = make_pair(32, d_hidden, "cuda")

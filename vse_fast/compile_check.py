@@ -1,6 +1,6 @@
 """Build every Triton kernel specialization for real GPUs, without a GPU.
 
-    python -m vse_fast.compile_check [--arch 90 --arch 80] [--json PATH]
+    python -m vse_fast.compile_check [--arch 90 --arch 80] [--filter NAME] [--json PATH] [--markdown]
 
 Each kernel module in `vse_fast.kernels` exports `compile_specializations()`: one dict per
 specialization its launchers can choose (dtype, block-size bucket, mode flag, forward/backward):
@@ -10,7 +10,9 @@ must compile to tensor-core instructions (HGMMA on sm_90, HMMA on sm_80), option
 only compute capabilities it is built for (a launcher picks it by capability).
 This compiles each for CUDA targets with `triton.compile(ASTSource(...), target=GPUTarget(...))`
 and reads the cubin with the `cuobjdump` shipped in the Triton wheel: registers, shared memory,
-local memory (spills), and the count of tensor-core instructions (HGMMA on sm_90, HMMA) in the SASS.
+spills, and the count of tensor-core instructions (HGMMA on sm_90, HMMA) in the SASS. Spills show up as
+the per-thread stack frame (cuobjdump's STACK: ptxas puts spilled registers there; a Triton kernel makes
+no calls, so any frame is spill space) or as LOCAL memory; both count.
 The interpreter tests prove the arithmetic; this proves the kernels build and do not spill.
 """
 import argparse
@@ -34,8 +36,8 @@ class CompileResult:
     num_stages: int
     registers: int
     shared_bytes: int
-    local_bytes: int  # > 0 means register spills to local memory
-    stack_bytes: int
+    local_bytes: int  # per-thread local memory outside the stack frame
+    stack_bytes: int  # per-thread stack frame: spilled registers (Triton kernels make no calls)
     hgmma: int  # warpgroup tensor-core instructions (sm_90)
     hmma: int  # warp-level tensor-core instructions
     needs_tensor_cores: bool = False  # the spec says its tl.dot must run on tensor cores
@@ -48,8 +50,12 @@ class CompileResult:
         return not self.needs_tensor_cores or (self.hgmma > 0 if self.arch >= 90 else self.hmma > 0)
 
     @property
+    def spill_bytes(self) -> int:
+        return self.local_bytes + self.stack_bytes
+
+    @property
     def ok(self) -> bool:
-        return not self.error and self.local_bytes == 0 and self.tensor_core_ok
+        return not self.error and self.spill_bytes == 0 and self.tensor_core_ok
 
 
 def cuobjdump_path() -> str:
@@ -152,8 +158,27 @@ def format_table(results) -> str:
         flag = "" if r.tensor_core_ok else "  NO TENSOR CORES"
         lines.append(
             f"{r.name:<44} {r.arch:>3} {r.num_warps:>5} {r.registers:>5} {r.shared_bytes / 1024:>8.1f} "
-            f"{r.local_bytes:>7} {r.hgmma:>6} {r.hmma:>5}{flag}"
+            f"{r.spill_bytes:>7} {r.hgmma:>6} {r.hmma:>5}{flag}"
         )
+    return "\n".join(lines)
+
+
+def format_summary(results) -> str:
+    """Markdown table, one row per kernel (the name before the first "-") and arch: specializations,
+    register range, largest shared memory, largest spill, tensor-core specs (needed / present)."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r.name.split("-")[0], r.arch), []).append(r)
+    lines = ["| kernel | sm | specializations | registers | max shared KB | max spill bytes | tensor cores "
+             "(specs with HGMMA on sm_90 / HMMA on sm_80) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (kernel, arch), rs in groups.items():
+        built = [r for r in rs if not r.error]
+        regs = f"{min(r.registers for r in built)}-{max(r.registers for r in built)}" if built else "error"
+        needed = [r for r in rs if r.needs_tensor_cores]
+        tc = f"{sum(r.tensor_core_ok for r in needed)}/{len(needed)}" if needed else "-"
+        shared_kb = max((r.shared_bytes for r in built), default=0) / 1024
+        spill = max((r.spill_bytes for r in built), default=0)
+        lines.append(f"| `{kernel}` | {arch} | {len(rs)} | {regs} | {shared_kb:.1f} | {spill} | {tc} |")
     return "\n".join(lines)
 
 
@@ -163,10 +188,13 @@ def main(argv=None):
     parser.add_argument("--filter", default="", help="only specializations whose name contains this")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--markdown", action="store_true", help="also print a per-kernel summary table (README)")
     args = parser.parse_args(argv)
     specs = [s for s in collect_specializations() if args.filter in s["name"]]
     results = compile_all(tuple(args.arch or DEFAULT_ARCHES), specs, jobs=args.jobs)
     print(format_table(results))
+    if args.markdown:
+        print("\n" + format_summary(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)

@@ -78,8 +78,8 @@ class _SortedPool(nn.Module):
 
 class GPO(_SortedPool):
     """Generalized Pooling Operator. Args: d_pe (even), d_hidden; table_backend (keyword, ours): how the
-    coefficient table is computed: "triton" (one fused GRU kernel for every size, d_hidden <= 64),
-    "torch" (one packed GRU call) or "auto" (Triton for CUDA parameters, torch otherwise).
+    coefficient table is computed: "triton" (one fused GRU kernel for every size, d_hidden <= 32),
+    "torch" (one packed GRU call) or "auto" (Triton for CUDA parameters and d_hidden <= 32, torch otherwise).
     Parameters: gru (nn.GRU(d_pe, d_hidden, bidirectional, batch_first)), linear (d_hidden -> 1, no bias).
 
     forward(features (B, K, D), lengths (B,)) -> (pooled (B, D), weights (B, L, 1)), L = max(lengths).
