@@ -2,9 +2,9 @@
 
 Same semantics and launch signature as the kernels in `vse_fast.kernels.gpo_pool` (read its docstring).
 One thread owns one feature column d of one sample (two for 16-bit dtypes): each kernel loads the
-[BLOCK_K, BLOCK_D] tile of x (BLOCK_K = next_pow2(K) = NK, rows >= n are padding) in a layout that keeps
-all NK rows of a column in its thread's registers, and a `tl.split` tree (free in that layout) makes them
-NK separate [BLOCK_D] tensors. A Batcher odd-even merge sorting network of compare-exchanges (max / min
+[BLOCK_K, BLOCK_D] tile of x (BLOCK_K = next_pow2(K) = NK, rows >= n are padding) as one flat load whose
+layout, reshaped to [NK, BLOCK_D], keeps all NK rows of a column in its thread's registers, and a
+`tl.split` tree (free in that layout) makes them NK separate [BLOCK_D] tensors. A Batcher odd-even merge sorting network of compare-exchanges (max / min
 of two registers) sorts them, with no shuffle, no shared memory and no layout change; `tl.join` puts the
 sorted registers back together for the tile-wide epilogue. The network is straight-line code, so the
 kernels are generated from the comparator list (`batcher_pairs`) as Python source, written once to a
@@ -30,8 +30,9 @@ their original order and padding ranks last) go through the network descending: 
 grad_w[r] = sum_d grad_out[d] s_r[d] (tile reductions over d, a quarter of the ranks at a time, as
 per-program partials), and their position bits the permutation perm_r. A second, ascending network over
 (perm_r << 8) | r inverts it: register j then holds rank(j), and grad_x[j, d] = grad_out[d] w[rank(j)]
-is one gather of w and one tile store. The backward's threads hold columns t and t + 128 rather than
-2t, 2t + 1: that is the layout a gather by computed index gets, so the gather needs no data exchange.
+is one (flat) gather of w and one tile store. The backward's threads hold columns t and t + 128 rather
+than 2t, 2t + 1: that is the layout a gather by computed index gets, so the gather needs no data
+exchange.
 Keys are int32 for 16-bit dtypes and int64 for fp32. (perm_r << 8) | r < 2^14, so for 16-bit dtypes
 (two columns per thread) the inverting network runs on `s16x2` lanes where PTX has them (PACK_16X2,
 sm_90+), on int32 otherwise.
@@ -82,23 +83,30 @@ _SIGNATURE_BWD = """x_ptr, len_ptr, w_ptr, gout_ptr, gx_ptr, gw_part_ptr, K, D, 
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_ASM: tl.constexpr, PACK_16X2: tl.constexpr"""
 _PROLOGUE = """    i_b = tl.program_id(0)
     i_d = tl.program_id(1)
-    o_k = tl.arange(0, BLOCK_K)
-{columns}
     n = tl.minimum(tl.maximum(tl.load(len_ptr + i_b), 0), K)  # clamped: memory-safe without validation
     n_w = tl.minimum(n, Kw)  # weights are read at ranks < n_w
-    m_row = o_k[:, None] < n  # [BLOCK_K, 1]: the valid set elements
+    o_e = tl.arange(0, BLOCK_K * BLOCK_D)  # the [BLOCK_K, BLOCK_D] tile, flat: row e_k, feature column e_d
+    e_k = o_e // BLOCK_D
+    e_d = i_d * BLOCK_D + o_e % BLOCK_D
+    m_e = (e_k < n) & (e_d < D)
+{columns}
     m_d = o_d < D
 """
-# Which feature columns a thread holds (BLOCK_D = 128 threads x 1 column, x 2 for 16-bit dtypes), set by
-# the contiguity hint that Triton's layout choice for the [BLOCK_K, BLOCK_D] tiles follows; every row of
-# the tile stays in the thread's registers either way.
+# Which feature columns a thread holds: BLOCK_D = 128 threads x 1 column (x 2 for 16-bit dtypes). Tiles
+# are loaded, gathered and stored flat (1-D), with a contiguity hint that sets how many consecutive
+# elements a thread gets: 1-D layouts leave Triton no choice of axis order (Triton 3.6 and 3.9 break
+# ties between equally contiguous axes of a 2-D tile the opposite way), and reshaped to
+# [BLOCK_K, BLOCK_D] every row of a column sits in its thread's registers.
 _ADJACENT_COLUMNS = """    if x_ptr.dtype.element_ty.primitive_bitwidth == 16:  # columns 2t, 2t+1: a 32-bit access per row
         o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 2)
+        off_x = tl.max_contiguous(e_k * stride_xk + e_d * stride_xd, 2)
     else:
-        o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)"""
+        o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)
+        off_x = tl.max_contiguous(e_k * stride_xk + e_d * stride_xd, 1)"""
 # one column per lane, 16-bit tiles wrapping around the 128 threads (columns t, t+128): the layout that
-# a gather by computed index (no contiguity) gets too, so the backward's weight gather needs no shuffle
-_LANE_COLUMNS = "    o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)"
+# a gather by computed index (no contiguity) gets too, so the backward's weight gather moves no data
+_LANE_COLUMNS = """    o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)
+    off_x = tl.max_contiguous(e_k * stride_xk + e_d * stride_xd, 1)"""
 
 
 def _split_columns(tile: str, names: list, indent: str = "    ") -> list:
@@ -186,8 +194,8 @@ def _fwd_source(nk: int) -> str:
     pairs = batcher_pairs(nk)
     lines = [f"@triton.jit\ndef gpo_pool_net{nk}_fwd_kernel({_SIGNATURE_FWD}):",
              _PROLOGUE.format(columns=_ADJACENT_COLUMNS).rstrip("\n"),
-             "    p_x = x_ptr + i_b.to(tl.int64) * stride_xb + o_k[:, None] * stride_xk + o_d[None, :] * stride_xd",
-             "    tile = tl.load(p_x, mask=m_row & m_d[None, :], other=float('-inf'))  # [BLOCK_K, BLOCK_D]",
+             "    tile = tl.load(x_ptr + i_b.to(tl.int64) * stride_xb + off_x, mask=m_e, other=float('-inf'))",
+             "    tile = tl.reshape(tile, (BLOCK_K, BLOCK_D))",
              "    if not PACK_16X2:  # PACK_16X2: the 16-bit values themselves, two columns per register (sm_80+)",
              "        tile = tile.to(tl.float32)",
              "    has_nan = tl.max((tile != tile).to(tl.int32), axis=0) > 0  # before the network drops NaN",
@@ -219,9 +227,9 @@ def _bwd_source(nk: int) -> str:
              _PROLOGUE.format(columns=_LANE_COLUMNS).rstrip("\n"),
              "    b_g = tl.load(gout_ptr + i_b.to(tl.int64) * stride_gob + o_d * stride_god, mask=m_d, other=0.0)"
              ".to(tl.float32)",
-             "    p_x = x_ptr + i_b.to(tl.int64) * stride_xb + o_k[:, None] * stride_xk + o_d[None, :] * stride_xd",
-             "    tile = tl.load(p_x, mask=m_row & m_d[None, :], other=0.0)",
-             "    keys = tl.trans(_ordered_key(tile, (BLOCK_K - 1 - o_k)[:, None], m_row))  # [BLOCK_D, BLOCK_K]"]
+             "    keys = _ordered_key(tl.load(x_ptr + i_b.to(tl.int64) * stride_xb + off_x, mask=m_e, other=0.0),",
+             "                        BLOCK_K - 1 - e_k, e_k < n)",
+             "    keys = tl.trans(tl.reshape(keys, (BLOCK_K, BLOCK_D)))  # [BLOCK_D, BLOCK_K]"]
     lines += _split_columns("keys", k)
     lines += _sorting_block(k, pairs, True, ("s32", "s64"))
     # grad_w[r] = sum_d grad_out[d] s_r[d] over ranks r < n, a quarter of the ranks at a time (the sorted
@@ -242,11 +250,12 @@ def _bwd_source(nk: int) -> str:
               "    else:"]
     lines += ["    " + line for line in _sorting_block(k, pairs, False, ("s32", "s32"))]
     lines += [f"        inverse = tl.trans({_join_columns(k)})",
-              "    rank = inverse & 255  # [BLOCK_K, BLOCK_D]; padding rows rank >= n, so their weight reads 0",
+              "    rank = tl.reshape(inverse & 255, (BLOCK_K * BLOCK_D,))  # flat; padding rows: rank >= n, weight 0",
               "    b_w = tl.load(w_ptr + i_b.to(tl.int64) * stride_wb + rank * stride_wk, mask=rank < n_w, other=0.0)",
-              "    p_gx = gx_ptr + i_b.to(tl.int64) * stride_gxb + o_k[:, None] * stride_gxk + o_d[None, :] * stride_gxd",
-              "    tl.store(p_gx, tl.where(m_row, b_g[None, :] * b_w, 0.0).to(gx_ptr.dtype.element_ty), "
-              "mask=(o_k[:, None] < K) & m_d[None, :])"]
+              "    b_ge = tl.reshape(tl.broadcast_to(b_g[None, :], (BLOCK_K, BLOCK_D)), (BLOCK_K * BLOCK_D,))",
+              "    off_gx = tl.max_contiguous(e_k * stride_gxk + e_d * stride_gxd, 1)",
+              "    tl.store(gx_ptr + i_b.to(tl.int64) * stride_gxb + off_gx,",
+              "             tl.where(e_k < n, b_ge * b_w, 0.0).to(gx_ptr.dtype.element_ty), mask=(e_k < K) & (e_d < D))"]
     return "\n".join(lines) + "\n"
 
 
