@@ -16,17 +16,19 @@ hinge sum sum_c relu(m + S_c - d_j) and the count of active hinges.
 Three forward paths (`contrastive_path` picks one):
 
 * "small" (labels None, both terms, N = M <= settings.SMALL_B): `_contrastive_small_fwd_kernel`, ONE
-  launch of ONE program: the whole (B, B) tile of S, d from pair dots, both reductions (row = i2t,
-  column = t2i), the per-pair values, the scalar loss, and the gradient matrix A (B, B) in the input
-  dtype with dim = g scale A @ s and ds = g scale A.T @ im:
+  launch of ONE program: the whole (B, B) tile of S (in `small_row_parts` row blocks, so that one
+  block is live at a time), d from pair dots, both reductions (row = i2t, column = t2i, the latter
+  running over the row blocks in order), the per-pair values, the scalar loss, and the gradient matrix
+  A (B, B) in the input dtype with dim = g scale A @ s and ds = g scale A.T @ im:
       VSE0:  A = G_i2t + G_t2i - diag(c),  G_i2t[i, j] = [j != i and m + S_ij - d_i > 0],
              G_t2i[i, j] = [i != j and m + S_ij - d_j > 0],  c_i = active hinges of pair i (both terms)
       VSE++: A[i, a_i] += ok1_i,  A[b_j, j] += ok2_j,  A[i, i] -= ok1_i + ok2_i
              (a_i / b_j hardest caption / image, ok = [value > 0 and a negative exists])
   Entries are integers in [-2B + 2, 2]: exact in bf16 for B <= 129 (fp16: B <= 1025), hence
   SMALL_B <= 128. The backward is ONE launch, `_contrastive_small_bwd_kernel`: a program per
-  D-block multiplies A and A.T by its block of s and im, scales by g * scale and stores the final
-  gradients in the input dtype (no recompute of S, no atomics, deterministic).
+  D-block multiplies A and A.T by its block of s and im (a pipelined loop over SMALL_BLOCK_K columns
+  of A), scales by g * scale and stores the final gradients in the input dtype (no recompute of S, no
+  atomics, deterministic).
 * "fused" (labels None, both terms, larger B): both terms from ONE pass over tiles of S = im @ s.T.
   `_contrastive_fused_fwd_kernel`, grid (row blocks of images, column splits): per row i it keeps the
   i2t running reduction over its columns (partial per (split, row)); per tile column j it reduces the
@@ -39,16 +41,25 @@ Three forward paths (`contrastive_path` picks one):
       i2t: X = im[labels] (gathered in-kernel), Y = s,  invalid where labels[c] == p_j
       t2i: X = s,                              Y = im, invalid where c == p_j
   grid (row blocks, column splits) so that small batches still fill the GPU, then the combine kernel
-  (column order, which computes d_j as well).
+  (column order). VSE0 reads d_j inside the tile loop: `_contrastive_diag_kernel` (with the labels)
+  writes it once before the term launches and the combine kernel reads it; VSE++ needs d only in the
+  combine kernel, which computes it.
 
 Non-finite inputs: a max reduction can drop a NaN, so every per-pair value gets ``+ 0 * d_j``: d_j is
 non-finite iff im[p_j] or s[j] holds a NaN/inf (inf * 0 = NaN), which covers every caption and every
 image that is some caption's positive (all of them when labels is None; the op layer checks the rest).
 The VSE++ tile kernels drop NaN similarities from the max explicitly (the hardest indices are then
-those of the non-NaN ones, -1 if none; the loss is NaN all the same).
+those of the non-NaN ones, -1 if none; the loss is NaN all the same). The VSE0 tile kernels set
+invalid similarities to -inf before the hinges: m + (-inf) - d is -inf or NaN, never > 0, so invalid
+pairs stay inactive whatever d and m are.
 
-Backward, VSE++ ("fused"/"terms": `_contrastive_vsepp_bwd_kernel`, O((N + M) D)): with
-w = g * scale * [value > 0],
+Registers: every kernel builds for sm_90 and sm_80 with no spills (`python -m vse_fast.compile_check
+--filter contrastive`): the elementwise kernels run BLOCK_M x BLOCK_DB = 16 x 128 tiles on 4 warps
+(16 elements per thread per tile), the tile kernels keep K-blocks of 32 (16-bit) / 16 (fp32) and
+load per-tile vectors (column labels, thresholds) after the k-loop, not across it.
+
+Backward, VSE++ ("fused"/"terms": `_contrastive_vsepp_bwd_kernel`, O((N + M) D), the dim side then the
+ds side so that two [BLOCK_M, BLOCK_DB] tiles are live): with w = g * scale * [value > 0],
     i2t pair j, hardest caption a:  dim[p_j] += w (s[a] - s[j]),  ds[a] += w im[p_j],  ds[j] -= w im[p_j]
     t2i pair j, hardest image b:    dim[b] += w s[j],  dim[p_j] -= w s[j],  ds[j] += w (im[b] - im[p_j])
 accumulated with fp32 atomic adds (a row can be the hardest negative of many pairs), so the last bits
@@ -113,12 +124,20 @@ class LossSettings:
     BLOCK_D: int
     num_warps: int
     num_stages: int
-    BLOCK_M: int = 128  # pairs per program of the combine, diag, epilogue and VSE++ backward kernels
-    BLOCK_DB: int = 128  # feature columns per program of the VSE++ backward and the VSE0 epilogue
+    # The elementwise / gather / atomic kernels (combine, diag, VSE0 unpack and epilogue, VSE++ backward):
+    # rows x columns per program and warps. 16 x 128 on 4 warps = 16 elements per thread per tile (a
+    # [16, 64] pair-dot tile: 8), rows still 128 contiguous columns wide (a full 128-byte line of bf16,
+    # 512 bytes of the fp32 accumulators). 128 x 128 spilled kilobytes per thread, 32 x 128 still some:
+    # unvectorized, each element of a gathered row carries its own 64-bit address.
+    BLOCK_M: int = 16  # pairs (rows) per program of those kernels
+    BLOCK_DB: int = 128  # columns per program of the 2-D ones (features; G columns for the unpack)
+    elem_warps: int = 4
     target_programs: int = 264  # the forward grid aims at about this many programs (2 x H100 SMs)
     SMALL_B: int = 128  # "small" path: the one-program tile (N = M <= SMALL_B); <= 128 (A exact in bf16)
-    SMALL_BLOCK_D: int = 64  # "small" path: D-block of the forward tile loop and of a backward program
+    SMALL_BLOCK_D: int = 32  # "small" path: D-block of the forward tile loop and of a backward program
+    SMALL_BLOCK_K: int = 32  # "small" backward: chunk of A's columns (the product's K) per loop step
     small_warps: int = 8
+    small_row_parts: int = 2  # "small" forward: T in this many row blocks (>= 64 rows each: warpgroup MMA)
     interp_bf16: bool = False  # upcast bf16 dots (interpreter only)
     tf32x3: bool = False  # fp32 operands: 3xTF32 dots
 
@@ -128,18 +147,25 @@ def _make_settings(dtype: torch.dtype) -> LossSettings:
     multi-tile / multi-split paths (and a 16 x 16 "small" tile)."""
     if INTERPRETING:
         return LossSettings(16, 16, 16, 4, 1, BLOCK_M=16, BLOCK_DB=16, target_programs=4, SMALL_B=16,
-                            SMALL_BLOCK_D=16, small_warps=4, interp_bf16=_interp_bf16(dtype),
+                            SMALL_BLOCK_D=16, SMALL_BLOCK_K=16, small_warps=4, small_row_parts=1,
+                            interp_bf16=_interp_bf16(dtype),
                             tf32x3=dtype == torch.float32)
     return _gpu_settings(dtype)
 
 
 def _gpu_settings(dtype: torch.dtype) -> LossSettings:
-    """Tiles per dtype: 16-bit operands run 128 x 128 x 64 tensor-core tiles (8 warps); fp32 (3xTF32)
-    64 x 64 x 32 (4 warps). The one-program "small" tile is 128 x 128 with 8 warps (D-block 64 for
-    16-bit, 32 for fp32)."""
+    """Tiles per dtype: 16-bit operands run 128 x 128 x 32 tensor-core tiles (8 warps, 4 stages); fp32
+    (3xTF32) 64 x 64 x 16 (4 warps, 4 stages). The one-program "small" tile is 128 x 128 with 8 warps
+    (two 64-row blocks; D-block 32 for 16-bit, 16 for fp32).
+
+    Why these: 16 warps cap a thread at 128 registers (and split a 128-row 16-bit tile into 64 x 64
+    warpgroup MMAs), and 8 warps on a 64-row 3xTF32 tile duplicate the MMAs on sm_80 (its chained
+    dots put the warps along M), so the K-block shrinks instead (64 -> 32 / 32 -> 16): half the
+    operand elements (and their addresses) per thread per step, same output tile, same MMA shapes,
+    one more pipeline stage for the same bytes in flight."""
     if dtype == torch.float32:
-        return LossSettings(64, 64, 32, 4, 3, SMALL_B=128, SMALL_BLOCK_D=32, small_warps=8, tf32x3=True)
-    return LossSettings(128, 128, 64, 8, 3, SMALL_B=128, SMALL_BLOCK_D=64, small_warps=8)
+        return LossSettings(64, 64, 16, 4, 4, SMALL_B=128, SMALL_BLOCK_D=16, small_warps=8, tf32x3=True)
+    return LossSettings(128, 128, 32, 8, 4, SMALL_B=128, SMALL_BLOCK_D=32, small_warps=8)
 
 
 _SETTINGS = {dtype: _make_settings(dtype) for dtype in SUPPORTED_DTYPES}
@@ -233,6 +259,18 @@ def _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride
 
 
 @triton.jit
+def _first_argmax(b, b_max, AXIS: tl.constexpr, N: tl.constexpr):
+    """int32 index along AXIS (of size N) of the first element equal to b_max (the max along AXIS, no
+    NaN): what tl.argmax returns, as a second plain min-reduction instead of a (value, index) pair one,
+    which keeps fewer registers live on a large tile."""
+    o_n = tl.arange(0, N)
+    if AXIS == 0:
+        return tl.min(tl.where(b == b_max[None, :], o_n[:, None], N), axis=0)
+    else:
+        return tl.min(tl.where(b == b_max[:, None], o_n[None, :], N), axis=1)
+
+
+@triton.jit
 def _store_partials(part_val_ptr, part_aux_ptr, o_out, b_val, b_aux, mask):
     """Per-row partials of one column split: value (max or hinge sum) and aux (argmax or count)."""
     tl.store(part_val_ptr + o_out, b_val, mask=mask)
@@ -245,20 +283,21 @@ def _store_partials(part_val_ptr, part_aux_ptr, o_out, b_val, b_aux, mask):
 
 @triton.jit(do_not_specialize=["R", "C", "COLS_PER_SPLIT"])
 def _contrastive_fwd_kernel(
-    x_ptr, y_ptr, p_ptr, lab_ptr, part_val_ptr, part_aux_ptr,
+    x_ptr, y_ptr, d_ptr, lab_ptr, part_val_ptr, part_aux_ptr,
     R, C, D, COLS_PER_SPLIT,
-    stride_xr, stride_xd, stride_yr, stride_yd, stride_pr, stride_pd,
+    stride_xr, stride_xd, stride_yr, stride_yd,
     margin,
     LABEL_MODE: tl.constexpr, MAX_VIOLATION: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One term, rows [i_r * BLOCK_R, +BLOCK_R), columns of split i_s. Writes part_val[i_s, r]
-    (running max of valid T, or hinge sum) and part_aux[i_s, r] (int32 argmax or -1, or fp32 count)."""
+    (running max of valid T, or hinge sum) and part_aux[i_s, r] (int32 argmax or -1, or fp32 count).
+    VSE0 reads the thresholds d[r] (`_contrastive_diag_kernel`, written once for both terms)."""
     i_r = tl.program_id(0)
     i_s = tl.program_id(1)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_r = o_r < R
-    lab_r, o_xr, o_pr = _row_indices(lab_ptr, o_r, m_r, LABEL_MODE)
+    lab_r, o_xr, _ = _row_indices(lab_ptr, o_r, m_r, LABEL_MODE)
     c_start = i_s * COLS_PER_SPLIT
     c_end = tl.minimum(c_start + COLS_PER_SPLIT, C)
 
@@ -266,28 +305,27 @@ def _contrastive_fwd_kernel(
         run_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         run_idx = tl.full((BLOCK_R,), -1, dtype=tl.int32)
     else:
-        b_d = _pair_dot(x_ptr, p_ptr, o_xr, o_pr, m_r, D, stride_xr, stride_xd, stride_pr, stride_pd,
-                        BLOCK_R, DOT_BLOCK_D)
+        b_d = tl.load(d_ptr + o_r, mask=m_r, other=0.0)  # [BR]
         run_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
         run_cnt = tl.zeros((BLOCK_R,), dtype=tl.float32)
 
     for c0 in range(c_start, c_end, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < c_end
-        lab_c = _col_labels(lab_ptr, o_c, m_c, LABEL_MODE)
         b_t = _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride_yr, stride_yd,
                         BLOCK_R, BLOCK_C, BLOCK_D, TF32X3, INTERP_BF16)  # [BR, BC]
+        lab_c = _col_labels(lab_ptr, o_c, m_c, LABEL_MODE)  # after the tile: not live across its k-loop
         m_valid = m_r[:, None] & m_c[None, :] & (lab_r[:, None] != lab_c[None, :])
         if MAX_VIOLATION:
             b_t = tl.where(m_valid & (b_t == b_t), b_t, float("-inf"))  # NaN drops out (module docstring)
             t_max = tl.max(b_t, axis=1)
-            t_arg = tl.argmax(b_t, axis=1)  # first index among equal maxima
+            t_arg = _first_argmax(b_t, t_max, 1, BLOCK_C)  # first index among equal maxima
             upd = t_max > run_max  # strict: earlier columns win ties
-            run_idx = tl.where(upd, c0 + t_arg.to(tl.int32), run_idx)
+            run_idx = tl.where(upd, c0 + t_arg, run_idx)
             run_max = tl.where(upd, t_max, run_max)
         else:
-            b_h = margin + b_t - b_d[:, None]
-            m_act = m_valid & (b_h > 0)
+            b_h = margin + tl.where(m_valid, b_t, float("-inf")) - b_d[:, None]  # invalid: -inf or NaN, never > 0
+            m_act = b_h > 0
             run_sum += tl.sum(tl.where(m_act, b_h, 0.0), axis=1)
             run_cnt += tl.sum(m_act.to(tl.float32), axis=1)
 
@@ -327,47 +365,50 @@ def _contrastive_fused_fwd_kernel(
         run_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         run_idx = tl.full((BLOCK_R,), -1, dtype=tl.int32)
     else:
-        b_dr = tl.load(d_ptr + o_r, mask=m_r, other=0.0)  # [BR]
         run_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
         run_cnt = tl.zeros((BLOCK_R,), dtype=tl.float32)
 
     for c0 in range(c_start, c_end, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < c_end
-        b_t = _sim_tile(im_ptr, s_ptr, o_r.to(tl.int64), m_r, o_c, m_c, D, stride_imr, stride_imd,
+        # rows + min(c0, 0) = the rows (c0 >= 0), written per tile so that the compiler derives the image
+        # row pointers again for each tile instead of keeping them live across the tile's epilogue
+        o_xr = (o_r + tl.minimum(c0, 0)).to(tl.int64)
+        b_t = _sim_tile(im_ptr, s_ptr, o_xr, m_r, o_c, m_c, D, stride_imr, stride_imd,
                         stride_sr, stride_sd, BLOCK_R, BLOCK_C, BLOCK_D, TF32X3, INTERP_BF16)  # [BR, BC]
         m_valid = m_r[:, None] & m_c[None, :] & (o_r[:, None] != o_c[None, :])
         if MAX_VIOLATION:
             # NaN similarities drop out of the max (their pairs' values are NaN through 0 * d)
             b_t = tl.where(m_valid & (b_t == b_t), b_t, float("-inf"))
             t_max = tl.max(b_t, axis=1)
-            t_arg = tl.argmax(b_t, axis=1)  # first index among equal maxima
+            t_arg = _first_argmax(b_t, t_max, 1, BLOCK_C)  # first index among equal maxima
             upd = t_max > run_max  # strict: earlier columns win ties
-            run_idx = tl.where(upd, c0 + t_arg.to(tl.int32), run_idx)
+            run_idx = tl.where(upd, c0 + t_arg, run_idx)
             run_max = tl.where(upd, t_max, run_max)
             c_max = tl.max(b_t, axis=0)  # [BC]
-            c_arg = tl.argmax(b_t, axis=0)  # first row among equal maxima
-            c_idx = tl.where(c_max > float("-inf"), i_r * BLOCK_R + c_arg.to(tl.int32), -1)
+            c_arg = _first_argmax(b_t, c_max, 0, BLOCK_R)  # first row among equal maxima
+            c_idx = tl.where(c_max > float("-inf"), i_r * BLOCK_R + c_arg, -1)
             tl.store(part_val_ptr + p_col + o_c, c_max, mask=m_c)
             tl.store(part_aux_ptr + p_col + o_c, c_idx, mask=m_c)
         else:
-            b_dc = tl.load(d_ptr + o_c, mask=m_c, other=0.0)  # [BC]
+            b_t = tl.where(m_valid, b_t, float("-inf"))  # invalid hinges: -inf or NaN, never > 0
+            b_dr = tl.load(d_ptr + o_r, mask=m_r, other=0.0)  # [BR] (per tile: not live across the k-loop)
             b_h = margin + b_t - b_dr[:, None]
-            m_act = m_valid & (b_h > 0)
+            m_act = b_h > 0
             run_sum += tl.sum(tl.where(m_act, b_h, 0.0), axis=1)
             run_cnt += tl.sum(m_act.to(tl.float32), axis=1)
-            if SAVE_MASK:
-                b_bits = m_act.to(tl.int32)
-            b_h = margin + b_t - b_dc[None, :]
-            m_act = m_valid & (b_h > 0)
-            tl.store(part_val_ptr + p_col + o_c, tl.sum(tl.where(m_act, b_h, 0.0), axis=0), mask=m_c)
-            tl.store(part_aux_ptr + p_col + o_c, tl.sum(m_act.to(tl.float32), axis=0), mask=m_c)
-            if SAVE_MASK:
-                b_bits = (b_bits | (m_act.to(tl.int32) << 1)) << (2 * (tl.arange(0, BLOCK_C) % 16))[None, :]
+            b_dc = tl.load(d_ptr + o_c, mask=m_c, other=0.0)  # [BC]
+            if SAVE_MASK:  # between the two reductions: fewest tiles live at once
+                b_bits = m_act.to(tl.int32) | (((margin + b_t - b_dc[None, :]) > 0).to(tl.int32) << 1)
+                b_bits = b_bits << (2 * (tl.arange(0, BLOCK_C) % 16))[None, :]
                 b_words = tl.sum(tl.reshape(b_bits, (BLOCK_R, BLOCK_C // 16, 16)), axis=2)  # disjoint bits: sum = or
                 o_w = c0 // 16 + tl.arange(0, BLOCK_C // 16)
-                p_w = mask_ptr + o_r.to(tl.int64)[:, None] * W + o_w[None, :]
+                p_w = mask_ptr + (o_r[:, None] * W + o_w[None, :])  # int32: B * W <= SAVED_MASK_MAX_BYTES / 4
                 tl.store(p_w, b_words, mask=m_r[:, None] & (o_w < W)[None, :])
+            b_h = margin + b_t - b_dc[None, :]
+            m_act = b_h > 0
+            tl.store(part_val_ptr + p_col + o_c, tl.sum(tl.where(m_act, b_h, 0.0), axis=0), mask=m_c)
+            tl.store(part_aux_ptr + p_col + o_c, tl.sum(m_act.to(tl.float32), axis=0), mask=m_c)
 
     o_out = i_s.to(tl.int64) * B + o_r
     if MAX_VIOLATION:
@@ -376,16 +417,21 @@ def _contrastive_fused_fwd_kernel(
         _store_partials(part_val_ptr, part_aux_ptr, o_out, run_sum, run_cnt, m_r)
 
 
-@triton.jit(do_not_specialize=["B"])
+@triton.jit(do_not_specialize=["M"])
 def _contrastive_diag_kernel(
-    im_ptr, s_ptr, d_ptr, B, D, stride_imr, stride_imd, stride_sr, stride_sd,
-    BLOCK_M: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
+    im_ptr, s_ptr, lab_ptr, d_ptr, M, D, stride_imr, stride_imd, stride_sr, stride_sd,
+    HAS_LABELS: tl.constexpr, BLOCK_M: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
 ):
-    """d[j] = <im[j], s[j]> (fp32) for j in [i_m * BLOCK_M, +BLOCK_M): the diagonal thresholds."""
+    """d[j] = <im[p_j], s[j]> (fp32) for j in [i_m * BLOCK_M, +BLOCK_M), p_j = labels[j] or j: the
+    thresholds of the VSE0 tile kernels, written once before them."""
     o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < B
+    m_m = o_m < M
     o_m64 = o_m.to(tl.int64)
-    b_d = _pair_dot(im_ptr, s_ptr, o_m64, o_m64, m_m, D, stride_imr, stride_imd, stride_sr, stride_sd,
+    if HAS_LABELS:
+        o_p = tl.load(lab_ptr + o_m, mask=m_m, other=0)
+    else:
+        o_p = o_m64
+    b_d = _pair_dot(im_ptr, s_ptr, o_p, o_m64, m_m, D, stride_imr, stride_imd, stride_sr, stride_sd,
                     BLOCK_M, DOT_BLOCK_D)
     tl.store(d_ptr + o_m, b_d, mask=m_m)
 
@@ -454,55 +500,93 @@ def _contrastive_small_fwd_kernel(
     stride_imr, stride_imd, stride_sr, stride_sd,
     margin, scale,
     MAX_VIOLATION: tl.constexpr, TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BLOCK_D: tl.constexpr, ROW_PARTS: tl.constexpr,
 ):
     """The whole "small" forward (labels None, both terms, B <= BLOCK_B) in one program: T = im @ s.T
-    (one [BLOCK_B, BLOCK_B] tile), d from pair dots, i2t = row reductions, t2i = column reductions.
-    Writes val (2, B) fp32 (scaled, + 0 * d), aux (2, B) (int32 hardest index / -1, or fp32 count),
-    loss (0-dim fp32) = sum of val, and a (B, B) = the gradient matrix A (module docstring), stored
-    in a's dtype (integers in [-2B + 2, 2], exact)."""
-    o_i = tl.arange(0, BLOCK_B)
-    m_i = o_i < B
-    o_i64 = o_i.to(tl.int64)
-    b_t = _sim_tile(im_ptr, s_ptr, o_i64, m_i, o_i, m_i, D, stride_imr, stride_imd, stride_sr, stride_sd,
-                    BLOCK_B, BLOCK_B, BLOCK_D, TF32X3, INTERP_BF16)  # [BB(i), BB(j)]
-    b_d = _pair_dot(im_ptr, s_ptr, o_i64, o_i64, m_i, D, stride_imr, stride_imd, stride_sr, stride_sd,
-                    BLOCK_B, DOT_BLOCK_D)  # [BB]
-    nan_flag = b_d * 0.0
-    m_diag = o_i[:, None] == o_i[None, :]
-    m_valid = m_i[:, None] & m_i[None, :] & (o_i[:, None] != o_i[None, :])
+    (a [BLOCK_B, BLOCK_B] tile, computed and reduced ROW_PARTS row blocks at a time so that a block of
+    T, not all of it, is live per thread), d from pair dots, i2t = row reductions, t2i = column
+    reductions (running over the row blocks in order: first index on ties). Writes val (2, B) fp32
+    (scaled, + 0 * d), aux (2, B) (int32 hardest index / -1, or fp32 count), loss (0-dim fp32) = sum
+    of val, and a (B, B) = the gradient matrix A (module docstring), stored in a's dtype (integers in
+    [-2B + 2, 2], exact; int32 offsets: B * B <= BLOCK_B^2). val[1] holds d until the t2i values
+    overwrite it, and the row values are read back to build A: the block's threads exchange them
+    through global memory (tl.debug_barrier = bar.sync orders those accesses)."""
+    BLOCK_H: tl.constexpr = BLOCK_B // ROW_PARTS
+    o_j = tl.arange(0, BLOCK_B)  # captions (columns of T)
+    m_j = o_j < B
+    for h in tl.static_range(ROW_PARTS):  # d of the block's rows, parked in val[1]
+        o_h = h * BLOCK_H + tl.arange(0, BLOCK_H)
+        m_h = o_h < B
+        b_dh = _pair_dot(im_ptr, s_ptr, o_h.to(tl.int64), o_h.to(tl.int64), m_h, D, stride_imr, stride_imd,
+                         stride_sr, stride_sd, BLOCK_H, DOT_BLOCK_D)
+        tl.store(val_ptr + B + o_h, b_dh, mask=m_h)
+    tl.debug_barrier()
     if MAX_VIOLATION:
-        b_t = tl.where(m_valid & (b_t == b_t), b_t, float("-inf"))  # NaN: as in the fused kernel
-        r_max = tl.max(b_t, axis=1)
-        r_idx = tl.where(r_max > float("-inf"), tl.argmax(b_t, axis=1).to(tl.int32), -1)  # hardest caption
-        c_max = tl.max(b_t, axis=0)
-        c_idx = tl.where(c_max > float("-inf"), tl.argmax(b_t, axis=0).to(tl.int32), -1)  # hardest image
-        v_r = tl.maximum(margin + r_max - b_d, 0.0) * scale + nan_flag
-        v_c = tl.maximum(margin + c_max - b_d, 0.0) * scale + nan_flag
-        ok_r = ((v_r > 0) & (r_idx >= 0)).to(tl.float32)
-        ok_c = ((v_c > 0) & (c_idx >= 0)).to(tl.float32)
-        b_a = tl.where(o_i[None, :] == r_idx[:, None], ok_r[:, None], 0.0)
-        b_a += tl.where(o_i[:, None] == c_idx[None, :], ok_c[None, :], 0.0)
-        b_a -= tl.where(m_diag, ok_r[:, None] + ok_c[None, :], 0.0)
-        tl.store(aux_ptr + o_i, r_idx, mask=m_i)
-        tl.store(aux_ptr + B + o_i, c_idx, mask=m_i)
+        c_max = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+        c_idx = tl.full((BLOCK_B,), -1, dtype=tl.int32)
     else:
-        b_h = margin + b_t - b_d[:, None]
-        m_r = m_valid & (b_h > 0)  # G_i2t
-        v_r = tl.sum(tl.where(m_r, b_h, 0.0), axis=1) * scale + nan_flag
-        n_r = tl.sum(m_r.to(tl.float32), axis=1)
-        b_h = margin + b_t - b_d[None, :]
-        m_c = m_valid & (b_h > 0)  # G_t2i
-        v_c = tl.sum(tl.where(m_c, b_h, 0.0), axis=0) * scale + nan_flag
-        n_c = tl.sum(m_c.to(tl.float32), axis=0)
-        b_a = m_r.to(tl.float32) + m_c.to(tl.float32) - tl.where(m_diag, n_r[:, None] + n_c[None, :], 0.0)
-        tl.store(aux_ptr + o_i, n_r, mask=m_i)
-        tl.store(aux_ptr + B + o_i, n_c, mask=m_i)
-    tl.store(val_ptr + o_i, v_r, mask=m_i)
-    tl.store(val_ptr + B + o_i, v_c, mask=m_i)
-    tl.store(loss_ptr, tl.sum(tl.where(m_i, v_r, 0.0), axis=0) + tl.sum(tl.where(m_i, v_c, 0.0), axis=0))
-    p_a = a_ptr + o_i64[:, None] * B + o_i[None, :]
-    tl.store(p_a, b_a.to(a_ptr.dtype.element_ty), mask=m_i[:, None] & m_i[None, :])
+        v_c = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        n_c = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for h in tl.static_range(ROW_PARTS):
+        o_h = h * BLOCK_H + tl.arange(0, BLOCK_H)  # images (rows of T)
+        m_h = o_h < B
+        b_dr = tl.load(val_ptr + B + o_h, mask=m_h, other=0.0)  # [BH] d_i of the rows
+        b_t = _sim_tile(im_ptr, s_ptr, o_h.to(tl.int64), m_h, o_j, m_j, D, stride_imr, stride_imd, stride_sr,
+                        stride_sd, BLOCK_H, BLOCK_B, BLOCK_D, TF32X3, INTERP_BF16)  # [BH(i), BB(j)]
+        m_valid = m_h[:, None] & m_j[None, :] & (o_h[:, None] != o_j[None, :])
+        if MAX_VIOLATION:
+            b_t = tl.where(m_valid & (b_t == b_t), b_t, float("-inf"))  # NaN: as in the fused kernel
+            r_max = tl.max(b_t, axis=1)
+            r_idx = tl.where(r_max > float("-inf"), _first_argmax(b_t, r_max, 1, BLOCK_B), -1)  # hardest caption
+            v_r = tl.maximum(margin + r_max - b_dr, 0.0) * scale + b_dr * 0.0
+            tl.store(aux_ptr + o_h, r_idx, mask=m_h)
+            h_max = tl.max(b_t, axis=0)  # [BB]
+            h_arg = h * BLOCK_H + _first_argmax(b_t, h_max, 0, BLOCK_H)
+            upd = h_max > c_max  # strict: earlier row blocks win ties
+            c_idx = tl.where(upd, h_arg, c_idx)
+            c_max = tl.where(upd, h_max, c_max)
+        else:
+            b_t = tl.where(m_valid, b_t, float("-inf"))  # invalid hinges: -inf or NaN, never > 0
+            b_h = margin + b_t - b_dr[:, None]
+            m_act = b_h > 0  # G_i2t
+            v_r = tl.sum(tl.where(m_act, b_h, 0.0), axis=1) * scale + b_dr * 0.0
+            tl.store(aux_ptr + o_h, tl.sum(m_act.to(tl.float32), axis=1), mask=m_h)
+            b_a = m_act.to(tl.float32)
+            b_dc = tl.load(val_ptr + B + o_j, mask=m_j, other=0.0)  # [BB] d_j of the columns
+            b_h = margin + b_t - b_dc[None, :]
+            m_act = b_h > 0  # G_t2i
+            v_c += tl.sum(tl.where(m_act, b_h, 0.0), axis=0)
+            n_c += tl.sum(m_act.to(tl.float32), axis=0)
+            b_a += m_act.to(tl.float32)
+            # A = G_i2t + G_t2i here (0 on the diagonal): the diagonal needs the complete counts, below
+            tl.store(a_ptr + (o_h[:, None] * B + o_j[None, :]), b_a.to(a_ptr.dtype.element_ty),
+                     mask=m_h[:, None] & m_j[None, :])
+        tl.store(val_ptr + o_h, v_r, mask=m_h)
+    b_dc = tl.load(val_ptr + B + o_j, mask=m_j, other=0.0)  # the last read of d: before the barrier
+    tl.debug_barrier()  # then val[1] (d) and A's diagonal are overwritten, the row values read back
+    if MAX_VIOLATION:
+        c_idx = tl.where(c_max > float("-inf"), c_idx, -1)  # hardest image
+        v_c = tl.maximum(margin + c_max - b_dc, 0.0) * scale + b_dc * 0.0
+        ok_c = ((v_c > 0) & (c_idx >= 0)).to(tl.float32)
+        tl.store(aux_ptr + B + o_j, c_idx, mask=m_j)
+        for h in tl.static_range(ROW_PARTS):
+            o_h = h * BLOCK_H + tl.arange(0, BLOCK_H)
+            m_h = o_h < B
+            r_idx = tl.load(aux_ptr + o_h, mask=m_h, other=-1)
+            ok_r = ((tl.load(val_ptr + o_h, mask=m_h, other=0.0) > 0) & (r_idx >= 0)).to(tl.float32)
+            b_a = tl.where(o_j[None, :] == r_idx[:, None], ok_r[:, None], 0.0)
+            b_a += tl.where(o_h[:, None] == c_idx[None, :], ok_c[None, :], 0.0)
+            b_a -= tl.where(o_h[:, None] == o_j[None, :], ok_r[:, None] + ok_c[None, :], 0.0)
+            tl.store(a_ptr + (o_h[:, None] * B + o_j[None, :]), b_a.to(a_ptr.dtype.element_ty),
+                     mask=m_h[:, None] & m_j[None, :])
+    else:
+        v_c = v_c * scale + b_dc * 0.0
+        tl.store(aux_ptr + B + o_j, n_c, mask=m_j)
+        n_r = tl.load(aux_ptr + o_j, mask=m_j, other=0.0)
+        tl.store(a_ptr + o_j * (B + 1), (0.0 - (n_r + n_c)).to(a_ptr.dtype.element_ty), mask=m_j)  # A[i, i]
+    tl.store(val_ptr + B + o_j, v_c, mask=m_j)
+    v_r = tl.load(val_ptr + o_j, mask=m_j, other=0.0)
+    tl.store(loss_ptr, tl.sum(tl.where(m_j, v_r, 0.0), axis=0) + tl.sum(tl.where(m_j, v_c, 0.0), axis=0))
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -512,26 +596,39 @@ def _contrastive_small_bwd_kernel(
     stride_imr, stride_imd, stride_sr, stride_sd,
     scale,
     TF32X3: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """"small" backward, features [i_d * BLOCK_D, +BLOCK_D): dim = g scale A @ s, ds = g scale A.T @ im,
-    stored in dim/ds's dtype; dim and ds are contiguous (B, D), a is contiguous (B, B)."""
+    stored in dim/ds's dtype; dim and ds are contiguous (B, D), a is contiguous (B, B) (int32 offsets:
+    B * B <= BLOCK_B^2)."""
     i_d = tl.program_id(0)
     o_i = tl.arange(0, BLOCK_B)
     m_i = o_i < B
     o_i64 = o_i.to(tl.int64)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    m_bb = m_i[:, None] & m_i[None, :]
     m_bd = m_i[:, None] & m_d[None, :]
-    b_a = tl.load(a_ptr + o_i64[:, None] * B + o_i[None, :], mask=m_bb, other=0.0)  # [BB(i), BB(j)] A
-    b_at = tl.load(a_ptr + o_i64[None, :] * B + o_i[:, None], mask=m_bb, other=0.0)  # [BB(j), BB(i)] A.T
-    b_s = tl.load(s_ptr + o_i64[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_bd, other=0.0)
-    b_im = tl.load(im_ptr + o_i64[:, None] * stride_imr + o_d[None, :] * stride_imd, mask=m_bd, other=0.0)
     g = tl.load(g_ptr).to(tl.float32) * scale
-    b_dim = _mma(b_a, b_s, tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), TF32X3, INTERP_BF16) * g
-    b_ds = _mma(b_at, b_im, tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), TF32X3, INTERP_BF16) * g
     o_out = o_i64[:, None] * D + o_d[None, :]
-    tl.store(dim_ptr + o_out, b_dim.to(dim_ptr.dtype.element_ty), mask=m_bd)
+    # one product at a time, over j in BLOCK_K chunks (pipelined): a [BB, BK] block of A live, not [BB, BB]
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for j0 in range(0, B, BLOCK_K):
+        o_j = j0 + tl.arange(0, BLOCK_K)
+        m_j = o_j < B
+        b_a = tl.load(a_ptr + (o_i[:, None] * B + o_j[None, :]), mask=m_i[:, None] & m_j[None, :], other=0.0)  # A
+        b_s = tl.load(s_ptr + o_j.to(tl.int64)[:, None] * stride_sr + o_d[None, :] * stride_sd,
+                      mask=m_j[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
+        acc = _mma(b_a, b_s, acc, TF32X3, INTERP_BF16)
+    tl.store(dim_ptr + o_out, (acc * g).to(dim_ptr.dtype.element_ty), mask=m_bd)
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for j0 in range(0, B, BLOCK_K):
+        o_j = j0 + tl.arange(0, BLOCK_K)
+        m_j = o_j < B
+        b_at = tl.load(a_ptr + (o_j[None, :] * B + o_i[:, None]), mask=m_i[:, None] & m_j[None, :], other=0.0)  # A.T
+        b_im = tl.load(im_ptr + o_j.to(tl.int64)[:, None] * stride_imr + o_d[None, :] * stride_imd,
+                       mask=m_j[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
+        acc = _mma(b_at, b_im, acc, TF32X3, INTERP_BF16)
+    b_ds = acc * g
     tl.store(ds_ptr + o_out, b_ds.to(ds_ptr.dtype.element_ty), mask=m_bd)
 
 
@@ -545,7 +642,9 @@ def _contrastive_vsepp_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_DB: tl.constexpr,
 ):
     """VSE++ gradients of pairs [i_m * BLOCK_M, +BLOCK_M) and features [i_d * BLOCK_DB, +BLOCK_DB),
-    atomically added to the fp32 accumulators dim (N, D) and ds (M, D), both contiguous."""
+    atomically added to the fp32 accumulators dim (N, D) and ds (M, D), both contiguous. One gradient
+    at a time (dim side from s rows, then ds side from im rows), so that at most two [BM, BDB] tiles
+    are live: the sums are those of the backward in the module docstring, in the same order."""
     i_m = tl.program_id(0)
     i_d = tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -559,35 +658,43 @@ def _contrastive_vsepp_bwd_kernel(
     else:
         o_p = o_m64
     g = tl.load(g_ptr).to(tl.float32) * scale
-    b_imp = tl.load(im_ptr + o_p[:, None] * stride_imr + o_d[None, :] * stride_imd, mask=m_md, other=0.0)
-    b_imp = b_imp.to(tl.float32)  # [BM, BDB] im[p_j]
-    b_sj = tl.load(s_ptr + o_m64[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_md, other=0.0)
-    b_sj = b_sj.to(tl.float32)  # [BM, BDB] s[j]
-    acc_dimp = tl.zeros((BLOCK_M, BLOCK_DB), dtype=tl.float32)
-    acc_dsj = tl.zeros((BLOCK_M, BLOCK_DB), dtype=tl.float32)
-    if HAS_I2T:
+    if HAS_I2T:  # hardest caption a of pair j, weight w1 = g scale [value > 0]
         v = tl.load(val_ptr + o_m, mask=m_m, other=0.0)
         a = tl.load(idx_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
         ok = m_m & (a >= 0) & (v > 0)
-        w = tl.where(ok, g, 0.0)[:, None]
+        w1 = tl.where(ok, g, 0.0)[:, None]
         m_a = ok[:, None] & m_d[None, :]
-        b_sa = tl.load(s_ptr + a[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_a, other=0.0)
-        acc_dimp += w * (b_sa.to(tl.float32) - b_sj)
-        acc_dsj -= w * b_imp
-        tl.atomic_add(ds_ptr + a[:, None] * D + o_d[None, :], w * b_imp, mask=m_a, sem="relaxed")
-    if HAS_T2I:
+    if HAS_T2I:  # hardest image b of pair j, weight w2
         t_off = M if HAS_I2T else 0
         v = tl.load(val_ptr + t_off + o_m, mask=m_m, other=0.0)
         b = tl.load(idx_ptr + t_off + o_m, mask=m_m, other=-1).to(tl.int64)
         ok = m_m & (b >= 0) & (v > 0)
-        w = tl.where(ok, g, 0.0)[:, None]
+        w2 = tl.where(ok, g, 0.0)[:, None]
         m_b = ok[:, None] & m_d[None, :]
+
+    # dim side: dim[b] += w2 s[j];  dim[p_j] += w1 (s[a] - s[j]) - w2 s[j]
+    b_sj = tl.load(s_ptr + o_m64[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_md, other=0.0)
+    b_sj = b_sj.to(tl.float32)  # [BM, BDB] s[j]
+    acc = tl.zeros((BLOCK_M, BLOCK_DB), dtype=tl.float32)
+    if HAS_I2T:
+        b_sa = tl.load(s_ptr + a[:, None] * stride_sr + o_d[None, :] * stride_sd, mask=m_a, other=0.0)
+        acc += w1 * (b_sa.to(tl.float32) - b_sj)
+    if HAS_T2I:
+        acc -= w2 * b_sj
+        tl.atomic_add(dim_ptr + b[:, None] * D + o_d[None, :], w2 * b_sj, mask=m_b, sem="relaxed")
+    tl.atomic_add(dim_ptr + o_p[:, None] * D + o_d[None, :], acc, mask=m_md, sem="relaxed")
+
+    # ds side: ds[a] += w1 im[p_j];  ds[j] += -w1 im[p_j] + w2 (im[b] - im[p_j])
+    b_imp = tl.load(im_ptr + o_p[:, None] * stride_imr + o_d[None, :] * stride_imd, mask=m_md, other=0.0)
+    b_imp = b_imp.to(tl.float32)  # [BM, BDB] im[p_j]
+    acc = tl.zeros((BLOCK_M, BLOCK_DB), dtype=tl.float32)
+    if HAS_I2T:
+        acc -= w1 * b_imp
+        tl.atomic_add(ds_ptr + a[:, None] * D + o_d[None, :], w1 * b_imp, mask=m_a, sem="relaxed")
+    if HAS_T2I:
         b_imb = tl.load(im_ptr + b[:, None] * stride_imr + o_d[None, :] * stride_imd, mask=m_b, other=0.0)
-        acc_dsj += w * (b_imb.to(tl.float32) - b_imp)
-        acc_dimp -= w * b_sj
-        tl.atomic_add(dim_ptr + b[:, None] * D + o_d[None, :], w * b_sj, mask=m_b, sem="relaxed")
-    tl.atomic_add(dim_ptr + o_p[:, None] * D + o_d[None, :], acc_dimp, mask=m_md, sem="relaxed")
-    tl.atomic_add(ds_ptr + o_m64[:, None] * D + o_d[None, :], acc_dsj, mask=m_md, sem="relaxed")
+        acc += w2 * (b_imb.to(tl.float32) - b_imp)
+    tl.atomic_add(ds_ptr + o_m64[:, None] * D + o_d[None, :], acc, mask=m_md, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["R", "C", "ROW0", "ROWS"])
@@ -611,15 +718,16 @@ def _contrastive_vse0_mask_kernel(
     lab_r, o_xr, o_pr = _row_indices(lab_ptr, o_r, m_r, LABEL_MODE)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    lab_c = _col_labels(lab_ptr, o_c, m_c, LABEL_MODE)
-    b_d = tl.load(d_ptr + o_r, mask=m_r, other=0.0)
     b_t = _sim_tile(x_ptr, y_ptr, o_xr, m_r, o_c, m_c, D, stride_xr, stride_xd, stride_yr, stride_yd,
                     BLOCK_R, BLOCK_C, BLOCK_D, TF32X3, INTERP_BF16)  # [BR, BC]
+    lab_c = _col_labels(lab_ptr, o_c, m_c, LABEL_MODE)  # after the tile: not live across its k-loop
+    b_d = tl.load(d_ptr + o_r, mask=m_r, other=0.0)
     m_valid = m_r[:, None] & m_c[None, :] & (lab_r[:, None] != lab_c[None, :])
-    b_g = (m_valid & ((margin + b_t - b_d[:, None]) > 0)).to(tl.float32)
+    b_t = tl.where(m_valid, b_t, float("-inf"))  # invalid: m + T - d is -inf or NaN, never > 0
+    b_g = ((margin + b_t - b_d[:, None]) > 0).to(tl.float32)
     if BOTH_TERMS:
         b_dc = tl.load(d_ptr + o_c, mask=m_c, other=0.0)
-        b_g += (m_valid & ((margin + b_t - b_dc[None, :]) > 0)).to(tl.float32)
+        b_g += ((margin + b_t - b_dc[None, :]) > 0).to(tl.float32)
     b_g = b_g.to(g_ptr.dtype.element_ty)
     p_g = g_ptr + o_rl.to(tl.int64)[:, None] * stride_gr + o_c[None, :]
     tl.store(p_g, b_g, mask=m_r[:, None] & m_c[None, :])
@@ -724,7 +832,7 @@ def contrastive_small_fwd(im, s, margin: float, max_violation: bool, scale: floa
         margin, scale,
         MAX_VIOLATION=max_violation, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
         BLOCK_B=settings.SMALL_B, BLOCK_D=settings.SMALL_BLOCK_D, DOT_BLOCK_D=_DOT_BLOCK_D,
-        num_warps=settings.small_warps, num_stages=settings.num_stages,
+        ROW_PARTS=settings.small_row_parts, num_warps=settings.small_warps, num_stages=settings.num_stages,
     )
     return loss, val, aux, A
 
@@ -741,8 +849,8 @@ def contrastive_small_bwd(grad_loss, im, s, A, scale: float, settings: LossSetti
         im.stride(0), im.stride(1), s.stride(0), s.stride(1),
         scale,
         TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
-        BLOCK_B=settings.SMALL_B, BLOCK_D=settings.SMALL_BLOCK_D,
-        num_warps=settings.small_warps, num_stages=1,
+        BLOCK_B=settings.SMALL_B, BLOCK_D=settings.SMALL_BLOCK_D, BLOCK_K=settings.SMALL_BLOCK_K,
+        num_warps=settings.small_warps, num_stages=settings.num_stages,
     )
     return dim, ds
 
@@ -758,10 +866,7 @@ def _fused_fwd(im, s, margin, max_violation, scale, settings, save_mask):
     aux_dtype = torch.int32 if max_violation else torch.float32
     d = torch.empty((B,), dtype=torch.float32, device=dev)
     if not max_violation:  # the hinges of both terms need d_i and d_j inside the tile loop
-        _contrastive_diag_kernel[(triton.cdiv(B, settings.BLOCK_M),)](
-            im, s, d, B, D, im.stride(0), im.stride(1), s.stride(0), s.stride(1),
-            BLOCK_M=settings.BLOCK_M, DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=4,
-        )
+        _diag(im, s, None, d, settings)
     part_val = torch.empty((splits + row_blocks, B), dtype=torch.float32, device=dev)
     part_aux = torch.empty((splits + row_blocks, B), dtype=aux_dtype, device=dev)
     cols_per_split = triton.cdiv(triton.cdiv(B, settings.BLOCK_C), splits) * settings.BLOCK_C
@@ -782,6 +887,16 @@ def _fused_fwd(im, s, margin, max_violation, scale, settings, save_mask):
     return val, aux, d, (mask if save_mask else None)
 
 
+def _diag(im, s, labels, d, settings):
+    """d[j] = <im[p_j], s[j]> (`_contrastive_diag_kernel`)."""
+    M, D = s.shape
+    _contrastive_diag_kernel[(triton.cdiv(M, settings.BLOCK_M),)](
+        im, s, _labels_or_dummy(labels, im.device), d, M, D, im.stride(0), im.stride(1), s.stride(0), s.stride(1),
+        HAS_LABELS=labels is not None, BLOCK_M=settings.BLOCK_M, DOT_BLOCK_D=_DOT_BLOCK_D,
+        num_warps=settings.elem_warps,
+    )
+
+
 def _combine(im, s, labels, part_val, part_aux, d, parts0, parts1, T, margin, max_violation, scale, settings,
              load_d):
     M, D = s.shape
@@ -793,7 +908,7 @@ def _combine(im, s, labels, part_val, part_aux, d, parts0, parts1, T, margin, ma
         im.stride(0), im.stride(1), s.stride(0), s.stride(1),
         margin, scale,
         HAS_LABELS=labels is not None, NUM_TERMS=T, MAX_VIOLATION=max_violation, LOAD_D=load_d,
-        BLOCK_M=settings.BLOCK_M, DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=4,
+        BLOCK_M=settings.BLOCK_M, DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=settings.elem_warps,
     )
     return val, aux, d
 
@@ -819,22 +934,24 @@ def contrastive_fwd(im, s, labels, margin: float, max_violation: bool, terms: tu
     aux_dtype = torch.int32 if max_violation else torch.float32
     part_val = torch.empty((T, splits, M), dtype=torch.float32, device=dev)
     part_aux = torch.empty((T, splits, M), dtype=aux_dtype, device=dev)
+    d = torch.empty((M,), dtype=torch.float32, device=dev)
+    if not max_violation:  # VSE0 hinges need d inside the tile loop: once for both terms
+        _diag(im, s, labels, d, settings)
     for t, term in enumerate(terms):
-        X, Y, P, mode, C = _term_operands(im, s, labels, term)
+        X, Y, _, mode, C = _term_operands(im, s, labels, term)
         cols_per_split = triton.cdiv(triton.cdiv(C, settings.BLOCK_C), splits) * settings.BLOCK_C
         grid = (triton.cdiv(M, settings.BLOCK_R), splits)
         _contrastive_fwd_kernel[grid](
-            X, Y, P, lab, part_val[t], part_aux[t],
+            X, Y, d, lab, part_val[t], part_aux[t],
             M, C, D, cols_per_split,
-            X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), P.stride(0), P.stride(1),
+            X.stride(0), X.stride(1), Y.stride(0), Y.stride(1),
             float(margin),
             LABEL_MODE=mode, MAX_VIOLATION=max_violation, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
             BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
-            DOT_BLOCK_D=_DOT_BLOCK_D, num_warps=settings.num_warps, num_stages=settings.num_stages,
+            num_warps=settings.num_warps, num_stages=settings.num_stages,
         )
-    d = torch.empty((M,), dtype=torch.float32, device=dev)
     val, aux, d = _combine(im, s, labels, part_val, part_aux, d, splits, splits, T, margin, max_violation, scale,
-                           settings, load_d=False)
+                           settings, load_d=not max_violation)
     return val, aux, d, None
 
 
@@ -854,7 +971,7 @@ def contrastive_vsepp_bwd(grad_loss, im, s, labels, val, idx, terms: tuple, scal
         im.stride(0), im.stride(1), s.stride(0), s.stride(1),
         scale,
         HAS_LABELS=labels is not None, HAS_I2T="i2t" in terms, HAS_T2I="t2i" in terms,
-        BLOCK_M=settings.BLOCK_M, BLOCK_DB=settings.BLOCK_DB, num_warps=4,
+        BLOCK_M=settings.BLOCK_M, BLOCK_DB=settings.BLOCK_DB, num_warps=settings.elem_warps,
     )
     return dim.to(im.dtype), ds.to(s.dtype)
 
@@ -889,9 +1006,10 @@ def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings, mask=None
         if mask is None:
             _launch_mask(im, s, lab, d, G, r0, n, B, B, margin, NO_LABELS, True, settings)
         else:
-            grid = (triton.cdiv(n, settings.BLOCK_R), triton.cdiv(B, settings.BLOCK_C))
+            grid = (triton.cdiv(n, settings.BLOCK_M), triton.cdiv(B, settings.BLOCK_DB))
             _contrastive_vse0_unpack_kernel[grid](mask, G, r0, n, B, mask.shape[1], G.stride(0),
-                                                  BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, num_warps=4)
+                                                  BLOCK_R=settings.BLOCK_M, BLOCK_C=settings.BLOCK_DB,
+                                                  num_warps=settings.elem_warps)
 
     chunk_bytes = _MASK_CHUNK_BYTES if mask is None else _SAVED_MASK_CHUNK_BYTES
     rows = _chunk_rows(settings, B, B, im.element_size(), chunk_bytes)
@@ -916,7 +1034,7 @@ def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings, mask=None
         B, D,
         im.stride(0), im.stride(1), s.stride(0), s.stride(1),
         scale,
-        BLOCK_M=settings.BLOCK_M, BLOCK_DB=settings.BLOCK_DB, num_warps=4,
+        BLOCK_M=settings.BLOCK_M, BLOCK_DB=settings.BLOCK_DB, num_warps=settings.elem_warps,
     )
     return dim, ds
 
@@ -981,16 +1099,14 @@ def compile_specializations() -> list:
         prec = {"TF32X3": not tc, "INTERP_BF16": False}
         for mode in (NO_LABELS, I2T_LABELS, T2I_LABELS):
             for mv in (True, False):
-                sig = {"x_ptr": f"*{tdt}", "y_ptr": f"*{tdt}", "p_ptr": f"*{tdt}", "lab_ptr": "*i64",
+                sig = {"x_ptr": f"*{tdt}", "y_ptr": f"*{tdt}", "d_ptr": "*fp32", "lab_ptr": "*i64",
                        "part_val_ptr": "*fp32", "part_aux_ptr": "*i32" if mv else "*fp32",
                        "R": "i32", "C": "i32", "D": "i32", "COLS_PER_SPLIT": "i32",
                        "stride_xr": "i32", "stride_xd": "constexpr", "stride_yr": "i32", "stride_yd": "constexpr",
-                       "stride_pr": "i32", "stride_pd": "constexpr", "margin": "fp32",
-                       "LABEL_MODE": "constexpr", "MAX_VIOLATION": "constexpr", "TF32X3": "constexpr",
-                       "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "BLOCK_D": "constexpr",
-                       "DOT_BLOCK_D": "constexpr"}
-                consts = {"stride_xd": 1, "stride_yd": 1, "stride_pd": 1, "LABEL_MODE": mode,
-                          "MAX_VIOLATION": mv, "DOT_BLOCK_D": _DOT_BLOCK_D, **prec, **blocks}
+                       "margin": "fp32", "LABEL_MODE": "constexpr", "MAX_VIOLATION": "constexpr",
+                       "TF32X3": "constexpr", "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr",
+                       "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
+                consts = {"stride_xd": 1, "stride_yd": 1, "LABEL_MODE": mode, "MAX_VIOLATION": mv, **prec, **blocks}
                 specs.append(_spec(f"contrastive_fwd-{tdt}-L{mode}-{'vsepp' if mv else 'vse0'}",
                                    _contrastive_fwd_kernel, sig, consts, st.num_warps, st.num_stages, tc))
             for both in ((False, True) if mode == NO_LABELS else (False,)):
@@ -1017,39 +1133,41 @@ def compile_specializations() -> list:
         sig = {"mask_ptr": "*i32", "g_ptr": f"*{tdt}", "ROW0": "i32", "ROWS": "i32", "B": "i32", "W": "i32",
                "stride_gr": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
         specs.append(_spec(f"contrastive_vse0_unpack-{tdt}", _contrastive_vse0_unpack_kernel, sig,
-                           {"BLOCK_R": st.BLOCK_R, "BLOCK_C": st.BLOCK_C}, 4, 1, False))
+                           {"BLOCK_R": st.BLOCK_M, "BLOCK_C": st.BLOCK_DB}, st.elem_warps, 1, False))
         for mv in (True, False):
             mode_name = "vsepp" if mv else "vse0"
             sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "loss_ptr": "*fp32", "val_ptr": "*fp32",
                    "aux_ptr": "*i32" if mv else "*fp32", "a_ptr": f"*{tdt}", "B": "i32", "D": "i32", **strides,
                    "margin": "fp32", "scale": "fp32", "MAX_VIOLATION": "constexpr", "TF32X3": "constexpr",
                    "INTERP_BF16": "constexpr", "BLOCK_B": "constexpr", "BLOCK_D": "constexpr",
-                   "DOT_BLOCK_D": "constexpr"}
+                   "DOT_BLOCK_D": "constexpr", "ROW_PARTS": "constexpr"}
             consts = {**unit, "MAX_VIOLATION": mv, **prec, "BLOCK_B": st.SMALL_B, "BLOCK_D": st.SMALL_BLOCK_D,
-                      "DOT_BLOCK_D": _DOT_BLOCK_D}
+                      "DOT_BLOCK_D": _DOT_BLOCK_D, "ROW_PARTS": st.small_row_parts}
             specs.append(_spec(f"contrastive_small_fwd-{tdt}-{mode_name}", _contrastive_small_fwd_kernel, sig,
                                consts, st.small_warps, st.num_stages, tc))
         sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "a_ptr": f"*{tdt}", "g_ptr": "*fp32", "dim_ptr": f"*{tdt}",
                "ds_ptr": f"*{tdt}", "B": "i32", "D": "i32", **strides, "scale": "fp32", "TF32X3": "constexpr",
-               "INTERP_BF16": "constexpr", "BLOCK_B": "constexpr", "BLOCK_D": "constexpr"}
-        consts = {**unit, **prec, "BLOCK_B": st.SMALL_B, "BLOCK_D": st.SMALL_BLOCK_D}
+               "INTERP_BF16": "constexpr", "BLOCK_B": "constexpr", "BLOCK_D": "constexpr", "BLOCK_K": "constexpr"}
+        consts = {**unit, **prec, "BLOCK_B": st.SMALL_B, "BLOCK_D": st.SMALL_BLOCK_D, "BLOCK_K": st.SMALL_BLOCK_K}
         specs.append(_spec(f"contrastive_small_bwd-{tdt}", _contrastive_small_bwd_kernel, sig, consts,
-                           st.small_warps, 1, tc))
-        sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "d_ptr": "*fp32", "B": "i32", "D": "i32", **strides,
-               "BLOCK_M": "constexpr", "DOT_BLOCK_D": "constexpr"}
-        specs.append(_spec(f"contrastive_diag-{tdt}", _contrastive_diag_kernel, sig,
-                           {**unit, "BLOCK_M": st.BLOCK_M, "DOT_BLOCK_D": _DOT_BLOCK_D}, 4, 1, False))
+                           st.small_warps, st.num_stages, tc))
+        for has_labels in (False, True):
+            sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "lab_ptr": "*i64", "d_ptr": "*fp32", "M": "i32",
+                   "D": "i32", **strides, "HAS_LABELS": "constexpr", "BLOCK_M": "constexpr", "DOT_BLOCK_D": "constexpr"}
+            consts = {**unit, "HAS_LABELS": has_labels, "BLOCK_M": st.BLOCK_M, "DOT_BLOCK_D": _DOT_BLOCK_D}
+            specs.append(_spec(f"contrastive_diag-{tdt}{'-lab' if has_labels else ''}", _contrastive_diag_kernel,
+                               sig, consts, st.elem_warps, 1, False))
         for mm_dt in sorted({tdt, "fp32"}):  # mm_ds of one chunk (input dtype) or of several (fp32)
             sig = {"mm_dim_ptr": f"*{tdt}", "mm_ds_ptr": f"*{mm_dt}", "im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}",
                    "cnt_ptr": "*fp32", "g_ptr": "*fp32", "dim_ptr": f"*{tdt}", "ds_ptr": f"*{tdt}",
                    "B": "i32", "D": "i32", **strides, "scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_DB": "constexpr"}
             specs.append(_spec(f"contrastive_vse0_epilogue-{tdt}-mmds_{mm_dt}", _contrastive_vse0_epilogue_kernel,
-                               sig, {**unit, "BLOCK_M": st.BLOCK_M, "BLOCK_DB": st.BLOCK_DB}, 4, 1, False))
+                               sig, {**unit, "BLOCK_M": st.BLOCK_M, "BLOCK_DB": st.BLOCK_DB}, st.elem_warps, 1, False))
         for has_labels in (False, True):
             for mv in (True, False):
                 for n_terms in (1, 2):
-                    # labels None with both terms is the "fused" path: VSE0 reads d there (LOAD_D)
-                    for load_d in ((not has_labels and n_terms == 2 and not mv),):
+                    # VSE0 reads the d that the diag kernel wrote before the tile kernels (LOAD_D)
+                    for load_d in (not mv,):
                         sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "lab_ptr": "*i64", "part_val_ptr": "*fp32",
                                "part_aux_ptr": "*i32" if mv else "*fp32", "val_ptr": "*fp32",
                                "aux_ptr": "*i32" if mv else "*fp32", "d_ptr": "*fp32",
@@ -1062,7 +1180,7 @@ def compile_specializations() -> list:
                         specs.append(_spec(
                             f"contrastive_combine-{tdt}-{'lab' if has_labels else 'diag'}-T{n_terms}-"
                             f"{'vsepp' if mv else 'vse0'}{'-loadd' if load_d else ''}",
-                            _contrastive_combine_kernel, sig, consts, 4, 1, False))
+                            _contrastive_combine_kernel, sig, consts, st.elem_warps, 1, False))
             for i2t, t2i in ((True, True), (True, False), (False, True)):
                 sig = {"im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}", "lab_ptr": "*i64", "val_ptr": "*fp32",
                        "idx_ptr": "*i32", "g_ptr": "*fp32", "dim_ptr": "*fp32", "ds_ptr": "*fp32",
@@ -1073,7 +1191,7 @@ def compile_specializations() -> list:
                           "HAS_T2I": t2i, "BLOCK_M": st.BLOCK_M, "BLOCK_DB": st.BLOCK_DB}
                 terms = "both" if i2t and t2i else ("i2t" if i2t else "t2i")
                 specs.append(_spec(f"contrastive_vsepp_bwd-{tdt}-{'lab' if has_labels else 'diag'}-{terms}",
-                                   _contrastive_vsepp_bwd_kernel, sig, consts, 4, 1, False))
+                                   _contrastive_vsepp_bwd_kernel, sig, consts, st.elem_warps, 1, False))
     return specs
 
 
