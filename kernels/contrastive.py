@@ -398,17 +398,16 @@ def _contrastive_fused_fwd_kernel(
             run_sum += tl.sum(tl.where(m_act, b_h, 0.0), axis=1)
             run_cnt += tl.sum(m_act.to(tl.float32), axis=1)
             b_dc = tl.load(d_ptr + o_c, mask=m_c, other=0.0)  # [BC]
+            b_h = margin + b_t - b_dc[None, :]  # t2i hinges: T dies here
+            m_col = b_h > 0
             if SAVE_MASK:  # between the two reductions: fewest tiles live at once
-                b_bits = m_act.to(tl.int32) | (((margin + b_t - b_dc[None, :]) > 0).to(tl.int32) << 1)
-                b_bits = b_bits << (2 * (tl.arange(0, BLOCK_C) % 16))[None, :]
+                b_bits = (m_act.to(tl.int32) | (m_col.to(tl.int32) << 1)) << (2 * (tl.arange(0, BLOCK_C) % 16))[None, :]
                 b_words = tl.sum(tl.reshape(b_bits, (BLOCK_R, BLOCK_C // 16, 16)), axis=2)  # disjoint bits: sum = or
                 o_w = c0 // 16 + tl.arange(0, BLOCK_C // 16)
                 p_w = mask_ptr + (o_r[:, None] * W + o_w[None, :])  # int32: B * W <= SAVED_MASK_MAX_BYTES / 4
                 tl.store(p_w, b_words, mask=m_r[:, None] & (o_w < W)[None, :])
-            b_h = margin + b_t - b_dc[None, :]
-            m_act = b_h > 0
-            tl.store(part_val_ptr + p_col + o_c, tl.sum(tl.where(m_act, b_h, 0.0), axis=0), mask=m_c)
-            tl.store(part_aux_ptr + p_col + o_c, tl.sum(m_act.to(tl.float32), axis=0), mask=m_c)
+            tl.store(part_val_ptr + p_col + o_c, tl.sum(tl.where(m_col, b_h, 0.0), axis=0), mask=m_c)
+            tl.store(part_aux_ptr + p_col + o_c, tl.sum(m_col.to(tl.float32), axis=0), mask=m_c)
 
     o_out = i_s.to(tl.int64) * B + o_r
     if MAX_VIOLATION:
@@ -855,6 +854,17 @@ def contrastive_small_bwd(grad_loss, im, s, A, scale: float, settings: LossSetti
     return dim, ds
 
 
+def _fused_block_c(settings: LossSettings, max_violation: bool, save_mask: bool) -> int:
+    """Columns per tile of the fused forward. VSE0 keeps both hinge reductions of a tile live: 32 for
+    fp32 (3xTF32) VSE0 and 64 for 16-bit VSE0 that also packs the mask; with the full tile ptxas
+    spilled 8 B per thread there (sm_80 fp32, sm_90 16-bit; the contiguous, 16-aligned builds)."""
+    if max_violation:
+        return settings.BLOCK_C
+    if settings.tf32x3:
+        return min(settings.BLOCK_C, 32)
+    return min(settings.BLOCK_C, 64) if save_mask else settings.BLOCK_C
+
+
 def _fused_fwd(im, s, margin, max_violation, scale, settings, save_mask):
     """"fused" path forward (labels None, both terms): [diag kernel (VSE0)] + fused tile kernel + combine.
     Returns (val, aux, d, mask): mask = the packed active hinges (VSE0 with save_mask, when at most
@@ -869,9 +879,10 @@ def _fused_fwd(im, s, margin, max_violation, scale, settings, save_mask):
         _diag(im, s, None, d, settings)
     part_val = torch.empty((splits + row_blocks, B), dtype=torch.float32, device=dev)
     part_aux = torch.empty((splits + row_blocks, B), dtype=aux_dtype, device=dev)
-    cols_per_split = triton.cdiv(triton.cdiv(B, settings.BLOCK_C), splits) * settings.BLOCK_C
     words = triton.cdiv(B, 16)
     save_mask = save_mask and not max_violation and B * words * 4 <= SAVED_MASK_MAX_BYTES
+    block_c = _fused_block_c(settings, max_violation, save_mask)
+    cols_per_split = triton.cdiv(triton.cdiv(B, block_c), splits) * block_c
     mask = torch.empty((B, words), dtype=torch.int32, device=dev) if save_mask else part_val
     _contrastive_fused_fwd_kernel[(row_blocks, splits)](
         im, s, d, part_val, part_aux, mask,
@@ -879,7 +890,7 @@ def _fused_fwd(im, s, margin, max_violation, scale, settings, save_mask):
         im.stride(0), im.stride(1), s.stride(0), s.stride(1),
         margin,
         MAX_VIOLATION=max_violation, SAVE_MASK=save_mask, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
-        BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
+        BLOCK_R=settings.BLOCK_R, BLOCK_C=block_c, BLOCK_D=settings.BLOCK_D,
         num_warps=settings.num_warps, num_stages=settings.num_stages,
     )
     val, aux, d = _combine(im, s, None, part_val, part_aux, d, splits, row_blocks, 2, margin, max_violation, scale,
@@ -1127,7 +1138,8 @@ def compile_specializations() -> list:
                    "NUM_SPLITS": "i32", "W": "i32", **strides, "margin": "fp32", "MAX_VIOLATION": "constexpr",
                    "SAVE_MASK": "constexpr", "TF32X3": "constexpr", "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr",
                    "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
-            consts = {**unit, "MAX_VIOLATION": mv, "SAVE_MASK": save_mask, **prec, **blocks}
+            consts = {**unit, "MAX_VIOLATION": mv, "SAVE_MASK": save_mask, **prec, **blocks,
+                      "BLOCK_C": _fused_block_c(st, mv, save_mask)}
             specs.append(_spec(f"contrastive_fused_fwd-{tdt}-{mode_name}", _contrastive_fused_fwd_kernel, sig,
                                consts, st.num_warps, st.num_stages, tc))
         sig = {"mask_ptr": "*i32", "g_ptr": f"*{tdt}", "ROW0": "i32", "ROWS": "i32", "B": "i32", "W": "i32",

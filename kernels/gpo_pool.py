@@ -401,11 +401,15 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
 
 
 def _sort_warps(K: int, itemsize: int) -> tuple:
-    """(forward, backward) warps of the sort kernels: the fp32 backward's int64 keys at BLOCK_K 256
-    take 16 warps (8 spill registers on sm_90)."""
-    if itemsize == 4 and triton.next_power_of_2(K) == 256:
-        return _NUM_WARPS_FWD, 2 * _NUM_WARPS_BWD
-    return _NUM_WARPS_FWD, _NUM_WARPS_BWD
+    """(forward, backward) warps of the sort kernels. fp32 tiles of 64+ rows take twice the warps in
+    the forward, and the backward's int64 keys at BLOCK_K 128 and 256 too: with the defaults, ptxas
+    spilled 8-16 B per thread there (sm_80/sm_90, plain or 16-aligned builds)."""
+    block_k = max(_MIN_BLOCK_K, triton.next_power_of_2(K))
+    if itemsize != 4:
+        return _NUM_WARPS_FWD, _NUM_WARPS_BWD
+    fwd = 2 * _NUM_WARPS_FWD if block_k >= 64 else _NUM_WARPS_FWD
+    bwd = 2 * _NUM_WARPS_BWD if block_k in (128, 256) else _NUM_WARPS_BWD
+    return fwd, bwd
 
 
 def _block_k_buckets():

@@ -40,6 +40,11 @@ import triton.language as tl
 MAX_HIDDEN = 32
 _BLOCK_R = 16  # reverse-direction rows per program (tl.dot needs >= 16)
 _MIN_BLOCK_H = 16
+_NUM_WARPS = 8
+# The backward may use every register. Left to its own cap, ptxas stopped at 128 and spilled 8-16 B
+# (H32: sm_80 16-aligned on 4 warps, sm_80/sm_90 on 8); with 255 on 4 warps it spilled 24-40 B on sm_90.
+# 8 warps with this cap are spill-free everywhere; a table launch has only 1 + K / 16 programs.
+_BWD_MAXNREG = 255
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ def table_settings(hidden: int) -> TableSettings:
     if hidden > MAX_HIDDEN:
         raise ValueError(f"the Triton GPO table takes a GRU hidden size <= {MAX_HIDDEN}, got {hidden}")
     block_h = max(_MIN_BLOCK_H, triton.next_power_of_2(hidden))
-    return TableSettings(_BLOCK_R, block_h, 4)
+    return TableSettings(_BLOCK_R, block_h, _NUM_WARPS)
 
 
 @triton.jit
@@ -282,7 +287,7 @@ def gpo_table_bwd(gi, whh, bhh, out, grad_out, settings: TableSettings):
     dbhh_part = torch.empty((P, 3 * H), dtype=torch.float32, device=gi.device)
     _gpo_table_bwd_kernel[(P,)](
         gi, whh, bhh, out, grad_out, dgi, dwhh_part, dbhh_part, K, H,
-        BLOCK_R=settings.BLOCK_R, BLOCK_H=settings.BLOCK_H, num_warps=settings.num_warps,
+        BLOCK_R=settings.BLOCK_R, BLOCK_H=settings.BLOCK_H, num_warps=settings.num_warps, maxnreg=_BWD_MAXNREG,
     )
     d_gi = torch.stack((dgi[0], dgi[1:].sum(0)))
     d_whh = torch.stack((dwhh_part[0], dwhh_part[1:].sum(0)))
@@ -303,7 +308,10 @@ def compile_specializations() -> list:
         ):
             sig = {**{p: "*fp32" for p in ptrs}, "K": "i32", "H": "i32",
                    "BLOCK_R": "constexpr", "BLOCK_H": "constexpr"}
-            specs.append({"name": f"gpo_table_{name}-H{s.BLOCK_H}", "fn": fn,
-                          "signature": {a: sig[a] for a in fn.arg_names}, "constexprs": consts,
-                          "num_warps": s.num_warps, "num_stages": 1})
+            spec = {"name": f"gpo_table_{name}-H{s.BLOCK_H}", "fn": fn,
+                    "signature": {a: sig[a] for a in fn.arg_names}, "constexprs": consts,
+                    "num_warps": s.num_warps, "num_stages": 1}
+            if name == "bwd":
+                spec["maxnreg"] = _BWD_MAXNREG
+            specs.append(spec)
     return specs

@@ -1,5 +1,5 @@
-"""Every Triton kernel specialization builds for sm_90 and sm_80, without spills, and the
-similarity tiles of bf16/fp16 run on tensor cores. Needs no GPU: Triton compiles for a CUDA target
+"""Every Triton kernel specialization builds for sm_90 and sm_80, plain and 16-aligned, without spills,
+and the similarity tiles of bf16/fp16 run on tensor cores. Needs no GPU: Triton compiles for a CUDA target
 here and the wheel's cuobjdump reads the cubin (see vse_fast/compile_check.py)."""
 import json
 import os
@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from vse_fast.compile_check import ALIGNED_SUFFIX
 
 ARCHES = (90, 80)
 
@@ -37,7 +39,11 @@ def test_every_specialization_builds_for_every_arch(compile_results):
     declared = {r["name"]: set(r["only_arches"] or ARCHES) & set(ARCHES) for r in results}
     assert set(built) == {(n, a) for n, arches in declared.items() for a in arches}
     for arch in ARCHES:  # each arch still has a backward for every 16-bit network
-        assert sum(1 for n, a in built if a == arch and n.startswith("gpo_pool_net_bwd-bf16")) == 6
+        assert sum(1 for n, a in built if a == arch and n.startswith("gpo_pool_net_bwd-bf16")
+                   and not n.endswith(ALIGNED_SUFFIX)) == 6
+    # every specialization also as a contiguous, 16-aligned launch compiles it (vectorized accesses)
+    plain = {(n, a) for n, a in built if not n.endswith(ALIGNED_SUFFIX)}
+    assert {(n + ALIGNED_SUFFIX, a) for n, a in plain} == set(built) - plain
 
 
 def test_no_register_spills(compile_results):

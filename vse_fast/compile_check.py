@@ -7,7 +7,11 @@ specialization its launchers can choose (dtype, block-size bucket, mode flag, fo
 {"name", "fn" (the @triton.jit function), "signature" {arg: "*bf16"|"i32"|...|"constexpr"},
 "constexprs" {arg: value}, "num_warps", "num_stages", optional "tensor_cores": True when its tl.dot
 must compile to tensor-core instructions (HGMMA on sm_90, HMMA on sm_80), optional "arches": the
-only compute capabilities it is built for (a launcher picks it by capability).
+only compute capabilities it is built for (a launcher picks it by capability), optional "maxnreg" (the
+launch's register cap).
+Each spec is built twice: "plain" (no alignment known: what an odd D or an offset view compiles to)
+and "aligned" (name + "+aligned": every pointer and every specialized integer argument divisible by 16,
+what a contiguous launch with D, B multiples of 16 compiles to: vectorized accesses, other registers).
 This compiles each for CUDA targets with `triton.compile(ASTSource(...), target=GPUTarget(...))`
 and reads the cubin with the `cuobjdump` shipped in the Triton wheel: registers, shared memory,
 spills, and the count of tensor-core instructions (HGMMA on sm_90, HMMA) in the SASS. Spills show up as
@@ -91,20 +95,40 @@ def _sass(cubin_path: str) -> str:
     ).stdout
 
 
-def compile_spec(spec: dict, arch: int) -> CompileResult:
-    """Compile one specialization for sm_<arch> and read its resource usage and SASS."""
+ALIGNED_SUFFIX = "+aligned"
+
+
+def aligned_attrs(spec: dict) -> dict:
+    """ASTSource attrs of the aligned build: tt.divisibility 16 on every pointer argument and on every
+    integer argument the kernel lets Triton specialize (not in its do_not_specialize), as Triton's
+    launcher sets them when those values are multiples of 16."""
+    fn = spec["fn"]
+    skip = set(getattr(fn, "do_not_specialize", ()) or ())
+    attrs = {}
+    for index, (arg, kind) in enumerate(spec["signature"].items()):
+        if kind.startswith("*") or (kind in ("i32", "i64") and arg not in skip and index not in skip):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def compile_spec(spec: dict, arch: int, aligned: bool = False) -> CompileResult:
+    """Compile one specialization for sm_<arch> (aligned: with `aligned_attrs`) and read its resource
+    usage and SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    base = dict(name=spec["name"], arch=arch, num_warps=spec["num_warps"], num_stages=spec["num_stages"],
+    name = spec["name"] + (ALIGNED_SUFFIX if aligned else "")
+    base = dict(name=name, arch=arch, num_warps=spec["num_warps"], num_stages=spec["num_stages"],
                 needs_tensor_cores=bool(spec.get("tensor_cores", False)), only_arches=tuple(spec.get("arches", ())))
     try:
-        src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+        src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
+                        attrs=aligned_attrs(spec) if aligned else None)
         kernel = triton.compile(
             src,
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
+            options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+                     **({"maxnreg": spec["maxnreg"]} if spec.get("maxnreg") else {})},
         )
     except Exception as exc:  # reported per specialization, so one failure shows all the others too
         msg = f"{type(exc).__name__}: {exc}".strip().splitlines()
@@ -130,17 +154,19 @@ _FORKED_SPECS = []  # set before forking workers: jit functions are not picklabl
 
 
 def _compile_forked(job):
-    index, arch = job
-    return compile_spec(_FORKED_SPECS[index], arch)
+    index, arch, aligned = job
+    return compile_spec(_FORKED_SPECS[index], arch, aligned)
 
 
-def compile_all(arches=DEFAULT_ARCHES, specs=None, jobs=None):
-    """Compile every spec for every arch, in `jobs` forked worker processes (default: all cores)."""
+def compile_all(arches=DEFAULT_ARCHES, specs=None, jobs=None, variants=(False, True)):
+    """Compile every spec for every arch and variant (False: plain, True: aligned), in `jobs` forked
+    worker processes (default: all cores)."""
     specs = collect_specializations() if specs is None else specs
-    work = [(i, arch) for i in range(len(specs)) for arch in arches if arch in specs[i].get("arches", arches)]
+    work = [(i, arch, aligned) for i in range(len(specs)) for arch in arches
+            if arch in specs[i].get("arches", arches) for aligned in variants]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
-        return [compile_spec(specs[i], arch) for i, arch in work]
+        return [compile_spec(specs[i], arch, aligned) for i, arch, aligned in work]
     import multiprocessing
 
     _FORKED_SPECS[:] = specs
@@ -149,15 +175,15 @@ def compile_all(arches=DEFAULT_ARCHES, specs=None, jobs=None):
 
 
 def format_table(results) -> str:
-    head = f"{'specialization':<44} {'sm':>3} {'warps':>5} {'regs':>5} {'smem KB':>8} {'spill B':>7} {'HGMMA':>6} {'HMMA':>5}"
+    head = f"{'specialization':<52} {'sm':>3} {'warps':>5} {'regs':>5} {'smem KB':>8} {'spill B':>7} {'HGMMA':>6} {'HMMA':>5}"
     lines = [head, "-" * len(head)]
     for r in results:
         if r.error:
-            lines.append(f"{r.name:<44} {r.arch:>3}  ERROR {r.error[:80]}")
+            lines.append(f"{r.name:<52} {r.arch:>3}  ERROR {r.error[:80]}")
             continue
         flag = "" if r.tensor_core_ok else "  NO TENSOR CORES"
         lines.append(
-            f"{r.name:<44} {r.arch:>3} {r.num_warps:>5} {r.registers:>5} {r.shared_bytes / 1024:>8.1f} "
+            f"{r.name:<52} {r.arch:>3} {r.num_warps:>5} {r.registers:>5} {r.shared_bytes / 1024:>8.1f} "
             f"{r.spill_bytes:>7} {r.hgmma:>6} {r.hmma:>5}{flag}"
         )
     return "\n".join(lines)
@@ -169,8 +195,8 @@ def format_summary(results) -> str:
     groups = {}
     for r in results:
         groups.setdefault((r.name.split("-")[0], r.arch), []).append(r)
-    lines = ["| kernel | sm | specializations | registers | max shared KB | max spill bytes | tensor cores "
-             "(specs with HGMMA on sm_90 / HMMA on sm_80) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| kernel | sm | builds (plain + aligned) | registers | max shared KB | max spill bytes | tensor cores "
+             "(builds with HGMMA on sm_90 / HMMA on sm_80) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for (kernel, arch), rs in groups.items():
         built = [r for r in rs if not r.error]
         regs = f"{min(r.registers for r in built)}-{max(r.registers for r in built)}" if built else "error"
@@ -189,9 +215,14 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--markdown", action="store_true", help="also print a per-kernel summary table (README)")
+    parser.add_argument("--variants", default="plain,aligned", help="builds per spec: plain, aligned or both")
     args = parser.parse_args(argv)
     specs = [s for s in collect_specializations() if args.filter in s["name"]]
-    results = compile_all(tuple(args.arch or DEFAULT_ARCHES), specs, jobs=args.jobs)
+    names = [v for v in args.variants.split(",") if v]
+    if not names or set(names) - {"plain", "aligned"}:
+        parser.error(f"--variants takes plain and/or aligned, got {args.variants!r}")
+    variants = tuple(v == "aligned" for v in ("plain", "aligned") if v in names)
+    results = compile_all(tuple(args.arch or DEFAULT_ARCHES), specs, jobs=args.jobs, variants=variants)
     print(format_table(results))
     if args.markdown:
         print("\n" + format_summary(results))
