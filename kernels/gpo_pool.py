@@ -114,10 +114,7 @@ def pool_settings(K: int, D: int, impl: str = None, itemsize: int = 4) -> PoolSe
         columns = 2 if itemsize == 2 else 1
         block_d = min(16, triton.next_power_of_2(max(D, 1))) if _interpreting() else 32 * _NET_NUM_WARPS * columns
         return PoolSettings(block_k, block_d, _NET_NUM_WARPS, _NET_NUM_WARPS, impl=impl)
-    if impl == "rank":
-        warps, tile = (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD), _RANK_TILE
-    else:
-        warps, tile = _sort_warps(K, itemsize), _TILE
+    warps, tile = _tile_warps(impl, K, itemsize), (_RANK_TILE if impl == "rank" else _TILE)
     if _interpreting():
         return PoolSettings(max(2, triton.next_power_of_2(K)), min(16, triton.next_power_of_2(max(D, 1))),
                             *warps, impl=impl)
@@ -400,10 +397,12 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
     return grad_x, grad_w
 
 
-def _sort_warps(K: int, itemsize: int) -> tuple:
-    """(forward, backward) warps of the sort kernels. fp32 tiles of 64+ rows take twice the warps in
-    the forward, and the backward's int64 keys at BLOCK_K 128 and 256 too: with the defaults, ptxas
-    spilled 8-16 B per thread there (sm_80/sm_90, plain or 16-aligned builds)."""
+def _tile_warps(impl: str, K: int, itemsize: int) -> tuple:
+    """(forward, backward) warps of the "sort" and "rank" kernels. Sort: fp32 tiles of 64+ rows take
+    twice the warps in the forward, and the backward's int64 keys at BLOCK_K 128 and 256 too: with the
+    defaults, ptxas spilled 8-16 B per thread there (sm_80/sm_90, plain or 16-aligned builds)."""
+    if impl == "rank":
+        return _RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD
     block_k = max(_MIN_BLOCK_K, triton.next_power_of_2(K))
     if itemsize != 4:
         return _NUM_WARPS_FWD, _NUM_WARPS_BWD
@@ -434,8 +433,7 @@ def compile_specializations() -> list:
             for block_k in _block_k_buckets():
                 if impl == "rank" and block_k > RANK_MAX_K:
                     break
-                warps = _sort_warps(block_k, itemsize) if impl == "sort" else (_RANK_NUM_WARPS_FWD, _RANK_NUM_WARPS_BWD)
-                s = PoolSettings(block_k, tile // block_k, *warps, impl=impl)
+                s = PoolSettings(block_k, tile // block_k, *_tile_warps(impl, block_k, itemsize), impl=impl)
                 common = {"len_ptr": "*i32", "w_ptr": "*fp32", "K": "i32", "D": "i32", "Kw": "i32",
                           "stride_xb": "i32", "stride_xk": "i32", "stride_xd": "constexpr",
                           "stride_wb": "i32", "stride_wk": "constexpr",
