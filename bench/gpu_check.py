@@ -1,12 +1,14 @@
 """One-shot GPU check: correctness, timings and memory of every Triton kernel, one command.
 
-    python bench/gpu_check.py [--out bench/results] [--only gpo,loss,train]
+    python bench/gpu_check.py [--out bench/results] [--only gpo,loss,train,ddp,compile]
 
 Runs on one CUDA GPU in under 5 minutes (H100). Each section (bench/gpucheck_<name>.py, function
 `run(ctx) -> dict`) checks its kernels against a float64 reference on fresh random inputs and times
 them against the published re-implementation with CUDA events (triton.testing.do_bench, median).
 The card's copy bandwidth is measured in the same run so memory-bound kernels can be reported as a
-fraction of it. Prints a table and writes JSON to <out>/<date>-<gpu>.json.
+fraction of it. Prints a table and writes JSON to <out>/<date>-<gpu>.json, or to
+<out>/<date>-<gpu>-<sections>.json when --only names a subset (so two partial runs do not overwrite
+each other).
 """
 import argparse
 import datetime
@@ -25,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-SECTIONS = ("gpo", "loss", "train", "ddp")
+SECTIONS = ("gpo", "loss", "train", "ddp", "compile")
 
 
 class Context:
@@ -115,6 +117,10 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     args = parser.parse_args(argv)
+    names = [s for s in args.only.split(",") if s]
+    for name in names:
+        if name not in SECTIONS:
+            sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
 
@@ -137,11 +143,11 @@ def main(argv=None):
     print(f"{gpu}: copy bandwidth {ctx.copy_gbs:.0f} GB/s (read+write)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+    if set(names) != set(SECTIONS):
+        slug += "-" + "-".join(names)
     path = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}.json")
     failed = []
-    for name in [s for s in args.only.split(",") if s]:
-        if name not in SECTIONS:
-            sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+    for name in names:
         start = time.time()
         try:
             section = importlib.import_module(f"gpucheck_{name}")

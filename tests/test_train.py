@@ -41,7 +41,7 @@ def test_help_lists_the_options(capsys):
         train.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--data_path", "--resume", "--precision", "--local_negatives", "--max_steps", "torchrun"):
+    for option in ("--data_path", "--resume", "--precision", "--local_negatives", "--max_steps", "--compile", "torchrun"):
         assert option in out
 
 

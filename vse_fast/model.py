@@ -385,6 +385,17 @@ class VSEModel(nn.Module):
     def forward(self, images, img_lengths, captions, cap_lengths):
         return self.img_enc(images, img_lengths), self.txt_enc(captions, cap_lengths)
 
+    def compile_text_backbone(self, **compile_kwargs) -> None:
+        """Compile BERT in place with ``torch.compile`` (``nn.Module.compile``; dynamic shapes, as
+        caption lengths vary by batch). Parameter names, state dicts and checkpoints are unchanged.
+        The rest of the model stays eager: its few ops are our Triton kernels and a handful of
+        matmuls. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``, ``backend``)."""
+        bert = getattr(self.txt_enc, "bert", None)
+        if bert is None:
+            raise ValueError("compile_text_backbone compiles BERT; this model's text encoder is "
+                             f"{type(self.txt_enc).__name__}, which has no BERT")
+        bert.compile(**{"dynamic": True, **compile_kwargs})
+
     def param_groups(self, lr: float, bert_lr_factor: float = 0.1, weight_decay: float = 1e-4) -> list[dict]:
         """AdamW parameter groups as published: text (non-BERT) at lr, BERT at lr*bert_lr_factor,
         image encoder at lr, one weight decay. Parameters with requires_grad=False are left out."""

@@ -42,7 +42,7 @@ PUBLISHED_DEFAULTS = dict(
     precision=None, seed=0, workers=4, log_step=100, save_steps=1000, train_split="train",
     val_split="dev", test_split=None, eval_batch_size=128, local_negatives=False,
     feature_drop=0.2, token_aug=0.2, max_steps=None, text_model=None, bert_config=None,
-    vocab_file=None, data_path=None, device="auto", synthetic="image", synthetic_dir=None,
+    vocab_file=None, data_path=None, device="auto", synthetic="image", synthetic_dir=None, compile=False,
 )
 
 # The no-argument demo: a small model that trains on 2 CPU cores in about one minute. Its tiny BERT is
@@ -60,7 +60,7 @@ MODEL_KEYS = ("embed_size", "precomp_enc_type", "text_encoder", "no_imgnorm", "n
               "num_layers", "img_dim", "vocab_size", "text_model", "bert_config")
 # Options a resumed run may change (run control, not the optimisation it continues).
 RUN_KEYS = ("num_epochs", "max_steps", "run_dir", "device", "workers", "log_step", "save_steps",
-            "eval_batch_size", "progress", "gpo_backend", "loss_backend", "data_path", "test_split")
+            "eval_batch_size", "progress", "gpo_backend", "loss_backend", "data_path", "test_split", "compile")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "triton", "torch")
@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_step", type=int, help=f"log every N steps {d('log_step')}")
     g.add_argument("--eval_batch_size", type=int, help=f"evaluation batch size {d('eval_batch_size')}")
     g.add_argument("--device", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:1 [auto]")
+    g.add_argument("--compile", action=_Flag,
+                   help="compile BERT with torch.compile (dynamic shapes): fewer, fused kernels per step on a GPU; "
+                   "the first steps and the first evaluation pay the compilation (about a minute). Not "
+                   "inherited by --resume [off]")
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar: auto = when stderr is a terminal [auto]")
     return p
@@ -166,7 +170,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
                              "a resumed run keeps the model's shape")
             if key not in RUN_KEYS and key in cfg and cfg[key] != value and key not in MODEL_KEYS:
                 logger.warning("--%s %r overrides the resumed run's %r", key, value, cfg[key])
-        for key in ("max_steps", "device"):  # a stop point or device of the earlier run is not inherited
+        for key in ("max_steps", "device", "compile"):  # not inherited: the earlier run's stop point, device, compile
             cfg[key] = PUBLISHED_DEFAULTS[key]
         # A resumed run writes beside the checkpoint it resumes (which may have been moved or copied),
         # not to the directory recorded when it was written.
@@ -219,6 +223,9 @@ def _validate(cfg: dict, parser) -> None:
     if cfg.get("text_model") and cfg.get("bert_config"):
         parser.error("give --text_model (pretrained BERT weights) or --bert_config (a randomly initialised "
                      "BERT), not both: with both, the pretrained weights would not be loaded")
+    if cfg.get("compile") and cfg["text_encoder"] != "bert":
+        parser.error("--compile compiles the BERT text encoder; the GRU text encoder (--text_encoder gru) "
+                     "runs one cuDNN GRU and is not compiled")
     if not cfg.get("data_path"):
         return  # the synthetic dataset brings its BERT config and vocabulary
     if cfg["text_encoder"] == "bert" and not (cfg.get("text_model") or cfg.get("bert_config")):
@@ -435,6 +442,8 @@ class Trainer:
         else:
             self.model = build_model(model_options(cfg))
         self.model.to(self.device)
+        if cfg.get("compile"):
+            self.model.compile_text_backbone()
         self.train_set = data.PrecomputedDataset(
             data_path, cfg["train_split"], self.vocab, train=True, seed=cfg["seed"],
             feature_drop=cfg["feature_drop"], token_aug=cfg["token_aug"],
