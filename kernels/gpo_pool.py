@@ -54,6 +54,9 @@ _MIN_BLOCK_K = 16
 _TILE = 4096  # elements per program tile: BLOCK_K * BLOCK_D
 _NUM_WARPS_FWD = 4
 _NUM_WARPS_BWD = 8
+# Register cap of the sort forward at BLOCK_K >= 256. Left to itself, the ptxas of Triton 3.6 gave
+# three of those builds 48-96 registers and spilled one (8 B per thread); 3.9's stays below 128 anyway.
+_SORT_FWD_MAXNREG = 128
 KERNEL_ENV = "VSE_FAST_GPO_POOL_KERNEL"
 KERNEL_IMPLS = ("sort", "rank", "net")
 RANK_MAX_K = 64  # largest set size of the rank-counting kernels (K^2 compares per column)
@@ -76,6 +79,10 @@ class PoolSettings:
     num_warps_bwd: int
     num_stages: int = 1  # no pipelined loops
     impl: str = "sort"  # "sort", "rank" or "net" (module docstring)
+    maxnreg_fwd: int = None  # register cap of the forward (None: ptxas decides)
+
+    def fwd_launch_options(self) -> dict:
+        return {"maxnreg": self.maxnreg_fwd} if self.maxnreg_fwd else {}
 
 
 def _interpreting() -> bool:
@@ -119,7 +126,11 @@ def pool_settings(K: int, D: int, impl: str = None, itemsize: int = 4) -> PoolSe
         return PoolSettings(max(2, triton.next_power_of_2(K)), min(16, triton.next_power_of_2(max(D, 1))),
                             *warps, impl=impl)
     block_k = max(_MIN_BLOCK_K, triton.next_power_of_2(K))
-    return PoolSettings(block_k, tile // block_k, *warps, impl=impl)
+    return PoolSettings(block_k, tile // block_k, *warps, impl=impl, maxnreg_fwd=_fwd_maxnreg(impl, block_k))
+
+
+def _fwd_maxnreg(impl: str, block_k: int):
+    return _SORT_FWD_MAXNREG if impl == "sort" and block_k >= 256 else None
 
 
 @triton.jit
@@ -363,7 +374,7 @@ def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settin
         K, D, w.shape[1],
         *x.stride(), *w.stride(), *out.stride(),
         BLOCK_K=settings.BLOCK_K, BLOCK_D=settings.BLOCK_D, **_net_flags(settings, x, backward=False),
-        num_warps=settings.num_warps_fwd, num_stages=settings.num_stages,
+        num_warps=settings.num_warps_fwd, num_stages=settings.num_stages, **settings.fwd_launch_options(),
     )
     return out, settings
 
@@ -433,7 +444,8 @@ def compile_specializations() -> list:
             for block_k in _block_k_buckets():
                 if impl == "rank" and block_k > RANK_MAX_K:
                     break
-                s = PoolSettings(block_k, tile // block_k, *_tile_warps(impl, block_k, itemsize), impl=impl)
+                s = PoolSettings(block_k, tile // block_k, *_tile_warps(impl, block_k, itemsize), impl=impl,
+                                 maxnreg_fwd=_fwd_maxnreg(impl, block_k))
                 common = {"len_ptr": "*i32", "w_ptr": "*fp32", "K": "i32", "D": "i32", "Kw": "i32",
                           "stride_xb": "i32", "stride_xk": "i32", "stride_xd": "constexpr",
                           "stride_wb": "i32", "stride_wk": "constexpr",
@@ -444,11 +456,11 @@ def compile_specializations() -> list:
                 bwd_sig = {"x_ptr": f"*{tdt}", "gout_ptr": f"*{tdt}", "gx_ptr": f"*{tdt}", "gw_part_ptr": "*fp32",
                            "stride_gob": "i32", "stride_god": "constexpr",
                            "stride_gxb": "i32", "stride_gxk": "i32", "stride_gxd": "constexpr", **common}
-                for name, fn, sig, extra, num_warps in (
-                    ("fwd", fwd_fn, fwd_sig, {"stride_od": 1}, s.num_warps_fwd),
-                    ("bwd", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1}, s.num_warps_bwd),
+                for name, fn, sig, extra, num_warps, options in (
+                    ("fwd", fwd_fn, fwd_sig, {"stride_od": 1}, s.num_warps_fwd, s.fwd_launch_options()),
+                    ("bwd", bwd_fn, bwd_sig, {"stride_god": 1, "stride_gxd": 1}, s.num_warps_bwd, {}),
                 ):
-                    specs.append({
+                    specs.append({**options,
                         "name": f"{prefix}_{name}-{tdt}-K{s.BLOCK_K}-D{s.BLOCK_D}",
                         "fn": fn,
                         "signature": {a: sig[a] for a in fn.arg_names},
