@@ -17,7 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu_env.txt"
 
 # The one-shot check first: its JSON (correctness + timings + memory) is what a short lease must bring back.
-# It is written after every section; "compile" (BERT under torch.compile, about a minute) runs last.
+# It is written after every section; "compile" (BERT-base under torch.compile, compile time unknown
+# until measured) runs last, so a cut-off run loses only that section.
 # The two timeouts add up to 590 s, under the lent machine's 600 s per command.
 timeout ${CHECK_TIMEOUT:-420} python bench/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
 echo "gpu_check exit: ${PIPESTATUS[0]}"

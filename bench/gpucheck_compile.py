@@ -10,7 +10,8 @@ ok: the compiled step's loss is finite and the compiled fp32 eval-mode loss equa
 (rel 1e-3); a second caption length does not trigger a new compilation per length (dynamic shapes).
 The 2x target of the train step is reported (meets_speedup_target), as in section "train".
 Cost: the eval-mode forward compiles one graph (eval_compile_seconds), the first compiled training
-step BERT-base forward + backward (compile_seconds; about 30 s for the tiny CPU dry run). Runs last: a cut-off run keeps the others.
+step BERT-base forward + backward (compile_seconds; 8-28 s for the tiny setting in a CPU dry run).
+Runs last: a cut-off run keeps the other sections.
 """
 import time
 

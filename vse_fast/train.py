@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:1 [auto]")
     g.add_argument("--compile", action=_Flag,
                    help="compile BERT with torch.compile (dynamic shapes): fewer, fused kernels per step on a GPU; "
-                   "the first steps and the first evaluation pay the compilation (about a minute). Not "
-                   "inherited by --resume [off]")
+                   "the first training step and the first evaluation pay the compilation. Not inherited by "
+                   "--resume [off]")
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar: auto = when stderr is a terminal [auto]")
     return p
