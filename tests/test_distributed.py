@@ -6,6 +6,8 @@
   concatenated batch (VSE0 and VSE++; BatchNorm model in eval mode and a BN-free model in train mode,
   the two comparisons that are exact: train-mode BN uses per-rank batch statistics, see
   docs/distributed.md).
+- Gradient caching under DDP (chunks of 2 of each rank's 3 pairs, BN-free model): the same loss and
+  gradients as one process on the concatenated batch.
 - A 2-process torchrun training run stops at --max_steps, resumes in 1 process and ends where a
   1-process run ends.
 """
@@ -108,6 +110,7 @@ def _build(opts, bert_config):
 def _ddp_worker(rank, world, port, workdir):
     import torch.distributed as dist
 
+    from vse_fast.grad_cache import cached_backward, split_batch
     from vse_fast.train import compute_loss
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -136,6 +139,15 @@ def _ddp_worker(rank, world, port, workdir):
             local, _, _ = compute_loss(ddp.module, batch, ctx, margin=0.2, max_violation=max_violation,
                                        local_negatives=True)
             out[key + "/local_loss"] = local.detach()
+            if train_mode:  # gradient caching under DDP: no_sync on the first chunk, all-reduce on the last
+                model = _build(opts, inputs["bert_config"])
+                model.load_state_dict(inputs[f"{name}/state"])
+                ddp = torch.nn.parallel.DistributedDataParallel(model)
+                loss, _, _ = cached_backward(ddp, split_batch(batch, 2), torch.amp.GradScaler("cpu", enabled=False),
+                                             ctx, margin=0.2, max_violation=max_violation)
+                out[key + "/chunked_loss"] = vdist.all_reduce_sum(loss, ctx)
+                out[key + "/chunked_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None}
     torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
     del ddp, model  # the DDP wrapper holds the process group: release it before the teardown
     vdist.cleanup_distributed(ctx)
@@ -178,15 +190,19 @@ def test_ddp_global_negatives_match_single_process(tmp_path):
             loss.backward()
             key = f"{name}/mv{int(max_violation)}"
             for r in range(world):
-                torch.testing.assert_close(outs[r][key + "/loss"], loss.detach(), rtol=1e-5, atol=1e-6)
-                grads = outs[r][key + "/grads"]
                 expected = {p_name: p.grad for p_name, p in model.named_parameters() if p.grad is not None}
-                assert grads.keys() == expected.keys(), key
-                for p_name, grad in expected.items():
-                    # summation order differs (two halves + all-reduce): error relative to the largest entry,
-                    # as a sum over many tokens (an embedding row's gradient) can cancel to near zero
-                    atol = max(1e-6, 1e-5 * grad.abs().max().item())
-                    torch.testing.assert_close(grads[p_name], grad, rtol=1e-4, atol=atol, msg=f"{key} {p_name}")
+                # with --chunk_size 2 (local batches of 3: chunks of 2 + 1), BN-free train-mode model only
+                variants = ["", "chunked_"] if train_mode else [""]
+                for variant in variants:
+                    torch.testing.assert_close(outs[r][key + f"/{variant}loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+                    grads = outs[r][key + f"/{variant}grads"]
+                    assert grads.keys() == expected.keys(), key
+                    for p_name, grad in expected.items():
+                        # summation order differs (two halves + all-reduce): error relative to the largest
+                        # entry, as a sum over many tokens (an embedding row's gradient) can cancel to near 0
+                        atol = max(1e-6, 1e-5 * grad.abs().max().item())
+                        torch.testing.assert_close(grads[p_name], grad, rtol=1e-4, atol=atol,
+                                                   msg=f"{key} {variant}{p_name}")
                 # --local_negatives: the rank's own block only
                 b = n // world
                 sl = slice(r * b, (r + 1) * b)

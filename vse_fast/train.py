@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from vse_fast import distributed as vdist
+from vse_fast import grad_cache
 
 logger = logging.getLogger("vse_fast.train")
 
@@ -43,6 +44,7 @@ PUBLISHED_DEFAULTS = dict(
     val_split="dev", test_split=None, eval_batch_size=128, local_negatives=False,
     feature_drop=0.2, token_aug=0.2, max_steps=None, text_model=None, bert_config=None,
     vocab_file=None, data_path=None, device="auto", synthetic="image", synthetic_dir=None, compile=False,
+    chunk_size=None,
 )
 
 # The no-argument demo: a small model that trains on 2 CPU cores in about one minute. Its tiny BERT is
@@ -60,7 +62,8 @@ MODEL_KEYS = ("embed_size", "precomp_enc_type", "text_encoder", "no_imgnorm", "n
               "num_layers", "img_dim", "vocab_size", "text_model", "bert_config")
 # Options a resumed run may change (run control, not the optimisation it continues).
 RUN_KEYS = ("num_epochs", "max_steps", "run_dir", "device", "workers", "log_step", "save_steps",
-            "eval_batch_size", "progress", "gpo_backend", "loss_backend", "data_path", "test_split", "compile")
+            "eval_batch_size", "progress", "gpo_backend", "loss_backend", "data_path", "test_split", "compile",
+            "chunk_size")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "triton", "torch")
@@ -136,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_negatives", action=_Flag,
                    help="multi-process: each process uses only its own batch as negatives")
     g.add_argument("--seed", type=int, help=f"seed of initialisation, data order and augmentation {d('seed')}")
+    g.add_argument("--chunk_size", type=int,
+                   help="encode each process's batch in chunks of this many pairs (gradient caching: the "
+                   "loss and its negatives still span the whole batch; activations of one chunk in memory; "
+                   "about one extra forward per step). Dropout masks and BatchNorm statistics are then "
+                   "per chunk (see vse_fast/grad_cache.py) [off]")
 
     g = p.add_argument_group("run")
     g.add_argument("--run_dir", help="output directory [runs/<date-time>]")
@@ -190,6 +198,8 @@ def _validate(cfg: dict, parser) -> None:
     for key in positive:
         if cfg.get(key) is not None and cfg[key] < 1:
             parser.error(f"--{key} must be >= 1, got {cfg[key]}")
+    if cfg.get("chunk_size") is not None and cfg["chunk_size"] < 1:
+        parser.error(f"--chunk_size must be >= 1, got {cfg['chunk_size']}")
     for key in ("workers", "save_steps", "vse_mean_warmup_epochs", "lr_update"):
         if cfg.get(key) is not None and cfg[key] < 0:
             parser.error(f"--{key} must be >= 0, got {cfg[key]}")
@@ -314,10 +324,7 @@ def compute_loss(model, batch: dict, ctx: vdist.DistContext, *, margin: float, m
     Returns (loss, img_emb, cap_emb): loss is a 0-d fp32 tensor (reduction "sum"; the sum over
     ranks is the global-batch loss); embeddings (B_local, E). Backward ``loss * loss_scale(ctx)``.
     """
-    device_type = batch["images"].device.type
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        img_emb, cap_emb = model(batch["images"], batch["img_lengths"], batch["captions"], batch["cap_lengths"])
+    img_emb, cap_emb = grad_cache.encode(model, batch, precision)
     loss = vdist.global_contrastive_loss(
         img_emb.float(), cap_emb.float(), ctx, margin=margin, max_violation=max_violation,
         local_negatives=local_negatives, backend=loss_backend,
@@ -325,16 +332,23 @@ def compute_loss(model, batch: dict, ctx: vdist.DistContext, *, margin: float, m
     return loss, img_emb, cap_emb
 
 
-def train_step(model, batch: dict, optimizer, scaler, ctx: vdist.DistContext, *, margin: float,
+def train_step(model, batch, optimizer, scaler, ctx: vdist.DistContext, *, margin: float,
                max_violation: bool, grad_clip: float, precision: str = "fp32", local_negatives: bool = False,
                loss_backend: str = "auto", params=None):
     """One optimizer step on a (local) batch: forward, loss, backward (loss x world size, see
     vse_fast.distributed), gradient-norm clip (published: over all parameters), AdamW step.
+    ``batch`` is a dict, or a list of its chunks (``grad_cache.split_batch``: gradient caching).
     Returns (loss, img_emb) as tensors: no host synchronisation here."""
-    loss, img_emb, _ = compute_loss(model, batch, ctx, margin=margin, max_violation=max_violation,
-                                    local_negatives=local_negatives, precision=precision, loss_backend=loss_backend)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss * vdist.loss_scale(ctx)).backward()
+    if isinstance(batch, (list, tuple)):
+        loss, img_emb, _ = grad_cache.cached_backward(
+            model, batch, scaler, ctx, margin=margin, max_violation=max_violation, local_negatives=local_negatives,
+            precision=precision, loss_backend=loss_backend)
+    else:
+        loss, img_emb, _ = compute_loss(model, batch, ctx, margin=margin, max_violation=max_violation,
+                                        local_negatives=local_negatives, precision=precision,
+                                        loss_backend=loss_backend)
+        scaler.scale(loss * vdist.loss_scale(ctx)).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -545,7 +559,11 @@ class Trainer:
             if max_steps is not None and self.step >= max_steps and self.epoch_step < self.steps_per_epoch:
                 return False
             for batch in self._loader():
-                batch = _to_device(batch, self.device)
+                chunk = cfg.get("chunk_size")
+                if chunk and chunk < batch["images"].shape[0]:
+                    batch = [_to_device(c, self.device) for c in grad_cache.split_batch(batch, chunk)]
+                else:
+                    batch = _to_device(batch, self.device)
                 loss, img_emb = train_step(
                     self.ddp_model, batch, self.optimizer, self.scaler, ctx, margin=cfg["margin"],
                     max_violation=max_violation, grad_clip=cfg["grad_clip"], precision=self.precision,
