@@ -82,10 +82,11 @@ def make_published_step(model, batch, lr=5e-4):
 
 
 def make_our_step(model, batch, precision, lr=5e-4):
-    """vse_fast.train.train_step with the run's optimizer (fused AdamW on CUDA) and scaler."""
+    """vse_fast.train.train_step with the run's optimizer (fused AdamW on CUDA) and scaler. ``batch``:
+    a dict, or a list of chunks (gradient caching)."""
     from vse_fast.train import build_optimizer, train_step
 
-    device = batch["images"].device
+    device = (batch[0] if isinstance(batch, (list, tuple)) else batch)["images"].device
     optimizer = build_optimizer(model, dict(learning_rate=lr, bert_lr_factor=0.1, weight_decay=1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ctx = DistContext(device=device)

@@ -8,8 +8,9 @@ models give the same loss on the same weights (fp32, eval mode) and losses stay 
 our step makes a host synchronisation (torch.cuda.set_sync_debug_mode("error")) is reported with
 where it happened (not part of "ok": BERT from transformers may synchronise).
 Also timed with the opt-in sorting-network pool kernels (VSE_FAST_GPO_POOL_KERNEL=net: "*_net_pool").
-Diagnostics (not part of "ok"): a torch.profiler summary of our step (device busy vs wall time, top
-kernels) and the same step captured whole in one CUDA graph ("*_cuda_graph"): how much is host time.
+Diagnostics (not part of "ok"): the step with --chunk_size 32 (time, peak memory), a torch.profiler
+summary of our step (device busy vs wall time, top kernels) and the same step captured whole in one
+CUDA graph ("*_cuda_graph"): how much is host time.
 Runs in well under a minute on an H100 (plus the first build of the network kernels).
 """
 import torch
@@ -84,6 +85,24 @@ def _graphed_step_ms(ctx, model, batch, lr=5e-4):
         return {"cuda_graph_error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+def _chunked_step(ctx, model, batch, step_ours, chunk=32):
+    """Diagnostic (--chunk_size, gradient caching): our bf16 step on the same batch in chunks of 32
+    pairs against the unchunked step: time and peak memory beyond what is allocated before the step."""
+    from bench_train import make_our_step
+    from vse_fast.grad_cache import split_batch
+
+    try:
+        cpu = {k: v.cpu() for k, v in batch.items()}
+        chunks = [{k: v.to(ctx.device) for k, v in c.items()} for c in split_batch(cpu, chunk)]
+        step_chunked = make_our_step(model, chunks, "bf16")
+        step_chunked()
+        return {f"step_ms_ours_bf16_chunk{chunk}": round(ctx.bench(step_chunked, warmup=100, rep=500), 3),
+                "step_peak_extra_bytes_ours_bf16": ctx.peak_extra_memory(step_ours),
+                f"step_peak_extra_bytes_ours_bf16_chunk{chunk}": ctx.peak_extra_memory(step_chunked)}
+    except Exception as exc:  # a diagnostic: reported, never fails the section
+        return {"chunked_step_error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def run(ctx):
     device = ctx.device
     result = {"setting": "B=128, 36x2048 regions, BERT-base (random init), captions 8-32 tokens, VSE++"}
@@ -137,6 +156,7 @@ def run(ctx):
     with kernel_impl("net"):  # the opt-in sorting-network pool kernels (K <= 64), not yet the default
         ms_ours_net = ctx.bench(step_ours, warmup=100, rep=1000)
         gpo_ms_net, _ = _gpo_loss_ms(ctx, ours, batch)
+    result.update(_chunked_step(ctx, ours, batch, step_ours))
     finite = bool(torch.isfinite(step_ours()).item()) and bool(torch.isfinite(step_pub()).item())
     # where our step's time goes: the top kernels, and device busy vs wall time (launch-bound or not)
     result["profile_step_ours_bf16"] = ctx.profile(step_ours, steps=5, top=15)
