@@ -8,9 +8,9 @@ models give the same loss on the same weights (fp32, eval mode) and losses stay 
 our step makes a host synchronisation (torch.cuda.set_sync_debug_mode("error")) is reported with
 where it happened (not part of "ok": BERT from transformers may synchronise).
 Also timed with the opt-in sorting-network pool kernels (VSE_FAST_GPO_POOL_KERNEL=net: "*_net_pool").
-Diagnostics (not part of "ok"): the step with --chunk_size 32 (time, peak memory), a torch.profiler
-summary of our step (device busy vs wall time, top kernels) and the same step captured whole in one
-CUDA graph ("*_cuda_graph"): how much is host time.
+Diagnostics (not part of "ok"): the step with --chunk_size 32 and a B=2048 step with --chunk_size 128
+(time, peak memory); a torch.profiler summary of our step (device busy vs wall time, top kernels);
+the same step captured whole in one CUDA graph ("*_cuda_graph"): how much is host time.
 Runs in well under a minute on an H100 (plus the first build of the network kernels).
 """
 import torch
@@ -96,11 +96,32 @@ def _chunked_step(ctx, model, batch, step_ours, chunk=32):
         chunks = [{k: v.to(ctx.device) for k, v in c.items()} for c in split_batch(cpu, chunk)]
         step_chunked = make_our_step(model, chunks, "bf16")
         step_chunked()
-        return {f"step_ms_ours_bf16_chunk{chunk}": round(ctx.bench(step_chunked, warmup=100, rep=500), 3),
-                "step_peak_extra_bytes_ours_bf16": ctx.peak_extra_memory(step_ours),
-                f"step_peak_extra_bytes_ours_bf16_chunk{chunk}": ctx.peak_extra_memory(step_chunked)}
+        out = {f"step_ms_ours_bf16_chunk{chunk}": round(ctx.bench(step_chunked, warmup=100, rep=500), 3),
+               "step_peak_extra_bytes_ours_bf16": ctx.peak_extra_memory(step_ours),
+               f"step_peak_extra_bytes_ours_bf16_chunk{chunk}": ctx.peak_extra_memory(step_chunked)}
     except Exception as exc:  # a diagnostic: reported, never fails the section
         return {"chunked_step_error": f"{type(exc).__name__}: {exc}"[:300]}
+    out.update(_big_batch_step(ctx, model, cpu))
+    return out
+
+
+def _big_batch_step(ctx, model, cpu_batch, big=2048, chunk=128):
+    """Diagnostic: one step at a global batch of 2048 pairs (16 copies of the B=128 batch's rows with
+    their own images; hardest negatives over all 2048) with --chunk_size 128: time and peak memory."""
+    from bench_train import make_our_step
+    from vse_fast.grad_cache import split_batch
+
+    try:
+        reps = big // cpu_batch["images"].shape[0]
+        batch = {k: torch.cat([v] * reps) for k, v in cpu_batch.items()}
+        batch["images"] = batch["images"] + 0.01 * torch.randn_like(batch["images"])  # no duplicate pairs
+        chunks = [{k: v.to(ctx.device) for k, v in c.items()} for c in split_batch(batch, chunk)]
+        step = make_our_step(model, chunks, "bf16")
+        step()
+        return {f"step_ms_ours_bf16_B{big}_chunk{chunk}": round(ctx.bench(step, warmup=1, rep=3000), 1),
+                f"step_peak_extra_bytes_ours_bf16_B{big}_chunk{chunk}": ctx.peak_extra_memory(step)}
+    except Exception as exc:  # a diagnostic: reported, never fails the section
+        return {"big_batch_step_error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def run(ctx):
