@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.tiny_data import tiny_synthetic, write_tiny_bert_config
+from tests.tiny_data import random_batch, tiny_synthetic, write_tiny_bert_config
 from vse_fast import distributed as vdist
 from vse_fast.distributed import EpochBatchSampler, epoch_permutation
 
@@ -92,15 +92,6 @@ CASES = [
 ]
 
 
-def _make_batch(n, g):
-    k, d, t = 5, 16, 7
-    img_lengths = torch.randint(1, k + 1, (n,), generator=g)
-    images = torch.randn(n, k, d, generator=g) * (torch.arange(k) < img_lengths[:, None]).unsqueeze(-1)
-    cap_lengths = torch.randint(3, t + 1, (n,), generator=g)
-    captions = torch.randint(5, 40, (n, t), generator=g) * (torch.arange(t) < cap_lengths[:, None])
-    return dict(images=images, img_lengths=img_lengths, captions=captions, cap_lengths=cap_lengths)
-
-
 def _build(opts, bert_config):
     from vse_fast.model import build_model
 
@@ -160,7 +151,7 @@ def test_ddp_global_negatives_match_single_process(tmp_path):
     world, n = 2, 6
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     bert_config = write_tiny_bert_config(tmp_path / "bert.json")
-    inputs = {"bert_config": bert_config, "batch": _make_batch(n, g),
+    inputs = {"bert_config": bert_config, "batch": random_batch(n, g),
               "gather_x": torch.randn(world, 3, 4, generator=g),
               "gather_w": torch.randn(world, world * 3, 4, generator=g)}
     for name, opts, _ in CASES:

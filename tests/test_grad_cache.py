@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.tiny_data import tiny_synthetic, write_tiny_bert_config
+from tests.tiny_data import random_batch, tiny_synthetic, write_tiny_bert_config
 from vse_fast import grad_cache, train
 from vse_fast.distributed import DistContext, global_contrastive_loss
 from vse_fast.model import build_model
@@ -24,13 +24,7 @@ def _model(tmp_path, precomp_enc_type, dropout, seed=0):
 
 
 def _batch(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    k, d, t = 6, 16, 9
-    img_lengths = torch.randint(1, k + 1, (n,), generator=g)
-    images = torch.randn(n, k, d, generator=g) * (torch.arange(k) < img_lengths[:, None]).unsqueeze(-1)
-    cap_lengths = torch.randint(3, t + 1, (n,), generator=g)
-    captions = torch.randint(5, 40, (n, t), generator=g) * (torch.arange(t) < cap_lengths[:, None])
-    return dict(images=images, img_lengths=img_lengths, captions=captions, cap_lengths=cap_lengths)
+    return random_batch(n, torch.Generator().manual_seed(seed), max_set=6, max_caption=9)
 
 
 def _grads(model):

@@ -13,6 +13,19 @@ def write_tiny_bert_config(path, vocab_size=40, dropout=0.1) -> str:
     return str(path)
 
 
+def random_batch(n, generator, max_set=5, max_caption=7, img_dim=16):
+    """A collated batch of n random pairs (zero-padded, lengths >= 1 / >= 3, token ids 5..39):
+    images (n, max_set, img_dim), img_lengths, captions (n, max_caption), cap_lengths."""
+    import torch
+
+    k, t = max_set, max_caption
+    img_lengths = torch.randint(1, k + 1, (n,), generator=generator)
+    images = torch.randn(n, k, img_dim, generator=generator) * (torch.arange(k) < img_lengths[:, None]).unsqueeze(-1)
+    cap_lengths = torch.randint(3, t + 1, (n,), generator=generator)
+    captions = torch.randint(5, 40, (n, t), generator=generator) * (torch.arange(t) < cap_lengths[:, None])
+    return dict(images=images, img_lengths=img_lengths, captions=captions, cap_lengths=cap_lengths)
+
+
 def tiny_synthetic(root, seed):
     """A tiny synthetic image dataset (48/12/12 items, 5 captions each) under root/data:
     returns (data_path, vocab_size)."""
