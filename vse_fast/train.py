@@ -704,7 +704,9 @@ def main(argv=None) -> dict:
     except ValueError as err:  # a --device that does not exist here, or a bad torchrun environment
         parser.error(str(err))
     try:
-        return _run(cfg, args, ctx, saved_state, parser)
+        result = _run(cfg, args, ctx, saved_state, parser)
+        vdist.barrier(ctx)  # every rank done (rank 0's checkpoint written) before the group is torn down
+        return result
     except (DataError, CheckpointError) as err:  # they name the file (and line): no traceback needed
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     finally:
