@@ -54,7 +54,7 @@ def one_step(batch_size: int, chunk: int, device: str) -> dict:
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    loss, _ = train.train_step(model, step_batch, optimizer, scaler, DistContext(device=dev), margin=0.2,
+    loss, _, _ = train.train_step(model, step_batch, optimizer, scaler, DistContext(device=dev), margin=0.2,
                                max_violation=True, grad_clip=2.0, precision=precision)
     loss = float(loss.detach())
     seconds = time.perf_counter() - start

@@ -213,7 +213,7 @@ def comm_worker(rank: int, world: int, port: int, backend: str, cfg_dict: dict, 
         captions=torch.randn(cfg.b_local, cfg.cap_dim, generator=g), cap_lengths=ones).items()}
 
     def step(local_negatives: bool):
-        loss, _ = train_step(ddp, batch, optimizer, scaler, ctx, margin=0.2, max_violation=cfg.max_violation,
+        loss, _, _ = train_step(ddp, batch, optimizer, scaler, ctx, margin=0.2, max_violation=cfg.max_violation,
                              grad_clip=2.0, precision=cfg.precision, local_negatives=local_negatives)
         return loss
 

@@ -52,7 +52,7 @@ def _steps(model, batches):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses, graphs = [], []
     for batch in batches:
-        loss, _ = train.train_step(model, batch, optimizer, scaler, DistContext(), margin=0.2, max_violation=False,
+        loss, _, _ = train.train_step(model, batch, optimizer, scaler, DistContext(), margin=0.2, max_violation=False,
                                    grad_clip=2.0)
         losses.append(float(loss.detach()))
         graphs.append(_graphs())
