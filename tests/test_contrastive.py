@@ -107,6 +107,44 @@ def test_dropin_matches_published(B, D, max_violation):
             torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, float(b.abs().max())), rtol=1e-5)
 
 
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(margin="0.2"), TypeError, "margin must be a real number.*str '0.2'"),
+    (dict(margin=None), TypeError, "margin must be a real number.*NoneType"),
+    (dict(margin=True), TypeError, "margin must be a real number.*bool"),
+    (dict(margin=torch.ones(2)), TypeError, r"margin must be a real number, got a tensor of shape \(2,\)"),
+    (dict(margin=float("nan")), ValueError, "margin must be finite, got nan"),
+    (dict(margin=float("inf")), ValueError, "margin must be finite, got inf"),
+    (dict(max_violation="False"), TypeError, "max_violation must be a bool, got str 'False'"),
+    (dict(max_violation=1), TypeError, "max_violation must be a bool, got int 1"),
+    (dict(max_violation=None), TypeError, "max_violation must be a bool"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of .*'avg'"),
+    (dict(backend="cuda"), ValueError, "backend must be one of .*'cuda'"),
+], ids=["margin-str", "margin-None", "margin-bool", "margin-vector", "margin-nan", "margin-inf", "mv-str",
+        "mv-int", "mv-None", "reduction", "backend"])
+def test_dropin_constructor_validates(kw, exc, match):
+    """Checked at construction: a string max_violation is not read as truthy, "0.2" is no margin."""
+    with pytest.raises(exc, match=match):
+        ContrastiveLoss(None, **kw)
+
+
+def test_dropin_constructor_accepts_numeric_scalars():
+    import argparse
+
+    import numpy as np
+
+    im, s, _ = _inputs(6, 6, 5, torch.float32)
+    opt = argparse.Namespace(margin=0.2, max_violation=True)  # the published call
+    want = ContrastiveLoss(opt=opt, margin=opt.margin, max_violation=opt.max_violation)(im, s)
+    for margin, mv in ((torch.tensor(0.2), True), (np.float64(0.2), np.bool_(True))):
+        loss = ContrastiveLoss(None, margin, mv)
+        assert type(loss.margin) is float and loss.max_violation is True
+        torch.testing.assert_close(loss(im, s), want, atol=1e-6, rtol=1e-6)
+    loss = ContrastiveLoss(None, 0.2)
+    loss.max_violation = "yes"  # reassigned after construction: checked by contrastive_loss
+    with pytest.raises(TypeError, match="max_violation must be a bool"):
+        loss(im, s)
+
+
 def test_dropin_switches_and_defaults(capsys):
     im, s, _ = _inputs(9, 9, 5, torch.float32)
     ours, published = ContrastiveLoss(None), PublishedContrastiveLoss(None)
@@ -155,6 +193,36 @@ def test_torch_path_gradcheck(max_violation, positives):
     im, s, pos = _inputs(5, 8 if positives else 5, 4, torch.float64, positives=positives)
     assert torch.autograd.gradcheck(
         lambda a, b: contrastive_loss(a, b, 0.3, max_violation, positives=pos, backend="torch"), (im, s))
+
+
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("positives", [False, True], ids=["diag", "pos"])
+@pytest.mark.parametrize("terms", ["both", "i2t", "t2i"])
+def test_torch_path_gradgradcheck(max_violation, positives, terms):
+    """Double backward through the torch path is exact (its backward is differentiable torch ops)."""
+    im, s, pos = _inputs(4, 6 if positives else 4, 3, torch.float64, positives=positives)
+    assert torch.autograd.gradgradcheck(
+        lambda a, b: contrastive_loss(a, b, 0.5, max_violation, positives=pos, terms=terms, reduction="mean",
+                                      backend="torch"), (im, s))
+
+
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_torch_path_double_backward_16bit(dtype, max_violation):
+    """16-bit inputs: the second-order gradients equal the naive loss's on the same values in fp32
+    (the fp32 casts are made from the saved inputs, so they are part of the double-backward graph)."""
+    im, s, _ = _inputs(5, 5, 4, dtype)
+    v = torch.randn(5, 4)
+
+    def second_order(loss_fn):
+        gim, gs = torch.autograd.grad(loss_fn(im, s), (im, s), create_graph=True)
+        return torch.autograd.grad((gim.float() * v).sum() + (gs.float() * v).sum(), (im, s))
+
+    got = second_order(lambda a, b: contrastive_loss(a, b, 0.5, max_violation, backend="torch"))
+    want = second_order(lambda a, b: contrastive_loss_naive(a.float(), b.float(), 0.5, max_violation)[0])
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("max_violation", MODES)

@@ -110,6 +110,63 @@ def test_eval_cache_reused_and_invalidated():
     assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
 
 
+def test_eval_cache_misses_data_writes_until_clear_cache():
+    """Documented limit: `.data` writes keep the version counter the cache keys on; clear_cache()
+    drops the table (autograd-visible in-place writes are detected without it)."""
+    published, ours = make_pair()
+    features, lengths = torch.randn(4, 7, 5), random_lengths(4, 7)
+    ours.eval()
+    with torch.no_grad():
+        ours.pool(features, lengths)
+        builds = ours.table_builds
+        for p in ours.parameters():
+            p.data.mul_(0.5)
+        ours.pool(features, lengths)
+        assert ours.table_builds == builds, ".data writes are documented as not detected"
+        ours.clear_cache()
+        pooled = ours.pool(features, lengths)
+        assert ours.table_builds == builds + 1
+        published.load_state_dict(ours.state_dict())
+        assert rel_err(pooled, published(features, lengths)[0]) < 1e-5
+        ours.linear.weight.mul_(2.0)  # autograd-visible in-place write: detected
+        pooled = ours.pool(features, lengths)
+        assert ours.table_builds == builds + 2
+        published.load_state_dict(ours.state_dict())
+        assert rel_err(pooled, published(features, lengths)[0]) < 1e-5
+
+
+def test_eval_cache_built_under_autocast_is_the_fp32_table():
+    """The torch-path table is computed with autocast off: a table cached under CPU bf16 autocast
+    is the float32 table, and reusing it outside autocast gives the float32 results."""
+    published, ours = make_pair()
+    features, lengths = torch.randn(5, 8, 6), random_lengths(5, 8)
+    ours.eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, weights_autocast = ours(features, lengths)
+        pooled, weights = ours(features, lengths)
+        expected_pooled, expected_weights = published(features, lengths)
+    assert ours.table_builds == 1
+    assert weights_autocast.dtype == weights.dtype == torch.float32
+    assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
+    torch.testing.assert_close(weights_autocast, weights, rtol=0, atol=0)
+
+
+def test_empty_batch_forward_matches_pool():
+    """B = 0: forward returns (0, D) pooled and (0, 0, 1) weights, like pool / gpo_pool return (0, D)."""
+    features = torch.randn(0, 5, 3, requires_grad=True)
+    for module in (GPO(4, 3), GPO(4, 3).eval(), MaxPool(), AvgPool(), KMaxPool(2)):
+        for lengths in (torch.zeros(0, dtype=torch.long), torch.zeros(0)):
+            pooled, weights = module(features, lengths)
+            assert pooled.shape == (0, 3) and pooled.dtype == features.dtype
+            assert weights.shape == (0, 0, 1)
+            torch.testing.assert_close(module.pool(features, lengths), pooled)
+            (grad,) = torch.autograd.grad(pooled.sum(), features)
+            assert grad.shape == (0, 5, 3)
+    weights, mask = GPO(4, 3).compute_pool_weights(torch.zeros(0, dtype=torch.long))
+    assert weights.shape == mask.shape == (0, 0, 1) and mask.dtype == torch.bool
+
+
 def test_training_mode_never_caches():
     _, ours = make_pair()
     features, lengths = torch.randn(3, 6, 4), random_lengths(3, 6)
@@ -148,6 +205,9 @@ def test_gpo_input_errors():
         gpo(torch.randn(2, 4, 3), torch.tensor([5, 1]))
     with pytest.raises(ValueError, match="whole numbers"):
         gpo(torch.randn(2, 4, 3), torch.tensor([2.5, 1.0]))
+    for pool in (gpo, MaxPool(), AvgPool(), KMaxPool(2)):  # used to be an OverflowError from int(inf)
+        with pytest.raises(ValueError, match=r"lengths must hold finite whole numbers, got \[inf\]"):
+            pool(torch.randn(2, 4, 3), torch.tensor([float("inf"), 1.0]))
     with pytest.raises(ValueError, match=r"features must be \(B, K, D\)"):
         gpo.pool(torch.randn(4, 3), torch.tensor([2, 1]))
     with pytest.raises(ValueError, match="KMaxPool needs an integer k >= 1"):

@@ -365,6 +365,9 @@ def _valid():
     (lambda x, n, w: (x, torch.tensor([0, 2]), w), ValueError, r"in \[1, K=4\].*min 0"),
     (lambda x, n, w: (x, torch.tensor([5, 2]), w), ValueError, r"in \[1, K=4\].*max 5"),
     (lambda x, n, w: (x, torch.tensor([2.5, 2.0]), w), ValueError, "whole numbers"),
+    (lambda x, n, w: (x, torch.tensor([float("nan"), 2.0]), w), ValueError, r"lengths must hold finite.*\[nan\]"),
+    (lambda x, n, w: (x, torch.tensor([float("inf"), 2.0]), w), ValueError, r"lengths must hold finite.*\[inf\]"),
+    (lambda x, n, w: (x, torch.tensor([2.0, -float("inf")]), w), ValueError, r"lengths must hold finite.*\[-inf\]"),
     (lambda x, n, w: (x, n, w[:, :3]), ValueError, "Kw=3.*longest set 4"),
     (lambda x, n, w: (x.long(), n, w), TypeError, "features must be a floating-point.*torch.int64"),
     (lambda x, n, w: (x, n, w.long()), TypeError, "weights must be a floating-point"),
@@ -374,7 +377,7 @@ def _valid():
     (lambda x, n, w: (x[:, :0], n, w), ValueError, "empty set axis"),
     (lambda x, n, w: (x.to("meta"), n, w), ValueError, "one device.*features on meta"),
 ], ids=["features-rank", "lengths-rank", "weights-rank", "B-lengths", "B-weights", "length-0", "length-gt-K",
-        "fractional-length", "Kw-short", "int-features", "int-weights", "bool-lengths", "list-lengths",
+        "fractional-length", "nan-length", "inf-length", "neg-inf-length", "Kw-short", "int-features", "int-weights", "bool-lengths", "list-lengths",
         "no-weights", "K-0", "devices"])
 def test_validation_errors(mutate, error, match):
     with pytest.raises(error, match=match):
@@ -389,6 +392,16 @@ def test_backend_errors():
         gpo_pool(x.double(), n, w, backend="triton")
     with pytest.raises(ValueError, match="K <= 512, got K=513"):
         gpo_pool(torch.randn(1, 513, 2), torch.tensor([3]), torch.rand(1, 513), backend="triton")
+
+
+def test_double_backward_raises():
+    """The hand-written backward is not differentiable (its saved sorted values carry no graph):
+    a double backward raises instead of returning second-order gradients with terms missing."""
+    x, n, w = _valid()
+    x.requires_grad_(), w.requires_grad_()
+    (gx,) = torch.autograd.grad(gpo_pool(x, n, w, backend="torch").pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        gx.sum().backward()
 
 
 def test_validate_false_skips_only_value_checks():

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import requires_cuda
 from tests.published.model import build_published
+import vse_fast.model as vse_model
 from vse_fast.model import build_model, model_defaults, resolve_model_options
 
 transformers = pytest.importorskip("transformers")
@@ -201,6 +202,10 @@ def test_bert_from_local_directory_and_config_json(tmp_path):
     (dict(text_encoder="bert"), "text_model"),
     (dict(text_encoder="gru", vocab_size=None), "vocab_size"),
     (dict(embed_size=1, text_encoder="gru", vocab_size=9), "embed_size >= 2"),
+    (dict(no_imgnorm="false"), "no_imgnorm must be a bool.*'false'"),
+    (dict(no_txtnorm=1), "no_txtnorm must be a bool.*int 1"),
+    (dict(use_bi_gru="no"), "use_bi_gru must be a bool.*'no'"),
+    (dict(use_bi_gru=None), "use_bi_gru must be a bool.*None"),
 ])
 def test_option_validation(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -236,6 +241,43 @@ def test_input_validation():
         ours.encode_images(images, [4, 4, 4])
 
 
+@pytest.mark.parametrize("which,lengths,match", [
+    ("images", [4, 0, 2], r"img_lengths must hold whole numbers in \[1, K=4\].*\[0\]"),
+    ("images", [5, 3, 2], r"img_lengths .*\[1, K=4\].*\[5\]"),
+    ("images", [4.0, 2.5, 1.0], r"img_lengths .*\[2\.5\]"),
+    ("images", [4.0, float("nan"), float("inf")], r"img_lengths .*\[nan, inf\]"),
+    ("captions", [5, 0, 1], r"cap_lengths must hold whole numbers in \[1, T=5\].*\[0\]"),
+    ("captions", [6, 3, 1], r"cap_lengths .*\[1, T=5\].*\[6\]"),
+    ("captions", [5.0, 1.5, 1.0], r"cap_lengths .*\[1\.5\]"),
+], ids=["img-0", "img-gt-K", "img-fraction", "img-nonfinite", "cap-0", "cap-gt-T", "cap-fraction"])
+def test_length_values_are_checked(which, lengths, match):
+    """Bad lengths raise (they used to give zero embeddings, pool all K, truncate, or fail in gather)."""
+    _, ours = make_pair("gru")
+    images, _, captions, _ = make_batch(3, 4, 13, 5, 57)
+    with pytest.raises(ValueError, match=match):
+        if which == "images":
+            ours.encode_images(images, torch.tensor(lengths))
+        else:
+            ours.encode_captions(captions, torch.tensor(lengths))
+    with pytest.raises(TypeError, match="img_lengths must be an integer or float tensor"):
+        ours.encode_images(images, torch.tensor([True, True, True]))
+    with pytest.raises(ValueError, match="img_lengths must be on the images' device"):
+        ours.encode_images(images, torch.tensor([4, 1, 2], device="meta"))
+
+
+def test_length_checks_without_host_read_use_a_device_assert(monkeypatch):
+    """The CUDA branch (taken here on CPU tensors): good lengths, int or float, pass; a bad one
+    trips torch._assert_async, whose message names the argument."""
+    monkeypatch.setattr(vse_model, "_check_on_host", lambda t: False)
+    _, ours = make_pair("gru")
+    images, img_len, captions, cap_len = make_batch(3, 4, 13, 5, 57)
+    ours(images, img_len.float(), captions, cap_len)
+    with pytest.raises(RuntimeError, match=r"img_lengths must hold whole numbers in \[1, K=4\]"):
+        ours.encode_images(images, torch.tensor([4, 0, 1]))
+    with pytest.raises(RuntimeError, match=r"cap_lengths must hold whole numbers in \[1, T=5\]"):
+        ours.encode_captions(captions, torch.tensor([6, 1, 1]))
+
+
 def _is_packed_batch_sizes(t):
     """True for (a view of) a PackedSequence's batch_sizes, which lives on the host by design
     (pack_padded_sequence keeps it on the CPU even for CUDA data): reading it is no device sync."""
@@ -264,8 +306,11 @@ class _HostSyncDetector(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("kind,attn", [("gru", None), ("bert", "sdpa"), ("bert", "eager")])
-def test_forward_backward_without_host_sync(kind, attn):
-    """No value copied to the host in forward or backward (CPU check of what CUDA would sync on)."""
+def test_forward_backward_without_host_sync(kind, attn, monkeypatch):
+    """No value copied to the host in forward or backward (CPU check of what CUDA would sync on).
+    The length checks take their CUDA branch (device-side assert) as on a GPU: CPU tensors are
+    otherwise checked on the host, which is free for them."""
+    monkeypatch.setattr(vse_model, "_check_on_host", lambda t: False)
     _, ours = make_pair(kind)
     if kind == "bert":
         ours.txt_enc.bert.config._attn_implementation = attn

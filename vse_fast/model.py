@@ -103,6 +103,10 @@ def _validate_options(o: dict) -> None:
         value = o[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"model option {key} must be a positive int, got {value!r}")
+    for key in ("no_imgnorm", "no_txtnorm", "use_bi_gru"):
+        value = o[key]
+        if not isinstance(value, bool):  # a string such as "false" would be truthy
+            raise ValueError(f"model option {key} must be a bool (True/False), got {type(value).__name__} {value!r}")
     if o["precomp_enc_type"] not in PRECOMP_ENC_TYPES:
         raise ValueError(f"precomp_enc_type must be one of {PRECOMP_ENC_TYPES}, got {o['precomp_enc_type']!r}")
     if o["precomp_enc_type"] == "basic" and o["embed_size"] < 2:
@@ -144,8 +148,31 @@ def _gpo_pool(gpool: nn.Module, features: torch.Tensor, lengths: torch.Tensor, b
     return gpo_pool(features, n, gpool.coefficients(n, features.shape[1]), backend=backend, validate=False)
 
 
+def _check_on_host(t: torch.Tensor) -> bool:
+    """Whether values of `t` may be read on the host: CPU tensors yes (no sync), CUDA tensors no."""
+    return not t.is_cuda
+
+
+def _check_length_values(lengths: torch.Tensor, longest: int, name: str, axis: str) -> None:
+    """Every entry of `lengths` (B,) must be a whole number in [1, longest] (NaN/inf fail);
+    `longest` = the padded size, named `axis` in the messages.
+    CPU tensors: a ValueError naming the first offending values. CUDA tensors: no host sync, a
+    device-side assert (as contrastive_loss does for positives): a bad value fails at a later
+    synchronisation with this message and ends the CUDA context. A few elementwise ops on (B,)."""
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"{name} must be an integer or float tensor, got {lengths.dtype}")
+    n = lengths.detach()
+    ok = (n >= 1) & (n <= longest)
+    if n.is_floating_point():
+        ok &= n == n.round()
+    if not _check_on_host(n):
+        torch._assert_async(ok.all(), f"{name} must hold whole numbers in [1, {axis}={longest}]")
+    elif not bool(ok.all()):
+        raise ValueError(f"{name} must hold whole numbers in [1, {axis}={longest}] ({axis} = the padded "
+                         f"size), got {n[~ok][:5].tolist()}")
+
+
 def _check_sets(images: torch.Tensor, lengths: torch.Tensor, img_dim: int) -> None:
-    # Metadata only: range checks of `lengths` would need its values on the host (a sync).
     if not isinstance(images, torch.Tensor) or not isinstance(lengths, torch.Tensor):
         raise TypeError(f"images and img_lengths must be tensors, got {type(images).__name__} and "
                         f"{type(lengths).__name__}")
@@ -156,6 +183,9 @@ def _check_sets(images: torch.Tensor, lengths: torch.Tensor, img_dim: int) -> No
         raise ValueError(f"images have feature size {images.shape[-1]}, the model expects img_dim={img_dim}")
     if lengths.dim() != 1 or lengths.shape[0] != images.shape[0]:
         raise ValueError(f"img_lengths must have shape ({images.shape[0]},), got {tuple(lengths.shape)}")
+    if lengths.device != images.device:
+        raise ValueError(f"img_lengths must be on the images' device {images.device}, got {lengths.device}")
+    _check_length_values(lengths, images.shape[1], "img_lengths", "K")
 
 
 def _check_captions(captions: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -167,6 +197,9 @@ def _check_captions(captions: torch.Tensor, lengths: torch.Tensor) -> None:
                          f"{tuple(captions.shape)} dtype {captions.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != captions.shape[0]:
         raise ValueError(f"cap_lengths must have shape ({captions.shape[0]},), got {tuple(lengths.shape)}")
+    if lengths.device != captions.device:
+        raise ValueError(f"cap_lengths must be on the captions' device {captions.device}, got {lengths.device}")
+    _check_length_values(lengths, captions.shape[1], "cap_lengths", "T")
 
 
 class MLP(nn.Module):
@@ -361,7 +394,8 @@ class VSEModel(nn.Module):
 
     forward(images (B, K, img_dim) float, img_lengths (B,), captions (B, T) int64, cap_lengths (B,))
     -> (img_emb (B, embed) fp32, cap_emb (B, embed) fp32), L2-normalised unless no_imgnorm/no_txtnorm.
-    No host synchronisation. ``opt`` holds the resolved model options (plain types, incl. the BERT
+    No host synchronisation. The length values are checked (whole numbers in [1, K] / [1, T]): a
+    ValueError for CPU tensors, a device-side assert (no sync) for CUDA tensors. ``opt`` holds the resolved model options (plain types, incl. the BERT
     config as ``bert_config_dict``): store it in checkpoints, ``build_model(opt)`` rebuilds the model.
 
     Example::

@@ -18,9 +18,10 @@ computed once per size, never per sample, by one of two table backends (`table_b
 * ``coefficients`` / ``pool`` (no host sync; used by our encoders): a table over every size 1..K
   (K = features.shape[1], a Python int), gathered by length on the device.
 
-In eval mode, when no gradient to the parameters is needed, the table is cached and reused until
-a parameter changes (in-place update: optimizer step, load_state_dict) or its storage, device or
-dtype changes.
+In eval mode, when no gradient to the parameters is needed, the table is cached (see GPO for what
+invalidates it; `GPO.clear_cache()` drops it). Tables are computed with autocast disabled (in the
+parameters' dtype on the torch path, float32 on the Triton path): a table built under autocast is
+the same table as outside it (the pool consumes the weights in float32 either way).
 """
 import math
 
@@ -50,6 +51,11 @@ def _lengths_as_long(lengths: torch.Tensor) -> torch.Tensor:
     return lengths.detach() if lengths.dtype == torch.long else lengths.detach().to(torch.long)
 
 
+def _longest(n: torch.Tensor) -> int:
+    """max(n) read on the host (a sync); 0 for an empty batch."""
+    return int(n.max()) if n.numel() else 0
+
+
 class _SortedPool(nn.Module):
     """Shared forward / pool of the pools over sorted features; subclasses define `coefficients`."""
 
@@ -58,11 +64,11 @@ class _SortedPool(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor):
         """features (B, K, D), lengths (B,) int or float (whole numbers, 1..K, any order).
-        Returns (pooled (B, D) in features.dtype, weights (B, L, 1)), L = max(lengths).
+        Returns (pooled (B, D) in features.dtype, weights (B, L, 1)), L = max(lengths) (0 when B = 0).
         Validates lengths on the host (one sync), like the published module."""
         check_gpo_pool_inputs(features, lengths, validate=True)
         n = _lengths_as_long(lengths)
-        longest = int(n.max())
+        longest = _longest(n)
         weights = self.coefficients(n, longest)
         pooled = gpo_pool(features, n, weights, validate=False)
         return pooled, weights.unsqueeze(-1)
@@ -84,6 +90,16 @@ class GPO(_SortedPool):
 
     forward(features (B, K, D), lengths (B,)) -> (pooled (B, D), weights (B, L, 1)), L = max(lengths).
     pool(features, lengths) -> pooled (B, D), without host syncs.
+
+    Eval-mode table cache: in eval mode with no gradient to the parameters needed, the coefficient
+    table is kept and reused. It is keyed on table_backend and each parameter's device, dtype,
+    storage and version counter, so it is rebuilt after any change made through autograd-visible
+    in-place ops (``p.mul_()`` under no_grad, ``p.detach().copy_()``, ``nn.init.*``), optimizer
+    steps, ``load_state_dict``, moving or casting the module (``.to``, ``.double()``) or assigning a
+    new parameter. Training mode never uses the cache (``train()`` / ``eval()`` switch it off / on).
+    NOT detected: writes through ``p.data`` (``p.data.mul_()``, ``p.data.copy_()``: ``.data`` has its
+    own version counter) or through memory shared outside torch (numpy views): call
+    ``clear_cache()`` after such writes.
     """
 
     def __init__(self, d_pe: int = 32, d_hidden: int = 32, *, table_backend: str = "auto"):
@@ -114,8 +130,10 @@ class GPO(_SortedPool):
         One packed bidirectional GRU call over the S prefixes pe[0..n-1] (sizes known on the host:
         no device sync)."""
         self.table_builds += 1
-        pe = self._positional_encoding(longest, self.linear.weight.device)
-        return torch_coefficient_table(pe, self.gru, self.linear.weight, sizes, device_sizes)
+        device = self.linear.weight.device
+        pe = self._positional_encoding(longest, device)
+        with torch.autocast(device.type, enabled=False):  # the parameters' dtype, as the Triton table (fp32)
+            return torch_coefficient_table(pe, self.gru, self.linear.weight, sizes, device_sizes)
 
     def _table_over_all_sizes(self, K: int) -> torch.Tensor:
         """(K, K): row n-1 = coefficients of a set of size n, for n = 1..K. On the Triton path one fused
@@ -126,6 +144,11 @@ class GPO(_SortedPool):
             return triton_coefficient_table(self._positional_encoding(K, device), self.gru, self.linear.weight)
         device_sizes = torch.arange(K, 0, -1, device=device)
         return self._coefficient_table(torch.arange(K, 0, -1), K, device_sizes).flip(0)
+
+    def clear_cache(self) -> None:
+        """Drop the eval-mode coefficient table; the next eval call rebuilds it. Needed only after
+        parameter writes the cache cannot see (``p.data`` writes: see the class docstring)."""
+        self._eval_cache = None
 
     def _cache_key(self):
         return (self.table_backend,) + tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in self.parameters())
@@ -157,10 +180,13 @@ class GPO(_SortedPool):
         return table.index_select(0, rows)[:, :K]
 
     def compute_pool_weights(self, lengths: torch.Tensor, features: torch.Tensor = None):
-        """Published API: (weights (B, L, 1), mask (B, L, 1) bool), L = max(lengths). Syncs with the host."""
+        """Published API: (weights (B, L, 1), mask (B, L, 1) bool), L = max(lengths) (0 when B = 0).
+        Syncs with the host."""
         n = _lengths_as_long(lengths)
-        longest = int(n.max())
-        if self._cache_usable():
+        longest = _longest(n)
+        if n.numel() == 0:  # empty batch: no table to build
+            weights = self.linear.weight.new_zeros((0, 0))
+        elif self._cache_usable():
             weights = self._full_table(longest).index_select(0, n - 1)[:, :longest]
         elif use_triton_table(self.gru, self.table_backend):  # every size 1..longest in one kernel
             weights = self._table_over_all_sizes(longest).index_select(0, n - 1)

@@ -1,7 +1,32 @@
 """Drop-in replacement of the published VSE-infinity ``ContrastiveLoss`` (lib/loss.py)."""
+import numbers
+
+import numpy as np
+import torch
 from torch import nn
 
-from vse_fast.ops.contrastive import contrastive_loss
+from vse_fast.ops.contrastive import check_loss_options, contrastive_loss
+
+
+def _as_margin(margin) -> float:
+    """margin as a Python float: a real number (int, float, numpy scalar) or a 0-d real tensor (read
+    once, at construction). Strings, None, bools and other tensors raise TypeError."""
+    if isinstance(margin, torch.Tensor):
+        if margin.dim() != 0 or margin.dtype == torch.bool or margin.is_complex():
+            raise TypeError(f"margin must be a real number, got a tensor of shape {tuple(margin.shape)} "
+                            f"and dtype {margin.dtype}")
+        return float(margin.item())
+    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin must be a real number (e.g. 0.2), got {type(margin).__name__} {margin!r}")
+    return float(margin)
+
+
+def _as_max_violation(max_violation) -> bool:
+    """max_violation as a bool: True/False or a numpy bool; anything else (strings such as "False",
+    ints) raises TypeError rather than being read as truthy."""
+    if not isinstance(max_violation, (bool, np.bool_)):
+        raise TypeError(f"max_violation must be a bool, got {type(max_violation).__name__} {max_violation!r}")
+    return bool(max_violation)
 
 
 class ContrastiveLoss(nn.Module):
@@ -13,12 +38,18 @@ class ContrastiveLoss(nn.Module):
     kept and unused. ``max_violation_on()`` / ``max_violation_off()`` switch modes (and print the
     published messages).
 
+    Validated at construction (TypeError/ValueError naming the argument): margin a finite real
+    number (int/float, numpy scalar or 0-d tensor; stored as a float), max_violation a bool (or
+    numpy bool), reduction "sum"/"mean", backend "auto"/"torch"/"triton".
+
     forward(im (N, D), s (M, D), positives=None) -> 0-dim loss (fp32 for fp32/bf16/fp16 inputs);
     with positives=None, N == M and pair i is (im[i], s[i]) as in the published module.
     """
 
     def __init__(self, opt=None, margin=0, max_violation=False, *, reduction="sum", backend="auto"):
         super().__init__()
+        margin, max_violation = _as_margin(margin), _as_max_violation(max_violation)
+        check_loss_options(margin, max_violation, reduction, backend)
         self.opt = opt
         self.margin = margin
         self.max_violation = max_violation
@@ -34,7 +65,8 @@ class ContrastiveLoss(nn.Module):
         print("Use VSE0 objective.")
 
     def forward(self, im, s, positives=None):
-        return contrastive_loss(im, s, float(self.margin), bool(self.max_violation), positives=positives,
+        # no coercion: attributes reassigned after construction are checked by contrastive_loss
+        return contrastive_loss(im, s, self.margin, self.max_violation, positives=positives,
                                 reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self):

@@ -12,11 +12,13 @@
 Backends: "triton" (vse_fast.kernels.contrastive; CUDA, or CPU tensors under TRITON_INTERPRET=1) and
 "torch" (one matmul, custom backward; the CPU path and an oracle); "auto" picks Triton for CUDA
 fp32/bf16/fp16 tensors. `contrastive_loss_naive` is the plain autograd reference of the tests.
-The loss is fp32 for fp32/bf16/fp16 inputs (fp64 for fp64, torch backend only).
+The loss is fp32 for fp32/bf16/fp16 inputs (fp64 for fp64, torch backend only). Double backward
+(create_graph=True): exact on the torch backend; the Triton backend raises (once differentiable).
 """
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _REDUCTIONS = ("sum", "mean")
 _TERMS = {"both": ("i2t", "t2i"), "i2t": ("i2t",), "t2i": ("t2i",)}
@@ -47,6 +49,18 @@ def _check_inputs(im, s, margin, max_violation, positives, reduction, terms, ret
         raise ValueError(f"im and s must have the same feature size D, got im {tuple(im.shape)} and s {tuple(s.shape)}")
     if N < 1 or M < 1 or D < 1:
         raise ValueError(f"im and s need at least one row and one feature, got im {tuple(im.shape)}, s {tuple(s.shape)}")
+    check_loss_options(margin, max_violation, reduction, backend)
+    if terms not in _TERMS:
+        raise ValueError(f"terms must be one of {tuple(_TERMS)}, got {terms!r}")
+    if return_indices and not max_violation:
+        raise ValueError("return_indices=True needs max_violation=True (VSE0 has no hardest negative)")
+    labels = _check_positives(positives, N, M, im.device)
+    return labels, _TERMS[terms], _pick_backend(backend, im)
+
+
+def check_loss_options(margin, max_violation, reduction="sum", backend="auto"):
+    """Raise TypeError/ValueError unless margin is a finite Python int/float, max_violation a bool,
+    reduction in ("sum", "mean") and backend in ("auto", "torch", "triton")."""
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise TypeError(f"margin must be a Python float, got {type(margin).__name__}")
     if margin != margin or margin in (float("inf"), float("-inf")):
@@ -55,14 +69,8 @@ def _check_inputs(im, s, margin, max_violation, positives, reduction, terms, ret
         raise TypeError(f"max_violation must be a bool, got {type(max_violation).__name__}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if terms not in _TERMS:
-        raise ValueError(f"terms must be one of {tuple(_TERMS)}, got {terms!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if return_indices and not max_violation:
-        raise ValueError("return_indices=True needs max_violation=True (VSE0 has no hardest negative)")
-    labels = _check_positives(positives, N, M, im.device)
-    return labels, _TERMS[terms], _pick_backend(backend, im)
 
 
 def _check_positives(positives, N, M, device):
@@ -118,6 +126,8 @@ class TorchContrastiveFunction(torch.autograd.Function):
         t2i: dim[b_j] += w s[j],  dim[p_j] -= w s[j],  ds[j] += w (im[b_j] - im[p_j])
     VSE0 saves the active-hinge masks and builds dS = g * scale * (G_t2i + scatter_rows_p(G_i2t)
     - diag_p(count)), then dim = dS @ s, ds = dS.T @ im.
+    The backward is plain differentiable torch ops on the saved inputs (indices and masks fixed):
+    a double backward gives the exact second-order gradients of the piecewise-bilinear loss.
     """
 
     @staticmethod
@@ -156,7 +166,8 @@ class TorchContrastiveFunction(torch.autograd.Function):
                     auxs.append(masks[-1].sum(0).to(cdt))
         val = torch.stack(vals) * scale + d * 0  # + 0 * d: NaN when im[p_j] or s[j] is not finite
         aux = torch.stack(auxs)
-        ctx.save_for_backward(im_c, s_c, labels, val, aux, *masks)
+        # the inputs themselves (not their casts): a double backward then differentiates the casts too
+        ctx.save_for_backward(im, s, labels, val, aux, *masks)
         ctx.cfg = (max_violation, terms, scale, im.dtype, s.dtype)
         ctx.mark_non_differentiable(aux)
         return val.sum(), aux
@@ -165,7 +176,9 @@ class TorchContrastiveFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_aux):
         im, s, labels, val, aux, *masks = ctx.saved_tensors
         max_violation, terms, scale, im_dtype, s_dtype = ctx.cfg
-        g = grad_loss.to(im.dtype) * scale
+        cdt = _compute_dtype(im_dtype)
+        im, s = im.to(cdt), s.to(cdt)
+        g = grad_loss.to(cdt) * scale
         if max_violation:
             dim, ds = _torch_vsepp_grads(im, s, labels, val, aux, terms, g)
         else:
@@ -236,7 +249,8 @@ class ContrastiveLossFunction(torch.autograd.Function):
     O((N + M) D); VSE0: G_i2t + G_t2i unpacked from that mask (else recomputed from S) by row chunks,
     two cuBLAS matmuls and an epilogue kernel.
     "terms" (positives or one term): a tile kernel per term and the combine kernel; backward VSE++ as
-    above, VSE0 a mask recompute and two cuBLAS matmuls per term."""
+    above, VSE0 a mask recompute and two cuBLAS matmuls per term. Differentiable once (kernels in the
+    backward): a double backward raises; the torch backend supports it."""
 
     @staticmethod
     def forward(ctx, im, s, labels, margin, max_violation, terms, scale):
@@ -258,6 +272,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
         return loss, aux
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_aux):
         if grad_loss is None:
             return None, None, None, None, None, None, None

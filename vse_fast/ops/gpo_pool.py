@@ -14,6 +14,7 @@ Ties sort stably (original order first), NaN sorts first (as in torch.sort) and 
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _BACKENDS = ("auto", "triton", "torch")
 _TRITON_MAX_K = 512
@@ -22,7 +23,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", validate=True):
     """Raise TypeError/ValueError naming the problem. Shape, dtype and device checks never sync;
-    the value checks of `lengths` (whole numbers, 1 <= n <= K, n <= Kw) read the tensor on the host
+    the value checks of `lengths` (finite whole numbers, 1 <= n <= K, n <= Kw) read the tensor on the host
     and run only with validate=True. weights=None checks features and lengths alone."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {_BACKENDS}")
@@ -56,8 +57,10 @@ def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", valid
                          + ", ".join(f"{name} on {t.device}" for name, t in named))
     if validate and B > 0:
         n = lengths.detach()
-        if n.is_floating_point() and not bool(torch.all(n == n.round())):
-            raise ValueError(f"lengths must hold whole numbers, got {n.tolist()}")
+        if n.is_floating_point():
+            whole = torch.isfinite(n) & (n == n.round())
+            if not bool(whole.all()):
+                raise ValueError(f"lengths must hold finite whole numbers, got {n[~whole][:5].tolist()}")
         n_min, n_max = int(n.min()), int(n.max())
         if n_min < 1 or n_max > K:
             raise ValueError(f"every length must be in [1, K={K}], got min {n_min}, max {n_max}")
@@ -112,6 +115,7 @@ class TorchGPOPoolFunction(torch.autograd.Function):
         return out.to(features.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         s, idx, w, valid = ctx.saved_tensors
         B, D, K = s.shape
@@ -147,6 +151,7 @@ class TritonGPOPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         from vse_fast.kernels.gpo_pool import gpo_pool_bwd
 
@@ -161,7 +166,7 @@ def gpo_pool(features, lengths, weights, *, backend="auto", validate=True):
     Args:
         features: (B, K, D) float tensor, any strides. Output and grad_features have its dtype
             (fp32 accumulation for 16-bit dtypes).
-        lengths: (B,) integer or float tensor of whole numbers, 1 <= lengths[b] <= K, any order.
+        lengths: (B,) integer or float tensor of finite whole numbers, 1 <= lengths[b] <= K, any order.
         weights: (B, Kw) float tensor, Kw >= max(lengths): weight of each rank; positions >= lengths[b]
             are ignored (treated as 0, gradient 0).
         backend: "auto" | "triton" | "torch" (module docstring).
@@ -170,7 +175,8 @@ def gpo_pool(features, lengths, weights, *, backend="auto", validate=True):
             by the kernels for memory safety, with unspecified results.
 
     Returns:
-        (B, D) tensor, differentiable w.r.t. features and weights.
+        (B, D) tensor, differentiable once w.r.t. features and weights (the backward is hand-written
+        and not itself differentiable: a double backward raises).
 
     Example:
         >>> x = torch.tensor([[[1.0], [3.0], [2.0]]])          # B=1, K=3, D=1

@@ -15,6 +15,7 @@ Triton path (autocast off) and returned in the linear layer's dtype.
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 PAD_SCORE = -10000.0
@@ -64,7 +65,8 @@ def use_triton_table(gru: torch.nn.GRU, backend: str) -> bool:
 class GRUPrefixStatesFunction(torch.autograd.Function):
     """out (K + 1, K, H) = the forward states (row 0) and the reverse states of every prefix size
     (row 1 + r: size r + 1) of a bidirectional GRU, from gi (2, K, 3H), whh (2, 3H, H), bhh (2, 3H),
-    all fp32. The backward math is in the docstring of vse_fast.kernels.gpo_table."""
+    all fp32. The backward math is in the docstring of vse_fast.kernels.gpo_table. Differentiable
+    once (a kernel backward): a double backward raises."""
 
     @staticmethod
     def forward(ctx, gi, whh, bhh):
@@ -78,6 +80,7 @@ class GRUPrefixStatesFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         from vse_fast.kernels import gpo_table as kernels
 
