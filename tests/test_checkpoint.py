@@ -3,6 +3,7 @@ and published-format checkpoints (BERT and BiGRU, "module." prefixes, transforme
 import argparse
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from tests.published.model import build_published, published_checkpoint, published_opt
 from vse_fast.checkpoint import (FORMAT, CheckpointError, capture_rng_state, load_any_checkpoint, load_checkpoint,
                                  load_model_checkpoint, load_published_checkpoint, restore_rng_state,
-                                 save_checkpoint, to_published_state)
+                                 save_checkpoint, strip_prefixes, to_published_state)
 from vse_fast.model import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -104,6 +105,19 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_checkpoint(path, [1, 2])
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_saved_file_has_the_mode_of_a_plain_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_checkpoint(str(tmp_path / "ckpt.pth"), {"step": 1})
+        with open(tmp_path / "plain.pth", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "ckpt.pth").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.pth").st_mode) == 0o666 & ~umask
+
+
 def test_loading_is_weights_only(tmp_path, monkeypatch):
     path = str(tmp_path / "evil.pth")
     torch.save({"model": {}, "payload": NotAllowed()}, path)
@@ -136,6 +150,37 @@ def test_namespace_and_numpy_scalars_load_safely(tmp_path):
     torch.save({"bad": np.array(["x"], dtype=object)[0:1]}, path)  # object arrays stay refused
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("case", ["no-model", "model-list", "non-tensor", "prefix-collision"])
+def test_malformed_checkpoint_names_the_file(tmp_path, case):
+    model = gru_model()
+    weights = model.state_dict()
+    key = next(iter(weights))
+    state = {"format": FORMAT, "config": {"model": model.opt}, "model": weights}
+    if case == "no-model":
+        del state["model"]
+    elif case == "model-list":
+        state["model"] = [weights]
+    elif case == "non-tensor":
+        state["model"] = {**weights, key: 3}
+    else:
+        state["model"] = {**weights, "module." + key: torch.zeros_like(weights[key])}
+    path = str(tmp_path / "bad.pth")
+    torch.save(state, path)
+    match = {"no-model": "has no 'model' state dict", "model-list": "'model' must be a state dict, got list",
+             "non-tensor": f"'model' entry '{key}' is int, not a tensor",
+             "prefix-collision": f"keys '{key}' and 'module.{key}' both become '{key}'"}[case]
+    with pytest.raises(CheckpointError, match="bad.pth") as exc:
+        load_model_checkpoint(path)
+    assert match in str(exc.value)
+
+
+def test_strip_prefixes_refuses_colliding_keys():
+    value = torch.zeros(1)
+    assert strip_prefixes({"module._orig_mod.a": value, "b": value}) == {"a": value, "b": value}
+    with pytest.raises(CheckpointError, match="keys 'a' and '_orig_mod.module.a' both become 'a'"):
+        strip_prefixes({"a": value, "_orig_mod.module.a": value})
 
 
 def _published_bert(tmp_path, precomp="basic"):
@@ -245,3 +290,46 @@ def test_published_checkpoint_errors(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(CheckpointError, match="not a vse_fast/1 checkpoint"):
         load_model_checkpoint(path)
+
+
+@pytest.mark.parametrize("opt,match", [
+    ([1, 2], "'opt' must be an argparse.Namespace or a dict, got list"),
+    ("hello", "'opt' must be an argparse.Namespace or a dict, got str"),
+    (dict(no_imgnorm="False"), "opt.no_imgnorm must be True or False, got 'False'"),
+    (dict(no_txtnorm=2), "opt.no_txtnorm must be True or False, got 2"),
+], ids=["list", "str", "flag-string", "flag-int"])
+def test_published_opt_errors_name_the_file(tmp_path, opt, match):
+    pub = build_published(16, 13, vocab_size=57, word_dim=7).eval()
+    if isinstance(opt, dict):
+        opt = published_opt(embed_size=16, img_dim=13, vocab_size=57, word_dim=7, **opt)
+    path = str(tmp_path / "x.pth")
+    torch.save(published_checkpoint(pub, opt), path)
+    with pytest.raises(CheckpointError, match="x.pth") as exc:
+        load_published_checkpoint(path)
+    assert match in str(exc.value)
+
+
+@pytest.mark.parametrize("value,expected", [(True, True), (False, False), (1, True), (0, False), (None, False)])
+def test_published_opt_flags(tmp_path, value, expected):
+    pub = build_published(16, 13, vocab_size=57, word_dim=7).eval()
+    opt = published_opt(embed_size=16, img_dim=13, vocab_size=57, word_dim=7, no_imgnorm=value, no_txtnorm=value)
+    path = str(tmp_path / "x.pth")
+    torch.save(published_checkpoint(pub, opt), path)
+    model, _ = load_published_checkpoint(path)
+    assert model.opt["no_imgnorm"] is expected and model.opt["no_txtnorm"] is expected
+
+
+def test_published_state_dict_entries_are_checked(tmp_path):
+    pub = build_published(16, 13, vocab_size=57, word_dim=7).eval()
+    state = published_checkpoint(pub, published_opt(embed_size=16, img_dim=13, vocab_size=57, word_dim=7),
+                                 data_parallel=True)
+    state["model"][1]["module.embed.weight"] = "weights"
+    path = str(tmp_path / "x.pth")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"x.pth.*'model'\[1\] entry 'module.embed.weight' is str, not a tensor"):
+        load_published_checkpoint(path)
+    state["model"][1]["module.embed.weight"] = pub.txt_enc.state_dict()["embed.weight"]
+    state["model"][1]["embed.weight"] = state["model"][1]["module.embed.weight"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="both become 'embed.weight'"):
+        load_published_checkpoint(path)

@@ -140,6 +140,14 @@ def test_invalid_utf8_names_its_line(split):
         data.check_split(folder, "train")
 
 
+def test_lens_archive_instead_of_array_is_named(split):
+    folder = split[0]
+    with open(os.path.join(folder, "train_lens.npy"), "wb") as f:
+        np.savez(f, lens=np.full(6, 2))
+    with pytest.raises(DataError, match=r"train_lens\.npy: expected one \.npy array, got NpzFile"):
+        data.check_split(folder, "train")
+
+
 @pytest.mark.parametrize("lens,match", [
     (np.array([5, 1, 1, 1, 1]), r"shape \(6,\)"),
     (np.array([5, 1, 0, 1, 1, 1]), "length 0 of item 2 is outside 1..5"),
@@ -158,6 +166,20 @@ def test_bad_ids_are_named(split):
     with open(os.path.join(folder, "train_ids.txt"), "w") as f:
         f.write("1\n2\n3\n")
     with pytest.raises(DataError, match=r"train_ids\.txt: 3 ids, expected 6"):
+        data.check_split(folder, "train")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"1\n2\n3\xe9\n4\n5\n6\n", r"train_ids\.txt:3: not valid UTF-8"),
+    ("1\n2\n3\x0c4\n5\n6\n".encode(), r"train_ids\.txt: 5 ids, expected 6"),  # \x0c is no line break
+    ("1\n2\n3\u20284\n5\n6\n".encode(), r"train_ids\.txt: 5 ids, expected 6"),  # nor is U+2028
+    (b"1\n2\n\n4\n5\n6\n", r"train_ids\.txt:3: empty id"),
+], ids=["latin1", "form-feed", "line-separator", "empty"])
+def test_ids_are_lines_of_utf8_as_captions(split, content, match):
+    folder = split[0]
+    with open(os.path.join(folder, "train_ids.txt"), "wb") as f:
+        f.write(content)
+    with pytest.raises(DataError, match=match):
         data.check_split(folder, "train")
 
 
@@ -292,6 +314,33 @@ def test_max_caption_tokens_keeps_the_end_token(split, tokenizer):
         data.CaptionDataset(folder, "train", tokenizer, max_caption_tokens=1)
 
 
+@pytest.mark.parametrize("dataset", ["eval", "train"])
+def test_caption_longer_than_the_positions_names_its_line(split, tokenizer, dataset):
+    folder, _, _, captions = split
+    captions = list(captions)
+    captions[7] = " ".join(["red"] * 20)  # 22 tokens with [CLS] and [SEP]
+    with open(os.path.join(folder, "train_caps.txt"), "w") as f:
+        f.write("\n".join(captions) + "\n")
+    if dataset == "eval":
+        make = lambda limit: data.CaptionDataset(folder, "train", tokenizer, position_limit=limit)  # noqa: E731
+    else:
+        make = lambda limit: data.PrecomputedDataset(folder, "train", tokenizer, train=True,  # noqa: E731
+                                                     position_limit=limit)
+    assert len(make(22)[7]["tokens"]) <= 22  # exactly at the limit fits
+    too_short = make(21)
+    too_short[6]  # the other captions still load
+    with pytest.raises(DataError, match=r"train_caps\.txt:8: caption has 22 tokens .* 21 positions"):
+        too_short[7]
+    with pytest.raises(ValueError, match="position_limit"):
+        make(1)
+
+
+def test_max_caption_tokens_within_the_positions_is_accepted(split, tokenizer):
+    folder = split[0]
+    dataset = data.CaptionDataset(folder, "train", tokenizer, max_caption_tokens=4, position_limit=4)
+    assert all(len(dataset[i]["tokens"]) <= 4 for i in range(30))  # explicit truncation, not an error
+
+
 def test_dataset_argument_errors(split, tokenizer):
     folder = split[0]
     with pytest.raises(ValueError, match="feature_drop"):
@@ -369,6 +418,16 @@ def test_vocabulary_build_encode_roundtrip(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DataError, match="broken.json"):
         data.Vocabulary.load(str(tmp_path / "broken.json"))
+
+
+def test_vocabulary_load_requires_the_special_words(tmp_path):
+    path = tmp_path / "vocab.json"
+    path.write_text('{"word2idx": {"<unk>": 0, "dog": 1, "<pad>": 2}, "idx2word": {}, "idx": 3}')
+    with pytest.raises(DataError, match=re.escape(f"{path}: vocabulary lacks the special words ['<start>', '<end>']")):
+        data.Vocabulary.load(str(path))
+    path.write_text('{"word2idx": {"<unk>": 0, "dog": 2}, "idx2word": {}, "idx": 2}')
+    with pytest.raises(DataError, match=r"word indices must be 0\.\.1"):
+        data.Vocabulary.load(str(path))
 
 
 def test_vocabulary_dataset_augments_words_only(split):

@@ -117,8 +117,10 @@ def test_evaluate_matches_published_protocol(dataset):
     assert_metrics_equal(folds, as_dict(mean))
     assert [f["rsum"] for f in folds["folds"]] == pytest.approx([f[-1] for f in per_fold])
     assert_metrics_equal(folds["all"], metrics)
-    limited = evaluate(model, str(dataset), "test", batch_size=4, tokenizer=tok, caption_limit=12)  # 2 items
+    limited = evaluate(model, str(dataset), "test", batch_size=4, tokenizer=tok, caption_limit=10)  # 2 items
     assert_metrics_equal(limited, as_dict(evaluate_sims(2, sims[:2, :10], caps=5)))
+    with pytest.raises(ValueError, match="caption_limit 12 is not a multiple of 5"):  # never rounded down
+        evaluate(model, str(dataset), "test", tokenizer=tok, caption_limit=12)
 
 
 def test_gru_model_other_caption_count(dataset, tmp_path):
@@ -147,7 +149,9 @@ def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
     both = main(["--checkpoint", paths[0], "--checkpoint", paths[1], "--data_path", str(dataset), "--fold5"])
     pairs = [(i.numpy(), c.numpy()) for i, c in embs]
     assert_metrics_equal(both["all"], as_dict(evaluate_sims(10, ensemble_sims(pairs))))
-    assert "5 folds" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean of 5 folds of 2 items\n" in printed and "all 10 items\n" in printed
+    assert "COCO" not in printed  # 10 items are not the COCO 1K/5K protocols
 
 
 def test_cli_published_checkpoint(dataset, tmp_path):
@@ -170,21 +174,49 @@ def test_cli_published_checkpoint(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing-checkpoint", "missing-data-path", "missing-split", "bad-limit",
-                                  "not-a-checkpoint"])
+                                  "not-a-checkpoint", "limit-not-multiple", "json-dir-missing", "json-is-dir",
+                                  "vocab-size"])
 def test_cli_errors_name_the_problem(dataset, tmp_path, capsys, case):
     path = save_ours(bert_model(), tmp_path / "ok.pth")
+    (tmp_path / "big_vocab.txt").write_text("\n".join(VOCAB + ["zebra"]) + "\n")
     args = {"missing-checkpoint": ["--checkpoint", str(tmp_path / "nope.pth"), "--data_path", str(dataset)],
             "missing-data-path": ["--checkpoint", path, "--data_path", str(tmp_path / "no_data")],
             "missing-split": ["--checkpoint", path, "--data_path", str(dataset), "--split", "val"],
             "bad-limit": ["--checkpoint", path, "--data_path", str(dataset), "--caption_limit", "many"],
-            "not-a-checkpoint": ["--checkpoint", str(dataset / "vocab.txt"), "--data_path", str(dataset)]}[case]
+            "not-a-checkpoint": ["--checkpoint", str(dataset / "vocab.txt"), "--data_path", str(dataset)],
+            "limit-not-multiple": ["--checkpoint", path, "--data_path", str(dataset), "--caption_limit", "23"],
+            "json-dir-missing": ["--checkpoint", path, "--data_path", str(dataset),
+                                 "--json", str(tmp_path / "no_dir" / "m.json")],
+            "json-is-dir": ["--checkpoint", path, "--data_path", str(dataset), "--json", str(tmp_path)],
+            "vocab-size": ["--checkpoint", path, "--data_path", str(dataset),
+                           "--vocab_file", str(tmp_path / "big_vocab.txt")]}[case]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     expected = {"missing-checkpoint": "nope.pth", "missing-data-path": "no_data", "missing-split": "val_",
-                "bad-limit": "caption_limit", "not-a-checkpoint": "vocab.txt"}[case]
+                "bad-limit": "caption_limit", "not-a-checkpoint": "vocab.txt",
+                "limit-not-multiple": "caption_limit 23 is not a multiple of 5",
+                "json-dir-missing": "no_dir' does not exist", "json-is-dir": "is a directory",
+                "vocab-size": f"has {len(VOCAB) + 1} word pieces but the model was trained with "
+                              f"vocab_size={len(VOCAB)}"}[case]
     assert expected in err
+    if case.startswith("json"):
+        assert "encoded" not in err  # refused before the evaluation, not after it
+
+
+def test_cli_caption_longer_than_bert_positions(dataset, tmp_path, capsys):
+    root = tmp_path / "long"
+    root.mkdir()
+    write_split(root, "test", 2, 2, np.random.default_rng(1))
+    lines = (root / "test_caps.txt").read_text().splitlines()
+    lines[2] = " ".join(["red"] * bert_config().max_position_embeddings)  # + [CLS] [SEP]: 2 too many
+    (root / "test_caps.txt").write_text("\n".join(lines) + "\n")
+    path = save_ours(bert_model(), tmp_path / "ok.pth")
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", path, "--data_path", str(root), "--vocab_file", str(dataset / "vocab.txt")])
+    assert exc.value.code == 2
+    assert "test_caps.txt:3: caption has 34 tokens" in capsys.readouterr().err
 
 
 def test_inference_encoder_and_search(dataset, tmp_path):
@@ -217,3 +249,29 @@ def test_inference_encoder_and_search(dataset, tmp_path):
         enc.encode_captions("a dog")
     with pytest.raises(ValueError, match="empty caption"):
         enc.encode_captions([" "])
+
+
+def test_inference_rejects_captions_longer_than_bert_positions(dataset, tmp_path):
+    enc = Encoder.from_checkpoint(save_ours(bert_model(), tmp_path / "m.pth"), data_path=str(dataset))
+    limit = bert_config().max_position_embeddings
+    fits = " ".join(["red"] * (limit - 2))
+    assert enc.encode_captions(["a dog", fits]).shape == (2, 16)
+    with pytest.raises(ValueError, match=rf"caption 1: caption has {limit + 1} tokens .* {limit} positions"):
+        enc.encode_captions(["a dog", fits + " dog"])
+
+
+def test_search_input_errors():
+    queries, gallery = torch.randn(3, 8), torch.randn(5, 8)
+    scores, index = search(queries, gallery, k=np.int64(2))  # numpy integers work as k
+    torch.testing.assert_close(scores, (queries @ gallery.T).topk(2, dim=1).values)
+    assert index.shape == (3, 2)
+    for name, bad_query, bad_gallery in (("query_emb row 1", True, False), ("gallery_emb row 3", False, True)):
+        q, g = queries.clone(), gallery.clone()
+        if bad_query:
+            q[1, 4] = float("nan")
+        if bad_gallery:
+            g[3, 0] = float("inf")
+        with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+            search(q, g, k=2)
+    with pytest.raises(ValueError, match="gallery_emb is empty"):
+        search(queries, gallery[:0], k=1)

@@ -65,6 +65,17 @@ def test_dropins_ties_favour_the_positive():
 
 
 @pytest.mark.parametrize("fn", [evaluation.i2t, evaluation.t2i], ids=["i2t", "t2i"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dropins_accept_half_precision_tensors(fn, dtype):
+    sims = torch.randn(4, 20).to(dtype)
+    ours, (ranks, top1) = fn(4, sims, True)
+    ref, (ref_ranks, ref_top1) = fn(4, sims.float().numpy(), True)
+    assert ours == ref
+    np.testing.assert_array_equal(ranks, ref_ranks)
+    np.testing.assert_array_equal(top1, ref_top1)
+
+
+@pytest.mark.parametrize("fn", [evaluation.i2t, evaluation.t2i], ids=["i2t", "t2i"])
 def test_dropins_reject_bad_input(fn):
     sims = np.random.default_rng(0).standard_normal((4, 20))
     with pytest.raises(ValueError, match=r"\(4, 20\).*\(4, 4\)"):
@@ -104,6 +115,38 @@ def test_retrieval_metrics_matches_dropins(n_img, caps, block):
     assert evaluation.retrieval_metrics(img, cap, block=block) == metrics  # caps_per_item inferred
 
 
+def _block_product(img, cap, block):
+    """The similarity matrix retrieval_metrics scores: img[a:b] @ cap.T, one image block at a time."""
+    return torch.cat([img[a:a + block] @ cap.T for a in range(0, img.shape[0], block)]).numpy()
+
+
+def test_retrieval_metrics_duplicated_image_ties_with_the_positive():
+    x = torch.nn.functional.normalize(torch.randn(1, 64), dim=1)
+    img = torch.cat([x, x])  # image 1 duplicates image 0
+    cap = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
+    _, ranks = evaluation.retrieval_metrics(img, cap, 1, return_ranks=True)
+    sims = (img @ cap.T).numpy()
+    assert (sims[0] == sims[1]).all()  # the duplicate ties: neither caption's image may rank second
+    np.testing.assert_array_equal(ranks["t2i"], [0, 0])
+    np.testing.assert_array_equal(ranks["i2t"], evaluation.i2t(2, sims, True, caps_per_item=1)[1][0])
+
+
+@pytest.mark.parametrize("block", [40, 7], ids=["one-block", "block7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_retrieval_metrics_ranks_equal_dropins_with_duplicates(block, dtype):
+    """Duplicated images and captions (exact ties): the ranks are the drop-ins' on the same scores."""
+    img = torch.nn.functional.normalize(torch.randn(40, 64, dtype=dtype), dim=1)
+    img[1::2] = img[0::2]
+    cap = torch.nn.functional.normalize(torch.randn(200, 64, dtype=dtype), dim=1)
+    cap[5::10] = cap[0::10]  # caption 0 of image 2k+1 repeats caption 0 of image 2k
+    sims = _block_product(img, cap, block)
+    _, ranks = evaluation.retrieval_metrics(img, cap, 5, block=block, return_ranks=True)
+    np.testing.assert_array_equal(ranks["i2t"], evaluation.i2t(40, sims, True)[1][0])
+    np.testing.assert_array_equal(ranks["t2i"], evaluation.t2i(40, sims, True)[1][0])
+    if block >= 40:  # one block is the plain product
+        np.testing.assert_array_equal(sims, (img @ cap.T).numpy())
+
+
 def test_retrieval_metrics_accepts_numpy_and_low_precision():
     img, cap = _embeddings(40, 5, dtype=torch.float32)
     ref = evaluation.retrieval_metrics(img, cap, 5)
@@ -139,6 +182,17 @@ def test_coco_5fold_matches_published():
     assert ours["rsum"] == pytest.approx(mean[12], rel=1e-12)
     ensemble = evaluation.coco_5fold([(img, cap), (img, cap)], None, caps)
     assert ensemble["rsum"] == ours["rsum"]
+
+
+def test_coco_5fold_checks_the_caption_count():
+    img, cap = _embeddings(50, 10)  # 10 captions per image (VATEX-like)
+    with pytest.raises(ValueError, match=r"expected caps_per_item \* images = 5 \* 50 captions, got 500"):
+        evaluation.coco_5fold(img, cap, 5)
+    assert evaluation.coco_5fold(img, cap) == evaluation.coco_5fold(img, cap, 10)  # inferred from the counts
+    folds = evaluation.coco_5fold(img, cap, 10)["folds"]
+    assert folds[2] == evaluation.retrieval_metrics(img[20:30], cap[200:300], 10)
+    with pytest.raises(ValueError, match="not a multiple of 50 images"):
+        evaluation.coco_5fold(img, cap[:-3])
 
 
 def test_retrieval_metrics_rejects_bad_input():

@@ -24,7 +24,7 @@ import argparse
 import os
 import pickle
 import random
-import tempfile
+import uuid
 import warnings
 from typing import Any
 
@@ -62,12 +62,15 @@ SAFE_GLOBALS = [
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync, then
-    os.replace, so a crash never leaves a truncated checkpoint under ``path``."""
+    os.replace, so a crash never leaves a truncated checkpoint under ``path``. The file gets the
+    permissions a plain open() gives (0o666 minus the umask), not mkstemp's private 0o600."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    # O_EXCL as mkstemp, but mode 0o666: the kernel applies the umask exactly as for open(path, "wb").
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -141,18 +144,34 @@ def restore_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- our checkpoints
 
-def strip_prefixes(state_dict: dict, prefixes=("module.", "_orig_mod.")) -> dict:
-    """Remove DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") key prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
+def strip_prefixes(state_dict: dict, prefixes=("module.", "_orig_mod."), *, path: str | None = None) -> dict:
+    """Remove DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") key prefixes. Two keys
+    that become one (e.g. "X" and "module.X") raise CheckpointError naming both (and ``path``)."""
+    out, original = {}, {}
+    for raw_key, value in state_dict.items():
+        key, changed = raw_key, True
         while changed:
             changed = False
             for prefix in prefixes:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
-        out[key] = value
+        if key in out:
+            where = f"checkpoint {path!r}: " if path else ""
+            raise CheckpointError(f"{where}keys {original[key]!r} and {raw_key!r} both become {key!r} without "
+                                  f"the {list(prefixes)} prefixes")
+        out[key], original[key] = value, raw_key
     return out
+
+
+def _check_state_dict(state_dict: Any, path: str, what: str) -> dict:
+    """A state dict must map keys to tensors; CheckpointError naming the file and the first offender."""
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"checkpoint {path!r}: {what} must be a state dict, got {type(state_dict).__name__}")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path!r}: {what} entry {key!r} is {type(value).__name__}, "
+                                  "not a tensor")
+    return state_dict
 
 
 def _load_strict(model: VSEModel, state_dict: dict, path: str) -> None:
@@ -194,6 +213,9 @@ def _model_from_state(state: Any, path: str, **option_overrides) -> tuple[VSEMod
     config = state.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"checkpoint {path!r} has no 'config' dict with the model options")
+    if "model" not in state:
+        raise CheckpointError(f"checkpoint {path!r} has no 'model' state dict (keys: {list(state)})")
+    weights = strip_prefixes(_check_state_dict(state["model"], path, "'model'"), path=path)
     options = model_options_from_config(config)
     options.update(option_overrides)
     if option_overrides.get("text_model") or option_overrides.get("bert_config"):
@@ -202,7 +224,7 @@ def _model_from_state(state: Any, path: str, **option_overrides) -> tuple[VSEMod
         model = build_model(options, load_pretrained=False)
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path!r}: {err}") from err
-    _load_strict(model, strip_prefixes(state["model"]), path)
+    _load_strict(model, weights, path)
     return model.eval(), state
 
 
@@ -242,6 +264,17 @@ def _bert_config_from_state(txt_sd: dict, path: str) -> dict:
     return config.to_dict()
 
 
+def _opt_flag(opt: dict, key: str, path: str) -> bool:
+    """A boolean flag of the published opt: absent/None is False; True/False/1/0 only (a string such
+    as "False" would be truthy)."""
+    value = opt.get(key)
+    if value is None:
+        return False
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise CheckpointError(f"checkpoint {path!r}: opt.{key} must be True or False, got {value!r}")
+
+
 def _check_against_opt(inferred: dict, opt: dict, path: str) -> None:
     for key, value in inferred.items():
         if key in opt and opt[key] is not None and opt[key] != value:
@@ -271,16 +304,20 @@ def _published_from_state(ckpt: Any, path: str, text_model: str | None, bert_con
         raise CheckpointError(f"checkpoint {path!r} is not a published VSE-infinity checkpoint "
                               f"(expected 'model': [img_state, txt_state]; found {found})")
     opt = ckpt.get("opt")
+    if opt is not None and not isinstance(opt, (argparse.Namespace, dict)):
+        raise CheckpointError(f"checkpoint {path!r}: 'opt' must be an argparse.Namespace or a dict, "
+                              f"got {type(opt).__name__}")
     opt = dict(vars(opt)) if isinstance(opt, argparse.Namespace) else dict(opt or {})
-    img_sd = _split_published_image_state(strip_prefixes(ckpt["model"][0]), path)
-    txt_sd = strip_prefixes(ckpt["model"][1])
+    img_sd, txt_sd = (strip_prefixes(_check_state_dict(sd, path, f"'model'[{i}]"), path=path)
+                      for i, sd in enumerate(ckpt["model"]))
+    img_sd = _split_published_image_state(img_sd, path)
     if "fc.weight" not in img_sd:
         raise CheckpointError(f"checkpoint {path!r}: image encoder state has no fc.weight "
                               f"(keys: {sorted(img_sd)[:6]})")
     embed_size, img_dim = img_sd["fc.weight"].shape
     inferred = dict(embed_size=embed_size, img_dim=img_dim,
                     precomp_enc_type="basic" if "mlp.layers.0.weight" in img_sd else "backbone")
-    options = dict(no_imgnorm=bool(opt.get("no_imgnorm", False)), no_txtnorm=bool(opt.get("no_txtnorm", False)),
+    options = dict(no_imgnorm=_opt_flag(opt, "no_imgnorm", path), no_txtnorm=_opt_flag(opt, "no_txtnorm", path),
                    gpo_backend=gpo_backend)
     if "bert.embeddings.word_embeddings.weight" in txt_sd:
         options["text_encoder"] = "bert"

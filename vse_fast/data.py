@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DataError", "SplitInfo", "check_split", "published_caption_limit", "DEV_CAPTION_LIMIT",
+    "DataError", "CaptionTooLongError", "SplitInfo", "check_split", "published_caption_limit", "DEV_CAPTION_LIMIT",
     "load_tokenizer", "Vocabulary", "CaptionEncoder", "PrecomputedDataset", "ImageSetDataset", "CaptionDataset",
     "collate", "collate_images", "collate_captions",
 ]
@@ -47,6 +47,10 @@ _MASK_SHARE, _RANDOM_SHARE_END = 0.5, 0.6
 
 class DataError(ValueError):
     """A data file is missing, unreadable or inconsistent; the message names the file (and line)."""
+
+
+class CaptionTooLongError(ValueError):
+    """A caption has more tokens than the text encoder has positions (CaptionEncoder position_limit)."""
 
 
 @dataclass
@@ -125,6 +129,8 @@ def _read_lens(path, n_items, max_set):
         lens = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"{path}: unreadable lengths array ({err})") from None
+    if not isinstance(lens, np.ndarray):
+        raise DataError(f"{path}: expected one .npy array, got {type(lens).__name__}")
     if lens.shape != (n_items,):
         raise DataError(f"{path}: lengths must have shape ({n_items},) (one per item), got {lens.shape}")
     if not np.issubdtype(lens.dtype, np.integer):
@@ -139,13 +145,18 @@ def _read_lens(path, n_items, max_set):
 
 
 def _check_ids(path, n_items, n_captions):
+    """One id per line (lines end at \\n only, as captions do); empty or non-UTF-8 lines raise DataError."""
+    count = 0
     with open(path, "rb") as f:
-        lines = f.read().decode("utf-8", errors="replace").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise DataError(f"{path}:{number}: empty id")
-    if len(lines) not in (n_items, n_captions):
-        raise DataError(f"{path}: {len(lines)} ids, expected {n_items} (one per item) or {n_captions} (per caption)")
+        for count, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{count}: not valid UTF-8 ({err.reason})") from None
+            if not line.strip():
+                raise DataError(f"{path}:{count}: empty id")
+    if count not in (n_items, n_captions):
+        raise DataError(f"{path}: {count} ids, expected {n_items} (one per item) or {n_captions} (per caption)")
 
 
 def _load_split(data_path, split):
@@ -284,8 +295,11 @@ class Vocabulary:
             word2idx = {str(w): int(i) for w, i in data["word2idx"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise DataError(f"{path}: unreadable vocabulary json ({err!r})") from None
-        if sorted(word2idx.values()) != list(range(len(word2idx))) or "<unk>" not in word2idx:
-            raise DataError(f"{path}: word indices must be 0..{len(word2idx) - 1} and include <unk>")
+        if sorted(word2idx.values()) != list(range(len(word2idx))):
+            raise DataError(f"{path}: word indices must be 0..{len(word2idx) - 1}, each once")
+        missing = [word for word in cls.SPECIALS if word not in word2idx]
+        if missing:
+            raise DataError(f"{path}: vocabulary lacks the special words {missing} (needs all of {list(cls.SPECIALS)})")
         vocab = cls.__new__(cls)
         vocab.word2idx = word2idx
         vocab.idx2word = {i: w for w, i in word2idx.items()}
@@ -301,15 +315,20 @@ class CaptionEncoder:
     """Caption string -> LongTensor of ids ([CLS] word pieces [SEP] for BERT, <start> words <end>
     for a Vocabulary), optionally with the published training augmentation (see ``__call__``).
 
+    max_tokens truncates (keeping the end token); position_limit (the text encoder's positions, BERT
+    max_position_embeddings; None: unbounded) rejects a caption that would still be longer with
+    CaptionTooLongError, whatever the augmentation would delete.
+
     Example:
         >>> CaptionEncoder(load_tokenizer(vocab_file="vocab.txt"))("a red dog")  # tensor([2, 9, 27, 13, 3])
     """
 
-    def __init__(self, tokenizer_or_vocab, max_tokens=None):
-        bad_max = isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2
-        if max_tokens is not None and bad_max:
-            raise ValueError(f"max_caption_tokens must be an int >= 2 or None, got {max_tokens!r}")
+    def __init__(self, tokenizer_or_vocab, max_tokens=None, position_limit=None):
+        for name, value in (("max_caption_tokens", max_tokens), ("position_limit", position_limit)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+                raise ValueError(f"{name} must be an int >= 2 or None, got {value!r}")
         self.max_tokens = max_tokens
+        self.position_limit = position_limit
         self.source = tokenizer_or_vocab
         if isinstance(tokenizer_or_vocab, Vocabulary):
             vocab = tokenizer_or_vocab
@@ -353,6 +372,12 @@ class CaptionEncoder:
         """Ids [start, ..., end]; with an rng, each word is touched with touch_prob and then masked
         (50%), replaced by random ids (10%) or deleted (40%), as published."""
         words = self.words(caption)
+        if self.position_limit is not None:
+            n_tokens = 2 + sum(len(pieces) for pieces in words)
+            if min(n_tokens, self.max_tokens or n_tokens) > self.position_limit:
+                raise CaptionTooLongError(
+                    f"caption has {n_tokens} tokens (start and end included), more than the text encoder's "
+                    f"{self.position_limit} positions (BERT max_position_embeddings); shorten it")
         ids = [self.start]
         if rng is not None and touch_prob > 0 and words:
             draws = rng.random(len(words))
@@ -409,6 +434,14 @@ class _SplitData:
             self._features = _open_features(self.info.paths["ims"])
         return self._features
 
+    def caption_tokens(self, text, index, rng=None, touch_prob=0.0):
+        """Token ids of caption ``index`` by ``text`` (a CaptionEncoder); a caption too long for the text
+        encoder raises DataError naming its file and line."""
+        try:
+            return text(self.captions[index], rng, touch_prob)
+        except CaptionTooLongError as err:
+            raise DataError(f"{self.info.paths['caps']}:{index + 1}: {err}") from None
+
     def set_size(self, item):
         return int(self.lens[item]) if self.lens is not None else self.info.max_set
 
@@ -443,19 +476,21 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         token_aug: probability to touch each word (published 0.2); 0 disables.
         max_caption_tokens: cap on the token count including start/end (None: no cap).
         caption_limit: use only the first captions (COCO dev: 5000), a multiple of caps_per_item.
+        position_limit: the text encoder's positions (BERT max_position_embeddings, see
+            vse_fast.eval.caption_position_limit); a longer caption raises DataError naming its line.
 
     ``dataset[i]`` -> dict(features (k, D) float32, tokens (t,) int64, img_index int, cap_index int).
     """
 
     def __init__(self, data_path, split, tokenizer_or_vocab, train, seed=0, feature_drop=0.2, token_aug=0.2,
-                 max_caption_tokens=None, caption_limit=None):
+                 max_caption_tokens=None, caption_limit=None, position_limit=None):
         for name, value in (("feature_drop", feature_drop), ("token_aug", token_aug)):
             if not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.data = _SplitData(data_path, split, caption_limit)
-        self.text = CaptionEncoder(tokenizer_or_vocab, max_caption_tokens)
+        self.text = CaptionEncoder(tokenizer_or_vocab, max_caption_tokens, position_limit)
         if train and token_aug > 0 and self.text.mask is None:
             raise ValueError("token augmentation needs a '<mask>' word in the Vocabulary (Vocabulary.build adds it)")
         self.split, self.train, self.seed = split, bool(train), seed
@@ -484,7 +519,7 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         item = index // self.caps_per_item
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         features = self.data.item_features(item, rng, self.feature_drop)
-        tokens = self.text(self.data.captions[index], rng, self.token_aug)
+        tokens = self.data.caption_tokens(self.text, index, rng, self.token_aug)
         return {"features": features, "tokens": tokens, "img_index": item, "cap_index": index}
 
 
@@ -507,11 +542,13 @@ class ImageSetDataset(torch.utils.data.Dataset):
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """One item per caption, for evaluation: dict(tokens (t,) int64, index int); no augmentation."""
+    """One item per caption, for evaluation: dict(tokens (t,) int64, index int); no augmentation.
+    Arguments as PrecomputedDataset."""
 
-    def __init__(self, data_path, split, tokenizer_or_vocab, caption_limit=None, max_caption_tokens=None):
+    def __init__(self, data_path, split, tokenizer_or_vocab, caption_limit=None, max_caption_tokens=None,
+                 position_limit=None):
         self.data = _SplitData(data_path, split, caption_limit)
-        self.text = CaptionEncoder(tokenizer_or_vocab, max_caption_tokens)
+        self.text = CaptionEncoder(tokenizer_or_vocab, max_caption_tokens, position_limit)
 
     @property
     def info(self):
@@ -522,7 +559,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         index = _check_index(index, len(self))
-        return {"tokens": self.text(self.data.captions[index]), "index": index}
+        return {"tokens": self.data.caption_tokens(self.text, index), "index": index}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@
 features) is encoded once, each caption once, metrics come from vse_fast.evaluation (blocked,
 never the full similarity matrix). Published protocol: eval mode (BatchNorm running statistics,
 no dropout, no augmentation); the COCO "dev" split is cut to its first 5000 captions / 1000
-images (``caption_limit="auto"``); ``--fold5`` averages 5 folds of 1000 images (COCO 1K) and
-also reports all 5000 images (COCO 5K).
+images (``caption_limit="auto"``); ``--fold5`` averages 5 consecutive folds of N/5 items (COCO 1K
+on the 5000 images of testall) and also reports all N items (COCO 5K); the printed titles give the
+fold size, and name the COCO protocols only when the sizes are COCO's.
 """
 from __future__ import annotations
 
@@ -50,21 +51,31 @@ def _encode(loader, encode_fn, count: int, inputs: tuple[str, str], device, prec
 
 
 def _resolve_limit(split: str, caps_per_item: int, caption_limit):
-    """Captions evaluated: None (all) or a multiple of caps_per_item."""
+    """Captions evaluated: None (all) or an int >= caps_per_item. "auto" is the published dev cut in whole
+    items; an explicit int is never rounded (the datasets reject one below the caption count that is not
+    a multiple of caps_per_item)."""
     if caption_limit == "auto":
-        caption_limit = DEV_CAPTION_LIMIT if split == "dev" else None
+        return DEV_CAPTION_LIMIT // caps_per_item * caps_per_item if split == "dev" else None
     if caption_limit is None:
         return None
     if isinstance(caption_limit, bool) or not isinstance(caption_limit, int) or caption_limit < caps_per_item:
         raise ValueError(f"caption_limit must be None, 'auto' or an int >= captions per item ({caps_per_item}), "
                          f"got {caption_limit!r}")
-    return caption_limit // caps_per_item * caps_per_item
+    return caption_limit
+
+
+def caption_position_limit(model):
+    """Most tokens (start and end included) a caption may have for the model's text encoder: BERT's
+    max_position_embeddings; None for the BiGRU (unbounded)."""
+    bert = getattr(getattr(model, "txt_enc", None), "bert", None)
+    return getattr(getattr(bert, "config", None), "max_position_embeddings", None)
 
 
 def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: int = 128, device=None,
                  caption_limit="auto", precision: str = "fp32", num_workers: int = 0):
     """Embeddings of a split: (img_emb (N, E), cap_emb (N*C, E), C), each image/caption encoded once.
-    The model is put in eval mode and restored to its previous mode afterwards."""
+    The model is put in eval mode and restored to its previous mode afterwards. A caption longer than
+    the model's text encoder takes raises DataError naming its line."""
     from torch.utils.data import DataLoader
 
     from vse_fast import data
@@ -78,7 +89,8 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
     caps = info.caps_per_item
     limit = _resolve_limit(split, caps, caption_limit)
     images = data.ImageSetDataset(data_path, split, caption_limit=limit)
-    captions = data.CaptionDataset(data_path, split, tokenizer, caption_limit=limit)
+    captions = data.CaptionDataset(data_path, split, tokenizer, caption_limit=limit,
+                                   position_limit=caption_position_limit(model))
     n_images = len(images)
     if len(captions) != n_images * caps:
         raise RuntimeError(f"{len(captions)} captions for {n_images} items x {caps}")
@@ -136,21 +148,14 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
                       vocab_file: str | None = None):
     """The caption tokenizer of a model: BERT tokenizer (text_model dir or wordpiece vocab.txt) or BiGRU
     Vocabulary (vocab json, else rebuilt from the training captions as vse_fast.train does).
-    Explicit arguments first, then the checkpoint config, then files in ``data_path``."""
+    Explicit arguments first, then the checkpoint config, then files in ``data_path``. ValueError when
+    its size differs from the model's vocabulary (BERT vocab_size / BiGRU vocab_size)."""
     from vse_fast import data
 
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
     vocab_file = vocab_file or config.get("vocab_file")
     if model_opt.get("text_encoder", "bert") == "bert":
-        if vocab_file:
-            return data.load_tokenizer(vocab_file=vocab_file)
-        if text_model and os.path.isdir(text_model):
-            return data.load_tokenizer(text_model_dir=text_model)
-        if data_path and os.path.isfile(os.path.join(data_path, "vocab.txt")):
-            return data.load_tokenizer(vocab_file=os.path.join(data_path, "vocab.txt"))
-        raise ValueError("cannot find the BERT tokenizer of this model: pass --text_model DIR (the BERT "
-                         "directory) or --vocab_file vocab.txt" + (f" (text_model {text_model!r} is not a directory)"
-                                                                    if text_model else ""))
+        return _check_bert_vocab(_find_bert_tokenizer(data_path, text_model, vocab_file), model_opt)
     if vocab_file:
         vocab = data.Vocabulary.load(vocab_file)
     else:
@@ -166,6 +171,30 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
     return vocab
 
 
+def _find_bert_tokenizer(data_path, text_model, vocab_file):
+    """The BERT tokenizer from vocab_file, else the text_model directory, else data_path/vocab.txt."""
+    from vse_fast import data
+
+    if vocab_file:
+        return data.load_tokenizer(vocab_file=vocab_file)
+    if text_model and os.path.isdir(text_model):
+        return data.load_tokenizer(text_model_dir=text_model)
+    if data_path and os.path.isfile(os.path.join(data_path, "vocab.txt")):
+        return data.load_tokenizer(vocab_file=os.path.join(data_path, "vocab.txt"))
+    raise ValueError("cannot find the BERT tokenizer of this model: pass --text_model DIR (the BERT "
+                     "directory) or --vocab_file vocab.txt" + (f" (text_model {text_model!r} is not a directory)"
+                                                                if text_model else ""))
+
+
+def _check_bert_vocab(tokenizer, model_opt: dict):
+    """The tokenizer must have exactly the model's word-embedding rows (BERT config vocab_size)."""
+    vocab_size = (model_opt.get("bert_config_dict") or {}).get("vocab_size")
+    if vocab_size not in (None, len(tokenizer)):
+        raise ValueError(f"the BERT tokenizer has {len(tokenizer)} word pieces but the model was trained with "
+                         f"vocab_size={vocab_size}: pass the model's --vocab_file or --text_model")
+    return tokenizer
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vse_fast.eval", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,7 +202,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="checkpoint to evaluate; repeat for an ensemble (similarities averaged)")
     p.add_argument("--data_path", required=True, help="directory with {split}_ims.npy, {split}_caps.txt, ...")
     p.add_argument("--split", default="test", help="split to evaluate (default: test; COCO 5K: testall)")
-    p.add_argument("--fold5", action="store_true", help="COCO: mean over 5 folds of 1000 images (1K) and all (5K)")
+    p.add_argument("--fold5", action="store_true",
+                   help="mean over 5 folds of N/5 items (COCO 1K on the 5000 testall images) and all N (COCO 5K)")
     p.add_argument("--published", action="store_true",
                    help="the checkpoints are published VSE-infinity ones (default: detected from the file)")
     p.add_argument("--text_model", help="local BERT directory (tokenizer; the config of published checkpoints)")
@@ -208,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     limit = _caption_limit(args.caption_limit, parser)
     if not os.path.isdir(args.data_path):
         parser.error(f"--data_path {args.data_path!r} is not a directory")
+    if args.json:  # checked before the evaluation, not after it
+        json_dir = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            parser.error(f"--json {args.json!r} is a directory")
+        if not os.path.isdir(json_dir):
+            parser.error(f"--json {args.json!r}: directory {json_dir!r} does not exist")
     for path in args.checkpoint:
         if not os.path.isfile(path):
             parser.error(f"--checkpoint {path!r} does not exist")
@@ -238,8 +274,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     source = f"ensemble of {len(pairs)}" if len(pairs) > 1 else os.path.basename(args.checkpoint[0])
     title = f"{args.split} ({source})"
     if args.fold5:
-        print(format_table(metrics, title=f"{title}: mean of 5 folds (COCO 1K protocol)"))
-        print(format_table(metrics["all"], title=f"{title}: all items (COCO 5K protocol)"))
+        n_items = pairs[0][0].shape[0]
+        coco = n_items == 5000 and caps == 5
+        print(format_table(metrics, title=f"{title}: mean of 5 folds of {n_items // 5} items"
+                                          + (" (COCO 1K protocol)" if coco else "")))
+        print(format_table(metrics["all"], title=f"{title}: all {n_items} items"
+                                                 + (" (COCO 5K protocol)" if coco else "")))
     else:
         print(format_table(metrics, title=title))
     if args.json:

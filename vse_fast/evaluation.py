@@ -8,8 +8,9 @@ Two entry points:
   higher than its best positive, counted a block of rows (or columns) at a time, so no argsort and
   no full-size temporaries (a 5000 x 25000 float32 matrix stays the only 500 MB buffer).
 * `retrieval_metrics` / `coco_5fold`: the same metrics straight from embeddings (torch tensors, CPU
-  or CUDA), never holding the full similarity matrix: one pass over blocks of images computes
-  ``img_block @ cap.T`` and counts both directions from it. Ensembles (several (img, cap) pairs)
+  or CUDA), never holding the full similarity matrix: blocks of images compute ``img_block @ cap.T``
+  and count both directions from it (a second pass recomputes the same blocks for text->image, whose
+  positives must come from that very arithmetic). Ensembles (several (img, cap) pairs)
   average their similarities.
 
 Tie rule: a query's rank counts only strictly higher scores, so a gallery item that ties with the
@@ -44,6 +45,8 @@ def _check_sims(npts, sims, caps):
     if isinstance(npts, bool) or not isinstance(npts, (int, np.integer)) or npts < 1:
         raise ValueError(f"npts must be a positive int, got {npts!r}")
     if isinstance(sims, torch.Tensor):
+        if sims.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16; fp32 keeps every order
+            sims = sims.float()
         sims = sims.detach().cpu().numpy()
     sims = np.asarray(sims)
     if sims.ndim != 2 or sims.shape != (npts, caps * npts):
@@ -75,7 +78,8 @@ def i2t(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
 
     Args:
         npts: number of images N.
-        sims: (N, C*N) float numpy array (or CPU tensor), image i's captions are columns i*C .. i*C+C-1.
+        sims: (N, C*N) float numpy array (or CPU tensor; fp16/bf16 are compared in float32), image i's
+            captions are columns i*C .. i*C+C-1.
         return_ranks: also return ``(ranks, top1)``, float64 arrays of shape (N,).
         mode: "coco" means C = 5 captions per image, anything else C = 1 (as published).
         caps_per_item: C, overrides ``mode`` (e.g. 20 for MSR-VTT, 10 for VATEX).
@@ -211,38 +215,55 @@ def _count_greater(sims, threshold, dim):
     return (sims > threshold).sum(dim)
 
 
+def _block_sims(pairs, a, b):
+    """S[a:b] = sum_k img_k[a:b] @ cap_k.T, (b-a, C*N). Every score either direction compares comes from
+    this one computation (same blocks, same shapes), so equal embeddings give bit-identical scores."""
+    sims = pairs[0][0][a:b] @ pairs[0][1].T
+    for img, cap in pairs[1:]:
+        sims.addmm_(img[a:b], cap.T)
+    return sims
+
+
 def _retrieval_ranks(pairs, caps, block):
-    """0-based ranks (int64, on the embeddings' device): i2t (N,), t2i (C*N,). One pass over image blocks.
+    """0-based ranks (int64, on the embeddings' device): i2t (N,), t2i (C*N,). Two passes over image blocks.
 
     S = sum_k img_k @ cap_k.T (the ensemble average up to the factor 1/K, which keeps every rank).
     i2t: rank_i = #{j : S[i,j] > max_c S[i, i*C+c]}.
-    t2i: rank_j = #{i != j//C : S[i,j] > pos_j}, pos_j = sum_k <img_k[j//C], cap_k[j]> computed
-         row-wise up front; the self comparison is subtracted, so the positive never outranks itself.
+    t2i: rank_j = #{i : S[i,j] > pos_j}, pos_j = S[j//C, j] gathered from the first pass's block
+         products; an elementwise dot would round differently from the matmul and break the tie rule
+         (a duplicate of the positive image must tie, not outrank it).
     """
     dtype = _compute_dtype(pairs)
     n_img = pairs[0][0].shape[0]
     n_cap = caps * n_img
     device = pairs[0][0].device
     pairs = [(img.to(dtype), cap.to(dtype)) for img, cap in pairs]
-    positive = torch.zeros(n_cap, dtype=dtype, device=device)
-    for a in range(0, n_img, block):
-        b = min(n_img, a + block)
-        for img, cap in pairs:
-            positive[a * caps:b * caps] += (img[a:b].repeat_interleave(caps, dim=0) * cap[a * caps:b * caps]).sum(1)
+    positive = torch.empty(n_cap, dtype=dtype, device=device)
     rank_i2t = torch.empty(n_img, dtype=torch.int64, device=device)
     rank_t2i = torch.zeros(n_cap, dtype=torch.int64, device=device)
     offsets = torch.arange(caps, device=device)
     for a in range(0, n_img, block):
         b = min(n_img, a + block)
-        sims = pairs[0][0][a:b] @ pairs[0][1].T  # (b-a, n_cap)
-        for img, cap in pairs[1:]:
-            sims.addmm_(img[a:b], cap.T)
+        sims = _block_sims(pairs, a, b)  # (b-a, n_cap)
         rows = torch.arange(b - a, device=device)
         own = sims[rows[:, None], (rows[:, None] + a) * caps + offsets]  # (b-a, C)
         rank_i2t[a:b] = _count_greater(sims, own.amax(1, keepdim=True), dim=1)
-        rank_t2i += _count_greater(sims, positive[None, :], dim=0)
-        rank_t2i[a * caps:b * caps] -= (own > positive[a * caps:b * caps].view(-1, caps)).reshape(-1).long()
+        positive[a * caps:b * caps] = own.reshape(-1)
+    for a in range(0, n_img, block):
+        rank_t2i += _count_greater(_block_sims(pairs, a, min(n_img, a + block)), positive[None, :], dim=0)
     return rank_i2t, rank_t2i
+
+
+def _resolve_caption_count(n_img, n_cap, caps_per_item):
+    """Captions per item: caps_per_item, or inferred from the counts when None; checked against them."""
+    if caps_per_item is None:
+        if n_cap % n_img:
+            raise ValueError(f"{n_cap} captions is not a multiple of {n_img} images; pass caps_per_item")
+        caps_per_item = n_cap // n_img
+    caps = _resolve_caps_per_item(None, caps_per_item)
+    if n_cap != caps * n_img:
+        raise ValueError(f"expected caps_per_item * images = {caps} * {n_img} captions, got {n_cap}")
+    return caps
 
 
 def retrieval_metrics(img_emb, cap_emb=None, caps_per_item=None, *, block=1024, return_ranks=False):
@@ -260,21 +281,16 @@ def retrieval_metrics(img_emb, cap_emb=None, caps_per_item=None, *, block=1024, 
     Returns:
         dict with METRIC_KEYS ("i2t_r1", ..., "t2i_meanr", "rsum"), Python floats. Similarities are
         computed in float32 (float64 when the embeddings are float64); a query's rank counts strictly
-        higher scores (ties favour the positive).
+        higher scores (ties favour the positive). The ranks are exactly those of `i2t` / `t2i` on the
+        matrix of the block products ``img[a:b] @ cap.T``: duplicated images (captions) tie wherever
+        the matmul gives them equal scores (BLAS may round a row differently at another block position).
 
     Example:
         >>> m = retrieval_metrics(img_emb, cap_emb, 5)
         >>> m["rsum"]
     """
     pairs = _embedding_pairs(img_emb, cap_emb)
-    n_img, n_cap = pairs[0][0].shape[0], pairs[0][1].shape[0]
-    if caps_per_item is None:
-        if n_cap % n_img:
-            raise ValueError(f"{n_cap} captions is not a multiple of {n_img} images; pass caps_per_item")
-        caps_per_item = n_cap // n_img
-    caps = _resolve_caps_per_item(None, caps_per_item)
-    if n_cap != caps * n_img:
-        raise ValueError(f"expected caps_per_item * images = {caps} * {n_img} captions, got {n_cap}")
+    caps = _resolve_caption_count(pairs[0][0].shape[0], pairs[0][1].shape[0], caps_per_item)
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     for k, (img, cap) in enumerate(pairs):
@@ -291,21 +307,22 @@ def retrieval_metrics(img_emb, cap_emb=None, caps_per_item=None, *, block=1024, 
     return (metrics, ranks) if return_ranks else metrics
 
 
-def coco_5fold(img_emb, cap_emb=None, caps_per_item=5, *, n_folds=5, block=1024):
+def coco_5fold(img_emb, cap_emb=None, caps_per_item=None, *, n_folds=5, block=1024):
     """COCO 1K protocol: metrics on n_folds consecutive folds of N / n_folds images (and their
     captions), averaged over folds as published (rsum = mean of the fold rsums).
 
-    Args: as `retrieval_metrics` (ensembles too); N must be divisible by n_folds (5000 -> 5 x 1000).
+    Args: as `retrieval_metrics` (ensembles too; caps_per_item None infers it from the counts);
+        N must be divisible by n_folds (5000 -> 5 x 1000).
     Returns: dict with METRIC_KEYS (fold means) plus "folds": list of per-fold metric dicts.
     The 5K numbers are `retrieval_metrics` on all the embeddings.
     """
     pairs = _embedding_pairs(img_emb, cap_emb)
     n_img = pairs[0][0].shape[0]
+    caps = _resolve_caption_count(n_img, pairs[0][1].shape[0], caps_per_item)
     if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 1:
         raise ValueError(f"n_folds must be a positive int, got {n_folds!r}")
     if n_img % n_folds:
         raise ValueError(f"{n_img} images cannot be split into {n_folds} equal folds")
-    caps = _resolve_caps_per_item(None, caps_per_item)
     size = n_img // n_folds
     folds = []
     for f in range(n_folds):

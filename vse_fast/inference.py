@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vse_fast.data import collate
-from vse_fast.eval import _autocast
+from vse_fast.eval import _autocast, caption_position_limit
 
 
 def _as_feature_set(x, index: int, img_dim: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ class Encoder:
         from vse_fast.data import CaptionEncoder  # the evaluation pipeline's caption -> ids (no augmentation)
 
         self.tokenizer = tokenizer
-        self._text = CaptionEncoder(tokenizer)
+        self._text = CaptionEncoder(tokenizer, position_limit=caption_position_limit(model))
         self.batch_size = batch_size
         self.precision = precision
         self.img_dim = model.opt["img_dim"]
@@ -77,7 +77,8 @@ class Encoder:
         return cls(model, tokenizer, device=device, **kwargs)
 
     def tokenize(self, caption: str) -> list[int]:
-        """Token ids of one caption as the evaluation pipeline builds them."""
+        """Token ids of one caption as the evaluation pipeline builds them; ValueError (a
+        vse_fast.data.CaptionTooLongError) when it has more tokens than the text encoder's positions."""
         if not isinstance(caption, str):
             raise TypeError(f"captions must be strings, got {type(caption).__name__}")
         if not caption.strip():
@@ -106,10 +107,16 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
-        """captions: strings. Returns (M, E) float32 embeddings on the encoder's device."""
+        """captions: strings. Returns (M, E) float32 embeddings on the encoder's device. A caption
+        that cannot be encoded raises an error naming its index."""
         if isinstance(captions, str):
             raise TypeError("captions must be a list of strings, got one string")
-        tokens = [self.tokenize(c) for c in captions]
+        tokens = []
+        for index, caption in enumerate(captions):
+            try:
+                tokens.append(self.tokenize(caption))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"caption {index}: {err}") from None
         if not tokens:
             raise ValueError("no captions to encode")
         out = []
@@ -126,8 +133,8 @@ def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, b
     """Top-k gallery rows for each query by inner product (cosine for normalised embeddings), in
     either direction (captions against images or images against captions).
 
-    Args: query_emb (Q, E), gallery_emb (G, E) float tensors or arrays on one device; 1 <= k <= G;
-        block: queries scored per matmul (peak extra memory block * G).
+    Args: query_emb (Q, E), gallery_emb (G >= 1, E) finite float tensors or arrays on one device;
+        1 <= k <= G (int or numpy integer); block: queries scored per matmul (peak extra memory block * G).
     Returns: (scores (Q, k) float32, indices (Q, k) int64), best first; ties keep the lower index first
         only as far as torch.topk does (unspecified).
     """
@@ -141,10 +148,17 @@ def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, b
         raise ValueError(f"embedding sizes differ: queries {query_emb.shape[1]}, gallery {gallery_emb.shape[1]}")
     if query_emb.device != gallery_emb.device:
         raise ValueError(f"query_emb is on {query_emb.device}, gallery_emb on {gallery_emb.device}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= gallery_emb.shape[0]:
+    if gallery_emb.shape[0] == 0:
+        raise ValueError("gallery_emb is empty (0 rows): there is nothing to search")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= gallery_emb.shape[0]:
         raise ValueError(f"k must be an int in [1, {gallery_emb.shape[0]}] (gallery size), got {k!r}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
+    for name, x in (("query_emb", query_emb), ("gallery_emb", gallery_emb)):
+        bad = torch.nonzero(~torch.isfinite(x).all(dim=1))
+        if bad.numel():
+            raise ValueError(f"{name} row {int(bad[0])} contains NaN or inf ({bad.numel()} such rows)")
+    k = int(k)
     gallery = gallery_emb.float()
     scores, indices = [], []
     for a in range(0, query_emb.shape[0], block):

@@ -453,6 +453,7 @@ class Trainer:
 
     def __init__(self, cfg: dict, ctx: vdist.DistContext, data_path: str, saved_state: Optional[dict]):
         from vse_fast import data
+        from vse_fast.eval import caption_position_limit
         from vse_fast.model import build_model
 
         self.cfg, self.ctx, self.data_path = cfg, ctx, data_path
@@ -483,6 +484,7 @@ class Trainer:
         self.train_set = data.PrecomputedDataset(
             data_path, cfg["train_split"], self.vocab, train=True, seed=cfg["seed"],
             feature_drop=cfg["feature_drop"], token_aug=cfg["token_aug"],
+            position_limit=caption_position_limit(self.model),
         )
         self.sampler = vdist.EpochBatchSampler(len(self.train_set), cfg["batch_size"], rank=ctx.rank,
                                                world_size=ctx.world_size, seed=cfg["seed"])
