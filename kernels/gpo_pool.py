@@ -357,7 +357,8 @@ def _net_flags(settings: PoolSettings, x: torch.Tensor, backward: bool) -> dict:
 
 
 def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settings: PoolSettings = None):
-    """Launch the forward. x (B, K, D) fp32/bf16/fp16, any strides; lengths (B,) int32 in [1, K]
+    """Launch the forward. x (B, K, D) fp32/bf16/fp16, any strides (the 16-bit "net" forward copies an x
+    whose feature stride is not 1); lengths (B,) int32 in [1, K]
     (clamped to [0, K] in the kernel); w (B, Kw) float32 (positions >= min(n, Kw) read as 0).
     settings=None takes `pool_settings(K, D, itemsize=...)` (implementation from VSE_FAST_GPO_POOL_KERNEL).
     Returns (out (B, D) in x.dtype, settings); pass the same settings to the backward."""
@@ -367,6 +368,10 @@ def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settin
     out = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B == 0 or D == 0:
         return out, settings
+    if settings.impl == "net" and x.element_size() == 2 and D > 1 and x.stride(2) != 1:
+        # the 16-bit network forward loads columns 2t, 2t+1 as one 32-bit word (a contiguity hint that
+        # holds only for unit feature stride): copy a tensor strided along D
+        x = x.contiguous()
     grid = (B, triton.cdiv(D, settings.BLOCK_D))
     kernel = _kernels(settings)[0]
     kernel[grid](

@@ -97,6 +97,7 @@ _PROLOGUE = """    i_b = tl.program_id(0)
 # elements a thread gets: 1-D layouts leave Triton no choice of axis order (Triton 3.6 and 3.9 break
 # ties between equally contiguous axes of a 2-D tile the opposite way), and reshaped to
 # [BLOCK_K, BLOCK_D] every row of a column sits in its thread's registers.
+# The 16-bit hint holds only for stride_xd == 1: the launcher (gpo_pool_fwd) copies other x first.
 _ADJACENT_COLUMNS = """    if x_ptr.dtype.element_ty.primitive_bitwidth == 16:  # columns 2t, 2t+1: a 32-bit access per row
         o_d = tl.max_contiguous(i_d * BLOCK_D + tl.arange(0, BLOCK_D), 2)
         off_x = tl.max_contiguous(e_k * stride_xk + e_d * stride_xd, 2)

@@ -67,3 +67,17 @@ def test_similarity_tiles_use_tensor_cores(compile_results):
         if (r["hgmma"] == 0 if r["arch"] >= 90 else r["hmma"] == 0)
     ]
     assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["--filter", "no-such-kernel"], "--filter 'no-such-kernel' matches no specialization"),
+    (["--json", "/nonexistent-dir/x.json"], "its directory does not exist"),
+    (["--variants", "fast"], "--variants takes plain and/or aligned"),
+], ids=["jobs", "filter", "json", "variants"])
+def test_cli_errors_name_the_problem(capsys, argv, message):
+    from vse_fast.compile_check import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -6,7 +6,7 @@
   concatenated batch (VSE0 and VSE++; BatchNorm model in eval mode and a BN-free model in train mode,
   the two comparisons that are exact: train-mode BN uses per-rank batch statistics, see
   docs/distributed.md).
-- Gradient caching under DDP (chunks of 2 of each rank's 3 pairs, BN-free model): the same loss and
+- Gradient caching under DDP (chunks of 1 of each rank's 3 pairs, BN-free model): the same loss and
   gradients as one process on the concatenated batch.
 - A 2-process torchrun training run stops at --max_steps, resumes in 1 process and ends where a
   1-process run ends.
@@ -130,11 +130,11 @@ def _ddp_worker(rank, world, port, workdir):
             local, _, _ = compute_loss(ddp.module, batch, ctx, margin=0.2, max_violation=max_violation,
                                        local_negatives=True)
             out[key + "/local_loss"] = local.detach()
-            if train_mode:  # gradient caching under DDP: no_sync on the first chunk, all-reduce on the last
+            if train_mode:  # gradient caching under DDP: no_sync on the first two chunks, all-reduce on the last
                 model = _build(opts, inputs["bert_config"])
                 model.load_state_dict(inputs[f"{name}/state"])
                 ddp = torch.nn.parallel.DistributedDataParallel(model)
-                loss, _, _ = cached_backward(ddp, split_batch(batch, 2), torch.amp.GradScaler("cpu", enabled=False),
+                loss, _, _ = cached_backward(ddp, split_batch(batch, 1), torch.amp.GradScaler("cpu", enabled=False),
                                              ctx, margin=0.2, max_violation=max_violation)
                 out[key + "/chunked_loss"] = vdist.all_reduce_sum(loss, ctx)
                 out[key + "/chunked_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()
@@ -182,7 +182,7 @@ def test_ddp_global_negatives_match_single_process(tmp_path):
             key = f"{name}/mv{int(max_violation)}"
             for r in range(world):
                 expected = {p_name: p.grad for p_name, p in model.named_parameters() if p.grad is not None}
-                # with --chunk_size 2 (local batches of 3: chunks of 2 + 1), BN-free train-mode model only
+                # chunks of 1 (local batches of 3: three chunks), BN-free train-mode model only
                 variants = ["", "chunked_"] if train_mode else [""]
                 for variant in variants:
                     torch.testing.assert_close(outs[r][key + f"/{variant}loss"], loss.detach(), rtol=1e-5, atol=1e-6)

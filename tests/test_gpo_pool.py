@@ -343,6 +343,29 @@ def test_net_compiled_settings_and_packing_flags(monkeypatch):
     assert gp._net_flags(gp.pool_settings(64, 1024, impl="sort"), x16, backward=False) == {}
 
 
+@pytest.mark.parametrize("dtype, impl, copied", [(torch.bfloat16, "net", True), (torch.float16, "net", True),
+                                                 (torch.float32, "net", False), (torch.bfloat16, "sort", False)])
+def test_net_forward_gets_unit_feature_stride_for_16_bit(monkeypatch, dtype, impl, copied):
+    """The 16-bit network forward hints that columns 2t, 2t+1 are adjacent in memory (one 32-bit load):
+    the launcher hands it a copy when the feature stride is not 1 (a stride of 64 here, which Triton
+    would otherwise mark divisible by 16 and load as pairs). Other kernels take the strides as given."""
+    import vse_fast.kernels.gpo_pool as gp
+
+    seen = {}
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda x, *args, **kw: seen.update(x=x)
+
+    monkeypatch.setattr(gp, "_kernels", lambda settings: (Launch(), None))
+    monkeypatch.setattr(gp, "_net_flags", lambda *a, **kw: {})
+    x, n, w = make_inputs(3, 64, 8, dtype, strided=True, requires_grad=False)
+    settings = gp.pool_settings(64, 8, impl=impl, itemsize=x.element_size())
+    gp.gpo_pool_fwd(x, n.to(torch.int32), w, settings)
+    assert (seen["x"].stride(2) == 1) == copied and (seen["x"] is x) != copied
+    assert torch.equal(seen["x"], x)
+
+
 @requires_interpreter
 def test_unknown_kernel_impl_raises(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "bitonic")

@@ -43,7 +43,10 @@ def test_split_batch_rows_and_per_chunk_padding():
     batch = _batch(7, seed=1)
     batch["index"] = torch.arange(7)
     chunks = grad_cache.split_batch(batch, 3)
-    assert [c["images"].shape[0] for c in chunks] == [3, 3, 1]
+    assert [c["images"].shape[0] for c in chunks] == [3, 4]  # a last chunk of one pair joins the one before
+    assert [c["images"].shape[0] for c in grad_cache.split_batch(batch, 2)] == [2, 2, 3]
+    assert [c["images"].shape[0] for c in grad_cache.split_batch(batch, 1)] == [1] * 7
+    assert [c["images"].shape[0] for c in grad_cache.split_batch(batch, 6)] == [7]
     for i, chunk in enumerate(chunks):
         rows = slice(3 * i, 3 * i + chunk["images"].shape[0])
         k, t = int(batch["img_lengths"][rows].max()), int(batch["cap_lengths"][rows].max())
@@ -66,6 +69,19 @@ def test_chunked_step_equals_the_unchunked_step_without_dropout_and_bn(tmp_path,
     torch.testing.assert_close(c_loss, loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c_img, img_emb.detach(), rtol=1e-5, atol=1e-6)
     _assert_same_grads(_grads(chunked), _grads(full))
+
+
+def test_a_lone_pair_with_a_one_row_set_never_forms_a_batchnorm_chunk(tmp_path):
+    """Cut to its own set size, a chunk of one pair whose set has one row would give the region MLP's
+    BatchNorm one value per channel (an error in training): that pair joins the chunk before it."""
+    batch = _batch(5, seed=4)
+    batch["img_lengths"] = torch.tensor([2, 6, 1, 3, 1])
+    model = _model(tmp_path, "basic", 0.0).train()
+    chunks = grad_cache.split_batch(batch, 2)
+    assert [c["images"].shape[0] for c in chunks] == [2, 3]
+    loss, _, _ = grad_cache.cached_backward(model, chunks, torch.amp.GradScaler("cpu", enabled=False), DistContext(),
+                                            margin=0.2, max_violation=True)
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("max_violation", [False, True])
@@ -110,6 +126,7 @@ def test_cli_chunk_size_trains_like_the_unchunked_run(tmp_path, capsys):
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=2e-5,
                                    msg=lambda m, key=key: f"{key}: {m}")
-    with pytest.raises(SystemExit):
-        train.main(args + ["--run_dir", str(tmp_path / "bad"), "--chunk_size", "0"])
-    assert "--chunk_size must be >= 1, got 0" in capsys.readouterr().err
+    for bad in ("0", "1"):
+        with pytest.raises(SystemExit):
+            train.main(args + ["--run_dir", str(tmp_path / "bad"), "--chunk_size", bad])
+        assert f"--chunk_size must be >= 2, got {bad}" in capsys.readouterr().err

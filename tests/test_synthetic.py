@@ -73,6 +73,9 @@ def test_bad_parameters_are_named(tmp_path):
         synthetic.generate(str(tmp_path), n_dev=0)
     with pytest.raises(ValueError, match="seed"):
         synthetic.generate(str(tmp_path), seed=-2)
+    for noise in (float("nan"), float("inf"), -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="noise must be a finite non-negative number"):
+            synthetic.generate(str(tmp_path), noise=noise)
 
 
 def test_data_of_another_generator_version_is_regenerated(tmp_path, monkeypatch):

@@ -217,10 +217,16 @@ def main(argv=None):
     parser.add_argument("--markdown", action="store_true", help="also print a per-kernel summary table (README)")
     parser.add_argument("--variants", default="plain,aligned", help="builds per spec: plain, aligned or both")
     args = parser.parse_args(argv)
-    specs = [s for s in collect_specializations() if args.filter in s["name"]]
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json!r}: its directory does not exist")
     names = [v for v in args.variants.split(",") if v]
     if not names or set(names) - {"plain", "aligned"}:
         parser.error(f"--variants takes plain and/or aligned, got {args.variants!r}")
+    specs = [s for s in collect_specializations() if args.filter in s["name"]]
+    if not specs:
+        parser.error(f"--filter {args.filter!r} matches no specialization")
     variants = tuple(v == "aligned" for v in ("plain", "aligned") if v in names)
     results = compile_all(tuple(args.arch or DEFAULT_ARCHES), specs, jobs=args.jobs, variants=variants)
     print(format_table(results))

@@ -143,7 +143,10 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 
 
 class AllGatherWithGrad(torch.autograd.Function):
-    """y = cat([x_0, ..., x_{W-1}], dim=0) over the ranks of ``group``; every x_r has the same shape.
+    """y = cat([x_0, ..., x_{W-1}], dim=0) over the ranks of ``group``; every x_r has the same shape
+    and dtype. Not checked (a check would cost a collective per call): a mismatch fails inside the
+    collective (gloo aborts the processes; NCCL may hang or read garbage). The trainer's equal
+    per-rank batches always match.
 
     Backward: dx_r = sum_q dy_q[r*B:(r+1)*B] (a reduce-scatter with SUM), i.e. rank r's rows
     receive the gradient that every rank's loss sent to them.
@@ -198,7 +201,8 @@ def global_contrastive_loss(
     """This rank's share of the VSE loss (reduction "sum"), so that sum over ranks = global loss.
 
     Args:
-        img_emb, cap_emb: (B_local, E) embeddings of this rank's pairs (row i of each is a positive pair).
+        img_emb, cap_emb: (B_local, E) embeddings of this rank's pairs (row i of each is a positive pair);
+            B_local, E and the dtype must be the same on every rank (see AllGatherWithGrad).
         ctx: the DistContext. Single process (``ctx.enabled`` False): the published batch loss.
         margin, max_violation: VSE margin; VSE++ hardest negatives (True) or VSE0 sum (False).
         local_negatives: True = each rank's loss uses only its own batch as negatives (no communication).

@@ -33,15 +33,20 @@ from vse_fast import distributed as vdist
 
 def split_batch(batch: dict, chunk_size: int) -> list:
     """Rows [i, i + chunk_size) of a collated CPU batch (images, img_lengths, captions, cap_lengths,
-    any other per-row tensors), each chunk cut to its own longest set and caption."""
+    any other per-row tensors), each chunk cut to its own longest set and caption. A last chunk of
+    one pair joins the one before it (chunk_size + 1 pairs): cut to its own set size, a lone pair
+    with a one-row set would give BatchNorm one value per channel, which it rejects in training."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if batch["img_lengths"].is_cuda or batch["cap_lengths"].is_cuda:
         raise ValueError("split_batch takes the loader's CPU batch (trimming reads the lengths on the host)")
     size = batch["images"].shape[0]
+    bounds = list(range(0, size, chunk_size)) + [size]
+    if chunk_size > 1 and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
     chunks = []
-    for start in range(0, size, chunk_size):
-        rows = slice(start, min(start + chunk_size, size))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        rows = slice(start, stop)
         chunk = {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
         chunk["images"] = chunk["images"][:, : int(chunk["img_lengths"].max())]
         chunk["captions"] = chunk["captions"][:, : int(chunk["cap_lengths"].max())]

@@ -95,8 +95,9 @@ def _params(flavour, seed, sizes):
         raise ValueError(f"max_set must be >= 8, got {params['max_set']}")
     if params["pattern_dims"] > params["feat_dim"]:
         raise ValueError(f"pattern_dims {params['pattern_dims']} > feat_dim {params['feat_dim']}")
-    if not isinstance(params["noise"], (int, float)) or params["noise"] < 0:
-        raise ValueError(f"noise must be a non-negative number, got {params['noise']!r}")
+    noise = params["noise"]
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < float("inf"):
+        raise ValueError(f"noise must be a finite non-negative number, got {noise!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return dict(format=FORMAT, generator=GENERATOR, flavour=flavour, seed=seed, **params)

@@ -202,8 +202,9 @@ def _validate(cfg: dict, parser) -> None:
     for key in positive:
         if cfg.get(key) is not None and cfg[key] < 1:
             parser.error(f"--{key} must be >= 1, got {cfg[key]}")
-    if cfg.get("chunk_size") is not None and cfg["chunk_size"] < 1:
-        parser.error(f"--chunk_size must be >= 1, got {cfg['chunk_size']}")
+    if cfg.get("chunk_size") is not None and cfg["chunk_size"] < 2:
+        parser.error(f"--chunk_size must be >= 2, got {cfg['chunk_size']}: a chunk of one pair with a one-row "
+                     "set gives the region MLP's BatchNorm a single value per channel")
     for key in ("workers", "save_steps", "vse_mean_warmup_epochs", "lr_update"):
         if cfg.get(key) is not None and cfg[key] < 0:
             parser.error(f"--{key} must be >= 0, got {cfg[key]}")
