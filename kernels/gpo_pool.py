@@ -328,6 +328,20 @@ def _check_launch(x, lengths, w):
         raise TypeError(f"launcher wants int32 lengths and float32 weights, got {lengths.dtype} and {w.dtype}")
 
 
+def _int32_row_offsets(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t, or its contiguous copy when an element offset within one batch row (the kernels compute the
+    row's offset in int64, the rest in int32) would pass 2**31 - 1: strided views of huge tensors."""
+    def extent(u):
+        return sum((size - 1) * stride for size, stride in zip(u.shape[1:], u.stride()[1:]) if size > 0)
+
+    if extent(t) < 2**31:
+        return t
+    t = t.contiguous()
+    if extent(t) >= 2**31:
+        raise ValueError(f"{name}: rows of {t[0].numel()} elements, more than the kernels' int32 offsets reach")
+    return t
+
+
 def _kernels(settings: PoolSettings):
     """(forward, backward) jit kernels of the settings' implementation."""
     if settings.impl == "net":
@@ -368,6 +382,7 @@ def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settin
     out = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B == 0 or D == 0:
         return out, settings
+    x = _int32_row_offsets(x, "features")
     if settings.impl == "net" and x.element_size() == 2 and D > 1 and x.stride(2) != 1:
         # the 16-bit network forward loads columns 2t, 2t+1 as one 32-bit word (a contiguity hint that
         # holds only for unit feature stride): copy a tensor strided along D
@@ -392,6 +407,7 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
     B, K, D = x.shape
     Kw = w.shape[1]
     n_d_blocks = triton.cdiv(D, settings.BLOCK_D)
+    x, grad_out = _int32_row_offsets(x, "features"), _int32_row_offsets(grad_out, "grad_out")
     grad_x = torch.empty((B, K, D), dtype=x.dtype, device=x.device)
     gw_part = torch.empty((B, n_d_blocks, settings.BLOCK_K), dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:

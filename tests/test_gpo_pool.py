@@ -343,6 +343,20 @@ def test_net_compiled_settings_and_packing_flags(monkeypatch):
     assert gp._net_flags(gp.pool_settings(64, 1024, impl="sort"), x16, backward=False) == {}
 
 
+def test_launch_copies_views_whose_row_offsets_pass_int32():
+    """The kernels compute a batch row's offset in int64 and offsets within it in int32: a strided view
+    whose row spans 2**31 elements or more is copied (meta tensors: shapes and strides, no memory)."""
+    from vse_fast.kernels.gpo_pool import _int32_row_offsets
+
+    small = torch.empty_strided((2, 3, 4), (12, 1, 3), device="meta")
+    assert _int32_row_offsets(small, "x") is small
+    huge = torch.empty_strided((2, 3, 4), (1, 2**31, 2), device="meta")  # (K - 1) * stride_k >= 2**31
+    fixed = _int32_row_offsets(huge, "x")
+    assert fixed.stride() == (12, 4, 1)
+    with pytest.raises(ValueError, match="more than the kernels' int32 offsets reach"):
+        _int32_row_offsets(torch.empty_strided((1, 512, 2**23), (1, 1, 512), device="meta"), "features")
+
+
 @pytest.mark.parametrize("dtype, impl, copied", [(torch.bfloat16, "net", True), (torch.float16, "net", True),
                                                  (torch.float32, "net", False), (torch.bfloat16, "sort", False)])
 def test_net_forward_gets_unit_feature_stride_for_16_bit(monkeypatch, dtype, impl, copied):
