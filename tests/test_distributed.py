@@ -11,6 +11,7 @@
 - A 2-process torchrun training run stops at --max_steps, resumes in 1 process and ends where a
   1-process run ends.
 """
+import gc
 import os
 import socket
 import subprocess
@@ -141,7 +142,11 @@ def _ddp_worker(rank, world, port, workdir):
                                                if p.grad is not None}
     torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
     del ddp, model  # the DDP wrapper holds the process group: release it before the teardown
+    assert not ctx.owns_group  # this worker initialised the group: cleanup_distributed leaves it alone
     vdist.cleanup_distributed(ctx)
+    assert dist.is_initialized()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def test_ddp_global_negatives_match_single_process(tmp_path):

@@ -78,6 +78,19 @@ def test_bad_parameters_are_named(tmp_path):
             synthetic.generate(str(tmp_path), noise=noise)
 
 
+def test_fingerprint_covers_the_generator_and_the_vocabulary_writer(monkeypatch, tmp_path):
+    import shutil
+
+    assert synthetic._source_fingerprint() == synthetic.GENERATOR
+    for module in (synthetic, data):  # a copy of the package with one byte more in either file
+        copy = tmp_path / module.__name__
+        shutil.copytree(os.path.dirname(synthetic.__file__), copy)
+        with open(copy / os.path.basename(module.__file__), "a") as f:
+            f.write("\n")
+        monkeypatch.setattr(synthetic, "__file__", str(copy / "synthetic.py"))
+        assert synthetic._source_fingerprint() != synthetic.GENERATOR
+
+
 def test_data_of_another_generator_version_is_regenerated(tmp_path, monkeypatch):
     """A cache folder written by another version of the generator (same parameters otherwise) is not
     reused: its manifest records that version's source fingerprint."""

@@ -47,7 +47,8 @@ __all__ = [
 class DistContext:
     """Where this process stands: ``rank`` of ``world_size`` processes, ``local_rank`` on its node,
     the ``device`` it computes on, ``is_main`` (rank 0: logging, progress, checkpoints) and
-    ``enabled`` (a process group is initialised and world_size > 1)."""
+    ``enabled`` (a process group is initialised and world_size > 1), ``owns_group`` (this context
+    initialised it: ``cleanup_distributed`` destroys only such a group)."""
 
     rank: int = 0
     world_size: int = 1
@@ -55,6 +56,7 @@ class DistContext:
     device: torch.device = torch.device("cpu")
     is_main: bool = True
     enabled: bool = False
+    owns_group: bool = False
 
 
 def _env_int(name: str, default: Optional[int]) -> Optional[int]:
@@ -113,7 +115,8 @@ def init_distributed(device=None, backend: Optional[str] = None, timeout_minutes
         raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this build")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
@@ -125,14 +128,15 @@ def init_distributed(device=None, backend: Optional[str] = None, timeout_minutes
             timeout=datetime.timedelta(minutes=timeout_minutes),
             **({"device_id": dev} if dev.type == "cuda" else {}),
         )
-    return DistContext(rank, world_size, local_rank, dev, rank == 0, True)
+    return DistContext(rank, world_size, local_rank, dev, rank == 0, True, owns_group)
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
-    """Destroy the process group if this context initialised one. Unreachable DDP wrappers (which hold
-    the group and its gloo work objects) are collected first: left to interpreter shutdown, gloo's
-    worker threads can abort the process ("terminate called without an active exception")."""
-    if ctx.enabled and dist.is_initialized():
+    """Destroy the process group if this context initialised one (a group the caller initialised is
+    left to the caller). Unreachable DDP wrappers (which hold the group and its gloo work objects) are
+    collected first: left to interpreter shutdown, gloo's worker threads can abort the process
+    ("terminate called without an active exception")."""
+    if ctx.owns_group and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
 

@@ -44,13 +44,17 @@ FORMAT = "vse_fast-synthetic/1"
 
 
 def _source_fingerprint() -> str:
-    """16 hex digits of sha256 over this module's source. Part of every dataset's parameters, so a
-    cached dataset written by another version of the generator is never reused as if current."""
+    """16 hex digits of sha256 over the generator's source: this module and vse_fast/data.py (whose
+    Vocabulary writes vocab.json). Part of every dataset's parameters, so a cached dataset written by
+    another version of the generator is never reused as if current."""
+    digest = hashlib.sha256()
     try:
-        with open(__file__, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:16]
+        for path in (__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")):
+            with open(path, "rb") as f:
+                digest.update(f.read())
     except OSError:  # no source file (frozen install): fall back to the format version alone
         return "unknown"
+    return digest.hexdigest()[:16]
 
 
 GENERATOR = _source_fingerprint()
