@@ -298,6 +298,31 @@ def test_augmentation_statistics_match_published(tmp_path, tokenizer):
     assert no_aug[5]["features"].shape[0] == k
 
 
+def test_token_augmentation_shares_are_the_published_ones(tokenizer):
+    """A touched word (draw u < 0.2) is masked for u/0.2 < 0.5, replaced by random ids for
+    u/0.2 < 0.6, deleted otherwise (published process_caption); untouched words are kept.
+    A scripted rng sets the draws and the random id."""
+    class ScriptedRng:
+        def __init__(self, draws):
+            self.draws = np.asarray(draws)
+
+        def random(self, n):
+            assert n == len(self.draws)
+            return self.draws
+
+        def integers(self, low, high, n):
+            assert (low, high) == (0, tokenizer.vocab_size)
+            return np.full(n, 7)
+
+    text = data.CaptionEncoder(tokenizer)
+    words = list(WORDS[:7])
+    pieces = [tokenizer.convert_tokens_to_ids(w) for w in words]
+    draws = [0.0, 0.099, 0.101, 0.119, 0.121, 0.199, 0.2]  # mask, mask, random, random, delete, delete, keep
+    ids = text(" ".join(words), ScriptedRng(draws), 0.2).tolist()
+    mask = tokenizer.mask_token_id
+    assert ids == [tokenizer.cls_token_id, mask, mask, 7, 7, pieces[6], tokenizer.sep_token_id]
+
+
 def test_feature_drop_keeps_at_least_one_region(split, tokenizer):
     folder = split[0]
     dataset = data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop=0.99)

@@ -37,9 +37,9 @@ def check_table_and_grads(reference, fused, K, value_tol, grad_tol):
             assert rel_err(grad.cpu(), exp) < grad_tol, name
 
 
-# K: 1 (a single step), 16 (one reverse block), 17 and 37 (several blocks, partial last block);
-# d_hidden: 32 (default), 20 (padded to 32), 16.
-INTERP_CASES = [(1, 32, 32), (2, 8, 16), (17, 32, 32), (37, 32, 20)]
+# K: 1 (a single step), 2, 16 (exactly one reverse block), 17 and 37 (several blocks, partial last
+# block); d_hidden: 32 (default), 20 (padded to 32), 16.
+INTERP_CASES = [(1, 32, 32), (2, 8, 16), (16, 32, 16), (17, 32, 32), (37, 32, 20)]
 
 
 @interpreter_only

@@ -3,6 +3,7 @@ their state dicts, fp32, train- and eval-mode BatchNorm, outputs and gradients),
 input validation, optimizer groups, BERT sources, no host sync."""
 import json
 
+import inspect
 import sys
 
 import pytest
@@ -290,17 +291,47 @@ def _is_packed_batch_sizes(t):
     return False
 
 
+_DATA_DEPENDENT_OPS = ("aten::nonzero", "aten::unique", "aten::_unique", "aten::masked_select",
+                       "aten::repeat_interleave")  # output sizes from tensor values (name prefixes): a CUDA sync
+
+
 class _HostSyncDetector(TorchDispatchMode):
-    """Records ops that copy a tensor value to the host (.item(), int(t), bool(t), .tolist()).
-    On this CPU machine every tensor is a host tensor, so reads of PackedSequence.batch_sizes (always
-    on the CPU, also on a GPU) are exempt; everything else would be a device sync on CUDA."""
+    """Records what would synchronise with a CUDA device: value reads (.item(), int(t), bool(t),
+    .tolist(), .numpy()), ops whose output size depends on the values (nonzero, unique,
+    masked_select, boolean-mask indexing, repeat_interleave by a tensor). On this CPU machine every
+    tensor is a host tensor, so reads of PackedSequence.batch_sizes (always on the CPU, also on a
+    GPU) are exempt. .tolist() and .numpy() of CPU tensors bypass dispatch: they are wrapped."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
+        self._wrapped = {}
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+            self._wrapped[name] = original
+
+            def wrapper(t, *args, _original=original, _name=name, **kw):
+                if not _is_packed_batch_sizes(t):
+                    self.calls.append(_name)
+                return _original(t, *args, **kw)
+
+            setattr(torch.Tensor, name, wrapper)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._wrapped.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
         if func is torch.ops.aten._local_scalar_dense.default and not _is_packed_batch_sizes(args[0]):
+            self.calls.append(func)
+        elif name.startswith(_DATA_DEPENDENT_OPS) and not (name == "aten::repeat_interleave" and (kwargs or {}).get("output_size") is not None):
+            self.calls.append(func)
+        elif name == "aten::index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
             self.calls.append(func)
         return func(*args, **(kwargs or {}))
 
@@ -331,15 +362,27 @@ def test_bert_attention_implementations_agree():
     torch.testing.assert_close(ours.encode_captions(*data[2:]), sdpa, atol=1e-5, rtol=1e-5)
 
 
-def test_gpo_backend_option_selects_the_pool_kernel():
-    """gpo_backend="triton" (interpreter on CPU) and "torch" give the same embeddings and gradients."""
+def test_gpo_backend_option_selects_the_pool_kernel(monkeypatch):
+    """gpo_backend="triton" runs the Triton pool Function (interpreter on CPU) in both encoders,
+    "torch" never does, and the two give the same embeddings and gradients."""
+    from vse_fast.ops import gpo_pool as pool_ops
+
+    launches = []
+    triton_apply = pool_ops.TritonGPOPoolFunction.apply
+    monkeypatch.setattr(pool_ops.TritonGPOPoolFunction, "apply",
+                        lambda *args: launches.append(1) or triton_apply(*args))
     kw = dict(embed_size=6, img_dim=5, precomp_enc_type="backbone", text_encoder="gru", vocab_size=9, word_dim=4)
     ref = build_model(kw, gpo_backend="torch")
     tri = build_model(kw, gpo_backend="triton")
     tri.load_state_dict(ref.state_dict())
     images, img_len = torch.randn(2, 3, 5), torch.tensor([3, 1])
+    captions, cap_len = torch.randint(1, 9, (2, 4)), torch.tensor([4, 2])
     out = [m.encode_images(images, img_len) for m in (ref, tri)]
+    assert len(launches) == 1  # the triton model's image encoder only
+    caps = [m.encode_captions(captions, cap_len) for m in (ref, tri)]
+    assert len(launches) == 2
     torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caps[1], caps[0], atol=1e-5, rtol=1e-5)
     up = torch.randn_like(out[0])
     for o in out:
         o.backward(up)
@@ -369,8 +412,16 @@ def test_cuda_parity_and_no_sync(kind):
 
 
 def test_host_sync_detector_catches_value_reads():
-    """The detector above is not blind: .item() and int() of an ordinary tensor are recorded."""
+    """The detector above is not blind: value reads and value-sized outputs of ordinary tensors are
+    recorded, one call each; shape-only work is not."""
+    x = torch.arange(4)
+    reads = [lambda: torch.ones(3).sum().item(), lambda: int(x[2]), lambda: x.tolist(), lambda: x.numpy(),
+             lambda: torch.nonzero(x), lambda: torch.unique(x), lambda: x[x > 1], lambda: x.masked_select(x > 1),
+             lambda: torch.repeat_interleave(x)]
+    for read in reads:
+        with _HostSyncDetector() as det:
+            read()
+        assert len(det.calls) >= 1, inspect.getsource(read)
     with _HostSyncDetector() as det:
-        torch.ones(3).sum().item()
-        int(torch.arange(4)[2])
-    assert len(det.calls) == 2
+        (x * 2).sum(), x[1:3], x.view(2, 2).t(), torch.where(x > 1, x, 0)
+    assert det.calls == []
