@@ -275,3 +275,16 @@ def test_search_input_errors():
             search(q, g, k=2)
     with pytest.raises(ValueError, match="gallery_emb is empty"):
         search(queries, gallery[:0], k=1)
+
+
+def test_bert_tokenizer_smaller_than_the_embedding_table_warns():
+    """A model may pad its embedding table past the vocabulary (vocab_size a multiple of 8): fewer word
+    pieces than rows is a warning that names both sizes; more is the error of the CLI test above."""
+    from vse_fast.eval import _check_bert_vocab
+
+    tokenizer = list(range(30522))  # only len() is read
+    assert _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30522}}) is tokenizer
+    with pytest.warns(UserWarning, match="has 30522 word pieces but the model was trained with vocab_size=30528"):
+        assert _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30528}}) is tokenizer
+    with pytest.raises(ValueError, match="vocab_size=30000: pass the model's --vocab_file"):
+        _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30000}})

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from typing import Sequence
 
 import torch
@@ -187,11 +188,18 @@ def _find_bert_tokenizer(data_path, text_model, vocab_file):
 
 
 def _check_bert_vocab(tokenizer, model_opt: dict):
-    """The tokenizer must have exactly the model's word-embedding rows (BERT config vocab_size)."""
+    """The tokenizer against the model's word-embedding rows (BERT config vocab_size): more word pieces
+    than rows is an error (ids past the table); fewer is a warning, as some checkpoints pad the table
+    (e.g. to a multiple of 8) while a different vocabulary (cased for uncased) is also smaller."""
     vocab_size = (model_opt.get("bert_config_dict") or {}).get("vocab_size")
-    if vocab_size not in (None, len(tokenizer)):
-        raise ValueError(f"the BERT tokenizer has {len(tokenizer)} word pieces but the model was trained with "
-                         f"vocab_size={vocab_size}: pass the model's --vocab_file or --text_model")
+    if vocab_size is None or len(tokenizer) == vocab_size:
+        return tokenizer
+    message = (f"the BERT tokenizer has {len(tokenizer)} word pieces but the model was trained with "
+               f"vocab_size={vocab_size}")
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{message}: pass the model's --vocab_file or --text_model")
+    warnings.warn(f"{message}: fine if the model padded its embedding table, wrong if this is another "
+                  "vocabulary (check --vocab_file / --text_model)")
     return tokenizer
 
 
