@@ -385,7 +385,7 @@ def in_batch_recall(img_emb: torch.Tensor, cap_emb: torch.Tensor, max_rows: int 
     batch (a tie is a miss). Chance is 1/B. A 0-d fp32 tensor (no sync)."""
     n = min(img_emb.shape[0], max_rows)
     sims = img_emb[:n].detach().float() @ cap_emb.detach().float().T  # [n, B]
-    own = sims[torch.arange(n, device=sims.device), torch.arange(n, device=sims.device)]
+    own = sims.diagonal()  # [n]: image i with its own caption i
     return ((sims >= own[:, None]).sum(dim=1) == 1).float().mean()  # only the pair itself reaches its score
 
 
@@ -535,7 +535,7 @@ class Trainer:
         self.best_rsum = state.get("best_rsum", -math.inf)
         if self.epoch_step > self.steps_per_epoch:
             raise ValueError(f"the checkpoint stopped at step {self.epoch_step} of an epoch of "
-                             f"{self.steps_per_epoch} steps: was --batch_size changed?")
+                             f"{self.steps_per_epoch} steps: did the training split change?")
         rng = state.get("rng", {})
         per_rank = rng.get("per_rank", [])
         if rng.get("world_size") == self.ctx.world_size and len(per_rank) == self.ctx.world_size:
