@@ -163,9 +163,11 @@ def network_ptx(n_inputs: int, pairs: list, descending: bool, ptx_type: str) -> 
 
 def _asm_network(names: list, pairs: list, descending: bool, ptx_type: str, indent: str) -> str:
     """pack=2 for the packed types: Triton hands each asm instance two elements of a thread (two of its
-    columns) in one 32-bit register; every lane is sorted on its own, so their order does not matter."""
+    columns) in one 32-bit register; every lane is sorted on its own, so their order does not matter.
+    The outputs are early-clobber ("=&"): the block writes $0 before it reads $n+1, so no output may
+    share a register with an input (compile_check verifies it in the PTX)."""
     reg = _PTX_REGISTER[ptx_type]
-    constraints = ",".join(["=" + reg] * len(names) + [reg] * len(names))
+    constraints = ",".join(["=&" + reg] * len(names) + [reg] * len(names))
     args = ", ".join(names)
     dtypes = ", ".join([_TL_DTYPE[ptx_type]] * len(names))
     pack = 2 if ptx_type in PACKED_TYPES else 1

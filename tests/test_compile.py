@@ -69,6 +69,30 @@ def test_similarity_tiles_use_tensor_cores(compile_results):
     assert not missing, "\n".join(missing)
 
 
+def test_inline_asm_outputs_never_share_an_input_register(compile_results):
+    """The sorting networks' inline PTX copies every input into its output before sorting: in the
+    built PTX no output may sit in the register of an input read after it."""
+    results, table = compile_results
+    net = [r for r in results if r["name"].startswith("gpo_pool_net") and not r["error"]]
+    assert net and all(r["asm_blocks"] > 0 for r in net), "the network kernels must build their inline asm"
+    aliased = [f"{r['name']} sm_{r['arch']}: {r['asm_aliased']} of {r['asm_blocks']} blocks"
+               for r in results if r["asm_aliased"]]
+    assert not aliased, "\n".join(aliased)
+
+
+def test_inline_asm_alias_check_sees_a_clobbered_input():
+    from vse_fast.compile_check import inline_asm_aliases
+
+    def block(body):
+        return f"// begin inline asm\n\t{{ .reg .b32 t; {body} }}\n// end inline asm\n"
+
+    distinct = block("mov.b32 %r2, %r6; mov.b32 %r3, %r7; max.s32 t, %r2, %r3; min.s32 %r3, %r2, %r3; mov.b32 %r2, t;")
+    clobbered = block("mov.b32 %r2, %r6; mov.b32 %r3, %r2; max.s32 t, %r2, %r3; min.s32 %r3, %r2, %r3; mov.b32 %r2, t;")
+    load = "// begin inline asm\n\tmov.u32 %r1, 0x0;\n\tld.global.b32 { %r1 }, [ %rd1 + 0 ];\n// end inline asm\n"
+    assert inline_asm_aliases(distinct + load) == (1, 0)
+    assert inline_asm_aliases(distinct + clobbered + load) == (2, 1)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--jobs", "0"], "--jobs must be >= 1, got 0"),
     (["--filter", "no-such-kernel"], "--filter 'no-such-kernel' matches no specialization"),

@@ -17,6 +17,9 @@ and reads the cubin with the `cuobjdump` shipped in the Triton wheel: registers,
 spills, and the count of tensor-core instructions (HGMMA on sm_90, HMMA) in the SASS. Spills show up as
 the per-thread stack frame (cuobjdump's STACK: ptxas puts spilled registers there; a Triton kernel makes
 no calls, so any frame is spill space) or as LOCAL memory; both count.
+It also reads the PTX of the inline-asm blocks (the sorting networks of `gpo_pool_net`, which the
+interpreter never runs): a block copies its inputs into its outputs first, so an output that shares a
+register with a later input would clobber it (`inline_asm_aliases`).
 The interpreter tests prove the arithmetic; this proves the kernels build and do not spill.
 """
 import argparse
@@ -46,6 +49,8 @@ class CompileResult:
     hmma: int  # warp-level tensor-core instructions
     needs_tensor_cores: bool = False  # the spec says its tl.dot must run on tensor cores
     only_arches: tuple = ()  # the spec's "arches": built for these only (empty: every arch asked for)
+    asm_blocks: int = 0  # inline-asm blocks in the PTX
+    asm_aliased: int = 0  # of those, blocks whose input was overwritten before it was read
     error: str = ""
 
     @property
@@ -59,7 +64,7 @@ class CompileResult:
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.spill_bytes == 0 and self.tensor_core_ok
+        return not self.error and self.spill_bytes == 0 and self.tensor_core_ok and not self.asm_aliased
 
 
 def cuobjdump_path() -> str:
@@ -93,6 +98,29 @@ def _sass(cubin_path: str) -> str:
     return subprocess.run(
         [cuobjdump_path(), "--dump-sass", cubin_path], capture_output=True, text=True, check=True
     ).stdout
+
+
+def inline_asm_aliases(ptx: str) -> tuple:
+    """(blocks, aliased) over the inline-asm blocks of `ptx` that open a register scope (`{ .reg ...`):
+    aliased counts the blocks whose leading movs (each output $i = input $n+i) read a register that an
+    earlier mov of the same block wrote, i.e. an output placed in the register of a later input."""
+    blocks = aliased = 0
+    for body in re.findall(r"// begin inline asm\n(.*?)// end inline asm", ptx, re.S):
+        if "{ .reg" not in body:
+            continue
+        blocks += 1
+        written = set()
+        statements = [st.strip() for st in body.split("{", 1)[1].split(";")]
+        for st in [st for st in statements if st and not st.startswith(".reg")]:
+            m = re.fullmatch(r"mov\.\w+\s+(\S+),\s*(\S+)", st)
+            if not m:
+                break
+            dst, src = m.groups()
+            if src in written:
+                aliased += 1
+                break
+            written.add(dst)
+    return blocks, aliased
 
 
 ALIGNED_SUFFIX = "+aligned"
@@ -139,8 +167,11 @@ def compile_spec(spec: dict, arch: int, aligned: bool = False) -> CompileResult:
         f.flush()
         usage = _resource_usage(f.name)
         sass = _sass(f.name)
+    asm_blocks, asm_aliased = inline_asm_aliases(kernel.asm["ptx"])
     return CompileResult(
         **base,
+        asm_blocks=asm_blocks,
+        asm_aliased=asm_aliased,
         registers=usage.get("REG", 0),
         shared_bytes=int(getattr(kernel.metadata, "shared", 0) or usage.get("SHARED", 0)),
         local_bytes=usage.get("LOCAL", 0),
@@ -181,7 +212,7 @@ def format_table(results) -> str:
         if r.error:
             lines.append(f"{r.name:<52} {r.arch:>3}  ERROR {r.error[:80]}")
             continue
-        flag = "" if r.tensor_core_ok else "  NO TENSOR CORES"
+        flag = ("" if r.tensor_core_ok else "  NO TENSOR CORES") + ("  ASM OPERANDS ALIASED" if r.asm_aliased else "")
         lines.append(
             f"{r.name:<52} {r.arch:>3} {r.num_warps:>5} {r.registers:>5} {r.shared_bytes / 1024:>8.1f} "
             f"{r.spill_bytes:>7} {r.hgmma:>6} {r.hmma:>5}{flag}"
@@ -236,7 +267,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)
     bad = [r for r in results if not r.ok]
-    print(f"\n{len(results)} builds, {len(bad)} failed, spilled or missed tensor cores")
+    print(f"\n{len(results)} builds, {len(bad)} failed, spilled, missed tensor cores or aliased asm operands")
     return 1 if bad else 0
 
 
