@@ -139,6 +139,28 @@ def test_loading_is_weights_only(tmp_path, monkeypatch):
         load_checkpoint(str(tmp_path / "junk.pth"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+@pytest.mark.parametrize("kind", ["text", "npy", "plain-pickle", "random-bytes"])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, kind):
+    """Passing the wrong file (captions, a feature array, a plain pickle, garbage) gives CheckpointError
+    saying it is no readable checkpoint, with the unpickler's own reason, not a traceback or a warning
+    that it is unsafe."""
+    path = tmp_path / f"{kind}.pth"
+    if kind == "text":
+        path.write_text("a dog on a sofa\ntwo men riding horses\n")
+    elif kind == "npy":
+        np.save(path.with_suffix(".npy"), np.zeros((2, 3), np.float32))
+        path.with_suffix(".npy").rename(path)
+    elif kind == "plain-pickle":
+        import pickle
+        path.write_bytes(pickle.dumps({"model": 1}, protocol=4))
+    else:
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointError, match=f"{kind}.pth' is not a readable torch checkpoint") as exc:
+        load_checkpoint(str(path))
+    assert "safely" not in str(exc.value) and "Check the documentation" not in str(exc.value)
+
+
 def test_namespace_and_numpy_scalars_load_safely(tmp_path):
     path = str(tmp_path / "p.pth")
     opt = argparse.Namespace(embed_size=8, data_name="coco_precomp", lr=2e-4, flags=[1, 2])

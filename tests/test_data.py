@@ -130,6 +130,22 @@ def test_empty_caption_names_its_line(split):
         data.check_split(folder, "train")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_caption_or_id(split):
+    """Windows editors open UTF-8 files with a byte-order mark; it is no word of the first caption
+    (the BiGRU vocabulary would count it as one) and no id."""
+    folder, _, _, captions = split
+    with open(os.path.join(folder, "train_caps.txt"), "w", encoding="utf-8-sig", newline="\r\n") as f:
+        f.write("\n".join(captions) + "\n")
+    with open(os.path.join(folder, "train_ids.txt"), "w", encoding="utf-8") as f:
+        f.write("\ufeff\n" + "".join(f"{100 + i}\n" for i in range(1, 6)))  # the id line is only the mark: empty
+    with pytest.raises(DataError, match=r"train_ids\.txt:1: empty id"):
+        data.check_split(folder, "train")
+    os.remove(os.path.join(folder, "train_ids.txt"))
+    dataset = data.CaptionDataset(folder, "train", data.Vocabulary.build(captions, threshold=1))
+    assert dataset.data.captions == captions
+    assert "\ufeff" not in data.Vocabulary.from_caption_files([os.path.join(folder, "train_caps.txt")], 1).word2idx
+
+
 def test_invalid_utf8_names_its_line(split):
     folder = split[0]
     raw = open(os.path.join(folder, "train_caps.txt"), "rb").read().split(b"\n")
@@ -200,6 +216,38 @@ def test_features_are_memory_mapped_and_only_valid_rows_used(split, tokenizer):
     pairs = data.PrecomputedDataset(folder, "train", tokenizer, train=False)
     assert isinstance(pairs.data.features, np.memmap)
     assert pickle.loads(pickle.dumps(pairs)).data._features is None  # workers reopen the map
+
+
+def test_rows_repeated_once_per_caption_are_read_as_one_row_per_item(tmp_path, tokenizer):
+    """The layout the published loader reads with im_div = 1 (N feature rows for N captions, each item's
+    row repeated once per caption; it evaluates every 5th image): read as N / C items of C captions, with
+    the per-row lens and per-caption ids of that layout. Rows that merely share values stay items."""
+    folder = str(tmp_path / "repeated")
+    feats, lens, captions = _write_split(folder, "test", n=7, k=5, caps=5, ids=False)  # NaN padding rows
+    np.save(os.path.join(folder, "test_ims.npy"), np.repeat(feats, 5, axis=0))
+    np.save(os.path.join(folder, "test_lens.npy"), np.repeat(lens, 5))
+    with open(os.path.join(folder, "test_ids.txt"), "w") as f:
+        f.write("".join(f"{100 + j // 5}\n" for j in range(35)))
+    info = data.check_split(folder, "test")
+    assert (info.n_items, info.caps_per_item, info.row_repeat, info.n_captions) == (7, 5, 5, 35)
+    images = data.ImageSetDataset(folder, "test")
+    assert len(images) == 7
+    for i in range(7):
+        torch.testing.assert_close(images[i]["features"], torch.from_numpy(feats[i, : lens[i]]))
+    pairs = data.PrecomputedDataset(folder, "test", tokenizer, train=False)
+    assert len(pairs) == 35 and pairs[13]["img_index"] == 2
+    torch.testing.assert_close(pairs[13]["features"], torch.from_numpy(feats[2, : lens[2]]))
+
+    # one caption per item: distinct rows, a constant array, and runs whose lens differ stay as they are
+    for name, rows, row_lens in (("distinct", feats, lens), ("constant", np.zeros((10, 5, 4), np.float32), None),
+                                 ("lens differ", np.repeat(feats, 5, axis=0), np.arange(35) % 5 + 1)):
+        other = str(tmp_path / name.replace(" ", "_"))
+        _write_split(other, "test", n=len(rows), k=5, caps=1, lens=False, ids=False)
+        np.save(os.path.join(other, "test_ims.npy"), rows)
+        if row_lens is not None:
+            np.save(os.path.join(other, "test_lens.npy"), row_lens)
+        info = data.check_split(other, "test")
+        assert (info.n_items, info.caps_per_item, info.row_repeat) == (len(rows), 1, 1), name
 
 
 def test_pairs_and_eval_tokens(split, tokenizer):
@@ -428,6 +476,21 @@ def test_load_tokenizer_from_vocab_and_directory(tmp_path, tokenizer):
     (tmp_path / "bad.txt").write_text("a\nb\n")
     with pytest.raises(DataError, match=r"\[PAD\]"):
         data.load_tokenizer(vocab_file=str(tmp_path / "bad.txt"))
+
+
+def test_a_bert_directory_without_a_tokenizer_is_named(tmp_path, tokenizer):
+    """transformers builds a tokenizer of the special tokens alone from a directory holding only the
+    model (config.json and weights): every caption word would become [UNK]."""
+    import transformers
+
+    folder = tmp_path / "bert_weights_only"
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=8, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=8)).save_pretrained(folder)
+    with pytest.raises(DataError, match="no tokenizer in the BERT directory"):
+        data.load_tokenizer(text_model_dir=str(folder))
+    tokenizer.save_pretrained(str(folder))
+    assert data.load_tokenizer(text_model_dir=str(folder))("a red dog")["input_ids"] == \
+        tokenizer("a red dog")["input_ids"]
 
 
 def test_vocabulary_build_encode_roundtrip(tmp_path):

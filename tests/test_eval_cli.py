@@ -219,6 +219,53 @@ def test_cli_caption_longer_than_bert_positions(dataset, tmp_path, capsys):
     assert "test_caps.txt:3: caption has 34 tokens" in capsys.readouterr().err
 
 
+def test_cli_nan_features_name_the_items_and_file(dataset, tmp_path, capsys):
+    """NaN in an item's valid features gives non-finite embeddings: the error names the split's feature
+    file and the items, not an anonymous 'ensemble member 0'. NaN in padding beyond the lengths is unused."""
+    root = tmp_path / "nan"
+    root.mkdir()
+    write_split(root, "test", 5, 2, np.random.default_rng(2))
+    feats, lens = np.load(root / "test_ims.npy"), np.load(root / "test_lens.npy")
+    feats[3, 0, 1] = np.nan
+    feats[-1, K - 1, 0] = np.nan  # item 4 has length 1: padding
+    np.save(root / "test_ims.npy", feats)
+    assert lens[-1] == 1
+    path = save_ours(bert_model(), tmp_path / "ok.pth")
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", path, "--data_path", str(root), "--vocab_file", str(dataset / "vocab.txt")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "image embeddings of items [3] (1 in all) are NaN or inf" in err and "test_ims.npy" in err
+
+
+def test_cli_rows_repeated_per_caption_evaluate_as_one_row_per_item(dataset, tmp_path, capsys):
+    """A feature file repeating each item's row once per caption (the published im_div = 1 layout, which
+    the published evaluation reads as every 5th image) gives the metrics of one row per item."""
+    root = tmp_path / "repeated"
+    root.mkdir()
+    np.save(root / "test_ims.npy", np.repeat(np.load(dataset / "test_ims.npy"), 5, axis=0))
+    np.save(root / "test_lens.npy", np.repeat(np.load(dataset / "test_lens.npy"), 5))
+    (root / "test_caps.txt").write_text((dataset / "test_caps.txt").read_text())
+    path = save_ours(bert_model(), tmp_path / "ok.pth")
+    common = ["--checkpoint", path, "--vocab_file", str(dataset / "vocab.txt")]
+    expected = main(common + ["--data_path", str(dataset)])
+    capsys.readouterr()
+    got = main(common + ["--data_path", str(root)])
+    err = capsys.readouterr().err
+    assert "encoded test: 10 items, 50 captions" in err and "repeats each item's row once per caption (5 times)" in err
+    assert_metrics_equal(got, expected)
+
+
+def test_cli_fold5_size_checked_before_encoding(dataset, tmp_path, capsys):
+    """--fold5 on a split whose item count 5 does not divide fails before any checkpoint is encoded."""
+    path = save_ours(bert_model(), tmp_path / "ok.pth")
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", path, "--data_path", str(dataset), "--split", "pairs", "--fold5"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "7 items cannot be split into 5 equal folds" in err and "encoded" not in err
+
+
 def test_inference_encoder_and_search(dataset, tmp_path):
     model = bert_model(3)
     path = save_ours(model, tmp_path / "m.pth")
@@ -258,6 +305,17 @@ def test_inference_rejects_captions_longer_than_bert_positions(dataset, tmp_path
     assert enc.encode_captions(["a dog", fits]).shape == (2, 16)
     with pytest.raises(ValueError, match=rf"caption 1: caption has {limit + 1} tokens .* {limit} positions"):
         enc.encode_captions(["a dog", fits + " dog"])
+
+
+def test_inference_nan_features_raise_naming_the_set(dataset, tmp_path):
+    """A feature set holding NaN/inf in its rows gives an error naming the set, not a NaN embedding
+    returned for the caller to store or search."""
+    enc = Encoder.from_checkpoint(save_ours(bert_model(), tmp_path / "m.pth"), data_path=str(dataset), batch_size=2)
+    sets = [np.ones((3, IMG_DIM), np.float32) for _ in range(5)]
+    sets[3] = sets[3].copy()
+    sets[3][1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"feature sets \[3\] \(1 in all\) .*NaN or inf"):
+        enc.encode_images(sets)
 
 
 def test_search_input_errors():

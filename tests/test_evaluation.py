@@ -221,6 +221,22 @@ def test_retrieval_metrics_rejects_bad_input():
         evaluation.coco_5fold(img, cap, 5)  # 6 images do not split into 5 folds
 
 
+def test_nan_embeddings_are_named_by_array_and_row():
+    """The NaN error names img_emb / cap_emb and the rows (whole-array rows under coco_5fold), and an
+    ensemble member only for an ensemble."""
+    img, cap = _embeddings(10, 5, dtype=torch.float32)
+    bad = cap.clone()
+    bad[[33, 47], 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^cap_emb rows \[33, 47\] \(2 in all\) contain NaN or inf$"):
+        evaluation.retrieval_metrics(img, bad, 5)
+    with pytest.raises(ValueError, match=r"^cap_emb rows \[33, 47\] \(2 in all\)"):
+        evaluation.coco_5fold(img, bad, 5)
+    bad_img = img.clone()
+    bad_img[7, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^img_emb of ensemble member 1 rows \[7\] \(1 in all\)"):
+        evaluation.retrieval_metrics([(img, cap), (bad_img, cap)], None, 5)
+
+
 def test_format_table_shows_every_number():
     img, cap = _embeddings(30, 5)
     metrics = evaluation.retrieval_metrics(img, cap, 5)

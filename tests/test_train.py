@@ -142,8 +142,38 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     os.makedirs(tmp_path / "used")
     (tmp_path / "used" / "last.pth").write_bytes(b"")
     assert "already holds last.pth" in _error(capsys, _args(tiny, tmp_path / "used"))
-    with pytest.raises(ValueError, match="fewer than one batch of 4000"):
-        train.main(_args(tiny, tmp_path / "big", "--batch_size", "4000"))
+    err = _error(capsys, _args(tiny, tmp_path / "big", "--batch_size", "4000"))
+    assert "train_caps.txt: 240 training pairs (captions), fewer than one batch of 4000" in err
+    assert "Traceback" not in err
+
+
+def test_data_that_would_fail_later_is_named_before_training(tiny, tmp_path, capsys):
+    """An evaluation split whose features have another size than the training split's (found at the first
+    evaluation, after a whole epoch, as an error inside the model) and a vocabulary with more entries than
+    the text encoder's word embedding (found as an IndexError inside it at the first batch)."""
+    import numpy as np
+
+    data, bert_config = tiny
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    dev = np.load(copy / "dev_ims.npy")
+    np.save(copy / "dev_ims.npy", dev[..., : dev.shape[-1] - 1])
+    args = _args(tiny, tmp_path / "r")
+    args[args.index(data)] = str(copy)
+    err = _error(capsys, args)
+    assert f"dev_ims.npy: features of dimension {dev.shape[-1] - 1}, but the training split's" in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "r" / "last.pth")
+    small = write_tiny_bert_config(tmp_path / "small_bert.json", vocab_size=10)
+    err = _error(capsys, _args(tiny, tmp_path / "r2", "--bert_config", small))
+    assert "vocab.txt: the vocabulary has" in err and "word embedding has 10 rows" in err
+    no_weights = tmp_path / "bert_no_weights"  # a tokenizer but no model.safetensors
+    no_weights.mkdir()
+    shutil.copyfile(small, no_weights / "config.json")
+    shutil.copyfile(os.path.join(data, "vocab.txt"), no_weights / "vocab.txt")
+    args = _args(tiny, tmp_path / "r3", "--text_model", str(no_weights))
+    del args[args.index("--bert_config"):args.index("--bert_config") + 2]
+    err = _error(capsys, args)
+    assert f"--text_model {no_weights}: " in err and "Traceback" not in err
 
 
 def test_data_errors_exit_cleanly_and_resume_keeps_the_synthetic_flavour(tiny, tmp_path, capsys):
@@ -188,6 +218,10 @@ def test_resume_gives_the_uninterrupted_result(tiny, tmp_path, capsys, stop_at):
     if mid["epoch_step"]:
         assert "--batch_size 20 differs from the resumed run's 40" in _error(
             capsys, ["--resume", str(tmp_path / "b" / "last.pth"), "--batch_size", "20"])
+        assert "--seed 3 differs from the resumed run's 0" in _error(  # the seed draws the epoch's order
+            capsys, ["--resume", str(tmp_path / "b" / "last.pth"), "--seed", "3"])
+        err = _error(capsys, ["--resume", str(tmp_path / "b" / "last.pth"), "--train_split", "dev"])
+        assert "dev_caps.txt: the checkpoint stopped at step 4 of an epoch" in err and "Traceback" not in err
     else:  # at an epoch boundary the batch size may change
         train._check_resume(dict(mid["config"], batch_size=20), mid, train.build_parser())
     assert "cannot be combined with --data_path" in _error(
@@ -212,6 +246,44 @@ def test_resume_gives_the_uninterrupted_result(tiny, tmp_path, capsys, stop_at):
     assert [m["rsum"] for m in _metrics(tmp_path / "a")] == [m["rsum"] for m in _metrics(tmp_path / "b")]
     assert os.path.exists(tmp_path / "a" / "best.pth") and os.path.exists(tmp_path / "a" / "train.log")
     assert resumed["test"]["rsum"] == straight["test"]["rsum"]
+
+
+def test_paths_are_stored_absolute_so_a_run_resumes_from_any_directory(tiny, tmp_path, capsys, monkeypatch):
+    from vse_fast.checkpoint import save_checkpoint
+
+    data, bert_config = tiny
+    monkeypatch.chdir(os.path.dirname(data))
+    args = _args(tiny, "run", "--max_steps", "1", "--num_epochs", "1")
+    args = [os.path.relpath(a) if a in (data, bert_config) or a.startswith(data + os.sep) else a for a in args]
+    train.main(args)
+    config = _final_state("run")["config"]
+    for key in ("data_path", "bert_config", "vocab_file"):
+        assert os.path.isabs(config[key]) and os.path.samefile(config[key], tiny[0] if key == "data_path" else
+                                                              args[args.index(f"--{key}") + 1]), key
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    last = os.path.join(os.path.dirname(data), "run", "last.pth")
+    # the same BERT config spelled as another path is the same model
+    train.main(["--resume", last, "--progress", "off", "--max_steps", "2", "--bert_config", os.path.relpath(bert_config)])
+    assert _final_state(os.path.dirname(last))["step"] == 2
+    state = _final_state(os.path.dirname(last))  # a checkpoint of an earlier version held relative paths
+    state["config"]["data_path"] = "data"
+    os.makedirs(tmp_path / "old")
+    save_checkpoint(str(tmp_path / "old" / "last.pth"), state)
+    assert "the resumed run's --data_path 'data' does not exist" in _error(
+        capsys, ["--resume", str(tmp_path / "old" / "last.pth")])
+
+
+def test_the_published_dev_cut_is_logged(tiny, tmp_path, monkeypatch):
+    """vse_fast.eval evaluates "dev" on its first DEV_CAPTION_LIMIT captions (COCO's published 5000), in
+    whole items: a run validating on a larger dev split says so."""
+    import vse_fast.eval
+
+    monkeypatch.setattr(vse_fast.eval, "DEV_CAPTION_LIMIT", 27)  # the tiny dev split: 12 items x 5 captions
+    train.main(_args(tiny, tmp_path / "r", "--max_steps", "0"))
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "split dev is evaluated on its first 5 items (25 of 60 captions)" in log
 
 
 def test_collapse_is_warned_in_the_training_loop(tiny, tmp_path, monkeypatch):

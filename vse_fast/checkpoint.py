@@ -104,12 +104,26 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # not a zip checkpoint, etc.
             unsafe = []
-        detail = f"it references {unsafe}, which are not allow-listed" if unsafe else str(err).splitlines()[-1]
+        reason = _unpickler_reason(err)
+        if not unsafe and "GLOBAL" not in reason:  # no object refused: the file is no torch.save output
+            raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint: {reason}") from err
+        detail = f"it references {unsafe}, which are not allow-listed" if unsafe else reason
         raise CheckpointError(f"checkpoint {path!r} cannot be loaded safely (weights_only=True): {detail}. "
                               "vse_fast never unpickles arbitrary objects.") from err
     except (RuntimeError, EOFError, OSError) as err:
         detail = str(err) or ("empty or truncated file" if isinstance(err, EOFError) else type(err).__name__)
         raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint: {detail}") from err
+    except (IndexError, KeyError, ValueError, TypeError, AttributeError) as err:  # e.g. a text file
+        raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint "
+                              f"({type(err).__name__}: {err})") from err
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason ("Unsupported operand 147", "Trying to load unsupported
+    GLOBAL ..."), without torch's advice paragraphs around it."""
+    paragraphs = [p.strip() for p in str(err).split("\n\n") if p.strip()]
+    paragraphs = [p for p in paragraphs if not p.startswith("Check the documentation")]
+    return paragraphs[-1].splitlines()[-1].rstrip(".") if paragraphs else type(err).__name__
 
 
 # ----------------------------------------------------------------------------- RNG states

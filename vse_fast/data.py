@@ -11,6 +11,10 @@ the published loader expects) holds:
   it all K rows are used.
 * optional ``{split}_ids.txt``: one id per item (or one per caption).
 
+Feature rows repeated once per caption (N rows for N captions, in runs of C identical rows: the
+"rkiros" layout, which the published loader reads with im_div = 1 and evaluates with every 5th image)
+are read as N / C items with C captions each, one row per run (``SplitInfo.row_repeat`` = C).
+
 `check_split` validates all of it and raises `DataError` naming the file (and line). The datasets
 return dicts, `collate` pads them into batches. Training augmentation follows the published loader
 (lib/datasets/image_caption.py): each region dropped with probability 0.2 (we keep at least one);
@@ -65,6 +69,7 @@ class SplitInfo:
     has_ids: bool
     paths: dict = field(default_factory=dict)
     n_captions: int = 0
+    row_repeat: int = 1  # > 1: the feature file repeats each item's row once per caption (item i = row i * C)
 
 
 def published_caption_limit(split):
@@ -108,12 +113,13 @@ def _open_features(path):
 
 
 def _read_captions(path):
-    """Captions, stripped as published; empty or non-UTF-8 lines raise DataError naming the line."""
+    """Captions, stripped as published; empty or non-UTF-8 lines raise DataError naming the line. A
+    UTF-8 byte-order mark opening the file (Windows editors write one) is not part of the first caption."""
     captions = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                caption = raw.decode("utf-8").strip()
+                caption = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason})") from None
             if not caption:
@@ -145,12 +151,13 @@ def _read_lens(path, n_items, max_set):
 
 
 def _check_ids(path, n_items, n_captions):
-    """One id per line (lines end at \\n only, as captions do); empty or non-UTF-8 lines raise DataError."""
+    """One id per line (lines end at \\n only, as captions do; a leading byte-order mark is dropped); empty or
+    non-UTF-8 lines raise DataError."""
     count = 0
     with open(path, "rb") as f:
         for count, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if count == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{count}: not valid UTF-8 ({err.reason})") from None
             if not line.strip():
@@ -178,15 +185,46 @@ def _load_split(data_path, split):
             f"not a whole number of captions per item"
         )
     lens = _read_lens(paths["lens"], n_items, max_set) if os.path.isfile(paths["lens"]) else None
+    repeat = _row_repeat(features, lens) if len(captions) == n_items else 1
+    if repeat > 1:
+        n_items //= repeat
+        lens = None if lens is None else lens[::repeat]
     if os.path.isfile(paths["ids"]):
         _check_ids(paths["ids"], n_items, len(captions))
     info = SplitInfo(
         n_items=n_items, caps_per_item=len(captions) // n_items, feat_dim=feat_dim, max_set=max_set,
         has_lens=lens is not None, has_ids=os.path.isfile(paths["ids"]),
         paths={k: (v if k in ("ims", "caps") or os.path.isfile(v) else None) for k, v in paths.items()},
-        n_captions=len(captions),
+        n_captions=len(captions), row_repeat=repeat,
     )
     return info, captions, lens
+
+
+_MAX_ROW_REPEAT = 20  # most captions per item among the datasets in use (MSR-VTT)
+
+
+def _row_repeat(features, lens) -> int:
+    """C > 1 when the N rows of ``features`` (and of ``lens``) come in runs of C byte-identical rows, one
+    run per item, at least two items: checked on the first run and on 16 runs spread over the array, each
+    run also differing from the row after it. 1 otherwise (distinct rows, or one value everywhere)."""
+    def same(i, j):
+        return np.array_equal(np.ascontiguousarray(features[i]).view(np.uint8),
+                              np.ascontiguousarray(features[j]).view(np.uint8))
+
+    n = features.shape[0]
+    repeat = 1
+    while repeat < min(n, _MAX_ROW_REPEAT + 1) and same(repeat, 0):
+        repeat += 1
+    if repeat == 1 or repeat > _MAX_ROW_REPEAT or n % repeat or n // repeat < 2:
+        return 1
+    for start in np.unique(np.linspace(0, n // repeat - 1, 16).astype(np.int64)) * repeat:
+        if not all(same(start + i, start) for i in range(1, repeat)):
+            return 1
+        if start + repeat < n and same(start + repeat, start):
+            return 1
+        if lens is not None and (lens[start:start + repeat] != lens[start]).any():
+            return 1
+    return repeat
 
 
 def check_split(data_path, split):
@@ -213,6 +251,10 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
     if text_model_dir is not None:
         if not os.path.isdir(text_model_dir):
             raise DataError(f"{text_model_dir}: BERT directory does not exist")
+        # Without these, transformers builds a tokenizer of the special tokens alone: every word [UNK].
+        if not any(os.path.isfile(os.path.join(text_model_dir, name)) for name in ("tokenizer.json", "vocab.txt")):
+            raise DataError(f"{text_model_dir}: no tokenizer in the BERT directory (tokenizer.json or vocab.txt): "
+                            "save the tokenizer there with save_pretrained, or pass its vocab.txt (--vocab_file)")
         return BertTokenizerFast.from_pretrained(text_model_dir, local_files_only=True)
     if not os.path.isfile(vocab_file):
         raise DataError(f"{vocab_file}: vocabulary file does not exist")
@@ -431,7 +473,7 @@ class _SplitData:
     @property
     def features(self):
         if self._features is None:
-            self._features = _open_features(self.info.paths["ims"])
+            self._features = _open_features(self.info.paths["ims"])[:: self.info.row_repeat]  # one row per item
         return self._features
 
     def caption_tokens(self, text, index, rng=None, touch_prob=0.0):

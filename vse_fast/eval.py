@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from vse_fast.evaluation import nonfinite_rows
+
 DEV_CAPTION_LIMIT = 5000  # published: the COCO dev split is evaluated on its first 5000 captions (1000 images)
 
 
@@ -63,6 +65,19 @@ def _resolve_limit(split: str, caps_per_item: int, caption_limit):
         raise ValueError(f"caption_limit must be None, 'auto' or an int >= captions per item ({caps_per_item}), "
                          f"got {caption_limit!r}")
     return caption_limit
+
+
+def _evaluated_items(data_path: str, split: str, caption_limit) -> int:
+    """Items of ``split`` that `encode_split` evaluates under ``caption_limit``."""
+    from vse_fast import data
+
+    info = data.check_split(data_path, split)
+    limit = _resolve_limit(split, info.caps_per_item, caption_limit)
+    if limit is None or limit >= info.n_captions:
+        return info.n_items
+    if limit % info.caps_per_item:
+        raise ValueError(f"caption_limit {limit} is not a multiple of {info.caps_per_item} captions per item")
+    return limit // info.caps_per_item
 
 
 def caption_position_limit(model):
@@ -106,7 +121,17 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
                           model.encode_captions, n_images * caps, ("captions", "cap_lengths"), device, precision)
     finally:
         model.train(was_training)
+    _check_finite(img_emb, f"{split}: the image embeddings of items",
+                  f"non-finite features in {info.paths['ims']}, or a model with non-finite weights")
+    _check_finite(cap_emb, f"{split}: the caption embeddings of captions", "a model with non-finite weights")
     return img_emb, cap_emb, caps
+
+
+def _check_finite(emb: torch.Tensor, what: str, cause: str) -> None:
+    """ValueError naming the first rows of emb (count, E) that hold NaN or inf (one host sync per split)."""
+    bad = nonfinite_rows(emb)
+    if bad.numel():
+        raise ValueError(f"{what} {bad[:8].tolist()} ({bad.numel()} in all) are NaN or inf: {cause}")
 
 
 def metrics_from_embeddings(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], caps_per_item: int,
@@ -238,7 +263,7 @@ def _caption_limit(value: str, parser: argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     from vse_fast.checkpoint import CheckpointError, load_any_checkpoint
-    from vse_fast.data import DataError
+    from vse_fast.data import DataError, check_split
     from vse_fast.evaluation import format_table
 
     parser = _parser()
@@ -262,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device!r} requested but CUDA is not available")
     try:
+        if args.fold5:  # checked before encoding anything
+            n_items = _evaluated_items(args.data_path, args.split, limit)
+            if n_items % 5:
+                raise ValueError(f"--fold5: {n_items} items cannot be split into 5 equal folds")
         pairs, caps = [], None
         for path in args.checkpoint:
             model, config = load_any_checkpoint(path, published=True if args.published else None,
@@ -275,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             pairs.append((img_emb, cap_emb))
             print(f"encoded {args.split}: {img_emb.shape[0]} items, {cap_emb.shape[0]} captions with {path}",
                   file=sys.stderr)
+        info = check_split(args.data_path, args.split)
+        if info.row_repeat > 1:
+            print(f"note: {info.paths['ims']} repeats each item's row once per caption ({info.row_repeat} times): "
+                  "one row per item was used", file=sys.stderr)
         metrics = metrics_from_embeddings(pairs, caps, args.fold5)
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

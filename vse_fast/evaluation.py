@@ -200,6 +200,21 @@ def _embedding_pairs(img_emb, cap_emb):
     return out
 
 
+def nonfinite_rows(emb: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of emb (count, E) that hold NaN or inf (a host sync)."""
+    return torch.nonzero(~torch.isfinite(emb).all(dim=1)).flatten()
+
+
+def _check_finite(pairs):
+    """ValueError naming the first rows with NaN or inf (and the ensemble member, when there are several)."""
+    for k, (img, cap) in enumerate(pairs):
+        for name, emb in (("img_emb", img), ("cap_emb", cap)):
+            bad = nonfinite_rows(emb)
+            if bad.numel():
+                member = f" of ensemble member {k}" if len(pairs) > 1 else ""
+                raise ValueError(f"{name}{member} rows {bad[:8].tolist()} ({bad.numel()} in all) contain NaN or inf")
+
+
 def _compute_dtype(pairs):
     dtype = torch.float32
     for img, cap in pairs:
@@ -293,9 +308,7 @@ def retrieval_metrics(img_emb, cap_emb=None, caps_per_item=None, *, block=1024, 
     caps = _resolve_caption_count(pairs[0][0].shape[0], pairs[0][1].shape[0], caps_per_item)
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
-    for k, (img, cap) in enumerate(pairs):
-        if not (torch.isfinite(img).all() and torch.isfinite(cap).all()):
-            raise ValueError(f"embeddings of ensemble member {k} contain NaN or inf")
+    _check_finite(pairs)
     with torch.no_grad():
         rank_i2t, rank_t2i = _retrieval_ranks(pairs, caps, block)
     ranks = {"i2t": rank_i2t.cpu().numpy().astype(np.float64), "t2i": rank_t2i.cpu().numpy().astype(np.float64)}
@@ -323,6 +336,7 @@ def coco_5fold(img_emb, cap_emb=None, caps_per_item=None, *, n_folds=5, block=10
         raise ValueError(f"n_folds must be a positive int, got {n_folds!r}")
     if n_img % n_folds:
         raise ValueError(f"{n_img} images cannot be split into {n_folds} equal folds")
+    _check_finite(pairs)  # rows named in the whole arrays, not within a fold
     size = n_img // n_folds
     folds = []
     for f in range(n_folds):

@@ -23,6 +23,7 @@ import torch
 
 from vse_fast.data import collate
 from vse_fast.eval import _autocast, caption_position_limit
+from vse_fast.evaluation import nonfinite_rows
 
 
 def _as_feature_set(x, index: int, img_dim: int) -> torch.Tensor:
@@ -88,7 +89,8 @@ class Encoder:
     @torch.inference_mode()
     def encode_images(self, feature_sets: Sequence) -> torch.Tensor:
         """feature_sets: a list of (k_i, img_dim) arrays/tensors (k_i may differ), or one (N, K, img_dim)
-        array of full sets. Returns (N, E) float32 embeddings on the encoder's device."""
+        array of full sets. Returns (N, E) float32 embeddings on the encoder's device; ValueError naming
+        the sets whose embeddings are not finite (NaN/inf features)."""
         if isinstance(feature_sets, (np.ndarray, torch.Tensor)):
             if feature_sets.ndim != 3:
                 raise ValueError(f"an array of feature sets must be (N, K, {self.img_dim}), "
@@ -103,7 +105,12 @@ class Encoder:
             with _autocast(self.device, self.precision):
                 out.append(self.model.encode_images(batch["images"].to(self.device),
                                                     batch["img_lengths"].to(self.device)).float())
-        return torch.cat(out)
+        emb = torch.cat(out)
+        bad = nonfinite_rows(emb)
+        if bad.numel():
+            raise ValueError(f"feature sets {bad[:8].tolist()} ({bad.numel()} in all) give NaN or inf embeddings: "
+                             "their features hold NaN or inf, or the model's weights do")
+        return emb
 
     @torch.inference_mode()
     def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:

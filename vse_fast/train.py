@@ -67,6 +67,10 @@ RUN_KEYS = ("num_epochs", "max_steps", "run_dir", "device", "workers", "log_step
             "eval_batch_size", "progress", "gpo_backend", "loss_backend", "data_path", "test_split", "compile",
             "chunk_size")
 
+# Options that name files or directories: stored absolute, so a run resumes (and its checkpoints evaluate)
+# from any working directory.
+PATH_KEYS = ("data_path", "text_model", "bert_config", "vocab_file", "synthetic_dir")
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "triton", "torch")
 
@@ -175,7 +179,15 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume",)}
     if saved is not None:
         cfg = dict(saved)
+        explicit = _absolute_paths(explicit)
+        for key in PATH_KEYS:
+            if key not in explicit and cfg.get(key) and not os.path.exists(cfg[key]):
+                if key != "synthetic_dir":  # a missing synthetic cache is regenerated
+                    parser.error(f"the resumed run's --{key} {cfg[key]!r} does not exist (moved, or a relative "
+                                 f"path from another working directory?): pass --{key} with its location")
         for key, value in explicit.items():
+            if key in PATH_KEYS and cfg.get(key) and (_same_path(cfg[key], value) or not os.path.exists(cfg[key])):
+                continue  # the same file, or its new location
             if key in MODEL_KEYS and key in cfg and cfg[key] != value:
                 parser.error(f"--{key} {value!r} differs from the resumed checkpoint's {cfg[key]!r}: "
                              "a resumed run keeps the model's shape")
@@ -194,7 +206,17 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
     cfg = dict(base)
     cfg.update(explicit)
     _validate(cfg, parser)
-    return cfg
+    return _absolute_paths(cfg)
+
+
+def _absolute_paths(cfg: dict) -> dict:
+    """``cfg`` with the PATH_KEYS it sets made absolute (against the current directory)."""
+    return {k: os.path.abspath(v) if k in PATH_KEYS and isinstance(v, str) and v else v for k, v in cfg.items()}
+
+
+def _same_path(a: str, b: str) -> bool:
+    a, b = os.path.abspath(a), os.path.abspath(b)
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
 def _validate(cfg: dict, parser) -> None:
@@ -281,7 +303,8 @@ def _synthetic_path(cfg: dict) -> str:
     from vse_fast.synthetic import ensure_synthetic
 
     # from the config, so a resumed run keeps its dataset flavour unless --synthetic is given again
-    return ensure_synthetic(cfg.get("synthetic_dir"), flavour=cfg.get("synthetic") or "image", seed=0)
+    path = ensure_synthetic(cfg.get("synthetic_dir"), flavour=cfg.get("synthetic") or "image", seed=0)
+    return os.path.abspath(path)  # its BERT config and vocabulary paths go into the checkpoints (PATH_KEYS)
 
 
 def load_text_vocab(cfg: dict, data_path: str):
@@ -294,6 +317,21 @@ def load_text_vocab(cfg: dict, data_path: str):
     if cfg.get("vocab_file"):
         return data.Vocabulary.load(cfg["vocab_file"])
     return data.Vocabulary.from_caption_files([os.path.join(data_path, f"{cfg['train_split']}_caps.txt")])
+
+
+def _check_token_ids_fit(vocab, model_opt: dict, cfg: dict) -> None:
+    """Every id the tokenizer (or GRU Vocabulary) gives must index the model's word embeddings: found
+    here, not as an IndexError inside the embedding at the first batch."""
+    from vse_fast.data import DataError, Vocabulary
+
+    if isinstance(vocab, Vocabulary):
+        rows, source = model_opt.get("vocab_size"), cfg.get("vocab_file") or f"{cfg['train_split']}_caps.txt"
+    else:
+        rows = (model_opt.get("bert_config_dict") or {}).get("vocab_size")
+        source = cfg.get("vocab_file") or cfg.get("text_model")
+    if rows is not None and len(vocab) > rows:
+        raise DataError(f"{source}: the vocabulary has {len(vocab)} entries, but the text encoder's word "
+                        f"embedding has {rows} rows (vocab_size): use the vocabulary the model was built with")
 
 
 def model_options(cfg: dict) -> dict:
@@ -454,6 +492,7 @@ class Trainer:
 
     def __init__(self, cfg: dict, ctx: vdist.DistContext, data_path: str, saved_state: Optional[dict]):
         from vse_fast import data
+        from vse_fast import eval as eval_module
         from vse_fast.eval import caption_position_limit
         from vse_fast.model import build_model
 
@@ -463,12 +502,29 @@ class Trainer:
         cfg["precision_used"] = self.precision
 
         info = data.check_split(data_path, cfg["train_split"])
+        infos = {cfg["train_split"]: info}
         for split in filter(None, (cfg["val_split"], cfg.get("test_split"))):
-            data.check_split(data_path, split)
+            split_info = infos[split] = data.check_split(data_path, split)
+            if split_info.feat_dim != info.feat_dim:  # found before training, not at the first evaluation
+                raise data.DataError(f"{split_info.paths['ims']}: features of dimension {split_info.feat_dim}, but "
+                                     f"the training split's {info.paths['ims']} has {info.feat_dim}")
+            if split == "dev" and split_info.n_captions > eval_module.DEV_CAPTION_LIMIT:  # cut in whole items
+                items = eval_module.DEV_CAPTION_LIMIT // split_info.caps_per_item
+                logger.info("split %s is evaluated on its first %d items (%d of %d captions), as the published "
+                            "code evaluates COCO's dev", split, items, items * split_info.caps_per_item,
+                            split_info.n_captions)
+        for split, split_info in infos.items():
+            if split_info.row_repeat > 1:
+                logger.info("split %s: %s repeats each item's row once per caption; read as %d items with %d "
+                            "captions each", split, split_info.paths["ims"], split_info.n_items,
+                            split_info.caps_per_item)
         if cfg.get("img_dim") is not None and cfg["img_dim"] != info.feat_dim:
-            raise ValueError(f"the checkpoint's img_dim {cfg['img_dim']} differs from the features' "
-                             f"dimension {info.feat_dim} in {data_path}")
+            raise data.DataError(f"{info.paths['ims']}: features of dimension {info.feat_dim}, but the resumed "
+                                 f"checkpoint's model takes img_dim {cfg['img_dim']}")
         cfg["img_dim"] = info.feat_dim
+        if info.n_captions < cfg["batch_size"]:
+            raise data.DataError(f"{info.paths['caps']}: {info.n_captions} training pairs (captions), fewer than "
+                                 f"one batch of {cfg['batch_size']}: lower --batch_size")
         self.vocab = load_text_vocab(cfg, data_path)
         if cfg["text_encoder"] == "gru":
             cfg["vocab_size"] = len(self.vocab)
@@ -478,7 +534,11 @@ class Trainer:
             # the saved architecture (incl. the BERT config); the weights come from the checkpoint
             self.model = build_model(cfg["model"], load_pretrained=False, gpo_backend=cfg["gpo_backend"])
         else:
-            self.model = build_model(model_options(cfg))
+            try:
+                self.model = build_model(model_options(cfg))
+            except OSError as err:  # transformers: no weights (or config) in the --text_model directory
+                raise data.DataError(f"--text_model {cfg.get('text_model')}: {err}") from None
+        _check_token_ids_fit(self.vocab, self.model.opt, cfg)
         self.model.to(self.device)
         if cfg.get("compile"):
             self.model.compile_text_backbone()
@@ -534,8 +594,11 @@ class Trainer:
         self.epoch, self.epoch_step, self.step = state["epoch"], state.get("epoch_step", 0), state["step"]
         self.best_rsum = state.get("best_rsum", -math.inf)
         if self.epoch_step > self.steps_per_epoch:
-            raise ValueError(f"the checkpoint stopped at step {self.epoch_step} of an epoch of "
-                             f"{self.steps_per_epoch} steps: did the training split change?")
+            from vse_fast.data import DataError
+
+            raise DataError(f"{self.train_set.info.paths['caps']}: the checkpoint stopped at step {self.epoch_step} "
+                            f"of an epoch, but this training split gives {self.steps_per_epoch} steps per epoch: "
+                            "did the training split change?")
         rng = state.get("rng", {})
         per_rank = rng.get("per_rank", [])
         if rng.get("world_size") == self.ctx.world_size and len(per_rank) == self.ctx.world_size:
@@ -749,9 +812,16 @@ def main(argv=None) -> dict:
 
 
 def _check_resume(cfg: dict, saved_state: dict, parser) -> None:
-    """What a resumed run cannot change: the batch size in the middle of an epoch (the epoch's sample
-    order is cut into batches of the saved size, so another size would repeat or skip pairs)."""
+    """What a resumed run cannot change: the batch size or the seed in the middle of an epoch (the epoch's
+    sample order, a function of the seed, is cut into batches of the saved size, so another size or
+    order would repeat or skip pairs)."""
     saved_batch, epoch_step = saved_state["config"].get("batch_size"), saved_state.get("epoch_step", 0)
+    saved_seed = saved_state["config"].get("seed")
+    if epoch_step and cfg["seed"] != saved_seed:
+        parser.error(f"--seed {cfg['seed']} differs from the resumed run's {saved_seed}, and that run stopped inside "
+                     f"epoch {saved_state.get('epoch')} (after {epoch_step} steps): the seed draws the epoch's order "
+                     f"of pairs, so the rest of the epoch would repeat or skip training pairs. Resume with --seed "
+                     f"{saved_seed}, or change it at an epoch boundary (the last.pth written at the end of an epoch)")
     if epoch_step and cfg["batch_size"] != saved_batch:
         parser.error(f"--batch_size {cfg['batch_size']} differs from the resumed run's {saved_batch}, and that run "
                      f"stopped inside epoch {saved_state.get('epoch')} (after {epoch_step} steps): the rest of the "
