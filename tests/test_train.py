@@ -275,6 +275,34 @@ def test_paths_are_stored_absolute_so_a_run_resumes_from_any_directory(tiny, tmp
         capsys, ["--resume", str(tmp_path / "old" / "last.pth")])
 
 
+def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, tmp_path):
+    """Without --vocab_file the BiGRU's vocabulary is built from the training captions. It is written to
+    the run directory and named in the checkpoint, so a resumed run and vse_fast.eval map words to the
+    ids the model learned, even if the captions file changes later."""
+    from vse_fast import data as vdata
+    from vse_fast.eval import main as eval_main
+
+    data, _ = tiny
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    args = ["--data_path", str(copy), "--text_encoder", "gru", "--embed_size", "16", "--batch_size", "40",
+            "--num_epochs", "1", "--max_steps", "2", "--workers", "0", "--run_dir", str(tmp_path / "r"),
+            "--progress", "off", "--test_split", "test"]
+    train.main(args)
+    saved = _final_state(tmp_path / "r")["config"]
+    built = vdata.Vocabulary.from_caption_files([str(copy / "train_caps.txt")])
+    assert saved["vocab_file"] == str(tmp_path / "r" / "vocab.json")
+    assert vdata.Vocabulary.load(saved["vocab_file"]).word2idx == built.word2idx
+    assert saved["vocab_size"] == len(built)
+    caps = (copy / "train_caps.txt").read_text().splitlines()  # new words would shift a rebuilt vocabulary
+    (copy / "train_caps.txt").write_text("\n".join(f"aardvark {c}" if i % 2 else c for i, c in enumerate(caps)) + "\n")
+    assert len(vdata.Vocabulary.from_caption_files([str(copy / "train_caps.txt")])) != len(built)
+    train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "3", "--progress", "off"])
+    assert _final_state(tmp_path / "r")["step"] == 3
+    metrics = eval_main(["--checkpoint", str(tmp_path / "r" / "last.pth"), "--data_path", str(copy), "--split", "test"])
+    assert metrics["rsum"] > 0
+
+
 def test_the_published_dev_cut_is_logged(tiny, tmp_path, monkeypatch):
     """vse_fast.eval evaluates "dev" on its first DEV_CAPTION_LIMIT captions (COCO's published 5000), in
     whole items: a run validating on a larger dev split says so."""

@@ -11,7 +11,8 @@ Multi-GPU: ``torchrun --nproc_per_node=N -m vse_fast.train ...`` (DDP; ``--batch
 batch, split over the processes; negatives are gathered from all processes unless
 ``--local_negatives``). See docs/distributed.md.
 
-Runs write ``train.log``, ``metrics.jsonl``, ``last.pth`` and ``best.pth`` to ``--run_dir``;
+Runs write ``train.log``, ``metrics.jsonl``, ``last.pth`` and ``best.pth`` to ``--run_dir`` (and
+``vocab.json``, the BiGRU vocabulary, when it is built from the training captions);
 ``--resume RUN_DIR/last.pth`` continues a stopped run exactly where it stopped (also mid-epoch and under
 a different number of processes).
 """
@@ -528,6 +529,11 @@ class Trainer:
         self.vocab = load_text_vocab(cfg, data_path)
         if cfg["text_encoder"] == "gru":
             cfg["vocab_size"] = len(self.vocab)
+            if not cfg.get("vocab_file"):  # built from the training captions: kept with the run, so a resumed
+                path = os.path.abspath(os.path.join(cfg["run_dir"], "vocab.json"))  # run and eval use these ids
+                if ctx.is_main:
+                    self.vocab.save(path)
+                cfg["vocab_file"] = path
 
         torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
         if saved_state is not None and isinstance(cfg.get("model"), dict):
