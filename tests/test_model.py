@@ -207,10 +207,56 @@ def test_bert_from_local_directory_and_config_json(tmp_path):
     (dict(no_txtnorm=1), "no_txtnorm must be a bool.*int 1"),
     (dict(use_bi_gru="no"), "use_bi_gru must be a bool.*'no'"),
     (dict(use_bi_gru=None), "use_bi_gru must be a bool.*None"),
+    (dict(pooling="attention"), "pooling must be one of"),
+    (dict(pooling="kmax"), "pooling='kmax' needs pool_k, a positive int; got None"),
+    (dict(pooling="kmax", pool_k=0), "needs pool_k.*got 0"),
+    (dict(pool_k=3), "pool_k=3 is only used by pooling='kmax', not 'gpo'"),
 ])
 def test_option_validation(bad, match):
     with pytest.raises(ValueError, match=match):
         resolve_model_options({**dict(text_encoder="gru", vocab_size=10), **bad})
+
+
+@pytest.mark.parametrize("kind", ["gru", "bert"])
+@pytest.mark.parametrize("pooling,pool_k", [("mean", None), ("max", None), ("kmax", 2)])
+def test_fixed_poolings_replace_gpo_in_both_encoders(kind, pooling, pool_k, monkeypatch):
+    """pooling="mean" / "max" / "kmax" (ours: the paper's fixed baselines) pool both encoders' valid set
+    elements per dimension with no parameters: the embeddings are the L2-normalised mean, maximum or mean
+    of the top min(k, n) of the GPO model's pre-pooling features, and the state dict is the GPO model's
+    without gpool.*."""
+    _, gpo_model = make_pair(kind)
+    state = {k: v for k, v in gpo_model.state_dict().items() if ".gpool." not in k}
+    fixed = build_model(dict(gpo_model.opt, pooling=pooling, pool_k=pool_k), load_pretrained=False,
+                        gpo_backend="torch").eval()
+    assert fixed.opt["pooling"] == pooling and fixed.opt["pool_k"] == pool_k
+    fixed.load_state_dict(state, strict=True)
+    images, img_len, captions, cap_len = make_batch(5, 4, 13, 6, 57)
+    captured = {}  # the features each encoder of the GPO model pools (same weights before the pooling)
+    real = vse_model._gpo_pool
+    names = {id(gpo_model.img_enc.gpool): "img_enc", id(gpo_model.txt_enc.gpool): "txt_enc"}
+
+    def spy(gpool, features, lengths, backend):
+        if id(gpool) in names:
+            captured[names[id(gpool)]] = (features.detach(), lengths)
+        return real(gpool, features, lengths, backend)
+
+    monkeypatch.setattr(vse_model, "_gpo_pool", spy)
+    with torch.no_grad():
+        gpo_model.eval()(images, img_len, captions, cap_len)
+
+    def pooled(features, lengths):
+        rows = []
+        for f, n in zip(features, lengths.long()):
+            top = f[:n].sort(dim=0, descending=True).values
+            take = {"mean": n, "max": 1, "kmax": min(int(pool_k or 1), int(n))}[pooling]
+            rows.append(top[:take].mean(0))
+        return torch.nn.functional.normalize(torch.stack(rows).float(), dim=-1)
+
+    with torch.no_grad():
+        img_emb, cap_emb = fixed(images, img_len, captions, cap_len)
+    assert set(captured) == {"img_enc", "txt_enc"}
+    torch.testing.assert_close(img_emb, pooled(*captured["img_enc"]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cap_emb, pooled(*captured["txt_enc"]), atol=1e-6, rtol=1e-5)
 
 
 def test_options_from_namespace_and_unknown_override():

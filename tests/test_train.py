@@ -303,6 +303,23 @@ def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, t
     assert metrics["rsum"] > 0
 
 
+def test_pooling_option_trains_evaluates_and_is_kept_on_resume(tiny, tmp_path, capsys):
+    """--pooling kmax --pool_k 2 builds both encoders with the fixed pool (no GPO parameters), eval
+    rebuilds it from the checkpoint, a resumed run cannot change it, and bad combinations are errors."""
+    from vse_fast.eval import main as eval_main
+
+    assert "--pooling kmax needs --pool_k >= 1, got None" in _error(capsys, _args(tiny, tmp_path / "e", "--pooling", "kmax"))
+    assert "--pool_k is only used with --pooling kmax, not gpo" in _error(capsys, _args(tiny, tmp_path / "e", "--pool_k", "3"))
+    train.main(_args(tiny, tmp_path / "r", "--pooling", "kmax", "--pool_k", "2", "--max_steps", "2"))
+    state = _final_state(tmp_path / "r")
+    assert (state["config"]["model"]["pooling"], state["config"]["model"]["pool_k"]) == ("kmax", 2)
+    assert not [k for k in state["model"] if ".gpool." in k]
+    metrics = eval_main(["--checkpoint", str(tmp_path / "r" / "last.pth"), "--data_path", tiny[0], "--split", "test"])
+    assert metrics["rsum"] > 0
+    assert "--pooling 'gpo' differs from the resumed checkpoint's 'kmax'" in _error(
+        capsys, ["--resume", str(tmp_path / "r" / "last.pth"), "--pooling", "gpo"])
+
+
 def test_the_published_dev_cut_is_logged(tiny, tmp_path, monkeypatch):
     """vse_fast.eval evaluates "dev" on its first DEV_CAPTION_LIMIT captions (COCO's published 5000), in
     whole items: a run validating on a larger dev split says so."""

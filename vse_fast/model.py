@@ -33,6 +33,9 @@ Differences (documented, not silent):
   direction instead of ``pack_padded_sequence(lengths.cpu())``. Same outputs at valid positions.
 - With ``use_bi_gru=False`` the published code averages the two halves of a one-directional output
   (an embed_size/2 embedding); here the one direction is used as is.
+- ``pooling`` (ours; default ``"gpo"``, the published model): ``"mean"``, ``"max"`` or ``"kmax"`` (with
+  ``pool_k``) puts the paper's fixed baselines in place of GPO in both encoders (the ``gpool``
+  attribute; they have no parameters, so the state dict has no ``gpool.*`` entries).
 - Precomputed grid/frame features: ``precomp_enc_type="backbone"`` (or ``"none"``) is the published
   fc-only aggregation (``EncoderImageFull.image_encoder`` without the CNN); the CNN is not part of
   vse_fast, features must be precomputed.
@@ -53,6 +56,7 @@ from torch.func import functional_call
 PRECOMP_ENC_TYPES = ("basic", "backbone", "none")
 TEXT_ENCODERS = ("bert", "gru")
 GPO_BACKENDS = ("auto", "triton", "torch")
+POOLINGS = ("gpo", "mean", "max", "kmax")  # GPO (published) and the paper's fixed baselines (ours)
 
 
 def model_defaults() -> dict:
@@ -72,6 +76,8 @@ def model_defaults() -> dict:
         num_layers=1,
         use_bi_gru=True,
         gpo_backend="auto",
+        pooling="gpo",  # ours: "mean", "max", "kmax" (mean of the top pool_k) replace GPO in both encoders
+        pool_k=None,  # k of pooling="kmax"
     )
 
 
@@ -116,6 +122,13 @@ def _validate_options(o: dict) -> None:
         raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {o['text_encoder']!r}")
     if o["gpo_backend"] not in GPO_BACKENDS:
         raise ValueError(f"gpo_backend must be one of {GPO_BACKENDS}, got {o['gpo_backend']!r}")
+    if o["pooling"] not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {o['pooling']!r}")
+    k = o["pool_k"]
+    if o["pooling"] == "kmax" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"pooling='kmax' needs pool_k, a positive int; got {k!r}")
+    if o["pooling"] != "kmax" and k is not None:
+        raise ValueError(f"pool_k={k!r} is only used by pooling='kmax', not {o['pooling']!r}")
     if o["text_encoder"] == "bert":
         if not (o["text_model"] or o["bert_config"] or o["bert_config_dict"]):
             raise ValueError("text_encoder='bert' needs text_model (a local BERT directory), bert_config "
@@ -132,10 +145,14 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
 
 
-def _make_gpo() -> nn.Module:
-    from vse_fast.modules.gpo import GPO
+def _make_pool(pooling: str = "gpo", pool_k: int | None = None) -> nn.Module:
+    """The set pooling of an encoder (attribute ``gpool``): the published GPO(32, 32), or a fixed
+    baseline without parameters (AvgPool, MaxPool, KMaxPool(pool_k))."""
+    from vse_fast.modules.gpo import GPO, AvgPool, KMaxPool, MaxPool
 
-    return GPO(32, 32)
+    if pooling == "gpo":
+        return GPO(32, 32)
+    return {"mean": AvgPool, "max": MaxPool}[pooling]() if pooling != "kmax" else KMaxPool(pool_k)
 
 
 def _gpo_pool(gpool: nn.Module, features: torch.Tensor, lengths: torch.Tensor, backend: str) -> torch.Tensor:
@@ -232,7 +249,8 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(self, img_dim: int, embed_size: int, precomp_enc_type: str = "basic",
-                 no_imgnorm: bool = False, gpo_backend: str = "auto"):
+                 no_imgnorm: bool = False, gpo_backend: str = "auto", *, pooling: str = "gpo",
+                 pool_k: int | None = None):
         super().__init__()
         self.img_dim = img_dim
         self.embed_size = embed_size
@@ -240,7 +258,7 @@ class ImageEncoder(nn.Module):
         self.precomp_enc_type = precomp_enc_type
         self.fc = nn.Linear(img_dim, embed_size)
         self.mlp = MLP(img_dim, embed_size // 2, embed_size, 2) if precomp_enc_type == "basic" else None
-        self.gpool = _make_gpo()
+        self.gpool = _make_pool(pooling, pool_k)
         self.gpo_backend = gpo_backend
         bound = math.sqrt(6.0) / math.sqrt(img_dim + embed_size)  # published Xavier init of fc
         with torch.no_grad():
@@ -275,7 +293,8 @@ class BertTextEncoder(nn.Module):
     forward(captions (B, T) int64 ids, pad 0, [CLS] ... [SEP]; lengths (B,)) -> (B, embed) fp32.
     """
 
-    def __init__(self, bert: nn.Module, embed_size: int, no_txtnorm: bool = False, gpo_backend: str = "auto"):
+    def __init__(self, bert: nn.Module, embed_size: int, no_txtnorm: bool = False, gpo_backend: str = "auto", *,
+                 pooling: str = "gpo", pool_k: int | None = None):
         super().__init__()
         self.embed_size = embed_size
         self.no_txtnorm = no_txtnorm
@@ -283,7 +302,7 @@ class BertTextEncoder(nn.Module):
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler.requires_grad_(False)  # computed by BertModel, output unused (as published)
         self.linear = nn.Linear(bert.config.hidden_size, embed_size)
-        self.gpool = _make_gpo()
+        self.gpool = _make_pool(pooling, pool_k)
         self.gpo_backend = gpo_backend
 
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -310,14 +329,15 @@ class GRUTextEncoder(nn.Module):
     """
 
     def __init__(self, vocab_size: int, embed_size: int, word_dim: int, num_layers: int,
-                 use_bi_gru: bool = True, no_txtnorm: bool = False, gpo_backend: str = "auto"):
+                 use_bi_gru: bool = True, no_txtnorm: bool = False, gpo_backend: str = "auto", *,
+                 pooling: str = "gpo", pool_k: int | None = None):
         super().__init__()
         self.embed_size = embed_size
         self.no_txtnorm = no_txtnorm
         self.use_bi_gru = use_bi_gru
         self.embed = nn.Embedding(vocab_size, word_dim)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=use_bi_gru)
-        self.gpool = _make_gpo()
+        self.gpool = _make_pool(pooling, pool_k)
         self.gpo_backend = gpo_backend
         with torch.no_grad():
             self.embed.weight.uniform_(-0.1, 0.1)
@@ -456,14 +476,15 @@ def build_model(opt: Any = None, *, load_pretrained: bool = True, **overrides) -
     config.json otherwise (checkpoint loaders pass ``load_pretrained=False``).
     """
     options = resolve_model_options(opt, **overrides)
+    pool = dict(pooling=options["pooling"], pool_k=options["pool_k"])
     img_enc = ImageEncoder(options["img_dim"], options["embed_size"], options["precomp_enc_type"],
-                           options["no_imgnorm"], options["gpo_backend"])
+                           options["no_imgnorm"], options["gpo_backend"], **pool)
     if options["text_encoder"] == "bert":
         bert = build_bert(options, load_pretrained=load_pretrained)
         options["bert_config_dict"] = _plain(bert.config.to_dict())
-        txt_enc = BertTextEncoder(bert, options["embed_size"], options["no_txtnorm"], options["gpo_backend"])
+        txt_enc = BertTextEncoder(bert, options["embed_size"], options["no_txtnorm"], options["gpo_backend"], **pool)
     else:
         txt_enc = GRUTextEncoder(options["vocab_size"], options["embed_size"], options["word_dim"],
                                  options["num_layers"], options["use_bi_gru"], options["no_txtnorm"],
-                                 options["gpo_backend"])
+                                 options["gpo_backend"], **pool)
     return VSEModel(img_enc, txt_enc, _plain(options))

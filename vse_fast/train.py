@@ -40,7 +40,7 @@ PUBLISHED_DEFAULTS = dict(
     embed_size=1024, margin=0.2, batch_size=128, learning_rate=5e-4, bert_lr_factor=0.1,
     weight_decay=1e-4, num_epochs=25, lr_update=15, grad_clip=2.0, vse_mean_warmup_epochs=1,
     max_violation=False, precomp_enc_type="basic", text_encoder="bert", no_imgnorm=False,
-    no_txtnorm=False, word_dim=300, num_layers=1, gpo_backend="auto", loss_backend="auto",
+    no_txtnorm=False, word_dim=300, num_layers=1, gpo_backend="auto", loss_backend="auto", pooling="gpo", pool_k=None,
     precision=None, seed=0, workers=4, log_step=100, save_steps=1000, train_split="train",
     val_split="dev", test_split=None, eval_batch_size=128, local_negatives=False,
     feature_drop=0.2, token_aug=0.2, max_steps=None, text_model=None, bert_config=None,
@@ -62,7 +62,7 @@ SYNTHETIC_VIDEO_DEFAULTS = dict(SYNTHETIC_DEFAULTS, vse_mean_warmup_epochs=3)
 
 # Options that fix the model's shape: a resumed run must keep them.
 MODEL_KEYS = ("embed_size", "precomp_enc_type", "text_encoder", "no_imgnorm", "no_txtnorm", "word_dim",
-              "num_layers", "img_dim", "vocab_size", "text_model", "bert_config")
+              "num_layers", "img_dim", "vocab_size", "text_model", "bert_config", "pooling", "pool_k")
 # Options a resumed run may change (run control, not the optimisation it continues).
 RUN_KEYS = ("num_epochs", "max_steps", "run_dir", "device", "workers", "log_step", "save_steps",
             "eval_batch_size", "progress", "gpo_backend", "loss_backend", "data_path", "test_split", "compile",
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "GRU vocabulary json")
     g.add_argument("--word_dim", type=int, help=f"GRU word embedding size {d('word_dim')}")
     g.add_argument("--num_layers", type=int, help=f"GRU layers {d('num_layers')}")
+    g.add_argument("--pooling", choices=("gpo", "mean", "max", "kmax"),
+                   help="set pooling of both encoders: GPO (published), or a fixed baseline of the paper: mean, "
+                   f"max, or kmax (mean of the top --pool_k values per dimension) {d('pooling')}")
+    g.add_argument("--pool_k", type=int, help="k of --pooling kmax")
     g.add_argument("--gpo_backend", choices=BACKENDS, help=f"GPO backend {d('gpo_backend')}")
     g.add_argument("--loss_backend", choices=BACKENDS, help=f"contrastive loss backend {d('loss_backend')}")
 
@@ -225,6 +229,10 @@ def _validate(cfg: dict, parser) -> None:
     for key in positive:
         if cfg.get(key) is not None and cfg[key] < 1:
             parser.error(f"--{key} must be >= 1, got {cfg[key]}")
+    if cfg.get("pooling") == "kmax" and (cfg.get("pool_k") is None or cfg["pool_k"] < 1):
+        parser.error(f"--pooling kmax needs --pool_k >= 1, got {cfg.get('pool_k')}")
+    if cfg.get("pooling") != "kmax" and cfg.get("pool_k") is not None:
+        parser.error(f"--pool_k is only used with --pooling kmax, not {cfg.get('pooling')}")
     if cfg.get("chunk_size") is not None and cfg["chunk_size"] < 2:
         parser.error(f"--chunk_size must be >= 2, got {cfg['chunk_size']}: a chunk of one pair with a one-row "
                      "set gives the region MLP's BatchNorm a single value per channel")
