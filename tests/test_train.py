@@ -318,6 +318,15 @@ def test_pooling_option_trains_evaluates_and_is_kept_on_resume(tiny, tmp_path, c
     assert metrics["rsum"] > 0
     assert "--pooling 'gpo' differs from the resumed checkpoint's 'kmax'" in _error(
         capsys, ["--resume", str(tmp_path / "r" / "last.pth"), "--pooling", "gpo"])
+    from vse_fast.checkpoint import save_checkpoint  # a checkpoint from before --pooling pooled with GPO
+
+    old = _final_state(tmp_path / "r")
+    for entry in (old["config"], old["config"]["model"]):
+        del entry["pooling"], entry["pool_k"]
+    os.makedirs(tmp_path / "old")
+    save_checkpoint(str(tmp_path / "old" / "last.pth"), old)
+    assert "--pooling 'max' differs from the resumed checkpoint's 'gpo'" in _error(
+        capsys, ["--resume", str(tmp_path / "old" / "last.pth"), "--pooling", "max"])
 
 
 def test_the_published_dev_cut_is_logged(tiny, tmp_path, monkeypatch):

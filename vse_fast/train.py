@@ -193,8 +193,9 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
         for key, value in explicit.items():
             if key in PATH_KEYS and cfg.get(key) and (_same_path(cfg[key], value) or not os.path.exists(cfg[key])):
                 continue  # the same file, or its new location
-            if key in MODEL_KEYS and key in cfg and cfg[key] != value:
-                parser.error(f"--{key} {value!r} differs from the resumed checkpoint's {cfg[key]!r}: "
+            saved_value = cfg.get(key, PUBLISHED_DEFAULTS.get(key))  # absent from older checkpoints: the default
+            if key in MODEL_KEYS and (key in cfg or key in PUBLISHED_DEFAULTS) and saved_value != value:
+                parser.error(f"--{key} {value!r} differs from the resumed checkpoint's {saved_value!r}: "
                              "a resumed run keeps the model's shape")
             if key not in RUN_KEYS and key in cfg and cfg[key] != value and key not in MODEL_KEYS:
                 logger.warning("--%s %r overrides the resumed run's %r", key, value, cfg[key])
