@@ -73,11 +73,7 @@ def _evaluated_items(data_path: str, split: str, caption_limit) -> int:
 
     info = data.check_split(data_path, split)
     limit = _resolve_limit(split, info.caps_per_item, caption_limit)
-    if limit is None or limit >= info.n_captions:
-        return info.n_items
-    if limit % info.caps_per_item:
-        raise ValueError(f"caption_limit {limit} is not a multiple of {info.caps_per_item} captions per item")
-    return limit // info.caps_per_item
+    return len(data.ImageSetDataset(data_path, split, caption_limit=limit))  # its features open lazily
 
 
 def caption_position_limit(model):

@@ -152,7 +152,9 @@ def _make_pool(pooling: str = "gpo", pool_k: int | None = None) -> nn.Module:
 
     if pooling == "gpo":
         return GPO(32, 32)
-    return {"mean": AvgPool, "max": MaxPool}[pooling]() if pooling != "kmax" else KMaxPool(pool_k)
+    if pooling == "kmax":
+        return KMaxPool(pool_k)
+    return AvgPool() if pooling == "mean" else MaxPool()
 
 
 def _gpo_pool(gpool: nn.Module, features: torch.Tensor, lengths: torch.Tensor, backend: str) -> torch.Tensor:
