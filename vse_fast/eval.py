@@ -25,9 +25,8 @@ from typing import Sequence
 
 import torch
 
+from vse_fast.data import DEV_CAPTION_LIMIT  # published: COCO's dev split on its first 5000 captions
 from vse_fast.evaluation import nonfinite_rows
-
-DEV_CAPTION_LIMIT = 5000  # published: the COCO dev split is evaluated on its first 5000 captions (1000 images)
 
 
 def _autocast(device: torch.device, precision: str):
