@@ -297,8 +297,11 @@ def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, t
     caps = (copy / "train_caps.txt").read_text().splitlines()  # new words would shift a rebuilt vocabulary
     (copy / "train_caps.txt").write_text("\n".join(f"aardvark {c}" if i % 2 else c for i, c in enumerate(caps)) + "\n")
     assert len(vdata.Vocabulary.from_caption_files([str(copy / "train_caps.txt")])) != len(built)
-    train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "3", "--progress", "off"])
+    train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "3", "--progress", "off",
+                "--margin", "0.25"])
     assert _final_state(tmp_path / "r")["step"] == 3
+    log = (tmp_path / "r" / "train.log").read_text()  # an override is logged to the run's log, once
+    assert log.count("--margin 0.25 overrides the resumed run's 0.2") == 1 and "vocab_file" not in log
     metrics = eval_main(["--checkpoint", str(tmp_path / "r" / "last.pth"), "--data_path", str(copy), "--split", "test"])
     assert metrics["rsum"] > 0
 

@@ -197,8 +197,6 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
             if key in MODEL_KEYS and (key in cfg or key in PUBLISHED_DEFAULTS) and saved_value != value:
                 parser.error(f"--{key} {value!r} differs from the resumed checkpoint's {saved_value!r}: "
                              "a resumed run keeps the model's shape")
-            if key not in RUN_KEYS and key in cfg and cfg[key] != value and key not in MODEL_KEYS:
-                logger.warning("--%s %r overrides the resumed run's %r", key, value, cfg[key])
         for key in ("max_steps", "device", "compile"):  # not inherited: the earlier run's stop point, device, compile
             cfg[key] = PUBLISHED_DEFAULTS[key]
         # A resumed run writes beside the checkpoint it resumes (which may have been moved or copied),
@@ -872,6 +870,12 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
                          f"{os.path.join(run_dir, 'last.pth')} or choose another --run_dir")
     vdist.barrier(ctx)
     _setup_logging(run_dir, ctx)
+    if saved_state is not None:  # logged here, so that train.log keeps them too
+        saved = saved_state["config"]
+        for key in sorted(set(cfg) & set(saved) - set(RUN_KEYS) - set(MODEL_KEYS)):
+            moved = key in PATH_KEYS and cfg[key] and saved[key] and _same_path(cfg[key], saved[key])
+            if cfg[key] != saved[key] and not moved:
+                logger.warning("--%s %r overrides the resumed run's %r", key, cfg[key], saved[key])
     if ctx.world_size > 1 and cfg["batch_size"] % ctx.world_size:
         parser.error(f"--batch_size {cfg['batch_size']} is the global batch: it must be divisible by the "
                      f"{ctx.world_size} processes")
