@@ -18,7 +18,8 @@ import pytest  # noqa: E402
 
 from tests.poison import poisoned_empty  # noqa: E402
 
-# Fresh random inputs every run; VSE_TEST_SEED=<n> replays a run (the seed is in the header).
+# Fresh random inputs every run; VSE_TEST_SEED=<n> replays a run (the seed is in the header, and after
+# failures also in the summary, which `-q` keeps).
 BASE_SEED = int(os.environ.get("VSE_TEST_SEED", random.randrange(2**31)))
 
 # (dtype, atol, rtol) for comparing a kernel against a float64 reference.
@@ -33,6 +34,11 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 def pytest_report_header(config):
     return f"VSE_TEST_SEED={BASE_SEED} (set it to replay these random inputs)"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"VSE_TEST_SEED={BASE_SEED} replays the random inputs of this run")
 
 
 @pytest.fixture(autouse=True)
