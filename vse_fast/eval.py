@@ -66,11 +66,10 @@ def _resolve_limit(split: str, caps_per_item: int, caption_limit):
     return caption_limit
 
 
-def _evaluated_items(data_path: str, split: str, caption_limit) -> int:
-    """Items of ``split`` that `encode_split` evaluates under ``caption_limit``."""
+def _evaluated_items(data_path: str, split: str, info, caption_limit) -> int:
+    """Items of ``split`` (its `check_split` info) that `encode_split` evaluates under ``caption_limit``."""
     from vse_fast import data
 
-    info = data.check_split(data_path, split)
     limit = _resolve_limit(split, info.caps_per_item, caption_limit)
     return len(data.ImageSetDataset(data_path, split, caption_limit=limit))  # its features open lazily
 
@@ -282,8 +281,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device!r} requested but CUDA is not available")
     try:
+        info = check_split(args.data_path, args.split)
         if args.fold5:  # checked before encoding anything
-            n_items = _evaluated_items(args.data_path, args.split, limit)
+            n_items = _evaluated_items(args.data_path, args.split, info, limit)
             if n_items % 5:
                 raise ValueError(f"--fold5: {n_items} items cannot be split into 5 equal folds")
         pairs, caps = [], None
@@ -299,7 +299,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             pairs.append((img_emb, cap_emb))
             print(f"encoded {args.split}: {img_emb.shape[0]} items, {cap_emb.shape[0]} captions with {path}",
                   file=sys.stderr)
-        info = check_split(args.data_path, args.split)
         if info.row_repeat > 1:
             print(f"note: {info.paths['ims']} repeats each item's row once per caption ({info.row_repeat} times): "
                   "one row per item was used", file=sys.stderr)
