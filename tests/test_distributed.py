@@ -8,6 +8,9 @@
   docs/distributed.md).
 - Gradient caching under DDP (chunks of 1 of each rank's 3 pairs, BN-free model): the same loss and
   gradients as one process on the concatenated batch.
+- --dedupe_items (an item with several captions in a batch enters the loss once, its captions are not
+  negatives of each other): the loss against a written-out reference; under DDP, global and local
+  negatives and gradient caching, equal to one process as above.
 - A 2-process torchrun training run stops at --max_steps, resumes in 1 process and ends where a
   1-process run ends.
 """
@@ -83,6 +86,70 @@ def test_single_process_context_and_identity_gather(monkeypatch):
         vdist.init_distributed("cpu")
 
 
+def test_item_pairing_keeps_each_items_first_row_in_batch_order():
+    pairing = vdist.item_pairing(torch.tensor([5, 3, 5, 7, 3, 9]))
+    assert pairing.keep.tolist() == [0, 1, 3, 5]
+    assert pairing.positives.tolist() == [0, 1, 0, 2, 1, 3]
+    distinct = vdist.item_pairing([4, 2, 8])
+    assert distinct.keep.tolist() == distinct.positives.tolist() == [0, 1, 2]
+    for bad in (torch.zeros(2, 2, dtype=torch.long), torch.tensor([], dtype=torch.long), torch.tensor([0.5, 1.0])):
+        with pytest.raises(ValueError, match="items must be a non-empty 1-D integer tensor"):
+            vdist.item_pairing(bad)
+
+
+def _sibling_free_loss(img, cap, items, margin, max_violation):
+    """--dedupe_items written out: caption j's image is the first row of its item; its negatives are
+    the captions of other items (row side) and the first rows of other items (column side)."""
+    first = {}
+    for row, item in enumerate(items):
+        first.setdefault(item, row)
+    total = img.new_zeros(())
+    for j, item in enumerate(items):
+        own = img[first[item]]
+        positive = own @ cap[j]
+        terms = ([own @ cap[k] for k in range(len(items)) if items[k] != item],
+                 [img[r] @ cap[j] for it, r in first.items() if it != item])
+        for scores in filter(None, terms):
+            hinge = (margin + torch.stack(scores) - positive).clamp(min=0)
+            total = total + (hinge.max() if max_violation else hinge.sum())
+    return total
+
+
+@pytest.mark.parametrize("max_violation", [False, True])
+def test_dedupe_items_loss_scores_each_item_once_and_no_sibling_as_negative(max_violation):
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    items = [3, 1, 3, 4, 1, 3, 0]
+    img = torch.randn(len(items), 5, generator=g, dtype=torch.float64, requires_grad=True)
+    cap = torch.randn(len(items), 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ctx = vdist.DistContext()
+    loss = vdist.global_contrastive_loss(img, cap, ctx, margin=0.2, max_violation=max_violation,
+                                         pairing=vdist.item_pairing(items), backend="torch")
+    expected = _sibling_free_loss(img, cap, items, 0.2, max_violation)
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss, (img, cap))
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, (img, cap)))
+    assert (grads[0][[2, 4, 5]] == 0).all()  # later copies of an item take no part
+    # all items distinct: the published pairing
+    published = vdist.global_contrastive_loss(img, cap, ctx, margin=0.2, max_violation=max_violation)
+    distinct = vdist.global_contrastive_loss(img, cap, ctx, margin=0.2, max_violation=max_violation,
+                                             pairing=vdist.item_pairing(range(len(items))))
+    torch.testing.assert_close(distinct, published)
+    with pytest.raises(ValueError, match="the item pairing covers \\(6,\\) captions, the loss sees 7"):
+        vdist.global_contrastive_loss(img, cap, ctx, margin=0.2, max_violation=max_violation,
+                                      pairing=vdist.item_pairing(items[:6]))
+
+
+def test_sampler_global_indices_are_the_ranks_batches_in_rank_order():
+    samplers = [EpochBatchSampler(50, 12, rank=r, world_size=3, seed=4, epoch=2) for r in range(3)]
+    per_rank = [list(s) for s in samplers]
+    for step in range(samplers[0].steps_per_epoch):
+        expected = sum((per_rank[r][step] for r in range(3)), [])
+        for s in samplers:
+            assert s.global_indices(step).tolist() == expected
+    with pytest.raises(ValueError, match="step 4 outside"):
+        samplers[0].global_indices(4)
+
+
 # ----------------------------------------------------------------------------- 2-process checks
 
 
@@ -115,31 +182,33 @@ def _ddp_worker(rank, world, port, workdir):
     y = vdist.all_gather_with_grad(x, ctx)
     (inputs["gather_w"][rank] * y).sum().backward()
     out["gather_y"], out["gather_dx"] = y.detach(), x.grad
-    for name, opts, train_mode in CASES:
-        for max_violation in (False, True):
+    b = inputs["batch"]["images"].shape[0] // world
+    for name, opts, train_mode, dedupe, max_violation in _variants():
+        model = _build(opts, inputs["bert_config"])
+        model.load_state_dict(inputs[f"{name}/state"])
+        model.train(train_mode)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        batch = {k: v[rank * b:(rank + 1) * b] for k, v in inputs["batch"].items()}
+        items = inputs["items"]
+        pairing = vdist.item_pairing(items) if dedupe else None  # the global batch's
+        local_pairing = vdist.item_pairing(items[rank * b:(rank + 1) * b]) if dedupe else None
+        loss, _, _ = compute_loss(ddp, batch, ctx, margin=0.2, max_violation=max_violation, pairing=pairing)
+        (loss * vdist.loss_scale(ctx)).backward()
+        key = _key(name, dedupe, max_violation)
+        out[key + "/loss"] = vdist.all_reduce_sum(loss.detach(), ctx)
+        out[key + "/grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        local, _, _ = compute_loss(ddp.module, batch, ctx, margin=0.2, max_violation=max_violation,
+                                   local_negatives=True, pairing=local_pairing)
+        out[key + "/local_loss"] = local.detach()
+        if train_mode:  # gradient caching under DDP: no_sync on the first two chunks, all-reduce on the last
             model = _build(opts, inputs["bert_config"])
             model.load_state_dict(inputs[f"{name}/state"])
-            model.train(train_mode)
             ddp = torch.nn.parallel.DistributedDataParallel(model)
-            b = inputs["batch"]["images"].shape[0] // world
-            batch = {k: v[rank * b:(rank + 1) * b] for k, v in inputs["batch"].items()}
-            loss, _, _ = compute_loss(ddp, batch, ctx, margin=0.2, max_violation=max_violation)
-            (loss * vdist.loss_scale(ctx)).backward()
-            key = f"{name}/mv{int(max_violation)}"
-            out[key + "/loss"] = vdist.all_reduce_sum(loss.detach(), ctx)
-            out[key + "/grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            local, _, _ = compute_loss(ddp.module, batch, ctx, margin=0.2, max_violation=max_violation,
-                                       local_negatives=True)
-            out[key + "/local_loss"] = local.detach()
-            if train_mode:  # gradient caching under DDP: no_sync on the first two chunks, all-reduce on the last
-                model = _build(opts, inputs["bert_config"])
-                model.load_state_dict(inputs[f"{name}/state"])
-                ddp = torch.nn.parallel.DistributedDataParallel(model)
-                loss, _, _ = cached_backward(ddp, split_batch(batch, 1), torch.amp.GradScaler("cpu", enabled=False),
-                                             ctx, margin=0.2, max_violation=max_violation)
-                out[key + "/chunked_loss"] = vdist.all_reduce_sum(loss, ctx)
-                out[key + "/chunked_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()
-                                               if p.grad is not None}
+            loss, _, _ = cached_backward(ddp, split_batch(batch, 1), torch.amp.GradScaler("cpu", enabled=False),
+                                         ctx, margin=0.2, max_violation=max_violation, pairing=pairing)
+            out[key + "/chunked_loss"] = vdist.all_reduce_sum(loss, ctx)
+            out[key + "/chunked_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.grad is not None}
     torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
     del ddp, model  # the DDP wrapper holds the process group: release it before the teardown
     assert not ctx.owns_group  # this worker initialised the group: cleanup_distributed leaves it alone
@@ -149,6 +218,16 @@ def _ddp_worker(rank, world, port, workdir):
     dist.destroy_process_group()
 
 
+def _variants():
+    """(name, options, train mode, --dedupe_items, max_violation) of the 2-process comparison."""
+    return [(name, opts, train_mode, dedupe, max_violation) for name, opts, train_mode in CASES
+            for dedupe in (False, True) for max_violation in (False, True)]
+
+
+def _key(name, dedupe, max_violation):
+    return f"{name}/dedupe{int(dedupe)}/mv{int(max_violation)}"
+
+
 def test_ddp_global_negatives_match_single_process(tmp_path):
     from vse_fast.ops.contrastive import contrastive_loss
     from vse_fast.train import compute_loss
@@ -156,7 +235,8 @@ def test_ddp_global_negatives_match_single_process(tmp_path):
     world, n = 2, 6
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     bert_config = write_tiny_bert_config(tmp_path / "bert.json")
-    inputs = {"bert_config": bert_config, "batch": random_batch(n, g),
+    # --dedupe_items: items 0 and 1 each have a caption on both ranks, item 0 twice on rank 0
+    inputs = {"bert_config": bert_config, "batch": random_batch(n, g), "items": torch.tensor([0, 1, 0, 2, 1, 0]),
               "gather_x": torch.randn(world, 3, 4, generator=g),
               "gather_w": torch.randn(world, world * 3, 4, generator=g)}
     for name, opts, _ in CASES:
@@ -176,35 +256,39 @@ def test_ddp_global_negatives_match_single_process(tmp_path):
         torch.testing.assert_close(outs[r]["gather_dx"], ws.sum(0)[r * 3:(r + 1) * 3])
 
     ctx1 = vdist.DistContext()
-    for name, opts, train_mode in CASES:
-        for max_violation in (False, True):
-            model = _build(opts, bert_config)
-            model.load_state_dict(inputs[f"{name}/state"])
-            model.train(train_mode)
-            loss, img_emb, cap_emb = compute_loss(model, inputs["batch"], ctx1, margin=0.2,
-                                                  max_violation=max_violation)
-            loss.backward()
-            key = f"{name}/mv{int(max_violation)}"
-            for r in range(world):
-                expected = {p_name: p.grad for p_name, p in model.named_parameters() if p.grad is not None}
-                # chunks of 1 (local batches of 3: three chunks), BN-free train-mode model only
-                variants = ["", "chunked_"] if train_mode else [""]
-                for variant in variants:
-                    torch.testing.assert_close(outs[r][key + f"/{variant}loss"], loss.detach(), rtol=1e-5, atol=1e-6)
-                    grads = outs[r][key + f"/{variant}grads"]
-                    assert grads.keys() == expected.keys(), key
-                    for p_name, grad in expected.items():
-                        # summation order differs (two halves + all-reduce): error relative to the largest
-                        # entry, as a sum over many tokens (an embedding row's gradient) can cancel to near 0
-                        atol = max(1e-6, 1e-5 * grad.abs().max().item())
-                        torch.testing.assert_close(grads[p_name], grad, rtol=1e-4, atol=atol,
-                                                   msg=f"{key} {variant}{p_name}")
-                # --local_negatives: the rank's own block only
-                b = n // world
-                sl = slice(r * b, (r + 1) * b)
-                local = contrastive_loss(img_emb[sl].detach(), cap_emb[sl].detach(), margin=0.2,
-                                         max_violation=max_violation)
-                torch.testing.assert_close(outs[r][key + "/local_loss"], local, rtol=1e-5, atol=1e-6)
+    for name, opts, train_mode, dedupe, max_violation in _variants():
+        model = _build(opts, bert_config)
+        model.load_state_dict(inputs[f"{name}/state"])
+        model.train(train_mode)
+        items = inputs["items"]
+        loss, img_emb, cap_emb = compute_loss(model, inputs["batch"], ctx1, margin=0.2, max_violation=max_violation,
+                                              pairing=vdist.item_pairing(items) if dedupe else None)
+        loss.backward()
+        key = _key(name, dedupe, max_violation)
+        for r in range(world):
+            expected = {p_name: p.grad for p_name, p in model.named_parameters() if p.grad is not None}
+            # chunks of 1 (local batches of 3: three chunks), BN-free train-mode model only
+            variants = ["", "chunked_"] if train_mode else [""]
+            for variant in variants:
+                torch.testing.assert_close(outs[r][key + f"/{variant}loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+                grads = outs[r][key + f"/{variant}grads"]
+                assert grads.keys() == expected.keys(), key
+                for p_name, grad in expected.items():
+                    # summation order differs (two halves + all-reduce): error relative to the largest
+                    # entry, as a sum over many tokens (an embedding row's gradient) can cancel to near 0
+                    atol = max(1e-6, 1e-5 * grad.abs().max().item())
+                    torch.testing.assert_close(grads[p_name], grad, rtol=1e-4, atol=atol,
+                                               msg=f"{key} {variant}{p_name}")
+            # --local_negatives: the rank's own block only
+            b = n // world
+            sl = slice(r * b, (r + 1) * b)
+            local = vdist.global_contrastive_loss(
+                img_emb[sl].detach(), cap_emb[sl].detach(), ctx1, margin=0.2, max_violation=max_violation,
+                pairing=vdist.item_pairing(items[sl]) if dedupe else None)
+            if not dedupe:
+                torch.testing.assert_close(local, contrastive_loss(img_emb[sl].detach(), cap_emb[sl].detach(),
+                                                                   margin=0.2, max_violation=max_violation))
+            torch.testing.assert_close(outs[r][key + "/local_loss"], local, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +306,10 @@ def _train_args(data, bert_config, run_dir, *extra):
             "--test_split", "test", "--run_dir", str(run_dir), "--progress", "off", *extra]
 
 
-def test_torchrun_two_processes_then_resume_in_one(tiny_data, tmp_path):
+@pytest.mark.parametrize("options", [(), ("--dedupe_items",)], ids=["published", "dedupe_items"])
+def test_torchrun_two_processes_then_resume_in_one(tiny_data, tmp_path, options):
+    """With --dedupe_items the 2-process run reads the global batch's items from the sampler (about two
+    items per batch of 16 have two captions in it)."""
     from vse_fast.checkpoint import load_checkpoint
     from vse_fast.train import main
 
@@ -230,7 +317,7 @@ def test_torchrun_two_processes_then_resume_in_one(tiny_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "vse_fast.train",
-           *_train_args(data, bert_config, tmp_path / "ddp", "--max_steps", "20")]
+           *_train_args(data, bert_config, tmp_path / "ddp", "--max_steps", "20", *options)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stopped = load_checkpoint(str(tmp_path / "ddp" / "last.pth"))
@@ -238,9 +325,10 @@ def test_torchrun_two_processes_then_resume_in_one(tiny_data, tmp_path):
     assert stopped["step"] == 20 and stopped["epoch"] == 1 and steps_per_epoch > 0
     assert stopped["rng"]["world_size"] == 2 and len(stopped["rng"]["per_rank"]) == 2
     assert not any(k.startswith("module.") for k in stopped["model"])
+    assert stopped["config"]["dedupe_items"] == bool(options)
 
     resumed = main(["--resume", str(tmp_path / "ddp" / "last.pth"), "--progress", "off"])
-    straight = main(_train_args(data, bert_config, tmp_path / "single"))
+    straight = main(_train_args(data, bert_config, tmp_path / "single", *options))
     assert not resumed["stopped"] and resumed["step"] == straight["step"] == 2 * steps_per_epoch
     a = load_checkpoint(str(tmp_path / "ddp" / "last.pth"))["model"]
     b = load_checkpoint(str(tmp_path / "single" / "last.pth"))["model"]

@@ -96,6 +96,16 @@ def test_in_batch_recall():
     assert train.in_batch_recall(img, cap).item() == pytest.approx((b - 2) / b)
     assert train.in_batch_recall(img, img, max_rows=10).item() == 1.0
     assert train.in_batch_recall(img[:, :0], img[:, :0]).item() == 0.0
+    # orthonormal pairs; pairs 3 and 5 show one item, and caption 5 repeats caption 3: image 3 ties with it
+    # (a miss) unless items say it is no rival; image 5 (score 0 with its own caption) misses either way
+    basis = torch.eye(b)
+    sibling = basis.clone()
+    sibling[5] = basis[3]
+    items = torch.arange(b)
+    items[5] = 3
+    assert train.in_batch_recall(basis, sibling).item() == pytest.approx((b - 2) / b)
+    assert train.in_batch_recall(basis, sibling, items=items).item() == pytest.approx((b - 1) / b)
+    assert train.in_batch_recall(same, same, items=items).item() == 0.0
 
 
 def test_collapse_criterion():
@@ -330,6 +340,29 @@ def test_pooling_option_trains_evaluates_and_is_kept_on_resume(tiny, tmp_path, c
     save_checkpoint(str(tmp_path / "old" / "last.pth"), old)
     assert "--pooling 'max' differs from the resumed checkpoint's 'gpo'" in _error(
         capsys, ["--resume", str(tmp_path / "old" / "last.pth"), "--pooling", "max"])
+
+
+@pytest.mark.parametrize("dedupe", [False, True])
+def test_dedupe_items_gives_the_loss_each_batchs_item_pairing(tiny, tmp_path, monkeypatch, dedupe):
+    """--dedupe_items: every step's loss gets the pairing of its batch's items (each distinct item once, each
+    caption pointing at its own item); without the flag, the published pairing (None)."""
+    real, seen = train.compute_loss, []
+
+    def spy(model, batch, ctx, **kw):
+        seen.append((batch["img_index"].cpu(), kw["pairing"]))
+        return real(model, batch, ctx, **kw)
+
+    monkeypatch.setattr(train, "compute_loss", spy)
+    train.main(_args(tiny, tmp_path / "r", "--max_steps", "6", *(["--dedupe_items"] if dedupe else [])))
+    assert len(seen) == 6 and _final_state(tmp_path / "r")["config"]["dedupe_items"] == dedupe
+    if not dedupe:
+        assert all(pairing is None for _, pairing in seen)
+        return
+    for items, pairing in seen:
+        kept = items[pairing.keep]
+        assert sorted(kept.tolist()) == sorted(set(items.tolist()))
+        assert torch.equal(kept[pairing.positives], items)
+    assert any(len(set(items.tolist())) < len(items) for items, _ in seen)  # 40 of 240 captions: items repeat
 
 
 def test_the_published_dev_cut_is_logged(tiny, tmp_path, monkeypatch):

@@ -547,6 +547,10 @@ class PrecomputedDataset(torch.utils.data.Dataset):
     def caps_per_item(self):
         return self.data.info.caps_per_item
 
+    def item_of(self, index):
+        """The item (row of features) of each caption index: ``index // caps_per_item``."""
+        return torch.as_tensor(index) // self.caps_per_item
+
     def set_epoch(self, epoch):
         """Select the augmentation draws of this epoch (call before each epoch, every rank)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:

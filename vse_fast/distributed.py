@@ -34,6 +34,8 @@ __all__ = [
     "cleanup_distributed",
     "all_gather_with_grad",
     "global_contrastive_loss",
+    "ItemPairing",
+    "item_pairing",
     "loss_scale",
     "all_reduce_sum",
     "all_gather_object",
@@ -201,6 +203,7 @@ def global_contrastive_loss(
     max_violation: bool,
     local_negatives: bool = False,
     backend: str = "auto",
+    pairing: Optional["ItemPairing"] = None,
 ) -> torch.Tensor:
     """This rank's share of the VSE loss (reduction "sum"), so that sum over ranks = global loss.
 
@@ -211,6 +214,10 @@ def global_contrastive_loss(
         margin, max_violation: VSE margin; VSE++ hardest negatives (True) or VSE0 sum (False).
         local_negatives: True = each rank's loss uses only its own batch as negatives (no communication).
         backend: passed to ``vse_fast.ops.contrastive.contrastive_loss``.
+        pairing: None (published: row i of img_emb is caption i's own image copy, every other row and
+            caption a negative), or an ``ItemPairing`` (``item_pairing``) of the batch the loss sees: the
+            global batch (rows in rank order) under global negatives, else the local one. Then each item
+            enters once (its first row) and captions of one item are not negatives of each other.
 
     Global negatives: all-gather both modalities with gradient (one all-gather per modality forward,
     a reduce-scatter backward; nothing of size B^2 is communicated) and compute, for the local rows
@@ -226,14 +233,66 @@ def global_contrastive_loss(
             f"img_emb and cap_emb must both be (B, E) with the same shape, got "
             f"{tuple(img_emb.shape)} and {tuple(cap_emb.shape)}"
         )
-    if not ctx.enabled or local_negatives:
-        return contrastive_loss(img_emb, cap_emb, margin=margin, max_violation=max_violation, backend=backend)
+    single = not ctx.enabled or local_negatives
+    if pairing is not None:
+        rows = img_emb.shape[0] * (1 if single else ctx.world_size)
+        if pairing.positives.shape != (rows,):
+            raise ValueError(f"the item pairing covers {tuple(pairing.positives.shape)} captions, the loss sees "
+                             f"{rows} ({'local' if single else 'global'} batch)")
+    if single:
+        if pairing is None:
+            return contrastive_loss(img_emb, cap_emb, margin=margin, max_violation=max_violation, backend=backend)
+        return contrastive_loss(img_emb.index_select(0, pairing.keep), cap_emb, margin=margin,
+                                max_violation=max_violation, positives=pairing.positives, backend=backend)
     img_global = all_gather_with_grad(img_emb, ctx)
     cap_global = all_gather_with_grad(cap_emb, ctx)
     n_local = img_emb.shape[0]
+    if pairing is not None:
+        # t2i for this rank's captions against every distinct item; the i2t term of a caption needs its item's
+        # row against ALL captions, so each rank computes the whole batch's i2t term and keeps 1/world of it
+        # (the all-gather's backward sums the ranks' gradients: together, exactly the global i2t gradient).
+        items = img_global.index_select(0, pairing.keep)
+        own = pairing.positives[ctx.rank * n_local:(ctx.rank + 1) * n_local]
+        kw = dict(margin=margin, max_violation=max_violation, backend=backend)
+        return (contrastive_loss(items, cap_emb, positives=own, terms="t2i", **kw)
+                + contrastive_loss(items, cap_global, positives=pairing.positives, terms="i2t", **kw) / ctx.world_size)
     positives = torch.arange(n_local, device=img_emb.device) + ctx.rank * n_local
     kw = dict(margin=margin, max_violation=max_violation, positives=positives, terms="t2i", backend=backend)
     return contrastive_loss(img_global, cap_emb, **kw) + contrastive_loss(cap_global, img_emb, **kw)
+
+
+@dataclass(frozen=True)
+class ItemPairing:
+    """How a batch's pairs map onto its distinct items (images, videos) when an item can come with several
+    of its captions in one batch (``--dedupe_items``; ``item_pairing`` builds it).
+
+    keep: (U,) int64, the batch row of each distinct item's first pair, in batch order.
+    positives: (B,) int64, for each pair's caption, the index into ``keep`` of its item.
+    """
+
+    keep: torch.Tensor
+    positives: torch.Tensor
+
+    def to(self, device: torch.device) -> "ItemPairing":
+        non_blocking = torch.device(device).type == "cuda"
+        return ItemPairing(self.keep.to(device, non_blocking=non_blocking),
+                           self.positives.to(device, non_blocking=non_blocking))
+
+
+def item_pairing(items) -> ItemPairing:
+    """The ``ItemPairing`` of a batch whose pair j shows item ``items[j]`` ((B,) ints; on the host, where
+    the loader's batch is, so the trainer's step needs no device synchronisation)."""
+    items = torch.as_tensor(items)
+    if items.dim() != 1 or items.numel() == 0 or items.dtype.is_floating_point or items.dtype == torch.bool:
+        raise ValueError(f"items must be a non-empty 1-D integer tensor, got {items.dtype} {tuple(items.shape)}")
+    items = items.cpu().long()
+    rows = torch.arange(items.numel())
+    distinct, item_of_row = torch.unique(items, return_inverse=True)
+    first_row = torch.full((distinct.numel(),), items.numel()).scatter_reduce_(0, item_of_row, rows, "amin")
+    order = torch.argsort(first_row)  # the distinct items in the order of their first pair
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(order.numel())
+    return ItemPairing(keep=first_row[order], positives=slot[item_of_row])
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -312,6 +371,15 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        """(global_batch,) int64: the dataset indices of step ``step`` of the current epoch over all ranks,
+        in rank order (rank r's batch is rows [r*G/W, (r+1)*G/W))."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise ValueError(f"step {step} outside [0, {self.steps_per_epoch})")
+        if getattr(self, "_perm_epoch", None) != (self.seed, self.epoch):
+            self._perm, self._perm_epoch = epoch_permutation(self.n_items, self.seed, self.epoch), (self.seed, self.epoch)
+        return self._perm[step * self.global_batch:(step + 1) * self.global_batch]
 
     def __iter__(self) -> Iterator[List[int]]:
         perm = epoch_permutation(self.n_items, self.seed, self.epoch)

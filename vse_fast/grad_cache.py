@@ -79,10 +79,12 @@ def _batchnorm_buffers(model) -> list:
 
 
 def cached_backward(model, chunks: list, scaler, ctx: vdist.DistContext, *, margin: float, max_violation: bool,
-                    local_negatives: bool = False, precision: str = "fp32", loss_backend: str = "auto"):
+                    local_negatives: bool = False, precision: str = "fp32", loss_backend: str = "auto",
+                    pairing=None):
     """Steps 1-3 of the module docstring for one (local) batch given as ``chunks`` (``split_batch``,
     on the device). Leaves the parameters' gradients (scaled by ``scaler`` and ``loss_scale(ctx)``,
-    as ``loss.backward()`` of the unchunked step would) for the optimizer step. ``model`` may be
+    as ``loss.backward()`` of the unchunked step would) for the optimizer step. ``pairing``: the batch's
+    ``vse_fast.distributed.ItemPairing`` (or None), as for ``global_contrastive_loss``. ``model`` may be
     wrapped in DistributedDataParallel: only the last chunk's backward all-reduces.
 
     Returns (loss, img_emb, cap_emb): the loss (0-d fp32, this rank's share, reduction "sum") and the
@@ -102,7 +104,7 @@ def cached_backward(model, chunks: list, scaler, ctx: vdist.DistContext, *, marg
     img_emb = torch.cat(img_parts).requires_grad_()
     cap_emb = torch.cat(cap_parts).requires_grad_()
     loss = vdist.global_contrastive_loss(img_emb, cap_emb, ctx, margin=margin, max_violation=max_violation,
-                                         local_negatives=local_negatives, backend=loss_backend)
+                                         local_negatives=local_negatives, backend=loss_backend, pairing=pairing)
     scaler.scale(loss * vdist.loss_scale(ctx)).backward()
     d_img, d_cap = img_emb.grad, cap_emb.grad
     start = 0

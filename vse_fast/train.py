@@ -45,7 +45,7 @@ PUBLISHED_DEFAULTS = dict(
     val_split="dev", test_split=None, eval_batch_size=128, local_negatives=False,
     feature_drop=0.2, token_aug=0.2, max_steps=None, text_model=None, bert_config=None,
     vocab_file=None, data_path=None, device="auto", synthetic="image", synthetic_dir=None, compile=False,
-    chunk_size=None,
+    chunk_size=None, dedupe_items=False,
 )
 
 # The no-argument demo: a small model that trains on 2 CPU cores in about one minute. Its tiny BERT is
@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision [bf16 on CUDA GPUs that support it, else fp32]; fp16 uses a GradScaler")
     g.add_argument("--local_negatives", action=_Flag,
                    help="multi-process: each process uses only its own batch as negatives")
+    g.add_argument("--dedupe_items", action=_Flag,
+                   help="an item (image, video) whose several captions share a batch enters the loss once, and "
+                   "its captions are not negatives of each other (the published loss scores each caption's "
+                   "own copy of the image and counts its sibling captions as negatives) [off]")
     g.add_argument("--seed", type=int, help=f"seed of initialisation, data order and augmentation {d('seed')}")
     g.add_argument("--chunk_size", type=int,
                    help="encode each process's batch in chunks of this many pairs (gradient caching: the "
@@ -380,23 +384,25 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def compute_loss(model, batch: dict, ctx: vdist.DistContext, *, margin: float, max_violation: bool,
-                 local_negatives: bool = False, precision: str = "fp32", loss_backend: str = "auto"):
+                 local_negatives: bool = False, precision: str = "fp32", loss_backend: str = "auto",
+                 pairing: Optional[vdist.ItemPairing] = None):
     """Forward one (local) batch and this rank's share of the loss.
 
     Returns (loss, img_emb, cap_emb): loss is a 0-d fp32 tensor (reduction "sum"; the sum over
     ranks is the global-batch loss); embeddings (B_local, E). Backward ``loss * loss_scale(ctx)``.
+    ``pairing``: see ``vse_fast.distributed.global_contrastive_loss`` (``--dedupe_items``).
     """
     img_emb, cap_emb = grad_cache.encode(model, batch, precision)
     loss = vdist.global_contrastive_loss(
         img_emb.float(), cap_emb.float(), ctx, margin=margin, max_violation=max_violation,
-        local_negatives=local_negatives, backend=loss_backend,
+        local_negatives=local_negatives, backend=loss_backend, pairing=pairing,
     )
     return loss, img_emb, cap_emb
 
 
 def train_step(model, batch, optimizer, scaler, ctx: vdist.DistContext, *, margin: float,
                max_violation: bool, grad_clip: float, precision: str = "fp32", local_negatives: bool = False,
-               loss_backend: str = "auto", params=None):
+               loss_backend: str = "auto", params=None, pairing: Optional[vdist.ItemPairing] = None):
     """One optimizer step on a (local) batch: forward, loss, backward (loss x world size, see
     vse_fast.distributed), gradient-norm clip (published: over all parameters), AdamW step.
     ``batch`` is a dict, or a list of its chunks (``grad_cache.split_batch``: gradient caching).
@@ -405,11 +411,11 @@ def train_step(model, batch, optimizer, scaler, ctx: vdist.DistContext, *, margi
     if isinstance(batch, (list, tuple)):
         loss, img_emb, cap_emb = grad_cache.cached_backward(
             model, batch, scaler, ctx, margin=margin, max_violation=max_violation, local_negatives=local_negatives,
-            precision=precision, loss_backend=loss_backend)
+            precision=precision, loss_backend=loss_backend, pairing=pairing)
     else:
         loss, img_emb, cap_emb = compute_loss(model, batch, ctx, margin=margin, max_violation=max_violation,
                                               local_negatives=local_negatives, precision=precision,
-                                              loss_backend=loss_backend)
+                                              loss_backend=loss_backend, pairing=pairing)
         scaler.scale(loss * vdist.loss_scale(ctx)).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -425,14 +431,19 @@ def collapse_expected_loss(global_batch: int, margin: float, max_violation: bool
     return 2.0 * global_batch * margin * (1 if max_violation else global_batch - 1)
 
 
-def in_batch_recall(img_emb: torch.Tensor, cap_emb: torch.Tensor, max_rows: int = 256) -> torch.Tensor:
+def in_batch_recall(img_emb: torch.Tensor, cap_emb: torch.Tensor, max_rows: int = 256,
+                    items: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Image-to-text R@1 inside a batch of pairs (row i of both is pair i): the fraction of the first
     ``min(B, max_rows)`` images whose own caption scores strictly above every other caption of the
-    batch (a tie is a miss). Chance is 1/B. A 0-d fp32 tensor (no sync)."""
+    batch (a tie is a miss). Chance is 1/B. ``items`` (B,): the item of each pair; then the other
+    captions of an image's own item are not competitors. A 0-d fp32 tensor (no sync)."""
     n = min(img_emb.shape[0], max_rows)
     sims = img_emb[:n].detach().float() @ cap_emb.detach().float().T  # [n, B]
     own = sims.diagonal()  # [n]: image i with its own caption i
-    return ((sims >= own[:, None]).sum(dim=1) == 1).float().mean()  # only the pair itself reaches its score
+    if items is None:
+        items = torch.arange(cap_emb.shape[0], device=sims.device)
+    rival = items[:n, None] != items[None, :]  # [n, B]
+    return (~((sims >= own[:, None]) & rival).any(dim=1)).float().mean()
 
 
 MIN_COLLAPSE_BATCH = 8
@@ -660,6 +671,8 @@ class Trainer:
             if max_steps is not None and self.step >= max_steps and self.epoch_step < self.steps_per_epoch:
                 return False
             for batch in self._loader():
+                pairing = self._item_pairing(batch) if cfg.get("dedupe_items") else None
+                items = batch["img_index"]  # (B_local,) on the host
                 chunk = cfg.get("chunk_size")
                 if chunk and chunk < batch["images"].shape[0]:
                     batch = [_to_device(c, self.device) for c in grad_cache.split_batch(batch, chunk)]
@@ -669,13 +682,15 @@ class Trainer:
                     self.ddp_model, batch, self.optimizer, self.scaler, ctx, margin=cfg["margin"],
                     max_violation=max_violation, grad_clip=cfg["grad_clip"], precision=self.precision,
                     local_negatives=cfg["local_negatives"], loss_backend=cfg["loss_backend"], params=params,
+                    pairing=pairing,
                 )
                 self.step += 1
                 self.epoch_step += 1
                 steps_since += 1
                 if self.step % log_step == 0 or self.epoch_step == self.steps_per_epoch:
                     now = time.time()
-                    self._log_step(loss, img_emb, cap_emb, max_violation, steps_since / max(now - t_last, 1e-9), bar)
+                    self._log_step(loss, img_emb, cap_emb, items, max_violation,
+                                   steps_since / max(now - t_last, 1e-9), bar)
                     t_last, steps_since = now, 0
                 else:
                     bar.update()
@@ -689,10 +704,24 @@ class Trainer:
             bar.close()
         return True
 
-    def _log_step(self, loss, img_emb, cap_emb, max_violation, steps_per_s, bar) -> None:
+    def _item_pairing(self, batch: dict) -> vdist.ItemPairing:
+        """``--dedupe_items``: the ItemPairing of the batch the loss sees (global under global negatives,
+        read from the sampler's order, so no rank waits for another's item ids), on the device."""
+        items = batch["img_index"]
+        if self.ctx.enabled and not self.cfg["local_negatives"]:
+            global_items = self.train_set.item_of(self.sampler.global_indices(self.epoch_step))
+            lo = self.ctx.rank * items.numel()
+            if not torch.equal(global_items[lo:lo + items.numel()], items):
+                raise RuntimeError(f"rank {self.ctx.rank}: the loader's batch is not the sampler's step "
+                                   f"{self.epoch_step} of epoch {self.epoch}")
+            items = global_items
+        return vdist.item_pairing(items).to(self.device)
+
+    def _log_step(self, loss, img_emb, cap_emb, items, max_violation, steps_per_s, bar) -> None:
         """The only host synchronisation of the loop: at the logging cadence."""
         cfg, ctx = self.cfg, self.ctx
-        stats = vdist.all_reduce_sum(torch.stack([loss.detach().float(), in_batch_recall(img_emb, cap_emb)]), ctx)
+        recall = in_batch_recall(img_emb, cap_emb, items=items.to(img_emb.device))
+        stats = vdist.all_reduce_sum(torch.stack([loss.detach().float(), recall]), ctx)
         loss_v, recall_v = stats.tolist()
         recall_v /= ctx.world_size
         local_batch = img_emb.shape[0]
