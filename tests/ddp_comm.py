@@ -7,8 +7,9 @@ Shared by tests/test_distributed_comm.py (gloo, 2 CPU processes) and bench/gpuch
   process group with ``vse_fast.distributed.init_distributed`` (as under torchrun), wraps a small
   two-tower model in DDP and runs ``vse_fast.train.train_step`` (the training loop's step: forward,
   ``global_contrastive_loss``, backward of loss x world size, grad-norm clip, AdamW) with global
-  negatives and with ``local_negatives=True``, recording every collective of each step, then times
-  both kinds of step. Returns one dict per rank (JSON-able).
+  negatives, with ``local_negatives=True`` and with global negatives under ``--dedupe_items`` (mode
+  ``global_dedupe``: every item has a pair on each rank), recording every collective of each step, then
+  times the global and local steps. Returns one dict per rank (JSON-able).
 - ``CollectiveRecorder`` wraps every collective function of ``torch.distributed`` and the aliases of
   them held by ``vse_fast`` modules (e.g. ``vse_fast.distributed._all_gather_flat``) and logs the name
   and the shapes of the tensor arguments of each call. DDP's gradient all-reduce runs in C++, out of
@@ -18,7 +19,8 @@ Shared by tests/test_distributed_comm.py (gloo, 2 CPU processes) and bench/gpuch
 - ``communication_problems(rank_result, cfg)`` compares one rank's record with docs/distributed.md:
   per global-negatives step exactly two all-gathers of (B_local, E) rows into (B_global, E), exactly
   two reduce-scatters of (B_global, E) into (B_local, E), DDP all-reduces totalling the model's
-  parameters, nothing else; per local-negatives step only the DDP all-reduces.
+  parameters, nothing else (``--dedupe_items`` included); per local-negatives step only the DDP
+  all-reduces.
 
 The model (one Linear per modality, l2-normalised like vse_fast's encoders) stands for any encoder:
 what reaches the loss, and so what is communicated for it, is the (B_local, E) embeddings.
@@ -212,18 +214,22 @@ def comm_worker(rank: int, world: int, port: int, backend: str, cfg_dict: dict, 
         images=torch.randn(cfg.b_local, cfg.img_dim, generator=g), img_lengths=ones,
         captions=torch.randn(cfg.b_local, cfg.cap_dim, generator=g), cap_lengths=ones).items()}
 
-    def step(local_negatives: bool):
+    # --dedupe_items: item i has a pair on each rank (rows i and B_local + i of the global batch)
+    pairing = vdist.item_pairing(torch.arange(cfg.b_global) % cfg.b_local).to(device)
+
+    def step(local_negatives: bool, pairing=None):
         loss, _, _ = train_step(ddp, batch, optimizer, scaler, ctx, margin=0.2, max_violation=cfg.max_violation,
-                             grad_clip=2.0, precision=cfg.precision, local_negatives=local_negatives)
+                                grad_clip=2.0, precision=cfg.precision, local_negatives=local_negatives,
+                                pairing=pairing)
         return loss
 
     out = dict(rank=rank, world=world, backend=backend, device=str(device),
                n_params=sum(p.numel() for p in model.parameters()), steps={}, losses={}, ms={})
-    for mode in ("global", "local"):
+    for mode in ("global", "local", "global_dedupe"):
         out["steps"][mode], out["losses"][mode] = [], []
         for _ in range(cfg.steps):
             with CollectiveRecorder() as rec:
-                loss = step(local_negatives=mode == "local")
+                loss = step(local_negatives=mode == "local", pairing=pairing if mode == "global_dedupe" else None)
             out["steps"][mode].append(rec.calls)
             out["losses"][mode].append(float(loss.detach()))  # after the recorded window
         vdist.barrier(ctx)
@@ -284,7 +290,7 @@ def communication_problems(result: dict, cfg: ProbeConfig) -> list:
         for i, calls in enumerate(steps):
             where = f"rank {result['rank']} {mode}-negatives step {i}"
             summary = step_summary(calls)
-            want = {"all_gather": 2, "reduce_scatter": 2} if mode == "global" else {}
+            want = {"all_gather": 2, "reduce_scatter": 2} if mode.startswith("global") else {}
             for kind in ("all_gather", "reduce_scatter"):
                 if summary.get(kind, {}).get("count", 0) != want.get(kind, 0):
                     problems.append(f"{where}: {summary.get(kind, {}).get('count', 0)} {kind} calls, "

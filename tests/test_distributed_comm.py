@@ -8,7 +8,9 @@ bench/gpucheck_ddp.py runs with NCCL on 2 GPUs) while every torch.distributed co
   once), nothing else;
 - no payload reaches B_local x B_global elements (a rank's block of similarities), let alone
   B_global^2: the sizes are chosen so that every legitimate payload is smaller;
-- --local_negatives: no all-gather or reduce-scatter at all, only DDP's all-reduce.
+- --local_negatives: no all-gather or reduce-scatter at all, only DDP's all-reduce;
+- --dedupe_items with global negatives: the same collectives as global negatives (each rank reads the
+  global batch's items from the shared sample order, nothing is sent for them).
 """
 import pytest
 import torch
@@ -48,9 +50,18 @@ def test_global_negatives_step_communicates_two_gathers_their_reduce_scatters_an
         assert communication_problems(result, CFG) == []
 
 
+def test_dedupe_items_communicates_exactly_what_global_negatives_do(probe):
+    for result in probe:
+        assert len(result["steps"]["global_dedupe"]) == CFG.steps
+        for dedupe, plain in zip(result["steps"]["global_dedupe"], result["steps"]["global"]):
+            assert [(c["kind"], c["shapes"]) for c in dedupe] == [(c["kind"], c["shapes"]) for c in plain]
+        assert torch.isfinite(torch.tensor(result["losses"]["global_dedupe"])).all()
+        assert communication_problems(result, CFG) == []
+
+
 def test_no_payload_of_similarity_size(probe):
     for result in probe:
-        for mode in ("global", "local"):
+        for mode in ("global", "local", "global_dedupe"):
             for calls in result["steps"][mode]:
                 assert calls and max(c["payload_numel"] for c in calls) < CFG.b_local * CFG.b_global, calls
 
