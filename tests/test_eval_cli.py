@@ -133,6 +133,18 @@ def test_gru_model_other_caption_count(dataset, tmp_path):
     img, cap, caps = encode_split(model, str(dataset), "pairs", vocab)
     assert caps == 2
     assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.numpy(), cap.numpy()), caps=2)))
+    # the run directory moved: the vocabulary the checkpoint names is gone, the one beside it is used
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "gru.pth").rename(moved / "gru.pth")
+    (tmp_path / "vocab.json").rename(moved / "vocab.json")
+    again = main(["--checkpoint", str(moved / "gru.pth"), "--data_path", str(dataset), "--split", "pairs"])
+    assert_metrics_equal(again, metrics)
+    enc = Encoder.from_checkpoint(str(moved / "gru.pth"))
+    assert enc.tokenize("a red dog") == vocab.encode("a red dog")
+    (moved / "vocab.json").unlink()
+    with pytest.raises(ValueError, match="vocab.json does not exist .*pass --vocab_file"):
+        Encoder.from_checkpoint(str(moved / "gru.pth"))
 
 
 def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
@@ -276,6 +288,20 @@ def test_inference_encoder_and_search(dataset, tmp_path):
     sets = [f[:n] for f, n in zip(feats, lens)]
     sets[1] = torch.from_numpy(sets[1])  # arrays and tensors mixed
     torch.testing.assert_close(enc.encode_images(sets), ref_img, atol=1e-5, rtol=1e-5)
+    # the padded array with its lens (as a split stores them)
+    torch.testing.assert_close(enc.encode_images(feats, lengths=lens), ref_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(enc.encode_images(torch.from_numpy(feats), lengths=torch.from_numpy(lens)), ref_img,
+                               atol=1e-5, rtol=1e-5)
+    bad_lens = lens.copy()
+    bad_lens[[2, 4]] = [0, K + 1]
+    with pytest.raises(ValueError, match=rf"lengths must be in \[1, {K}\].*sets \[2, 4\] have \[0, {K + 1}\]"):
+        enc.encode_images(feats, lengths=bad_lens)
+    with pytest.raises(ValueError, match=r"lengths must be \(10,\) integers"):
+        enc.encode_images(feats, lengths=lens[:3])
+    with pytest.raises(ValueError, match=r"lengths must be \(10,\) integers"):
+        enc.encode_images(feats, lengths=lens.astype(np.float32))
+    with pytest.raises(ValueError, match="lengths go with one padded"):
+        enc.encode_images(sets, lengths=lens)
     captions = (dataset / "test_caps.txt").read_text().splitlines()
     cap_emb = enc.encode_captions(captions)
     torch.testing.assert_close(cap_emb, ref_cap, atol=1e-5, rtol=1e-5)

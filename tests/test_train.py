@@ -365,6 +365,64 @@ def test_dedupe_items_gives_the_loss_each_batchs_item_pairing(tiny, tmp_path, mo
     assert any(len(set(items.tolist())) < len(items) for items, _ in seen)  # 40 of 240 captions: items repeat
 
 
+def test_loss_switches_can_be_turned_off_on_resume_and_are_logged(tiny, tmp_path, capsys):
+    """--dedupe_items / --max_violation / --local_negatives have --no- forms, so a resumed run can turn
+    them off; overrides are logged, also against a checkpoint from before an option existed."""
+    from vse_fast.checkpoint import save_checkpoint
+
+    train.main(_args(tiny, tmp_path / "r", "--max_steps", "1", "--dedupe_items", "--max_violation"))
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "VSE++ (hardest negatives) loss, each item once (--dedupe_items)" in log
+    train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "2", "--no-dedupe_items",
+                "--no-max_violation", "--progress", "off"])
+    state = _final_state(tmp_path / "r")
+    assert state["step"] == 2 and not state["config"]["dedupe_items"] and not state["config"]["max_violation"]
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "--dedupe_items False overrides the resumed run's True" in log
+    assert "--max_violation False overrides the resumed run's True" in log
+    assert "VSE0 (sum) loss, 5 steps" in log
+    del state["config"]["dedupe_items"]  # written before the option existed: the run had the default
+    os.makedirs(tmp_path / "old")
+    save_checkpoint(str(tmp_path / "old" / "last.pth"), state)
+    train.main(["--resume", str(tmp_path / "old" / "last.pth"), "--max_steps", "3", "--dedupe_items",
+                "--progress", "off"])
+    assert "--dedupe_items True overrides the resumed run's False" in (tmp_path / "old" / "train.log").read_text()
+
+
+def test_too_few_items_or_pairs_per_process_are_errors(tmp_path, capsys, monkeypatch):
+    """One training item gives no negatives; one pair per process (global batch 2 over 2 processes)
+    would give the region MLP's BatchNorm one value per channel."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 1), ("dev", 2)):
+        np.save(tmp_path / f"{split}_ims.npy", rng.standard_normal((n, 3, 8)).astype(np.float32))
+        (tmp_path / f"{split}_caps.txt").write_text("".join(f"a red dog number {i}\n" for i in range(5 * n)))
+    args = ["--data_path", str(tmp_path), "--text_encoder", "gru", "--embed_size", "8", "--batch_size", "4",
+            "--workers", "0", "--progress", "off"]
+    err = _error(capsys, args + ["--run_dir", str(tmp_path / "r1")])
+    assert "train_ims.npy: 1 training item" in err and "at least 2" in err
+    monkeypatch.setattr(train.vdist, "init_distributed", lambda device: DistContext(world_size=2))
+    err = _error(capsys, args + ["--run_dir", str(tmp_path / "r2"), "--batch_size", "2"])
+    assert "--batch_size 2 over 2 processes leaves one pair per process" in err
+
+
+def test_errors_raised_in_loader_workers_print_their_own_message():
+    from torch._utils import ExceptionWrapper
+
+    from vse_fast.data import DataError, error_message
+
+    try:
+        raise DataError("/data/train_caps.txt:7: empty caption")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as exc:
+        wrapped.reraise()
+    assert str(exc.value).startswith("Caught DataError")
+    assert error_message(exc.value) == "/data/train_caps.txt:7: empty caption"
+    assert error_message(DataError("plain")) == "plain"
+
+
 def test_the_published_dev_cut_is_logged(tiny, tmp_path, monkeypatch):
     """vse_fast.eval evaluates "dev" on its first DEV_CAPTION_LIMIT captions (COCO's published 5000), in
     whole items: a run validating on a larger dev split says so."""
@@ -395,7 +453,7 @@ def test_collapse_is_warned_in_the_training_loop(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("precision, step", [("fp32", 2), ("fp16", 18)])
-def test_a_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, precision, step):
+def test_a_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, capsys, precision, step):
     """fp32 stops at the first logged NaN; fp16 lets the GradScaler skip steps until its scale, halved
     per skipped step from 2**16, falls below 1 (after 17 steps; logged every 2)."""
     real = train.compute_loss
@@ -405,8 +463,8 @@ def test_a_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, precision
         return loss * float("nan"), img, cap
 
     monkeypatch.setattr(train, "compute_loss", nan_loss)
-    with pytest.raises(FloatingPointError, match=f"the loss became nan at step {step} "):
-        train.main(_args(tiny, tmp_path / "n", "--precision", precision, "--batch_size", "8", "--max_steps", "30"))
+    err = _error(capsys, _args(tiny, tmp_path / "n", "--precision", precision, "--batch_size", "8", "--max_steps", "30"))
+    assert f"error: the loss became nan at step {step} " in err and "Traceback" not in err
 
 
 def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):

@@ -53,6 +53,18 @@ class DataError(ValueError):
     """A data file is missing, unreadable or inconsistent; the message names the file (and line)."""
 
 
+def error_message(err: BaseException) -> str:
+    """The message of an error for the command line: a DataLoader worker re-raises a DataError as
+    "Caught DataError in DataLoader worker process N. Original Traceback ...", with the message on its
+    last line; that line alone, without the exception's name."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        name = f"{type(err).__name__}: "
+        return last.split(name, 1)[1] if name in last else last
+    return text
+
+
 class CaptionTooLongError(ValueError):
     """A caption has more tokens than the text encoder has positions (CaptionEncoder position_limit)."""
 

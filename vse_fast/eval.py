@@ -165,15 +165,25 @@ def evaluate(model, data_path: str, split: str, *, batch_size: int = 128, device
 
 
 def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, text_model: str | None = None,
-                      vocab_file: str | None = None):
+                      vocab_file: str | None = None, checkpoint_path: str | None = None):
     """The caption tokenizer of a model: BERT tokenizer (text_model dir or wordpiece vocab.txt) or BiGRU
     Vocabulary (vocab json, else rebuilt from the training captions as vse_fast.train does).
-    Explicit arguments first, then the checkpoint config, then files in ``data_path``. ValueError when
-    its size differs from the model's vocabulary (BERT vocab_size / BiGRU vocab_size)."""
+    Explicit arguments first, then the checkpoint config, then files in ``data_path``. A BiGRU vocabulary
+    the checkpoint names but that is gone (the run directory was moved or copied) is looked for as
+    ``vocab.json`` beside ``checkpoint_path``, where training writes it. ValueError when its size
+    differs from the model's vocabulary (BERT vocab_size / BiGRU vocab_size)."""
     from vse_fast import data
 
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
-    vocab_file = vocab_file or config.get("vocab_file")
+    if not vocab_file and config.get("vocab_file"):
+        vocab_file = config["vocab_file"]
+        beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path or "")), "vocab.json")
+        if (not os.path.exists(vocab_file) and model_opt.get("text_encoder") == "gru" and checkpoint_path
+                and os.path.isfile(beside)):
+            vocab_file = beside
+        elif not os.path.exists(vocab_file):
+            raise ValueError(f"the checkpoint's vocabulary {vocab_file} does not exist (moved with its run "
+                             "directory?): pass --vocab_file with its location")
     if model_opt.get("text_encoder", "bert") == "bert":
         return _check_bert_vocab(_find_bert_tokenizer(data_path, text_model, vocab_file), model_opt)
     if vocab_file:
@@ -257,7 +267,7 @@ def _caption_limit(value: str, parser: argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     from vse_fast.checkpoint import CheckpointError, load_any_checkpoint
-    from vse_fast.data import DataError, check_split
+    from vse_fast.data import DataError, check_split, error_message
     from vse_fast.evaluation import format_table
 
     parser = _parser()
@@ -292,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                 text_model=args.text_model, map_location="cpu")
             model.to(device)
             tokenizer = resolve_tokenizer(model.opt, config, args.data_path, text_model=args.text_model,
-                                          vocab_file=args.vocab_file)
+                                          vocab_file=args.vocab_file, checkpoint_path=path)
             img_emb, cap_emb, caps = encode_split(model, args.data_path, args.split, tokenizer,
                                                   batch_size=args.batch_size, device=device, caption_limit=limit,
                                                   precision=args.precision, num_workers=args.workers)
@@ -304,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   "one row per item was used", file=sys.stderr)
         metrics = metrics_from_embeddings(pairs, caps, args.fold5)
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         raise SystemExit(2)
     source = f"ensemble of {len(pairs)}" if len(pairs) > 1 else os.path.basename(args.checkpoint[0])
     title = f"{args.split} ({source})"

@@ -40,6 +40,20 @@ def _as_feature_set(x, index: int, img_dim: int) -> torch.Tensor:
     return x
 
 
+def _set_lengths(lengths, sets: list) -> list:
+    """``lengths`` as a list of ints, checked against the padded sets (each (K, img_dim))."""
+    lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths)
+    if lengths.shape != (len(sets),) or not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths must be ({len(sets)},) integers, one per set, got {lengths.dtype} "
+                         f"{lengths.shape}")
+    k = sets[0].shape[0] if sets else 0
+    bad = np.flatnonzero((lengths < 1) | (lengths > k))
+    if bad.size:
+        raise ValueError(f"lengths must be in [1, {k}] (the array's K); sets {bad[:8].tolist()} have "
+                         f"{lengths[bad[:8]].tolist()}")
+    return lengths.tolist()
+
+
 class Encoder:
     """A trained VSEModel with its caption tokenizer, in eval mode on one device.
 
@@ -74,7 +88,8 @@ class Encoder:
 
         model, config = load_any_checkpoint(path, published=published, text_model=text_model)
         if tokenizer is None:
-            tokenizer = resolve_tokenizer(model.opt, config, data_path, text_model=text_model, vocab_file=vocab_file)
+            tokenizer = resolve_tokenizer(model.opt, config, data_path, text_model=text_model, vocab_file=vocab_file,
+                                          checkpoint_path=path)
         return cls(model, tokenizer, device=device, **kwargs)
 
     def tokenize(self, caption: str) -> list[int]:
@@ -87,15 +102,20 @@ class Encoder:
         return self._text(caption).tolist()
 
     @torch.inference_mode()
-    def encode_images(self, feature_sets: Sequence) -> torch.Tensor:
+    def encode_images(self, feature_sets: Sequence, lengths=None) -> torch.Tensor:
         """feature_sets: a list of (k_i, img_dim) arrays/tensors (k_i may differ), or one (N, K, img_dim)
-        array of full sets. Returns (N, E) float32 embeddings on the encoder's device; ValueError naming
-        the sets whose embeddings are not finite (NaN/inf features)."""
+        array: full sets, or padded ones with ``lengths`` (N,) ints in [1, K], the valid rows of each
+        (a split's ``{split}_lens.npy``). Returns (N, E) float32 embeddings on the encoder's device;
+        ValueError naming the sets whose embeddings are not finite (NaN/inf features)."""
         if isinstance(feature_sets, (np.ndarray, torch.Tensor)):
             if feature_sets.ndim != 3:
                 raise ValueError(f"an array of feature sets must be (N, K, {self.img_dim}), "
                                  f"got {tuple(feature_sets.shape)}")
             feature_sets = list(feature_sets)
+            if lengths is not None:
+                feature_sets = [x[:k] for x, k in zip(feature_sets, _set_lengths(lengths, feature_sets))]
+        elif lengths is not None:
+            raise ValueError("lengths go with one padded (N, K, img_dim) array; a list holds each set's own rows")
         sets = [_as_feature_set(x, i, self.img_dim) for i, x in enumerate(feature_sets)]
         if not sets:
             raise ValueError("no feature sets to encode")

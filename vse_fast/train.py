@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--margin", type=float, help=f"hinge margin {d('margin')}")
-    g.add_argument("--max_violation", action=_Flag, help="hardest negatives also during the warm-up epochs")
+    g.add_argument("--max_violation", action=argparse.BooleanOptionalAction, help="hardest negatives also during the warm-up epochs")
     g.add_argument("--vse_mean_warmup_epochs", type=int,
                    help=f"epochs with the VSE0 (sum) loss before hardest negatives {d('vse_mean_warmup_epochs')}; "
                         f"{SYNTHETIC_VIDEO_DEFAULTS['vse_mean_warmup_epochs']} with --synthetic video")
@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_clip", type=float, help=f"gradient-norm clip, <= 0 disables {d('grad_clip')}")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="autocast precision [bf16 on CUDA GPUs that support it, else fp32]; fp16 uses a GradScaler")
-    g.add_argument("--local_negatives", action=_Flag,
+    g.add_argument("--local_negatives", action=argparse.BooleanOptionalAction,
                    help="multi-process: each process uses only its own batch as negatives")
-    g.add_argument("--dedupe_items", action=_Flag,
+    g.add_argument("--dedupe_items", action=argparse.BooleanOptionalAction,
                    help="an item (image, video) whose several captions share a batch enters the loss once, and "
                    "its captions are not negatives of each other (the published loss scores each caption's "
                    "own copy of the image and counts its sibling captions as negatives) [off]")
@@ -541,6 +541,9 @@ class Trainer:
             raise data.DataError(f"{info.paths['ims']}: features of dimension {info.feat_dim}, but the resumed "
                                  f"checkpoint's model takes img_dim {cfg['img_dim']}")
         cfg["img_dim"] = info.feat_dim
+        if info.n_items < 2:
+            raise data.DataError(f"{info.paths['ims']}: {info.n_items} training item; the loss takes its negatives "
+                                 "from other items, so training needs at least 2")
         if info.n_captions < cfg["batch_size"]:
             raise data.DataError(f"{info.paths['caps']}: {info.n_captions} training pairs (captions), fewer than "
                                  f"one batch of {cfg['batch_size']}: lower --batch_size")
@@ -768,8 +771,9 @@ class Trainer:
         while self.epoch < cfg["num_epochs"]:
             lr = set_epoch_lr(self.optimizer, cfg, self.epoch)
             max_violation = max_violation_for_epoch(cfg, self.epoch)
-            logger.info("epoch %d/%d: lr %.2e, %s loss, %d steps of %d pairs", self.epoch, cfg["num_epochs"],
+            logger.info("epoch %d/%d: lr %.2e, %s loss%s, %d steps of %d pairs", self.epoch, cfg["num_epochs"],
                         lr, "VSE++ (hardest negatives)" if max_violation else "VSE0 (sum)",
+                        ", each item once (--dedupe_items)" if cfg.get("dedupe_items") else "",
                         self.steps_per_epoch - self.epoch_step, cfg["batch_size"])
             t0 = time.time()
             if not self.train_epoch(max_violation):
@@ -815,7 +819,7 @@ _SYNTHETIC_WITH_DATA_PATH = ("--synthetic and --synthetic_dir select the generat
 def main(argv=None) -> dict:
     """Run the CLI; returns {"stopped", "step", "val", "best_rsum", "test"} (metrics on the main rank)."""
     from vse_fast.checkpoint import CheckpointError
-    from vse_fast.data import DataError
+    from vse_fast.data import DataError, error_message
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -847,8 +851,8 @@ def main(argv=None) -> dict:
         result = _run(cfg, args, ctx, saved_state, parser)
         vdist.barrier(ctx)  # every rank done (rank 0's checkpoint written) before the group is torn down
         return result
-    except (DataError, CheckpointError) as err:  # they name the file (and line): no traceback needed
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except (DataError, CheckpointError, FloatingPointError) as err:  # they say what and where: no traceback
+        parser.exit(2, f"{parser.prog}: error: {error_message(err)}\n")
     finally:
         vdist.cleanup_distributed(ctx)
 
@@ -901,13 +905,19 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
     _setup_logging(run_dir, ctx)
     if saved_state is not None:  # logged here, so that train.log keeps them too
         saved = saved_state["config"]
-        for key in sorted(set(cfg) & set(saved) - set(RUN_KEYS) - set(MODEL_KEYS)):
-            moved = key in PATH_KEYS and cfg[key] and saved[key] and _same_path(cfg[key], saved[key])
-            if cfg[key] != saved[key] and not moved:
-                logger.warning("--%s %r overrides the resumed run's %r", key, cfg[key], saved[key])
+        # a key absent from an older checkpoint: that run had the default
+        for key in sorted(set(cfg) & (set(saved) | set(PUBLISHED_DEFAULTS)) - set(RUN_KEYS) - set(MODEL_KEYS)):
+            before = saved.get(key, PUBLISHED_DEFAULTS.get(key))
+            moved = key in PATH_KEYS and cfg[key] and before and _same_path(cfg[key], before)
+            if cfg[key] != before and not moved:
+                logger.warning("--%s %r overrides the resumed run's %r", key, cfg[key], before)
     if ctx.world_size > 1 and cfg["batch_size"] % ctx.world_size:
         parser.error(f"--batch_size {cfg['batch_size']} is the global batch: it must be divisible by the "
                      f"{ctx.world_size} processes")
+    if cfg["precomp_enc_type"] == "basic" and cfg["batch_size"] // ctx.world_size < 2:
+        parser.error(f"--batch_size {cfg['batch_size']} over {ctx.world_size} processes leaves one pair per "
+                     "process: a one-row set would give the region MLP's BatchNorm a single value per channel "
+                     "(use at least 2 pairs per process, or --precomp_enc_type backbone)")
     trainer = Trainer(cfg, ctx, data_path, saved_state)
     logger.info("data %s; %d training pairs, %d steps/epoch; %d process(es) on %s, %s; run dir %s",
                 data_path, len(trainer.train_set), trainer.steps_per_epoch, ctx.world_size, ctx.device,
