@@ -146,6 +146,19 @@ def test_a_byte_order_mark_is_not_part_of_the_first_caption_or_id(split):
     assert "\ufeff" not in data.Vocabulary.from_caption_files([os.path.join(folder, "train_caps.txt")], 1).word2idx
 
 
+@pytest.mark.parametrize("newline", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_lines_split_as_python_text_mode_splits_them(split, newline):
+    """The published loader reads captions in text mode, which ends a line at \\n, \\r\\n or a lone \\r
+    (old Mac files): every such file reads as its \\n twin, ids too."""
+    folder, _, _, captions = split
+    with open(os.path.join(folder, "train_caps.txt"), "w", encoding="utf-8", newline=newline) as f:
+        f.write("\n".join(captions))  # no final line end either
+    with open(os.path.join(folder, "train_ids.txt"), "w", encoding="utf-8", newline=newline) as f:
+        f.write("".join(f"{100 + i}\n" for i in range(len(captions))))
+    data.check_split(folder, "train")
+    assert data.CaptionDataset(folder, "train", data.Vocabulary.build(captions, threshold=1)).data.captions == captions
+
+
 def test_invalid_utf8_names_its_line(split):
     folder = split[0]
     raw = open(os.path.join(folder, "train_caps.txt"), "rb").read().split(b"\n")

@@ -6,7 +6,8 @@ the published loader expects) holds:
 * ``{split}_ims.npy``: (N, K, D) floating features, K regions (or frames) per item. Opened
   memory-mapped: COCO train is ~33 GB. A 2-D (N, D) array means one vector per item (K = 1).
 * ``{split}_caps.txt``: one caption per line, C = lines / N captions per item (5 COCO/Flickr30K,
-  20 MSR-VTT, 10 VATEX); caption j describes item j // C.
+  20 MSR-VTT, 10 VATEX); caption j describes item j // C. Lines end where the published loader's
+  text-mode reading ends them: at \\n, \\r\\n or a lone \\r.
 * optional ``{split}_lens.npy``: (N,) integer count of valid rows per item (1 <= len <= K); without
   it all K rows are used.
 * optional ``{split}_ids.txt``: one id per item (or one per caption).
@@ -124,19 +125,32 @@ def _open_features(path):
     return features
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _text_lines(path):
+    """(line number, bytes) of each line of a text file, split where Python's text mode (the published
+    loader's ``for line in open(path)``) splits: at \\n, \\r\\n and a lone \\r; no empty line after a
+    final line end."""
+    with open(path, "rb") as f:
+        lines = _LINE_END.split(f.read())
+    if lines[-1] == b"":
+        lines.pop()
+    return enumerate(lines, start=1)
+
+
 def _read_captions(path):
     """Captions, stripped as published; empty or non-UTF-8 lines raise DataError naming the line. A
     UTF-8 byte-order mark opening the file (Windows editors write one) is not part of the first caption."""
     captions = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                caption = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason})") from None
-            if not caption:
-                raise DataError(f"{path}:{number}: empty caption")
-            captions.append(caption)
+    for number, raw in _text_lines(path):
+        try:
+            caption = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason})") from None
+        if not caption:
+            raise DataError(f"{path}:{number}: empty caption")
+        captions.append(caption)
     if not captions:
         raise DataError(f"{path}: no captions")
     return captions
@@ -163,17 +177,16 @@ def _read_lens(path, n_items, max_set):
 
 
 def _check_ids(path, n_items, n_captions):
-    """One id per line (lines end at \\n only, as captions do; a leading byte-order mark is dropped); empty or
+    """One id per line (lines split as captions are; a leading byte-order mark is dropped); empty or
     non-UTF-8 lines raise DataError."""
     count = 0
-    with open(path, "rb") as f:
-        for count, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if count == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{count}: not valid UTF-8 ({err.reason})") from None
-            if not line.strip():
-                raise DataError(f"{path}:{count}: empty id")
+    for count, raw in _text_lines(path):
+        try:
+            line = raw.decode("utf-8-sig" if count == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{count}: not valid UTF-8 ({err.reason})") from None
+        if not line.strip():
+            raise DataError(f"{path}:{count}: empty id")
     if count not in (n_items, n_captions):
         raise DataError(f"{path}: {count} ids, expected {n_items} (one per item) or {n_captions} (per caption)")
 

@@ -636,8 +636,9 @@ class Trainer:
             # Different process count: data order and augmentation still match exactly (they depend on
             # (seed, epoch, index) only); dropout streams are re-seeded.
             torch.manual_seed(self.cfg["seed"] * 1000 + self.ctx.rank + 1 + 7919 * self.step)
-            logger.warning("resuming with %d process(es) instead of %s: dropout random streams re-seeded",
-                           self.ctx.world_size, rng.get("world_size"))
+            if self.ctx.is_main:
+                logger.warning("resuming with %d process(es) instead of %s: dropout random streams re-seeded",
+                               self.ctx.world_size, rng.get("world_size"))
 
     def save(self, name: str) -> None:
         from vse_fast.checkpoint import save_checkpoint
