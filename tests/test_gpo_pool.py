@@ -110,6 +110,22 @@ def test_torch_path_float_lengths_and_unsorted():
     check_against_reference(features, lengths.float(), weights, "torch")
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES, "fp64"])
+def test_cpu_sort_by_length_groups_equals_one_padded_sort(dtype):
+    """The torch path sorts CPU sets in groups of one length (_sort_sets); the one-sort path (other
+    devices) must give the very same values and positions: ties (stable), NaN, -inf, lengths 0 and
+    > K (clamped, as validate=False may pass), one length for the whole batch, strided features."""
+    from vse_fast.ops.gpo_pool import _sort_sets
+
+    B, K, D = 9, 7, 5
+    features = torch.randn(B, 2 * D, K, dtype=torch.float64).round().to(dtype).transpose(1, 2)[:, :, ::2]  # ties
+    features[1, 0, 0], features[2, 3, 1], features[3, 2, 2] = float("nan"), float("-inf"), float("inf")
+    for n in (torch.tensor([7, 1, 4, 7, 0, 3, 9, 4, 1]), torch.full((B,), 4), torch.full((B,), K)):
+        grouped, single = _sort_sets(features, n, grouped=True), _sort_sets(features, n, grouped=False)
+        assert torch.equal(grouped[1], single[1]), n
+        torch.testing.assert_close(grouped[0], single[0], rtol=0, atol=0, equal_nan=True)
+
+
 def test_torch_path_gradcheck_fp64():
     features, lengths, weights = make_inputs(3, 6, 4, torch.float64, kw_extra=2)
     assert torch.autograd.gradcheck(lambda x, w: gpo_pool(x, lengths, w, backend="torch"), (features, weights))

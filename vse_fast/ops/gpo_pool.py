@@ -84,10 +84,44 @@ def _use_triton(features, backend):
     return features.is_cuda and features.dtype in _TRITON_DTYPES and features.shape[1] <= _TRITON_MAX_K
 
 
+def _sorts_by_length(features) -> bool:
+    """Whether the torch path groups sets by length (reading the group sizes on the host): on the CPU."""
+    return features.device.type == "cpu"
+
+
+def _sort_sets(features, n, grouped=None):
+    """(s, idx), both (B, D, K): each column's n_b valid values sorted descending (stable), then zeros;
+    idx their positions, then n_b..K-1 (the padding, in order): what one stable sort of the whole
+    axis with -inf padding gives. n: (B,) int64, clamped to [0, K] (a set of length 0 is all padding).
+
+    On the CPU the sets are sorted in groups of one length, so the padding is never sorted (about half
+    the work when lengths spread over 1..K); the group sizes are read on the host. Elsewhere one sort
+    of the padded axis, with no host synchronisation. ``grouped`` overrides that choice (tests)."""
+    B, K, D = features.shape
+    n = n.clamp(0, K)
+    if not (_sorts_by_length(features) if grouped is None else grouped):
+        valid = torch.arange(K, device=features.device) < n.unsqueeze(1)
+        x = torch.where(valid.unsqueeze(1), features.transpose(1, 2), float("-inf")).contiguous()
+        s, idx = torch.sort(x, dim=2, descending=True, stable=True)
+        return s.masked_fill_(~valid.unsqueeze(1), 0.0), idx
+    s = features.new_zeros((B, D, K))
+    idx = torch.arange(K).expand(B, D, K).clone()
+    order = torch.argsort(n, stable=True)
+    start = 0
+    for length, count in enumerate(torch.bincount(n, minlength=K + 1).tolist()):
+        rows, start = order[start:start + count], start + count
+        if length == 0 or count == 0:
+            continue
+        if count == B:
+            rows = slice(None)  # one length for the whole batch: no gather
+        values = features[rows, :length].transpose(1, 2).contiguous()  # sorted along the contiguous axis
+        s[rows, :, :length], idx[rows, :, :length] = torch.sort(values, dim=2, descending=True, stable=True)
+    return s, idx
+
+
 class TorchGPOPoolFunction(torch.autograd.Function):
-    """Torch path. Forward: features viewed as (B, D, K), padding set to -inf, one stable descending
-    sort along the contiguous last axis, the padding ranks zeroed, one batched matmul with the
-    weights. Backward (s = sorted values, zero at ranks >= n; idx = their original positions;
+    """Torch path. Forward: each set's valid values sorted per feature column, descending and stable
+    (``_sort_sets``: (B, D, K), zeros after rank n), one batched matmul with the weights. Backward (s = sorted values, zero at ranks >= n; idx = their original positions;
     w' = weights zeroed at ranks >= n):
 
         grad_weights[b, r] = sum_d s[b, d, r] * grad_out[b, d]            (ranks < n)
@@ -103,9 +137,7 @@ class TorchGPOPoolFunction(torch.autograd.Function):
         kw = min(K, weights.shape[1])
         w[:, :kw] = weights[:, :kw]
         w.masked_fill_(~valid, 0.0)
-        x = torch.where(valid.unsqueeze(1), features.transpose(1, 2), float("-inf")).contiguous()  # (B, D, K)
-        s, idx = torch.sort(x, dim=2, descending=True, stable=True)
-        s.masked_fill_(~valid.unsqueeze(1), 0.0)
+        s, idx = _sort_sets(features, n)  # (B, D, K)
         if s.dtype != acc:
             s = s.to(acc)
         out = torch.bmm(s, w.unsqueeze(2)).squeeze(2)  # (B, D)
