@@ -99,7 +99,9 @@ def _sort_sets(features, n, grouped=None):
     of the padded axis, with no host synchronisation. ``grouped`` overrides that choice (tests)."""
     B, K, D = features.shape
     n = n.clamp(0, K)
-    if not (_sorts_by_length(features) if grouped is None else grouped):
+    grouped = _sorts_by_length(features) if grouped is None else grouped
+    counts = torch.bincount(n, minlength=K + 1).tolist() if grouped else None
+    if not grouped or counts[K] == B:  # one sort (every set full: no padding to skip)
         valid = torch.arange(K, device=features.device) < n.unsqueeze(1)
         x = torch.where(valid.unsqueeze(1), features.transpose(1, 2), float("-inf")).contiguous()
         s, idx = torch.sort(x, dim=2, descending=True, stable=True)
@@ -108,7 +110,7 @@ def _sort_sets(features, n, grouped=None):
     idx = torch.arange(K).expand(B, D, K).clone()
     order = torch.argsort(n, stable=True)
     start = 0
-    for length, count in enumerate(torch.bincount(n, minlength=K + 1).tolist()):
+    for length, count in enumerate(counts):
         rows, start = order[start:start + count], start + count
         if length == 0 or count == 0:
             continue
