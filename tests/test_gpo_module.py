@@ -185,29 +185,6 @@ def test_empty_batch_forward_matches_pool():
     assert weights.shape == mask.shape == (0, 0, 1) and mask.dtype == torch.bool
 
 
-@pytest.mark.parametrize("lengths", [[4, 9, 4, 1, 7], [9, 9, 9, 9, 9], [2, 2, 2, 2, 2]], ids=["mixed", "full", "one"])
-def test_cpu_table_of_the_sizes_present_equals_the_table_of_every_size(lengths, monkeypatch):
-    """In training on the CPU, GPO.coefficients tables only the sizes in the batch (the lengths are free
-    to read there); the no-sync table of every size 1..K (the path on a GPU) gives the same values and
-    parameter gradients."""
-    import vse_fast.ops.gpo_pool
-
-    _, ours = make_pair()
-    lengths = torch.tensor(lengths)
-    upstream = torch.randn(5, 9)
-    results = []
-    for free in (True, False):
-        monkeypatch.setattr(vse_fast.ops.gpo_pool, "host_reads_are_free", lambda t, free=free: free)
-        ours.zero_grad()
-        coefficients = ours.coefficients(lengths, 9)
-        (coefficients * upstream).sum().backward()
-        results.append((coefficients.detach(), [p.grad.clone() for p in ours.parameters()]))
-    (present, grads_present), (every, grads_every) = results
-    torch.testing.assert_close(present, every, rtol=1e-6, atol=1e-7)
-    for a, b in zip(grads_present, grads_every):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 def test_training_mode_never_caches():
     _, ours = make_pair()
     features, lengths = torch.randn(3, 6, 4), random_lengths(3, 6)

@@ -385,13 +385,13 @@ class _HostSyncDetector(TorchDispatchMode):
 @pytest.mark.parametrize("kind,attn", [("gru", None), ("bert", "sdpa"), ("bert", "eager")])
 def test_forward_backward_without_host_sync(kind, attn, monkeypatch):
     """No value copied to the host in forward or backward (CPU check of what CUDA would sync on).
-    The length checks take their CUDA branch (device-side assert), the torch pool its one-sort branch
-    and GPO its table of every size, as on a GPU: CPU tensors are otherwise checked, grouped by set
-    length and tabled by the sizes present, on the host, which is free for them."""
+    The length checks take their CUDA branch (device-side assert) and the torch pool its one-sort
+    branch, as on a GPU: CPU tensors are otherwise checked, and grouped by set length, on the host,
+    which is free for them."""
     import vse_fast.ops.gpo_pool
 
     monkeypatch.setattr(vse_model, "_check_on_host", lambda t: False)
-    monkeypatch.setattr(vse_fast.ops.gpo_pool, "host_reads_are_free", lambda t: False)
+    monkeypatch.setattr(vse_fast.ops.gpo_pool, "_sorts_by_length", lambda t: False)
     _, ours = make_pair(kind)
     if kind == "bert":
         ours.txt_enc.bert.config._attn_implementation = attn

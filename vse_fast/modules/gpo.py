@@ -28,7 +28,6 @@ import math
 import torch
 import torch.nn as nn
 
-import vse_fast.ops.gpo_pool as gpo_pool_module
 from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, gpo_pool
 from vse_fast.ops.gpo_table import triton_coefficient_table, torch_coefficient_table, use_triton_table
 
@@ -175,17 +174,10 @@ class GPO(_SortedPool):
 
     def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
         """No-sync coefficients (B, K) for lengths (B,) (int or float, trusted to be in 1..K):
-        row b = the GPO weights of a set of size lengths[b], zero at positions >= lengths[b].
-        Lengths on the CPU (free to read) get a table of the sizes present only (one row for a
-        batch of full sets) when it is not cached; elsewhere the table of every size 1..K."""
-        n = _lengths_as_long(lengths).clamp(1, K)
-        if (n.numel() and gpo_pool_module.host_reads_are_free(n) and not self._cache_usable()
-                and not use_triton_table(self.gru, self.table_backend)):
-            sizes, inverse = torch.unique(n, return_inverse=True)  # ascending
-            sizes = sizes.flip(0)
-            table = self._coefficient_table(sizes, K, sizes.to(self.linear.weight.device))  # by descending size
-            return table.index_select(0, (sizes.shape[0] - 1 - inverse).to(table.device))
-        return self._full_table(K).index_select(0, n - 1)[:, :K]
+        row b = the GPO weights of a set of size lengths[b], zero at positions >= lengths[b]."""
+        table = self._full_table(K)
+        rows = (_lengths_as_long(lengths) - 1).clamp(0, K - 1)
+        return table.index_select(0, rows)[:, :K]
 
     def compute_pool_weights(self, lengths: torch.Tensor, features: torch.Tensor = None):
         """Published API: (weights (B, L, 1), mask (B, L, 1) bool), L = max(lengths) (0 when B = 0).

@@ -84,10 +84,9 @@ def _use_triton(features, backend):
     return features.is_cuda and features.dtype in _TRITON_DTYPES and features.shape[1] <= _TRITON_MAX_K
 
 
-def host_reads_are_free(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values on the host costs no device synchronisation (a CPU tensor). The
-    torch pool then groups sets by length, and GPO.pool builds coefficients for the sizes present only."""
-    return t.device.type == "cpu"
+def _sorts_by_length(features) -> bool:
+    """Whether the torch path groups sets by length (reading the group sizes on the host): on the CPU."""
+    return features.device.type == "cpu"
 
 
 def _sort_sets(features, n, grouped=None):
@@ -100,7 +99,7 @@ def _sort_sets(features, n, grouped=None):
     of the padded axis, with no host synchronisation. ``grouped`` overrides that choice (tests)."""
     B, K, D = features.shape
     n = n.clamp(0, K)
-    grouped = host_reads_are_free(features) if grouped is None else grouped
+    grouped = _sorts_by_length(features) if grouped is None else grouped
     counts = torch.bincount(n, minlength=K + 1).tolist() if grouped else None
     if not grouped or counts[K] == B:  # one sort (every set full: no padding to skip)
         valid = torch.arange(K, device=features.device) < n.unsqueeze(1)
