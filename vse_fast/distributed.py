@@ -358,6 +358,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         self.n_items, self.global_batch = int(n_items), int(global_batch)
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.local_batch = global_batch // world_size
+        self._perm, self._perm_key = None, None
         self.set_epoch(epoch, start_step)
 
     @property
@@ -372,17 +373,21 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step
 
+    def _permutation(self) -> torch.Tensor:
+        """``epoch_permutation`` of the current epoch, drawn once per epoch."""
+        if self._perm_key != (self.seed, self.epoch):
+            self._perm, self._perm_key = epoch_permutation(self.n_items, self.seed, self.epoch), (self.seed, self.epoch)
+        return self._perm
+
     def global_indices(self, step: int) -> torch.Tensor:
         """(global_batch,) int64: the dataset indices of step ``step`` of the current epoch over all ranks,
         in rank order (rank r's batch is rows [r*G/W, (r+1)*G/W))."""
         if not 0 <= step < self.steps_per_epoch:
             raise ValueError(f"step {step} outside [0, {self.steps_per_epoch})")
-        if getattr(self, "_perm_epoch", None) != (self.seed, self.epoch):
-            self._perm, self._perm_epoch = epoch_permutation(self.n_items, self.seed, self.epoch), (self.seed, self.epoch)
-        return self._perm[step * self.global_batch:(step + 1) * self.global_batch]
+        return self._permutation()[step * self.global_batch:(step + 1) * self.global_batch]
 
     def __iter__(self) -> Iterator[List[int]]:
-        perm = epoch_permutation(self.n_items, self.seed, self.epoch)
+        perm = self._permutation()
         lo = self.rank * self.local_batch
         for step in range(self.start_step, self.steps_per_epoch):
             start = step * self.global_batch + lo

@@ -177,13 +177,12 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
     if not vocab_file and config.get("vocab_file"):
         vocab_file = config["vocab_file"]
-        beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path or "")), "vocab.json")
-        if (not os.path.exists(vocab_file) and model_opt.get("text_encoder") == "gru" and checkpoint_path
-                and os.path.isfile(beside)):
+        if not os.path.exists(vocab_file):
+            beside = checkpoint_path and os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "vocab.json")
+            if not (model_opt.get("text_encoder") == "gru" and beside and os.path.isfile(beside)):
+                raise ValueError(f"the checkpoint's vocabulary {vocab_file} does not exist (moved with its run "
+                                 "directory?): pass --vocab_file with its location")
             vocab_file = beside
-        elif not os.path.exists(vocab_file):
-            raise ValueError(f"the checkpoint's vocabulary {vocab_file} does not exist (moved with its run "
-                             "directory?): pass --vocab_file with its location")
     if model_opt.get("text_encoder", "bert") == "bert":
         return _check_bert_vocab(_find_bert_tokenizer(data_path, text_model, vocab_file), model_opt)
     if vocab_file:

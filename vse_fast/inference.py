@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from vse_fast.data import collate
-from vse_fast.eval import _autocast, caption_position_limit
-from vse_fast.evaluation import nonfinite_rows
+from vse_fast.eval import _autocast, _check_finite, caption_position_limit
 
 
 def _as_feature_set(x, index: int, img_dim: int) -> torch.Tensor:
@@ -126,10 +125,8 @@ class Encoder:
                 out.append(self.model.encode_images(batch["images"].to(self.device),
                                                     batch["img_lengths"].to(self.device)).float())
         emb = torch.cat(out)
-        bad = nonfinite_rows(emb)
-        if bad.numel():
-            raise ValueError(f"feature sets {bad[:8].tolist()} ({bad.numel()} in all) give NaN or inf embeddings: "
-                             "their features hold NaN or inf, or the model's weights do")
+        _check_finite(emb, "the embeddings of feature sets",
+                      "their features hold NaN or inf, or the model's weights do")
         return emb
 
     @torch.inference_mode()

@@ -123,8 +123,9 @@ def _sort_sets(features, n, grouped=None):
 
 class TorchGPOPoolFunction(torch.autograd.Function):
     """Torch path. Forward: each set's valid values sorted per feature column, descending and stable
-    (``_sort_sets``: (B, D, K), zeros after rank n), one batched matmul with the weights. Backward (s = sorted values, zero at ranks >= n; idx = their original positions;
-    w' = weights zeroed at ranks >= n):
+    (``_sort_sets``: (B, D, K), zeros after rank n), one batched matmul with the weights. Backward
+    (s = sorted values, zero at ranks >= n; idx = their original positions; w' = weights zeroed at
+    ranks >= n):
 
         grad_weights[b, r] = sum_d s[b, d, r] * grad_out[b, d]            (ranks < n)
         grad_features[b, idx[b, d, r], d] = grad_out[b, d] * w'[b, r]      (one scatter; 0 at padding)
