@@ -152,7 +152,8 @@ def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
     paths = [save_ours(m, tmp_path / f"m{i}.pth") for i, m in enumerate(models)]
     out_json = tmp_path / "metrics.json"
     single = main(["--checkpoint", paths[0], "--data_path", str(dataset), "--json", str(out_json)])
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert "note: 10 items per evaluation: text->image R@10 is 100 by construction" in err
     assert "R@1" in printed and f"rsum {single['rsum']:.1f}" in printed
     assert json.loads(out_json.read_text())["rsum"] == pytest.approx(single["rsum"])
     tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
@@ -161,7 +162,9 @@ def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
     both = main(["--checkpoint", paths[0], "--checkpoint", paths[1], "--data_path", str(dataset), "--fold5"])
     pairs = [(i.numpy(), c.numpy()) for i, c in embs]
     assert_metrics_equal(both["all"], as_dict(evaluate_sims(10, ensemble_sims(pairs))))
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert ("note: 2 items per evaluation: text->image R@5, text->image R@10, image->text R@10 "
+            "are 100 by construction") in err
     assert "mean of 5 folds of 2 items\n" in printed and "all 10 items\n" in printed
     assert "COCO" not in printed  # 10 items are not the COCO 1K/5K protocols
 
@@ -372,3 +375,34 @@ def test_bert_tokenizer_smaller_than_the_embedding_table_warns():
         assert _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30528}}) is tokenizer
     with pytest.raises(ValueError, match="vocab_size=30000: pass the model's --vocab_file"):
         _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30000}})
+
+
+@pytest.mark.parametrize("n_items, caps, expected", [
+    (1, 5, ["text->image R@1", "text->image R@5", "text->image R@10", "image->text R@1", "image->text R@5",
+            "image->text R@10"]),
+    (3, 2, ["text->image R@5", "text->image R@10", "image->text R@5", "image->text R@10"]),
+    (11, 1, []),
+    (1000, 5, []),
+])
+def test_trivial_recall_note_names_the_recalls_fixed_by_the_gallery_size(n_items, caps, expected):
+    """The note lists exactly the recalls at 100 by construction: text->image ranks n_items items, so
+    R@k is trivial for k >= n_items; image->text ranks a caption among at most (n_items - 1) * caps others."""
+    from vse_fast.eval import _trivial_recall_note
+
+    note = _trivial_recall_note(n_items, caps)
+    if not expected:
+        assert note is None
+    else:
+        assert note.startswith(f"note: {n_items} items per evaluation: {', '.join(expected)} ")
+    # the claim, at its worst case: every true match scores below every other candidate, so the listed
+    # recalls are still 100 and every other recall is 0
+    from tests.published.evaluation import evaluate_sims
+
+    rng = np.random.default_rng(n_items * 7 + caps)
+    sims = rng.uniform(0.0, 1.0, (n_items, n_items * caps))
+    for i in range(n_items):
+        sims[i, i * caps:(i + 1) * caps] = -1.0
+    metrics = as_dict(evaluate_sims(n_items, sims, caps=caps))
+    for direction, name in (("t2i", "text->image"), ("i2t", "image->text")):
+        for k in (1, 5, 10):
+            assert metrics[f"{direction}_r{k}"] == (100.0 if f"{name} R@{k}" in expected else 0.0), (direction, k)
