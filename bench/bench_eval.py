@@ -80,7 +80,7 @@ def test_eval_embeddings_published(run_bench, embeddings, sims):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_eval_embeddings_ours(run_bench, embeddings, sims, bench_device, dtype):
     img, cap = (x.to(bench_device, dtype) for x in embeddings)
-    metrics = run_bench(lambda: evaluation.retrieval_metrics(img, cap, CAPS), group="eval-5k-embeddings",
+    metrics = run_bench(lambda: evaluation.retrieval_metrics(img, cap, CAPS, dtype=dtype), group="eval-5k-embeddings",
                         impl=f"ours-{str(dtype).split('.')[-1]}", rounds=3 if bench_device.type == "cpu" else None,
                         **_extra())
     reference = _reference(sims)

@@ -384,6 +384,46 @@ def test_token_augmentation_shares_are_the_published_ones(tokenizer):
     assert ids == [tokenizer.cls_token_id, mask, mask, 7, 7, pieces[6], tokenizer.sep_token_id]
 
 
+def test_grid_feature_drop_follows_the_published_grid_scheme(tmp_path, tokenizer):
+    """Scheme "grid" (published EncoderImageFull): the item draws u; u <= 0.2 keeps every row, else a
+    row is dropped when its draw is <= 0.2 * u. Scripted draws, then the statistics over many items:
+    20% of items whole, a row dropped with probability 0.8 * 0.2 * E[u | u > 0.2] = 0.096."""
+    folder = str(tmp_path)
+    _write_split(folder, n=400, k=30, d=2, caps=1, lens=False, ids=False)
+    split_data = data._SplitData(folder, "train")
+
+    class ScriptedRng:
+        def __init__(self, item_draw, row_draws):
+            self.item_draw, self.row_draws = item_draw, np.asarray(row_draws)
+
+        def random(self, n=None):
+            if n is None:
+                return self.item_draw
+            assert n == len(self.row_draws)
+            return self.row_draws
+
+    rows = np.array(split_data.features[0])
+    draws = np.linspace(0.0, 1.0, 30)
+    kept = split_data.item_features(0, ScriptedRng(0.5, draws), 0.2, "grid")
+    torch.testing.assert_close(kept, torch.from_numpy(rows[draws > 0.1]))
+    whole = split_data.item_features(0, ScriptedRng(0.2, draws), 0.2, "grid")
+    torch.testing.assert_close(whole, torch.from_numpy(rows))
+    with pytest.raises(ValueError, match="scheme"):
+        split_data.item_features(0, ScriptedRng(0.5, draws), 0.2, "cells")
+
+    dataset = data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop_scheme="grid")
+    kept_rows = np.array([dataset[i]["features"].shape[0] for i in range(len(dataset))])
+    n_rows = kept_rows.size * 30
+    dropped = 1 - kept_rows.sum() / n_rows
+    assert abs(dropped - 0.096) < 0.015  # about 4 standard deviations over 400 items
+    # whole: u <= 0.2, or no row dropped: 0.2 + integral over (0.2, 1] of (1 - 0.2u)^30 du = 0.245
+    assert abs(np.mean(kept_rows == 30) - 0.245) < 0.086  # 4 standard deviations of a 400-item share
+    assert data.feature_drop_scheme("backbone") == "grid"
+    assert data.feature_drop_scheme("basic") == data.feature_drop_scheme("none") == "row"
+    with pytest.raises(ValueError, match="feature_drop_scheme"):
+        data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop_scheme="cells")
+
+
 def test_feature_drop_keeps_at_least_one_region(split, tokenizer):
     folder = split[0]
     dataset = data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop=0.99)
@@ -531,13 +571,44 @@ def test_vocabulary_load_requires_the_special_words(tmp_path):
         data.Vocabulary.load(str(path))
 
 
-def test_vocabulary_dataset_augments_words_only(split):
+def test_vocabulary_augmentation_touches_start_and_end_as_published(split):
+    """The published BiGRU process_caption draws over [<start>, words..., <end>]: every token, the
+    start and end included, is masked / replaced / deleted with the BERT shares. A scripted rng sets
+    the draws; a caption whose every token is deleted keeps the one with the largest draw."""
     folder, _, _, captions = split
     vocab = data.Vocabulary.build(captions, threshold=1)
+
+    class ScriptedRng:
+        def __init__(self, draws):
+            self.draws = np.asarray(draws)
+
+        def random(self, n):
+            assert n == len(self.draws)
+            return self.draws
+
+        def integers(self, low, high):
+            assert (low, high) == (0, len(vocab))
+            return 5
+
+    text = data.CaptionEncoder(vocab)
+    words = data.Vocabulary.tokenize(captions[0])[:4]
+    caption = " ".join(words)
+    start, end, mask = vocab("<start>"), vocab("<end>"), vocab("<mask>")
+    ids = [vocab(w) for w in words]
+    # <start> masked, word 0 kept, word 1 random, word 2 deleted, word 3 kept, <end> deleted
+    got = text(caption, ScriptedRng([0.05, 0.5, 0.11, 0.15, 0.2, 0.19]), 0.2).tolist()
+    assert got == [mask, ids[0], 5, ids[3]]
+    # every token deleted: the largest draw (word 1) stays
+    got = text(caption, ScriptedRng([0.13, 0.14, 0.19, 0.15, 0.16, 0.17]), 0.2).tolist()
+    assert got == [ids[1]]
+    assert text(caption).tolist() == [start, *ids, end] == vocab.encode(caption)
+    assert data.CaptionEncoder(vocab, max_tokens=3)(caption).tolist() == [start, ids[0], end]
+    bare = data.CaptionEncoder(data.Vocabulary())
+    with pytest.raises(ValueError, match="<mask>"):
+        bare(caption, np.random.default_rng(0), 0.2)
+
     plain = data.CaptionDataset(folder, "train", vocab)
     assert plain[3]["tokens"].tolist() == vocab.encode(captions[3])
     train = data.PrecomputedDataset(folder, "train", vocab, train=True, token_aug=0.5)
-    for i in range(30):
-        tokens = train[i]["tokens"].tolist()
-        assert tokens[0] == vocab("<start>") and tokens[-1] == vocab("<end>")
-    assert any(vocab("<mask>") in train[i]["tokens"].tolist() for i in range(30))
+    firsts = [train[i]["tokens"].tolist()[0] for i in range(len(train))]
+    assert start in firsts and any(first != start for first in firsts)

@@ -107,13 +107,13 @@ def test_evaluate_matches_published_protocol(dataset):
     ref_img, ref_cap = independent_embeddings(model, dataset, "test", tok)
     torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
-    sims = compute_sim(img.numpy(), cap.numpy())
+    sims = compute_sim(img.double().numpy(), cap.double().numpy())
     model.train()
     metrics = evaluate(model, str(dataset), "test", batch_size=4)  # tokenizer found in data_path
     assert model.training  # mode restored
     assert_metrics_equal(metrics, as_dict(evaluate_sims(10, sims, caps=5)))
     folds = evaluate(model, str(dataset), "test", batch_size=4, tokenizer=tok, fold5=True)
-    mean, per_fold = fold5(img.numpy(), cap.numpy(), caps=5)
+    mean, per_fold = fold5(img.double().numpy(), cap.double().numpy(), caps=5)
     assert_metrics_equal(folds, as_dict(mean))
     assert [f["rsum"] for f in folds["folds"]] == pytest.approx([f[-1] for f in per_fold])
     assert_metrics_equal(folds["all"], metrics)
@@ -132,7 +132,7 @@ def test_gru_model_other_caption_count(dataset, tmp_path):
     metrics = main(["--checkpoint", path, "--data_path", str(dataset), "--split", "pairs", "--batch_size", "3"])
     img, cap, caps = encode_split(model, str(dataset), "pairs", vocab)
     assert caps == 2
-    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.numpy(), cap.numpy()), caps=2)))
+    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.double().numpy(), cap.double().numpy()), caps=2)))
     # the run directory moved: the vocabulary the checkpoint names is gone, the one beside it is used
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -158,9 +158,9 @@ def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
     assert json.loads(out_json.read_text())["rsum"] == pytest.approx(single["rsum"])
     tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
     embs = [encode_split(m, str(dataset), "test", tok)[:2] for m in models]
-    assert_metrics_equal(single, as_dict(evaluate_sims(10, compute_sim(*[e.numpy() for e in embs[0]]))))
+    assert_metrics_equal(single, as_dict(evaluate_sims(10, compute_sim(*[e.double().numpy() for e in embs[0]]))))
     both = main(["--checkpoint", paths[0], "--checkpoint", paths[1], "--data_path", str(dataset), "--fold5"])
-    pairs = [(i.numpy(), c.numpy()) for i, c in embs]
+    pairs = [(i.double().numpy(), c.double().numpy()) for i, c in embs]
     assert_metrics_equal(both["all"], as_dict(evaluate_sims(10, ensemble_sims(pairs))))
     printed, err = capsys.readouterr()
     assert ("note: 2 items per evaluation: text->image R@5, text->image R@10, image->text R@10 "
@@ -185,7 +185,7 @@ def test_cli_published_checkpoint(dataset, tmp_path):
     img, cap, _ = encode_split(model, str(dataset), "pairs", tok)
     torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
-    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.numpy(), cap.numpy()), caps=2)))
+    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.double().numpy(), cap.double().numpy()), caps=2)))
 
 
 @pytest.mark.parametrize("case", ["missing-checkpoint", "missing-data-path", "missing-split", "bad-limit",

@@ -140,7 +140,7 @@ def test_retrieval_metrics_ranks_equal_dropins_with_duplicates(block, dtype):
     cap = torch.nn.functional.normalize(torch.randn(200, 64, dtype=dtype), dim=1)
     cap[5::10] = cap[0::10]  # caption 0 of image 2k+1 repeats caption 0 of image 2k
     sims = _block_product(img, cap, block)
-    _, ranks = evaluation.retrieval_metrics(img, cap, 5, block=block, return_ranks=True)
+    _, ranks = evaluation.retrieval_metrics(img, cap, 5, block=block, return_ranks=True, dtype=dtype)
     np.testing.assert_array_equal(ranks["i2t"], evaluation.i2t(40, sims, True)[1][0])
     np.testing.assert_array_equal(ranks["t2i"], evaluation.t2i(40, sims, True)[1][0])
     if block >= 40:  # one block is the plain product
@@ -152,9 +152,25 @@ def test_retrieval_metrics_accepts_numpy_and_low_precision():
     ref = evaluation.retrieval_metrics(img, cap, 5)
     assert evaluation.retrieval_metrics(img.numpy(), cap.numpy(), 5) == ref
     half_img, half_cap = img.to(torch.bfloat16), cap.to(torch.bfloat16)
-    # computed in float32 from the bf16 values
+    # computed in float64 from the bf16 values
     assert evaluation.retrieval_metrics(half_img, half_cap, 5) == evaluation.retrieval_metrics(
         half_img.float(), half_cap.float(), 5)
+
+
+def test_float32_embeddings_are_scored_in_float64_as_published():
+    """The published evaluation keeps float32 model outputs in float64 arrays and scores them in
+    float64: the default gives its numbers bit for bit; dtype=torch.float32 scores in float32."""
+    img, cap = _embeddings(60, 5, dim=48, noise=3.0, dtype=torch.float32)
+    sims64 = published.compute_sim(img.numpy().astype(np.float64), cap.numpy().astype(np.float64))
+    exact = evaluation.retrieval_metrics(img, cap, 5)
+    assert _as_tuple(exact, "i2t") == published.i2t(60, sims64)
+    assert _as_tuple(exact, "t2i") == published.t2i(60, sims64)
+    sims32 = _block_product(img, cap, 1024)
+    fast = evaluation.retrieval_metrics(img, cap, 5, dtype=torch.float32)
+    assert _as_tuple(fast, "i2t") == evaluation.i2t(60, sims32)
+    assert _as_tuple(fast, "t2i") == evaluation.t2i(60, sims32)
+    with pytest.raises(ValueError, match="dtype"):
+        evaluation.retrieval_metrics(img, cap, 5, dtype=torch.float16)
 
 
 def test_ensemble_averages_similarities():

@@ -170,6 +170,27 @@ def test_eval_cache_built_under_autocast_is_the_fp32_table():
     torch.testing.assert_close(weights_autocast, weights, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_features_pool_to_the_published_float32(dtype):
+    """16-bit features outside autocast: the published module's float32 weights promote the pooled
+    output to float32. The drop-in forward gives that dtype and those values (the 16-bit values taken
+    exactly), and the same 16-bit feature gradients; pool() keeps the features' dtype."""
+    published, ours = make_pair()
+    B, K, D = 6, 9, 5
+    features, lengths = tie_free_features(B, K, D).to(dtype), random_lengths(B, K).float()
+    x_pub, x_ours = features.clone().requires_grad_(), features.clone().requires_grad_()
+    pooled_pub, _ = published(x_pub, lengths)
+    pooled_ours, _ = ours(x_ours, lengths)
+    assert pooled_ours.dtype == pooled_pub.dtype == torch.float32
+    assert rel_err(pooled_ours, pooled_pub) < 1e-5
+    g = torch.randn(B, D)
+    pooled_pub.backward(g)
+    pooled_ours.backward(g)
+    assert x_ours.grad.dtype == x_pub.grad.dtype == dtype
+    assert rel_err(x_ours.grad.float(), x_pub.grad.float()) < 1e-2  # one 16-bit rounding each
+    assert ours.pool(features, lengths).dtype == dtype
+
+
 def test_empty_batch_forward_matches_pool():
     """B = 0: forward returns (0, D) pooled and (0, 0, 1) weights, like pool / gpo_pool return (0, D)."""
     features = torch.randn(0, 5, 3, requires_grad=True)

@@ -60,6 +60,19 @@ def test_defaults_published_with_data_path_and_small_demo_without(tmp_path):
     assert video["vse_mean_warmup_epochs"] == video["num_epochs"]  # VSE0 throughout
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--text_encoder", "gru"], 1e-2),  # published BiGRU branch, region features: torch AdamW's default
+    (["--text_encoder", "gru", "--precomp_enc_type", "backbone"], 1e-4),
+    (["--text_encoder", "gru", "--weight_decay", "0.5"], 0.5),
+    (["--text_model", "."], 1e-4),
+])
+def test_weight_decay_default_follows_the_published_branch(tmp_path, argv, expected):
+    parser = train.build_parser()
+    for data_args in (["--data_path", str(tmp_path)], []):
+        cfg = train.resolve_config(parser.parse_args(data_args + argv), parser, None)
+        assert cfg["weight_decay"] == expected
+
+
 def test_lr_schedule_and_warmup_switch():
     model = torch.nn.Linear(2, 2)
     model.param_groups = lambda lr, bert_lr_factor, weight_decay: [
@@ -473,6 +486,38 @@ def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):
     state = _final_state(tmp_path / "bf")
     assert state["config"]["precision_used"] == "bf16"
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("enc_type, scheme", [("basic", "row"), ("backbone", "grid")])
+def test_training_set_drops_features_with_the_encoders_published_scheme(tiny, tmp_path, monkeypatch, enc_type,
+                                                                         scheme):
+    from vse_fast import data
+
+    real, seen = data.PrecomputedDataset, []
+
+    def recording(*args, **kw):
+        seen.append(kw["feature_drop_scheme"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(data, "PrecomputedDataset", recording)
+    train.main(_args(tiny, tmp_path / enc_type, "--precomp_enc_type", enc_type, "--max_steps", "1"))
+    assert seen == [scheme]
+
+
+def test_validation_runs_in_fp32_whatever_the_training_precision(tiny, tmp_path, monkeypatch):
+    """As the published validate(): each epoch's evaluation (which selects best.pth) and the final test
+    encode in fp32, also when training autocasts to bf16."""
+    import vse_fast.eval
+
+    real, seen = vse_fast.eval.evaluate, []
+
+    def recording(*args, **kw):
+        seen.append(kw["precision"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(vse_fast.eval, "evaluate", recording)
+    train.main(_args(tiny, tmp_path / "v", "--precision", "bf16", "--num_epochs", "1"))
+    assert seen == ["fp32", "fp32"]  # the epoch's dev evaluation, then the test split
 
 
 def test_compute_loss_single_process_is_the_batch_loss():

@@ -382,9 +382,10 @@ class CaptionEncoder:
     """Caption string -> LongTensor of ids ([CLS] word pieces [SEP] for BERT, <start> words <end>
     for a Vocabulary), optionally with the published training augmentation (see ``__call__``).
 
-    max_tokens truncates (keeping the end token); position_limit (the text encoder's positions, BERT
-    max_position_embeddings; None: unbounded) rejects a caption that would still be longer with
-    CaptionTooLongError, whatever the augmentation would delete.
+    max_tokens truncates, keeping the last token (the end token, unless the BiGRU augmentation
+    changed it); position_limit (the text encoder's positions, BERT max_position_embeddings; None:
+    unbounded) rejects a caption that would still be longer with CaptionTooLongError, whatever the
+    augmentation would delete.
 
     Example:
         >>> CaptionEncoder(load_tokenizer(vocab_file="vocab.txt"))("a red dog")  # tensor([2, 9, 27, 13, 3])
@@ -437,7 +438,11 @@ class CaptionEncoder:
 
     def __call__(self, caption, rng=None, touch_prob=0.0):
         """Ids [start, ..., end]; with an rng, each word is touched with touch_prob and then masked
-        (50%), replaced by random ids (10%) or deleted (40%), as published."""
+        (50%), replaced by random ids (10%) or deleted (40%), as published. BERT: the words only;
+        a Vocabulary (the published BiGRU branch): <start> and <end> too, and if every token is
+        deleted the one with the largest draw stays (the published code would yield an empty caption)."""
+        if self.kind == "vocab":
+            return self._vocab_ids(caption, rng, touch_prob)
         words = self.words(caption)
         if self.position_limit is not None:
             n_tokens = 2 + sum(len(pieces) for pieces in words)
@@ -465,6 +470,26 @@ class CaptionEncoder:
         ids.append(self.end)
         return torch.tensor(ids, dtype=torch.int64)
 
+    def _vocab_ids(self, caption, rng, touch_prob):
+        tokens = [self.start, *(pieces[0] for pieces in self.words(caption)), self.end]
+        if rng is not None and touch_prob > 0:
+            if self.mask is None:
+                raise ValueError("caption augmentation needs a '<mask>' word in the Vocabulary (build/load add it)")
+            draws = rng.random(len(tokens))
+            ids = []
+            for token, u in zip(tokens, draws):
+                share = u / touch_prob
+                if u >= touch_prob:
+                    ids.append(token)
+                elif share < _MASK_SHARE:
+                    ids.append(self.mask)
+                elif share < _RANDOM_SHARE_END:
+                    ids.append(int(rng.integers(0, self.vocab_size)))
+            tokens = ids or [tokens[int(np.argmax(draws))]]
+        if self.max_tokens is not None and len(tokens) > self.max_tokens:
+            tokens = tokens[: self.max_tokens - 1] + tokens[-1:]
+        return torch.tensor(tokens, dtype=torch.int64)
+
 
 # ----------------------------------------------------------------------------------------------
 # Datasets
@@ -472,6 +497,15 @@ class CaptionEncoder:
 
 
 _TextEncoder = CaptionEncoder  # former private name
+
+
+FEATURE_DROP_SCHEMES = ("row", "grid")
+
+
+def feature_drop_scheme(precomp_enc_type):
+    """The published size augmentation of an image encoder type: "grid" for the grid features of
+    EncoderImageFull ("backbone"), "row" (each region or frame on its own) otherwise."""
+    return "grid" if precomp_enc_type == "backbone" else "row"
 
 
 class _SplitData:
@@ -512,11 +546,23 @@ class _SplitData:
     def set_size(self, item):
         return int(self.lens[item]) if self.lens is not None else self.info.max_set
 
-    def item_features(self, item, rng=None, drop_prob=0.0):
-        """(k, D) float32 tensor of the valid rows of an item; with an rng each row is dropped with
-        drop_prob (published: kept when rand > 0.2), keeping at least the row with the largest draw."""
+    def item_features(self, item, rng=None, drop_prob=0.0, scheme="row"):
+        """(k, D) float32 tensor of the valid rows of an item. With an rng, rows are dropped, keeping at
+        least the row with the largest draw:
+
+        - scheme "row" (published PrecompRegionDataset, regions and frames): each row with drop_prob
+          (kept when its draw > 0.2);
+        - scheme "grid" (published EncoderImageFull, grid features): the item draws u; when u >
+          drop_prob each row is dropped with probability drop_prob * u, otherwise none is."""
+        if scheme not in FEATURE_DROP_SCHEMES:
+            raise ValueError(f"feature drop scheme must be one of {FEATURE_DROP_SCHEMES}, got {scheme!r}")
         rows = self.features[item, : self.set_size(item)]
         if rng is not None and drop_prob > 0:
+            if scheme == "grid":
+                item_draw = rng.random()
+                if item_draw <= drop_prob:
+                    return torch.from_numpy(np.array(rows, dtype=np.float32))
+                drop_prob = drop_prob * item_draw
             draws = rng.random(rows.shape[0])
             keep = draws > drop_prob
             if not keep.any():
@@ -540,6 +586,8 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         train: apply the published augmentation (feature drop, word mask/replace/delete).
         seed: augmentation seed; the draws of item i in epoch e depend on (seed, e, i) only.
         feature_drop: probability to drop each region/frame (published 0.2); 0 disables.
+        feature_drop_scheme: "row" (regions, frames: each row with feature_drop) or "grid" (the
+            published grid-feature scheme, see ``_SplitData.item_features``); see feature_drop_scheme().
         token_aug: probability to touch each word (published 0.2); 0 disables.
         max_caption_tokens: cap on the token count including start/end (None: no cap).
         caption_limit: use only the first captions (COCO dev: 5000), a multiple of caps_per_item.
@@ -550,7 +598,9 @@ class PrecomputedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_path, split, tokenizer_or_vocab, train, seed=0, feature_drop=0.2, token_aug=0.2,
-                 max_caption_tokens=None, caption_limit=None, position_limit=None):
+                 max_caption_tokens=None, caption_limit=None, position_limit=None, feature_drop_scheme="row"):
+        if feature_drop_scheme not in FEATURE_DROP_SCHEMES:
+            raise ValueError(f"feature_drop_scheme must be one of {FEATURE_DROP_SCHEMES}, got {feature_drop_scheme!r}")
         for name, value in (("feature_drop", feature_drop), ("token_aug", token_aug)):
             if not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
@@ -562,6 +612,7 @@ class PrecomputedDataset(torch.utils.data.Dataset):
             raise ValueError("token augmentation needs a '<mask>' word in the Vocabulary (Vocabulary.build adds it)")
         self.split, self.train, self.seed = split, bool(train), seed
         self.feature_drop, self.token_aug = float(feature_drop), float(token_aug)
+        self.feature_drop_scheme = feature_drop_scheme
         self.epoch = 0
 
     @property
@@ -589,7 +640,7 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         index = _check_index(index, len(self))
         item = index // self.caps_per_item
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
-        features = self.data.item_features(item, rng, self.feature_drop)
+        features = self.data.item_features(item, rng, self.feature_drop, self.feature_drop_scheme)
         tokens = self.data.caption_tokens(self.text, index, rng, self.token_aug)
         return {"features": features, "tokens": tokens, "img_index": item, "cap_index": index}
 

@@ -48,6 +48,10 @@ PUBLISHED_DEFAULTS = dict(
     chunk_size=None, dedupe_items=False,
 )
 
+# The published BiGRU branch builds AdamW without a weight_decay for precomputed region features
+# (lib/vse.py: torch's default, 0.01) and with 1e-4 otherwise; the BERT branch uses 1e-4 throughout.
+GRU_REGION_WEIGHT_DECAY = 1e-2
+
 # The no-argument demo: a small model that trains on 2 CPU cores in about one minute. Its tiny BERT is
 # randomly initialised, so it learns at the full lr (the published 0.1x is for pretrained BERT). The
 # published schedule's shape, VSE0 warm-up then hardest negatives, with two warm-up epochs of three.
@@ -109,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_split", help=f"split evaluated after each epoch (selects best.pth) {d('val_split')}")
     g.add_argument("--test_split", help=f"split evaluated with best.pth at the end {d('test_split')}")
     g.add_argument("--workers", type=int, help=f"data-loading worker processes per rank {d('workers')}")
-    g.add_argument("--feature_drop", type=float, help=f"training region/frame drop probability {d('feature_drop')}")
+    g.add_argument("--feature_drop", type=float, help="training region/frame drop probability "
+                   f"{d('feature_drop')}; with --precomp_enc_type backbone the published grid scheme: an item is "
+                   "left whole with this probability, else each row is dropped with it times the item's draw")
     g.add_argument("--token_aug", type=float, help=f"training caption-token augmentation probability {d('token_aug')}")
 
     g = p.add_argument_group("model")
@@ -142,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, help=f"GLOBAL batch size (split over processes) {d('batch_size')}")
     g.add_argument("--learning_rate", type=float, help=f"AdamW learning rate {d('learning_rate')}")
     g.add_argument("--bert_lr_factor", type=float, help=f"BERT lr = factor x lr {d('bert_lr_factor')}")
-    g.add_argument("--weight_decay", type=float, help=f"AdamW weight decay {d('weight_decay')}")
+    g.add_argument("--weight_decay", type=float,
+                   help=f"AdamW weight decay {d('weight_decay')}; {GRU_REGION_WEIGHT_DECAY} with --text_encoder gru "
+                        "and --precomp_enc_type basic (the published BiGRU branch's AdamW default)")
     g.add_argument("--num_epochs", type=int, help=f"epochs {d('num_epochs')}")
     g.add_argument("--lr_update", type=int, help=f"epoch at which every lr is multiplied by 0.1 {d('lr_update')}")
     g.add_argument("--grad_clip", type=float, help=f"gradient-norm clip, <= 0 disables {d('grad_clip')}")
@@ -213,6 +221,8 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
         SYNTHETIC_VIDEO_DEFAULTS if args.synthetic == "video" else SYNTHETIC_DEFAULTS)
     cfg = dict(base)
     cfg.update(explicit)
+    if "weight_decay" not in explicit and cfg["text_encoder"] == "gru" and cfg["precomp_enc_type"] == "basic":
+        cfg["weight_decay"] = GRU_REGION_WEIGHT_DECAY
     _validate(cfg, parser)
     return _absolute_paths(cfg)
 
@@ -573,6 +583,7 @@ class Trainer:
             data_path, cfg["train_split"], self.vocab, train=True, seed=cfg["seed"],
             feature_drop=cfg["feature_drop"], token_aug=cfg["token_aug"],
             position_limit=caption_position_limit(self.model),
+            feature_drop_scheme=data.feature_drop_scheme(cfg["precomp_enc_type"]),
         )
         self.sampler = vdist.EpochBatchSampler(len(self.train_set), cfg["batch_size"], rank=ctx.rank,
                                                world_size=ctx.world_size, seed=cfg["seed"])
@@ -754,14 +765,15 @@ class Trainer:
     # -- evaluation
 
     def evaluate(self, split: str) -> Optional[dict]:
-        """Recall metrics of the (unwrapped) model on ``split``, on the main rank; None elsewhere."""
+        """Recall metrics of the (unwrapped) model on ``split``, on the main rank; None elsewhere. The model
+        runs in fp32 whatever the training precision, as the published validation (and vse_fast.eval)."""
         from vse_fast.eval import evaluate
 
         metrics = None
         if self.ctx.is_main:
             self.model.eval()
             metrics = evaluate(self.model, self.data_path, split, batch_size=self.cfg["eval_batch_size"],
-                               device=self.device, tokenizer=self.vocab, precision=self.precision)
+                               device=self.device, tokenizer=self.vocab, precision="fp32")
             self.model.train()
         vdist.barrier(self.ctx)
         return metrics

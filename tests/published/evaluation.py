@@ -10,7 +10,8 @@ import numpy as np
 
 
 def compute_sim(images, captions):
-    """(N, E) x (M, E) -> (N, M) dot products, as published (np.matmul)."""
+    """(N, E) x (M, E) -> (N, M) dot products, as published (np.matmul). The published encode_data
+    keeps the embeddings in float64 arrays, so pass float64 for its similarities."""
     return np.matmul(images, captions.T)
 
 

@@ -200,10 +200,13 @@ class GPO(_SortedPool):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor):
         """features (B, K, D), lengths (B,) int or float (whole numbers in 1..K, any order).
-        Returns (pooled (B, D) in features.dtype, weights (B, L, 1) in the parameters' dtype)."""
+        Returns (pooled (B, D), weights (B, L, 1) float32 for float32 parameters). As published, pooled
+        has the promoted dtype of features and weights: float32 for bf16/fp16 features (their values
+        taken exactly; the encoders' ``pool`` keeps the features' dtype instead)."""
         check_gpo_pool_inputs(features, lengths, validate=True)
         weights, _ = self.compute_pool_weights(lengths, features)
-        pooled = gpo_pool(features, _lengths_as_long(lengths), weights.squeeze(-1), validate=False)
+        pooled_dtype = torch.promote_types(features.dtype, weights.dtype)
+        pooled = gpo_pool(features.to(pooled_dtype), _lengths_as_long(lengths), weights.squeeze(-1), validate=False)
         return pooled, weights
 
     def extra_repr(self) -> str:
