@@ -19,25 +19,26 @@ matches nltk on lower-cased captions such as the published pipeline's; on mixed-
 capital after an abbreviation/initial/number may break differently.
 
 Word step (improved Treebank rules), in order:
-  1. opening quotes: ``"`` at the start or after a space/bracket becomes `````, ``“ ‘ „ « ``` are
-     split off, a leading ``'`` is split off a word unless it begins a clitic;
+  1. opening quotes: a double quote at the start or after a space/bracket becomes two backticks,
+     curly/low/guillemet opening quotes and backtick runs are split off, a leading ``'`` is split
+     off a word unless it begins a clitic;
   2. punctuation: the sentence-final period, ``:``/``,`` not followed by a digit, ``...``, ``; @ #
      $ % &``, figure/en/em dashes, ``? !``, a ``'`` before a space, ``*``; then brackets ``()[]{}<>``
      and ``--``;
-  3. closing quotes: ``"`` and ``''`` become ``''``, ``” ’ »`` are split off, then the clitics
+  3. closing quotes: other double quotes become ``''``, ``” ’ »`` are split off, then the clitics
      ``'s 'm 'd 'll 're 've n't`` (and a bare ``'``) are split off the word before;
   4. split words: cannot, d'ye, gimme, gonna, gotta, lemme, more'n, wanna, 'tis, 'twas.
 
 Differences from nltk that remain (exotic input only): nltk 3.10 runs the rules through the
 third-party ``regex`` engine, this module through ``re``; they disagree on what ``\\w``/``\\s``
-match for combining marks, connector punctuation other than ``_`` and the control characters
-U+001C..U+001F. nltk 3.9 differs from 3.10 in two rules (it splits a leading ``'`` only off a
+match for combining marks, connector punctuation other than ``_``, a few other symbols
+(``²``, ``ⓐ``) and the control characters U+001C..U+001F. nltk 3.9 differs from 3.10 in two rules (it splits a leading ``'`` only off a
 one-letter word and does not split off U+2012..U+2015 dashes); 3.10 is followed here.
 """
 
 import re
 
-__all__ = ["word_tokenize", "split_sentences"]
+__all__ = ["word_tokenize", "split_sentences", "tokenize_sentence"]
 
 # ---------------------------------------------------------------- sentence step (punkt)
 
@@ -93,17 +94,16 @@ def _has_break(context):
 
 def _sentence_slices(text):
     # Of a run of candidates inside one word only the last is judged. As in punkt, the word starts
-    # after the last space since the previous candidate, or where the previous candidate's word did.
-    kept, previous = [], None
+    # after the last space since the previous candidate, else where the previous candidate's did.
+    kept, previous, previous_end, previous_word = [], None, 0, 0
     for match in _CANDIDATE.finditer(text):
-        last_space = max(text.rfind(ch, previous_end := previous[0].start() if previous else 0, match.start())
-                         for ch in _ASCII_SPACE)
-        word_start = last_space + 1 if last_space > previous_end else (previous[1] if previous else 0)
+        space = max(text.rfind(ch, previous_end, match.start()) for ch in _ASCII_SPACE)
+        word_start = space + 1 if space > previous_end else previous_word
         if previous is not None and previous_end <= word_start:
-            kept.append(previous)
-        previous = (match, word_start)
+            kept.append((previous, previous_word))
+        previous, previous_end, previous_word = match, match.start(), word_start
     if previous is not None:
-        kept.append(previous)
+        kept.append((previous, previous_word))
     start = 0
     for match, word_start in kept:
         if _has_break(text[word_start : match.end()] + match.group(1)):
