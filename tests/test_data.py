@@ -571,6 +571,13 @@ def test_vocabulary_load_requires_the_special_words(tmp_path):
         data.Vocabulary.load(str(path))
 
 
+def test_vocabulary_words_are_nltk_word_tokenize_of_the_lowercased_caption():
+    """As the published BiGRU pipeline (nltk.word_tokenize(caption.lower())): clitics split off,
+    decimals kept, double quotes as `` and '', a sentence-final period split off."""
+    assert data.Vocabulary.tokenize('A man\'s hat, don\'t. He said "3.5 km" (ok).') == [
+        "a", "man", "'s", "hat", ",", "do", "n't", ".", "he", "said", "``", "3.5", "km", "''", "(", "ok", ")", "."]
+
+
 def test_vocabulary_augmentation_touches_start_and_end_as_published(split):
     """The published BiGRU process_caption draws over [<start>, words..., <end>]: every token, the
     start and end included, is masked / replaced / deleted with the BERT shares. A scripted rng sets

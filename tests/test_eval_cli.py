@@ -132,7 +132,8 @@ def test_gru_model_other_caption_count(dataset, tmp_path):
     metrics = main(["--checkpoint", path, "--data_path", str(dataset), "--split", "pairs", "--batch_size", "3"])
     img, cap, caps = encode_split(model, str(dataset), "pairs", vocab)
     assert caps == 2
-    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.double().numpy(), cap.double().numpy()), caps=2)))
+    sims = compute_sim(img.double().numpy(), cap.double().numpy())
+    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, sims, caps=2)))
     # the run directory moved: the vocabulary the checkpoint names is gone, the one beside it is used
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -185,7 +186,8 @@ def test_cli_published_checkpoint(dataset, tmp_path):
     img, cap, _ = encode_split(model, str(dataset), "pairs", tok)
     torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
-    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, compute_sim(img.double().numpy(), cap.double().numpy()), caps=2)))
+    sims = compute_sim(img.double().numpy(), cap.double().numpy())
+    assert_metrics_equal(metrics, as_dict(evaluate_sims(7, sims, caps=2)))
 
 
 @pytest.mark.parametrize("case", ["missing-checkpoint", "missing-data-path", "missing-split", "bad-limit",

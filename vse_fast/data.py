@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vse_fast.word_tokenize import word_tokenize
+
 __all__ = [
     "DataError", "CaptionTooLongError", "SplitInfo", "check_split", "published_caption_limit", "DEV_CAPTION_LIMIT",
     "load_tokenizer", "Vocabulary", "CaptionEncoder", "PrecomputedDataset", "ImageSetDataset", "CaptionDataset",
@@ -295,15 +297,12 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
     return BertTokenizerFast(vocab=vocab)
 
 
-_WORD_RE = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
-
-
 class Vocabulary:
     """Word <-> index map for the BiGRU text encoder, as the published lib/vocab.py (plus '<mask>',
     which the published train.py appends).
 
-    Words come from ``caption.lower()`` split into word runs and single punctuation marks (a
-    regex stand-in for nltk.word_tokenize: contractions such as "don't" stay one word).
+    Words come from ``word_tokenize(caption.lower())`` (vse_fast.word_tokenize: nltk's
+    word_tokenize, as published, without the nltk dependency: "don't" -> "do", "n't").
     ``encode(caption)`` = [<start>] + word ids (<unk> when unknown) + [<end>].
     """
 
@@ -327,7 +326,7 @@ class Vocabulary:
 
     @staticmethod
     def tokenize(caption):
-        return _WORD_RE.findall(caption.lower())
+        return word_tokenize(caption.lower())
 
     def encode(self, caption):
         return [self.word2idx["<start>"], *(self(w) for w in self.tokenize(caption)), self.word2idx["<end>"]]

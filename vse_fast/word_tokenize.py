@@ -32,8 +32,9 @@ Word step (improved Treebank rules), in order:
 Differences from nltk that remain (exotic input only): nltk 3.10 runs the rules through the
 third-party ``regex`` engine, this module through ``re``; they disagree on what ``\\w``/``\\s``
 match for combining marks, connector punctuation other than ``_``, a few other symbols
-(``²``, ``ⓐ``) and the control characters U+001C..U+001F. nltk 3.9 differs from 3.10 in two rules (it splits a leading ``'`` only off a
-one-letter word and does not split off U+2012..U+2015 dashes); 3.10 is followed here.
+(``²``, ``ⓐ``) and the control characters U+001C..U+001F. nltk 3.9 differs from 3.10 in two
+rules (it splits a leading ``'`` only off a one-letter word and does not split off U+2012..U+2015
+dashes); 3.10 is followed here.
 """
 
 import re

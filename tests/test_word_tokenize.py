@@ -1,0 +1,134 @@
+"""vse_fast.word_tokenize against nltk's word_tokenize (the published BiGRU caption tokenizer)."""
+
+import random
+
+import pytest
+
+from vse_fast.word_tokenize import split_sentences, tokenize_sentence, word_tokenize
+
+# Expected outputs produced by nltk 3.10.4: NLTKWordTokenizer on the punkt sentences (PunktSentenceTokenizer
+# given the English model's abbreviation list), i.e. nltk.word_tokenize on lower-cased text.
+WORD_TOKENIZE_CASES = [
+    ("a man's dog isn't here", ['a', 'man', "'s", 'dog', 'is', "n't", 'here']),
+    ("they're here and we've got it", ['they', "'re", 'here', 'and', 'we', "'ve", 'got', 'it']),
+    ("you'll see he'd go i'm sure", ['you', "'ll", 'see', 'he', "'d", 'go', 'i', "'m", 'sure']),
+    ("don't stop", ['do', "n't", 'stop']),
+    ("the dogs' bowls", ['the', 'dogs', "'", 'bowls']),
+    ('i cannot go', ['i', 'can', 'not', 'go']),
+    ('gonna gotta gimme lemme', ['gon', 'na', 'got', 'ta', 'gim', 'me', 'lem', 'me']),
+    ('wanna go', ['wan', 'na', 'go']),
+    ("more'n d'ye", ['more', "'n", 'd', "'ye"]),
+    ("'tis the season 'twas", ["'", 'tis', 'the', 'season', "'", 'twas']),
+    ('"hello" he said', ['``', 'hello', "''", 'he', 'said']),
+    ('a sign that says "stop"', ['a', 'sign', 'that', 'says', '``', 'stop', "''"]),
+    ("the 'word' here", ['the', "'", 'word', "'", 'here']),
+    ("'hi there", ["'", 'hi', 'there']),
+    ('“curly” ‘quotes’ «guillemets»', ['“', 'curly', '”', '‘', 'quotes', '’', '«', 'guillemets', '»']),
+    ("a ''quoted'' word ``tex``", ['a', '``', 'quoted', "''", 'word', '``', 'tex', '``']),
+    ('3.5 meters and 1,000 people at 10:30', ['3.5', 'meters', 'and', '1,000', 'people', 'at', '10:30']),
+    ('$5 and 50% & more', ['$', '5', 'and', '50', '%', '&', 'more']),
+    ('visit http://www.example.com/a?b=c now', ['visit', 'http', ':', '//www.example.com/a', '?', 'b=c', 'now']),
+    ('a@b #tag a*b', ['a', '@', 'b', '#', 'tag', 'a', '*', 'b']),
+    ('a well-known dog -- or not', ['a', 'well-known', 'dog', '--', 'or', 'not']),
+    ('wait... what', ['wait', '...', 'what']),
+    ('a (big) dog [small] {red} <box>', ['a', '(', 'big', ')', 'dog', '[', 'small', ']', '{', 'red', '}', '<', 'box', '>']),
+    ('a dog, a cat; a bird: yes', ['a', 'dog', ',', 'a', 'cat', ';', 'a', 'bird', ':', 'yes']),
+    ('end with comma,', ['end', 'with', 'comma', ',']),
+    ('a–b — c', ['a', '–', 'b', '—', 'c']),
+    ('is it a dog? yes!', ['is', 'it', 'a', 'dog', '?', 'yes', '!']),
+    ('a dog.', ['a', 'dog', '.']),
+    ('a dog. a cat.', ['a', 'dog', '.', 'a', 'cat', '.']),
+    ('a dog .', ['a', 'dog', '.']),
+    ('a dog.a cat', ['a', 'dog.a', 'cat']),
+    ('mr. smith walks.', ['mr.', 'smith', 'walks', '.']),
+    ('the u.s. flag.', ['the', 'u.s.', 'flag', '.']),
+    ('a car wash. a dog.', ['a', 'car', 'wash.', 'a', 'dog', '.']),
+    ('number 5. a dog', ['number', '5.', 'a', 'dog']),
+    ('the letter b. the end', ['the', 'letter', 'b.', 'the', 'end']),
+    ('(a dog.) a cat.', ['(', 'a', 'dog', '.', ')', 'a', 'cat', '.']),
+    ('"a dog." a cat.', ['``', 'a', 'dog', '.', "''", 'a', 'cat', '.']),
+    ('a dog.. a cat', ['a', 'dog', '..', 'a', 'cat']),
+    ('two  spaces\tand\ttabs\nnewline', ['two', 'spaces', 'and', 'tabs', 'newline']),
+    ('a\xa0café', ['a', 'café']),
+    ('a 🐶 dog', ['a', '🐶', 'dog']),
+    ('', []),
+    ('   ', []),
+    ('.', ['.']),
+]
+
+# Expected outputs produced by nltk 3.10.4 NLTKWordTokenizer alone (word_tokenize(s, preserve_line=True)),
+# where that differs from the sentence-split result above: only a sentence-final period is split off.
+PRESERVE_LINE_CASES = [
+    ('a dog. a cat.', ['a', 'dog.', 'a', 'cat', '.']),
+    ('(a dog.) a cat.', ['(', 'a', 'dog.', ')', 'a', 'cat', '.']),
+    ('"a dog." a cat.', ['``', 'a', 'dog.', "''", 'a', 'cat', '.']),
+]
+
+# Expected outputs produced by nltk 3.10.4 PunktSentenceTokenizer with the English abbreviation list.
+SENTENCE_CASES = [
+    ('a dog. a cat.', ['a dog.', 'a cat.']),
+    ('mr. smith walks. a dog.', ['mr. smith walks.', 'a dog.']),
+    ('(a dog.) a cat.', ['(a dog.)', 'a cat.']),
+    ('number 5. a dog', ['number 5. a dog']),
+    ('is it? yes.', ['is it?', 'yes.']),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), WORD_TOKENIZE_CASES)
+def test_word_tokenize_table(text, expected):
+    assert word_tokenize(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), PRESERVE_LINE_CASES)
+def test_tokenize_sentence_table(text, expected):
+    assert tokenize_sentence(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), SENTENCE_CASES)
+def test_split_sentences_table(text, expected):
+    assert split_sentences(text) == expected
+
+
+def test_word_tokenize_rejects_non_str():
+    with pytest.raises(TypeError, match="expects a str, got bytes"):
+        word_tokenize(b"a dog")
+
+
+_WORDS = (
+    "a man dog the on cat is riding with st mr dr wash ill ok co u.s e.g i.e a.m x b 3 2015 3.5 1,000 10:30 café "
+    "can gon wan man's they're it's isn't can't won't i'm we'll you've he'd cannot gonna wanna gotta gimme lemme "
+    "'tis more'n d'ye rock'n'roll well-known http://x.com/a.b a.b.c no ave inc vs p s"
+).split()
+_PUNCT = ". , ! ? ; : ' \" ( ) [ ] { } < > - -- ... .. & $ % # @ * ` `` '' 's n't “ ” ‘ ’ « » – — / + =".split()
+_SEPARATORS = [" ", " ", " ", "", "  ", "\t", "\n", "\xa0"]
+_CHARS = "ab st.mr.,;:!?'\"()[]{}<>-&$%#@*`“”‘’«»–—…0123456789 \t\n\xa0é_"
+
+
+def _generated_strings(count, seed):
+    """Lower-cased caption-like strings (words, clitics, punctuation) and raw character soup."""
+    rng = random.Random(seed)
+    for i in range(count):
+        if i % 2:
+            yield "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, 25)))
+        else:
+            parts = [rng.choice(_WORDS if rng.random() < 0.6 else _PUNCT) + rng.choice(_SEPARATORS)
+                     for _ in range(rng.randint(0, 14))]
+            yield "".join(parts)
+
+
+def test_matches_nltk_on_generated_strings():
+    pytest.importorskip("nltk")
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    from vse_fast.word_tokenize import _ABBREVIATIONS
+
+    treebank = NLTKWordTokenizer()
+    params = PunktParameters()
+    params.abbrev_types = set(_ABBREVIATIONS)
+    punkt = PunktSentenceTokenizer(params)
+    for text in _generated_strings(1500, seed=0):
+        assert tokenize_sentence(text) == treebank.tokenize(text), repr(text)
+        sentences = punkt.tokenize(text)
+        assert split_sentences(text) == sentences, repr(text)
+        assert word_tokenize(text) == [tok for s in sentences for tok in treebank.tokenize(s)], repr(text)
