@@ -198,6 +198,23 @@ def test_bad_ids_are_named(split):
         data.check_split(folder, "train")
 
 
+def test_per_caption_ids_must_follow_the_caption_grouping(split):
+    """6 items x 5 captions: per-caption ids repeating each item's id over its 5 lines, or 30 distinct
+    caption ids, pass; an item id that strays into another item's run is named by line."""
+    folder = split[0]
+    path = os.path.join(folder, "train_ids.txt")
+    item_ids = [str(100 + i // 5) for i in range(30)]
+    for ids in (item_ids, [str(i) for i in range(30)]):
+        with open(path, "w") as f:
+            f.write("\n".join(ids) + "\n")
+        assert data.check_split(folder, "train").has_ids
+    shifted = item_ids[1:] + item_ids[:1]  # off by one line: line 5 holds item 1's id
+    with open(path, "w") as f:
+        f.write("\n".join(shifted) + "\n")
+    with pytest.raises(DataError, match=r"train_ids\.txt:5: id '101' differs from '100' on line 1"):
+        data.check_split(folder, "train")
+
+
 @pytest.mark.parametrize("content,match", [
     (b"1\n2\n3\xe9\n4\n5\n6\n", r"train_ids\.txt:3: not valid UTF-8"),
     ("1\n2\n3\x0c4\n5\n6\n".encode(), r"train_ids\.txt: 5 ids, expected 6"),  # \x0c is no line break

@@ -10,7 +10,8 @@ the published loader expects) holds:
   text-mode reading ends them: at \\n, \\r\\n or a lone \\r.
 * optional ``{split}_lens.npy``: (N,) integer count of valid rows per item (1 <= len <= K); without
   it all K rows are used.
-* optional ``{split}_ids.txt``: one id per item (or one per caption).
+* optional ``{split}_ids.txt``: one id per item, or one per caption (each item's id repeated over
+  its C captions, or caption ids that all differ); checked, otherwise unused.
 
 Feature rows repeated once per caption (N rows for N captions, in runs of C identical rows: the
 "rkiros" layout, which the published loader reads with im_div = 1 and evaluates with every 5th image)
@@ -180,8 +181,10 @@ def _read_lens(path, n_items, max_set):
 
 def _check_ids(path, n_items, n_captions):
     """One id per line (lines split as captions are; a leading byte-order mark is dropped); empty or
-    non-UTF-8 lines raise DataError."""
-    count = 0
+    non-UTF-8 lines raise DataError. With one id per caption, the ids must either repeat one item id
+    over each run of C = captions per item lines (caption j describes item j // C) or all differ
+    (caption ids); ids repeated across those runs contradict the pairing and raise DataError."""
+    count, ids = 0, []
     for count, raw in _text_lines(path):
         try:
             line = raw.decode("utf-8-sig" if count == 1 else "utf-8")
@@ -189,8 +192,17 @@ def _check_ids(path, n_items, n_captions):
             raise DataError(f"{path}:{count}: not valid UTF-8 ({err.reason})") from None
         if not line.strip():
             raise DataError(f"{path}:{count}: empty id")
+        ids.append(line.strip())
     if count not in (n_items, n_captions):
         raise DataError(f"{path}: {count} ids, expected {n_items} (one per item) or {n_captions} (per caption)")
+    caps = n_captions // n_items
+    if count == n_captions and caps > 1 and len(set(ids)) < count:
+        for j, item_id in enumerate(ids):
+            if item_id != ids[j - j % caps]:
+                raise DataError(
+                    f"{path}:{j + 1}: id {item_id!r} differs from {ids[j - j % caps]!r} on line {j - j % caps + 1}, "
+                    f"though caption {j + 1} belongs to the same item ({caps} captions per item, in runs); "
+                    "per-caption ids must repeat their item's id over its run, or all differ")
 
 
 def _load_split(data_path, split):
