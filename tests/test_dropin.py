@@ -1,5 +1,5 @@
-"""The drop-in promise, end to end: the published VSE∞ model (region MLP image encoder, BiGRU text
-encoder) and training step (tests/published) with our GPO in both encoders and our ContrastiveLoss in place of the published modules trains to
+"""The drop-in promise, end to end: the published VSE∞ model (region MLP image encoder; BiGRU or
+BERT text encoder) and training step (tests/published) with our GPO in both encoders and our ContrastiveLoss in place of the published modules trains to
 the same numbers as the published modules, step for step: VSE0 warm-up steps, then VSE++, with the
 published AdamW and grad-norm clip 2."""
 import copy
@@ -40,11 +40,23 @@ def batches(seed):
         yield images, img_lengths.float(), captions, cap_lengths
 
 
+def published_optimizer(model, lr=5e-4):
+    """Published VSEModel: the BiGRU branch's AdamW (torch defaults); the BERT branch's groups (text,
+    BERT at 0.1x lr, image) with weight decay 1e-4."""
+    bert = getattr(model.txt_enc, "bert", None)
+    if bert is None:
+        return torch.optim.AdamW(list(model.txt_enc.parameters()) + list(model.img_enc.parameters()), lr=lr)
+    bert_ids = {id(p) for p in bert.parameters()}
+    text = [p for p in model.txt_enc.parameters() if id(p) not in bert_ids]
+    return torch.optim.AdamW([{"params": text, "lr": lr}, {"params": list(bert.parameters()), "lr": lr * 0.1},
+                              {"params": list(model.img_enc.parameters()), "lr": lr}], lr=lr, weight_decay=1e-4)
+
+
 def train(model, criterion, seed):
-    """Published VSEModel.train_emb: AdamW (the BiGRU branch's: torch defaults), clip 2; VSE0 for the
-    warm-up steps, then max_violation_on(). Returns the per-step losses."""
+    """Published VSEModel.train_emb: its AdamW, clip 2 over all parameters; VSE0 for the warm-up
+    steps, then max_violation_on(). Returns the per-step losses."""
     params = list(model.txt_enc.parameters()) + list(model.img_enc.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4)
+    optimizer = published_optimizer(model)
     losses = []
     for step, (images, img_lengths, captions, cap_lengths) in enumerate(batches(seed)):
         if step == WARMUP_STEPS:
@@ -59,17 +71,27 @@ def train(model, criterion, seed):
     return losses
 
 
-# The MLP's first bias feeds a BatchNorm, so its exact gradient is 0: both runs see rounding noise
-# there, which AdamW scales to lr-sized steps of arbitrary sign (and the BatchNorm's running mean
-# follows that bias). Those two buffers are compared by shape only.
-ZERO_GRADIENT = ("img_enc.mlp.layers.0.bias", "img_enc.mlp.bns.0.running_mean")
+# Parameters whose exact gradient is 0, so both runs see only rounding noise there, which AdamW
+# scales to steps of arbitrary sign: the MLP's first bias (a BatchNorm follows it; the BatchNorm's
+# running mean follows that bias) and BERT's attention key bias (it adds the same q.b to every key
+# of a query, which the softmax cancels). They are compared by shape only.
+ZERO_GRADIENT = ("img_enc.mlp.layers.0.bias", "img_enc.mlp.bns.0.running_mean",
+                 "txt_enc.bert.encoder.layer.0.attention.self.key.bias")
 
 
-def test_published_training_with_our_gpo_and_loss_gives_the_same_numbers(capsys):
+@pytest.mark.parametrize("text", ["gru", "bert"])
+def test_published_training_with_our_gpo_and_loss_gives_the_same_numbers(capsys, text):
     """fp32 (the published GPO builds its positional table in float32, so float64 is not an option):
     losses within 1e-5 and parameters within 1e-4 relative after 6 steps (measured: 2e-7 and 8e-6)."""
     torch.manual_seed(0)
-    published = build_published(EMBED, IMG_DIM, vocab_size=VOCAB, word_dim=8)
+    if text == "gru":
+        published = build_published(EMBED, IMG_DIM, vocab_size=VOCAB, word_dim=8)
+    else:
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=24, max_position_embeddings=T, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0)  # no dropout: no random draws to align
+        published = build_published(EMBED, IMG_DIM, bert=transformers.BertModel(config))
     ours = swap_in_ours(copy.deepcopy(published))
     opt = published_opt(margin=0.2, max_violation=False)
     published_losses = train(published, PublishedContrastiveLoss(opt=opt, margin=opt.margin,
