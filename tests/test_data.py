@@ -478,6 +478,18 @@ def test_caption_longer_than_the_positions_names_its_line(split, tokenizer, data
         make(1)
 
 
+def test_vocabulary_captions_are_checked_against_the_positions_too():
+    """position_limit binds the BiGRU vocabulary path as it does BERT's, augmentation or not."""
+    vocab = data.Vocabulary.build(["a red dog"], threshold=1)
+    caption = "a red dog a red"  # 7 tokens with <start> and <end>
+    assert len(data.CaptionEncoder(vocab, position_limit=7)(caption)) == 7
+    too_short = data.CaptionEncoder(vocab, position_limit=6)
+    for rng in (None, np.random.default_rng(0)):
+        with pytest.raises(data.CaptionTooLongError, match="caption has 7 tokens .* 6 positions"):
+            too_short(caption, rng, 0.2)
+    assert len(data.CaptionEncoder(vocab, max_tokens=6, position_limit=6)(caption)) == 6
+
+
 def test_max_caption_tokens_within_the_positions_is_accepted(split, tokenizer):
     folder = split[0]
     dataset = data.CaptionDataset(folder, "train", tokenizer, max_caption_tokens=4, position_limit=4)
@@ -576,6 +588,33 @@ def test_vocabulary_build_encode_roundtrip(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DataError, match="broken.json"):
         data.Vocabulary.load(str(tmp_path / "broken.json"))
+
+
+def test_a_vocabulary_from_another_tokenizer_is_warned_about(tmp_path):
+    """Saved vocabularies name their tokenizer; one without the name (published SCAN files, older
+    vse_fast runs) is checked for contractions nltk splits, which would silently become <unk>."""
+    import json
+    import warnings
+
+    vocab = data.Vocabulary.build(["a man's dog doesn't run"], threshold=1)
+    assert "'s" in vocab.word2idx and "n't" in vocab.word2idx
+    vocab.save(str(tmp_path / "vocab.json"))
+    saved = json.loads((tmp_path / "vocab.json").read_text())
+    assert saved["tokenizer"] == data.Vocabulary.TOKENIZER
+    published = {k: saved[k] for k in ("word2idx", "idx2word", "idx")}  # the published format, nltk words
+    (tmp_path / "published.json").write_text(json.dumps(published))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.Vocabulary.load(str(tmp_path / "vocab.json"))
+        data.Vocabulary.load(str(tmp_path / "published.json"))
+    regex_words = dict(published["word2idx"], **{"man's": len(vocab), "doesn't": len(vocab) + 1})
+    (tmp_path / "regex.json").write_text(json.dumps({"word2idx": regex_words}))
+    with pytest.warns(UserWarning, match=r"regex.json: 2 vocabulary words .*\"man's\" -> \['man', \"'s\"\]"):
+        old = data.Vocabulary.load(str(tmp_path / "regex.json"))
+    assert old.encode("a man's dog")[2:4] == [old("man"), old("'s")]  # never the whole "man's"
+    (tmp_path / "other.json").write_text(json.dumps(dict(published, tokenizer="str.split")))
+    with pytest.warns(UserWarning, match="tokenizer 'str.split'"):
+        data.Vocabulary.load(str(tmp_path / "other.json"))
 
 
 def test_vocabulary_load_requires_the_special_words(tmp_path):

@@ -402,6 +402,26 @@ def test_loss_switches_can_be_turned_off_on_resume_and_are_logged(tiny, tmp_path
     assert "--dedupe_items True overrides the resumed run's False" in (tmp_path / "old" / "train.log").read_text()
 
 
+def test_learning_rate_and_weight_decay_given_on_resume_take_effect(tiny, tmp_path, capsys):
+    """The optimizer state restores AdamW's moments, not the resumed run's lr or decay: those follow
+    --learning_rate / --weight_decay given with --resume (and are kept when not given)."""
+    train.main(_args(tiny, tmp_path / "r", "--max_steps", "1", "--learning_rate", "1e-3", "--weight_decay", "0.01"))
+    groups = _final_state(tmp_path / "r")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.01] * 3
+    train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "2", "--learning_rate", "2e-3",
+                "--weight_decay", "0.05", "--progress", "off"])
+    state = _final_state(tmp_path / "r")
+    assert state["step"] == 2 and state["config"]["weight_decay"] == 0.05
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    assert {name: g["weight_decay"] for name, g in groups.items()} == {"text": 0.05, "bert": 0.05, "image": 0.05}
+    assert groups["text"]["lr"] == groups["image"]["lr"] == 2e-3
+    assert groups["bert"]["lr"] == pytest.approx(2e-4)
+    assert "--weight_decay 0.05 overrides the resumed run's 0.01" in (tmp_path / "r" / "train.log").read_text()
+    train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "3", "--progress", "off"])
+    groups = _final_state(tmp_path / "r")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05] * 3 and groups[0]["lr"] == 2e-3
+
+
 def test_too_few_items_or_pairs_per_process_are_errors(tmp_path, capsys, monkeypatch):
     """One training item gives no negatives; one pair per process (global batch 2 over 2 processes)
     would give the region MLP's BatchNorm one value per channel."""

@@ -34,6 +34,7 @@ import collections
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -319,6 +320,7 @@ class Vocabulary:
     """
 
     SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
+    TOKENIZER = "nltk.word_tokenize(caption.lower())"  # recorded in saved json files
 
     def __init__(self):
         self.word2idx, self.idx2word = {}, {}
@@ -378,6 +380,12 @@ class Vocabulary:
         missing = [word for word in cls.SPECIALS if word not in word2idx]
         if missing:
             raise DataError(f"{path}: vocabulary lacks the special words {missing} (needs all of {list(cls.SPECIALS)})")
+        tokenizer = data.get("tokenizer")
+        if tokenizer not in (None, cls.TOKENIZER):
+            warnings.warn(f"{path}: vocabulary built with the tokenizer {tokenizer!r}, but captions are tokenized "
+                          f"with {cls.TOKENIZER}: words may map to <unk>", stacklevel=2)
+        elif tokenizer is None:
+            _warn_if_not_nltk_words(path, word2idx)
         vocab = cls.__new__(cls)
         vocab.word2idx = word2idx
         vocab.idx2word = {i: w for w, i in word2idx.items()}
@@ -386,7 +394,20 @@ class Vocabulary:
 
     def save(self, path):
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"word2idx": self.word2idx, "idx2word": self.idx2word, "idx": len(self)}, f)
+            json.dump({"word2idx": self.word2idx, "idx2word": self.idx2word, "idx": len(self),
+                       "tokenizer": self.TOKENIZER}, f)
+
+
+def _warn_if_not_nltk_words(path, word2idx):
+    """Warn when a vocabulary json without a "tokenizer" key (published SCAN files, and vse_fast's before
+    it used nltk's rules) holds contractions nltk's word_tokenize splits ("man's", "don't"): such a
+    vocabulary was built by another tokenizer, and those words would now never be looked up."""
+    split = [w for w in word2idx if re.fullmatch(r"\w+'\w+", w) and word_tokenize(w) != [w]]
+    if split:
+        warnings.warn(f"{path}: {len(split)} vocabulary words (e.g. {split[:3]}) are split by nltk's word_tokenize, "
+                      f"which tokenizes captions here ({split[0]!r} -> {word_tokenize(split[0])}): the vocabulary "
+                      "was built by another tokenizer (vse_fast's earlier regex tokenizer kept contractions whole), "
+                      "so these words map to <unk>; rebuild it from the training captions or retrain", stacklevel=3)
 
 
 class CaptionEncoder:
@@ -455,12 +476,7 @@ class CaptionEncoder:
         if self.kind == "vocab":
             return self._vocab_ids(caption, rng, touch_prob)
         words = self.words(caption)
-        if self.position_limit is not None:
-            n_tokens = 2 + sum(len(pieces) for pieces in words)
-            if min(n_tokens, self.max_tokens or n_tokens) > self.position_limit:
-                raise CaptionTooLongError(
-                    f"caption has {n_tokens} tokens (start and end included), more than the text encoder's "
-                    f"{self.position_limit} positions (BERT max_position_embeddings); shorten it")
+        self._check_positions(2 + sum(len(pieces) for pieces in words))
         ids = [self.start]
         if rng is not None and touch_prob > 0 and words:
             draws = rng.random(len(words))
@@ -481,8 +497,17 @@ class CaptionEncoder:
         ids.append(self.end)
         return torch.tensor(ids, dtype=torch.int64)
 
+    def _check_positions(self, n_tokens):
+        """CaptionTooLongError if a caption of n_tokens (start and end included) stays longer than
+        position_limit after the max_tokens truncation."""
+        if self.position_limit is not None and min(n_tokens, self.max_tokens or n_tokens) > self.position_limit:
+            raise CaptionTooLongError(
+                f"caption has {n_tokens} tokens (start and end included), more than the text encoder's "
+                f"{self.position_limit} positions (position_limit; BERT's max_position_embeddings); shorten it")
+
     def _vocab_ids(self, caption, rng, touch_prob):
         tokens = [self.start, *(pieces[0] for pieces in self.words(caption)), self.end]
+        self._check_positions(len(tokens))
         if rng is not None and touch_prob > 0:
             if self.mask is None:
                 raise ValueError("caption augmentation needs a '<mask>' word in the Vocabulary (build/load add it)")

@@ -623,10 +623,12 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]  # from the (resumed) config
+        # The learning rate and weight decay come from the (resumed) config, so that --learning_rate and
+        # --weight_decay given with --resume take effect; the optimizer state brings the moments and step.
+        hyper = [(group["base_lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        for group, base_lr in zip(self.optimizer.param_groups, base_lrs):
-            group["base_lr"] = base_lr
+        for group, (base_lr, weight_decay) in zip(self.optimizer.param_groups, hyper):
+            group["base_lr"], group["weight_decay"] = base_lr, weight_decay
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.epoch_step, self.step = state["epoch"], state.get("epoch_step", 0), state["step"]
