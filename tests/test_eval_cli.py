@@ -154,7 +154,7 @@ def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
     out_json = tmp_path / "metrics.json"
     single = main(["--checkpoint", paths[0], "--data_path", str(dataset), "--json", str(out_json)])
     printed, err = capsys.readouterr()
-    assert "note: 10 items per evaluation: text->image R@10 is 100 by construction" in err
+    assert "note: 10 items: text->image R@10 is 100 by construction" in err
     assert "R@1" in printed and f"rsum {single['rsum']:.1f}" in printed
     assert json.loads(out_json.read_text())["rsum"] == pytest.approx(single["rsum"])
     tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
@@ -164,8 +164,9 @@ def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
     pairs = [(i.double().numpy(), c.double().numpy()) for i, c in embs]
     assert_metrics_equal(both["all"], as_dict(evaluate_sims(10, ensemble_sims(pairs))))
     printed, err = capsys.readouterr()
-    assert ("note: 2 items per evaluation: text->image R@5, text->image R@10, image->text R@10 "
+    assert ("note: each of the 5 folds has 2 items: text->image R@5, text->image R@10, image->text R@10 "
             "are 100 by construction") in err
+    assert "note: all 10 items: text->image R@10 is 100 by construction" in err
     assert "mean of 5 folds of 2 items\n" in printed and "all 10 items\n" in printed
     assert "COCO" not in printed  # 10 items are not the COCO 1K/5K protocols
 
@@ -395,7 +396,7 @@ def test_trivial_recall_note_names_the_recalls_fixed_by_the_gallery_size(n_items
     if not expected:
         assert note is None
     else:
-        assert note.startswith(f"note: {n_items} items per evaluation: {', '.join(expected)} ")
+        assert note.startswith(f"note: {n_items} items: {', '.join(expected)} ")
     # the claim, at its worst case: every true match scores below every other candidate, so the listed
     # recalls are still 100 and every other recall is 0
     from tests.published.evaluation import evaluate_sims

@@ -159,8 +159,13 @@ def test_retrieval_metrics_accepts_numpy_and_low_precision():
 
 def test_float32_embeddings_are_scored_in_float64_as_published():
     """The published evaluation keeps float32 model outputs in float64 arrays and scores them in
-    float64: the default gives its numbers bit for bit; dtype=torch.float32 scores in float32."""
-    img, cap = _embeddings(60, 5, dim=48, noise=3.0, dtype=torch.float32)
+    float64: the default gives its numbers bit for bit; dtype=torch.float32 scores in float32.
+    Near-ties (embeddings within ~3e-7 of one direction) make the two precisions rank differently."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(48, generator=g, dtype=torch.float64), dim=0)
+    img = base + 3e-7 * torch.randn(60, 48, generator=g, dtype=torch.float64)
+    cap = img.repeat_interleave(5, 0) + 1.5e-7 * torch.randn(300, 48, generator=g, dtype=torch.float64)
+    img, cap = img.float(), cap.float()
     sims64 = published.compute_sim(img.numpy().astype(np.float64), cap.numpy().astype(np.float64))
     exact = evaluation.retrieval_metrics(img, cap, 5)
     assert _as_tuple(exact, "i2t") == published.i2t(60, sims64)
@@ -169,6 +174,7 @@ def test_float32_embeddings_are_scored_in_float64_as_published():
     fast = evaluation.retrieval_metrics(img, cap, 5, dtype=torch.float32)
     assert _as_tuple(fast, "i2t") == evaluation.i2t(60, sims32)
     assert _as_tuple(fast, "t2i") == evaluation.t2i(60, sims32)
+    assert _as_tuple(fast, "t2i") != _as_tuple(exact, "t2i")  # the default is float64, not float32 relabelled
     with pytest.raises(ValueError, match="dtype"):
         evaluation.retrieval_metrics(img, cap, 5, dtype=torch.float16)
 

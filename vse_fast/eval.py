@@ -128,15 +128,15 @@ def _check_finite(emb: torch.Tensor, what: str, cause: str) -> None:
         raise ValueError(f"{what} {bad[:8].tolist()} ({bad.numel()} in all) are NaN or inf: {cause}")
 
 
-def _trivial_recall_note(n_items: int, caps_per_item: int) -> str | None:
-    """A note when a gallery of n_items items (each fold's, with --fold5) is so small that some R@1/5/10
-    is 100 by construction: text->image ranks n_items items, image->text finds one of an item's captions
-    among at most (n_items - 1) * caps_per_item others."""
+def _trivial_recall_note(n_items: int, caps_per_item: int, gallery: str | None = None) -> str | None:
+    """A note when a gallery of n_items items is so small that some R@1/5/10 is 100 by construction:
+    text->image ranks n_items items, image->text finds one of an item's captions among at most
+    (n_items - 1) * caps_per_item others. ``gallery`` names it (default "N items")."""
     trivial = [f"text->image R@{k}" for k in (1, 5, 10) if k >= n_items]
     trivial += [f"image->text R@{k}" for k in (1, 5, 10) if k > (n_items - 1) * caps_per_item]
     if not trivial:
         return None
-    return (f"note: {n_items} items per evaluation: {', '.join(trivial)} "
+    return (f"note: {gallery or f'{n_items} items'}: {', '.join(trivial)} "
             f"{'is' if len(trivial) == 1 else 'are'} 100 by construction")
 
 
@@ -324,8 +324,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"note: {info.paths['ims']} repeats each item's row once per caption ({info.row_repeat} times): "
                   "one row per item was used", file=sys.stderr)
         metrics = metrics_from_embeddings(pairs, caps, args.fold5)
-        note = _trivial_recall_note(pairs[0][0].shape[0] // (5 if args.fold5 else 1), caps)
-        if note:
+        n_items = pairs[0][0].shape[0]
+        notes = [_trivial_recall_note(n_items, caps, f"all {n_items} items" if args.fold5 else None)]
+        if args.fold5:
+            notes.insert(0, _trivial_recall_note(n_items // 5, caps, f"each of the 5 folds has {n_items // 5} items"))
+        for note in filter(None, notes):
             print(note, file=sys.stderr)
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {error_message(err)}", file=sys.stderr)
