@@ -1,7 +1,7 @@
 """The drop-in promise, end to end: the published VSE∞ model (region MLP image encoder; BiGRU or
-BERT text encoder) and training step (tests/published) with our GPO in both encoders and our ContrastiveLoss in place of the published modules trains to
-the same numbers as the published modules, step for step: VSE0 warm-up steps, then VSE++, with the
-published AdamW and grad-norm clip 2."""
+BERT text encoder) and training step (tests/published), with our GPO in both encoders and our
+ContrastiveLoss in place of the published modules, trains to the same numbers as the published
+modules, step for step: VSE0 warm-up steps, then VSE++, with the published AdamW and grad-norm clip 2."""
 import copy
 
 import pytest
