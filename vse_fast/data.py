@@ -404,8 +404,9 @@ def _warn_if_not_nltk_words(path, word2idx):
     vocabulary was built by another tokenizer, and those words would now never be looked up."""
     split = [w for w in word2idx if re.fullmatch(r"\w+'\w+", w) and word_tokenize(w) != [w]]
     if split:
+        example = split[0]
         warnings.warn(f"{path}: {len(split)} vocabulary words (e.g. {split[:3]}) are split by nltk's word_tokenize, "
-                      f"which tokenizes captions here ({split[0]!r} -> {word_tokenize(split[0])}): the vocabulary "
+                      f"which tokenizes captions here ({example!r} -> {word_tokenize(example)}): the vocabulary "
                       "was built by another tokenizer (vse_fast's earlier regex tokenizer kept contractions whole), "
                       "so these words map to <unk>; rebuild it from the training captions or retrain", stacklevel=3)
 

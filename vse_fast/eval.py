@@ -325,9 +325,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   "one row per item was used", file=sys.stderr)
         metrics = metrics_from_embeddings(pairs, caps, args.fold5)
         n_items = pairs[0][0].shape[0]
-        notes = [_trivial_recall_note(n_items, caps, f"all {n_items} items" if args.fold5 else None)]
         if args.fold5:
-            notes.insert(0, _trivial_recall_note(n_items // 5, caps, f"each of the 5 folds has {n_items // 5} items"))
+            notes = [_trivial_recall_note(n_items // 5, caps, f"each of the 5 folds has {n_items // 5} items"),
+                     _trivial_recall_note(n_items, caps, f"all {n_items} items")]
+        else:
+            notes = [_trivial_recall_note(n_items, caps)]
         for note in filter(None, notes):
             print(note, file=sys.stderr)
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:

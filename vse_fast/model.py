@@ -418,7 +418,8 @@ class VSEModel(nn.Module):
     -> (img_emb (B, embed) fp32, cap_emb (B, embed) fp32), L2-normalised unless no_imgnorm/no_txtnorm.
     No host synchronisation. The length values are checked (whole numbers in [1, K] / [1, T]): a
     ValueError for CPU tensors, a device-side assert (no sync) for CUDA tensors. ``opt`` holds the
-    resolved model options (plain types, incl. the BERT config as ``bert_config_dict``): store it in checkpoints, ``build_model(opt)`` rebuilds the model.
+    resolved model options (plain types, incl. the BERT config as ``bert_config_dict``): store it in
+    checkpoints, ``build_model(opt)`` rebuilds the model.
 
     Example::
 
