@@ -12,7 +12,9 @@ import torch
 from tests.published.evaluation import compute_sim, ensemble_sims, evaluate_sims, fold5
 from tests.published.model import build_published, published_checkpoint, published_opt
 from vse_fast import data
-from vse_fast.checkpoint import FORMAT, load_published_checkpoint, save_checkpoint
+import vse_fast.model
+from vse_fast.checkpoint import (FORMAT, load_any_checkpoint, load_model_checkpoint, load_published_checkpoint,
+                                 save_checkpoint)
 from vse_fast.eval import encode_split, evaluate, main
 from vse_fast.inference import Encoder, search
 from vse_fast.model import build_model
@@ -95,7 +97,7 @@ def test_help():
     out = subprocess.run([sys.executable, "-m", "vse_fast.eval", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    for flag in ("--checkpoint", "--data_path", "--split", "--fold5", "--published", "--text_model"):
+    for flag in ("--checkpoint", "--data_path", "--split", "--fold5", "--published", "--text_model", "--gpo_backend"):
         assert flag in out.stdout
 
 
@@ -337,6 +339,36 @@ def test_inference_rejects_captions_longer_than_bert_positions(dataset, tmp_path
     assert enc.encode_captions(["a dog", fits]).shape == (2, 16)
     with pytest.raises(ValueError, match=rf"caption 1: caption has {limit + 1} tokens .* {limit} positions"):
         enc.encode_captions(["a dog", fits + " dog"])
+
+
+def test_gpo_backend_is_chosen_at_load_not_taken_from_training(dataset, tmp_path, monkeypatch):
+    """A run trained with gpo_backend='triton' (on a GPU) stores it in its model options; loading the
+    checkpoint to evaluate or encode picks the backend here ('auto' unless given), so the same
+    checkpoint evaluates on a CPU."""
+    model = bert_model(4)
+    model.opt["gpo_backend"] = "triton"
+    path = save_ours(model, tmp_path / "triton_run.pth", gpo_backend="triton")
+    used = []
+    pool = vse_fast.model._gpo_pool
+    monkeypatch.setattr(vse_fast.model, "_gpo_pool", lambda *a: used.append(a[3]) or pool(*a))
+    loaded, _ = load_any_checkpoint(path)
+    assert {loaded.img_enc.gpo_backend, loaded.txt_enc.gpo_backend} == {"auto"}
+    loaded, _ = load_model_checkpoint(path)
+    assert {loaded.img_enc.gpo_backend, loaded.txt_enc.gpo_backend} == {"auto"}
+    for backend in ("auto", "torch"):
+        enc = Encoder.from_checkpoint(path, data_path=str(dataset), gpo_backend=backend)
+        used.clear()
+        enc.encode_images([np.ones((3, IMG_DIM), np.float32)])
+        enc.encode_captions(["a dog"])
+        assert used == [backend, backend]
+        used.clear()
+        metrics = main(["--checkpoint", path, "--data_path", str(dataset)]
+                       + (["--gpo_backend", backend] if backend != "auto" else []))
+        assert set(used) == {backend}
+        tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+        img, cap, _ = encode_split(bert_model(4), str(dataset), "test", tok)
+        assert_metrics_equal(metrics, as_dict(evaluate_sims(10, compute_sim(img.double().numpy(),
+                                                                            cap.double().numpy()))))
 
 
 def test_inference_nan_features_raise_naming_the_set(dataset, tmp_path):

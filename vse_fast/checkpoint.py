@@ -212,11 +212,13 @@ def model_options_from_config(config: dict) -> dict:
     return dict(config)
 
 
-def load_model_checkpoint(path: str, map_location: Any = "cpu", **option_overrides) -> tuple[VSEModel, dict]:
+def load_model_checkpoint(path: str, map_location: Any = "cpu", *, gpo_backend: str = "auto",
+                          **option_overrides) -> tuple[VSEModel, dict]:
     """Rebuild the VSEModel of one of our checkpoints (random BERT init, then the stored weights).
-    ``option_overrides`` (e.g. text_model, gpo_backend) replace stored model options. Returns
-    (model in eval mode, the checkpoint dict)."""
-    return _model_from_state(load_checkpoint(path, map_location), path, **option_overrides)
+    ``gpo_backend`` is chosen for this machine, not taken from the training run (a run trained with
+    'triton' on a GPU still evaluates on a CPU); ``option_overrides`` (e.g. text_model) replace
+    stored model options. Returns (model in eval mode, the checkpoint dict)."""
+    return _model_from_state(load_checkpoint(path, map_location), path, gpo_backend=gpo_backend, **option_overrides)
 
 
 def _model_from_state(state: Any, path: str, **option_overrides) -> tuple[VSEModel, dict]:
@@ -377,16 +379,17 @@ def is_published_checkpoint(state: Any) -> bool:
 
 def load_any_checkpoint(path: str, *, published: bool | None = None, text_model: str | None = None,
                         bert_config: str | None = None, map_location: Any = "cpu",
-                        gpo_backend: str | None = None) -> tuple[VSEModel, dict]:
+                        gpo_backend: str = "auto") -> tuple[VSEModel, dict]:
     """Our checkpoint or a published one (``published=None``: detected from the contents).
     ``text_model`` gives a published checkpoint its BERT config; ours store theirs (there it only
-    names the tokenizer, see vse_fast.eval.resolve_tokenizer). Returns (model in eval mode, info
-    dict: our checkpoint's config, or the published opt)."""
+    names the tokenizer, see vse_fast.eval.resolve_tokenizer). ``gpo_backend`` is chosen for this
+    machine; the one a run trained with is not reused. Returns (model in eval mode, info dict: our
+    checkpoint's config, or the published opt)."""
     state = load_checkpoint(path, map_location)
     if published is None:
         published = is_published_checkpoint(state)
     if published:
-        return _published_from_state(state, path, text_model, bert_config, gpo_backend or "auto")
+        return _published_from_state(state, path, text_model, bert_config, gpo_backend)
     # Our checkpoints store their BERT config: text_model only names the tokenizer there.
     overrides = {k: v for k, v in dict(bert_config=bert_config, gpo_backend=gpo_backend).items() if v}
     model, state = _model_from_state(state, path, **overrides)

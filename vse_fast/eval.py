@@ -263,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption_limit", default="auto",
                    help="'auto' (published: dev cut to 5000 captions), 'none', or a number of captions")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--gpo_backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="GPO backend for encoding (default: auto, whatever the run was trained with)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics to this json file")
     return p
 
@@ -310,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         pairs, caps = [], None
         for path in args.checkpoint:
             model, config = load_any_checkpoint(path, published=True if args.published else None,
-                                                text_model=args.text_model, map_location="cpu")
+                                                text_model=args.text_model, map_location="cpu",
+                                                gpo_backend=args.gpo_backend)
             model.to(device)
             tokenizer = resolve_tokenizer(model.opt, config, args.data_path, text_model=args.text_model,
                                           vocab_file=args.vocab_file, checkpoint_path=path)

@@ -79,13 +79,16 @@ class Encoder:
 
     @classmethod
     def from_checkpoint(cls, path: str, *, device=None, published: bool | None = None, text_model: str | None = None,
-                        vocab_file: str | None = None, data_path: str | None = None, tokenizer=None, **kwargs):
+                        vocab_file: str | None = None, data_path: str | None = None, tokenizer=None,
+                        gpo_backend: str = "auto", **kwargs):
         """Load our checkpoint or a published one (detected); the tokenizer is found as by
-        ``python -m vse_fast.eval`` (text_model / vocab_file / checkpoint config / data_path)."""
+        ``python -m vse_fast.eval`` (text_model / vocab_file / checkpoint config / data_path).
+        ``gpo_backend`` ('auto', 'triton' or 'torch') is chosen here, not taken from training."""
         from vse_fast.checkpoint import load_any_checkpoint
         from vse_fast.eval import resolve_tokenizer
 
-        model, config = load_any_checkpoint(path, published=published, text_model=text_model)
+        model, config = load_any_checkpoint(path, published=published, text_model=text_model,
+                                            gpo_backend=gpo_backend)
         if tokenizer is None:
             tokenizer = resolve_tokenizer(model.opt, config, data_path, text_model=text_model, vocab_file=vocab_file,
                                           checkpoint_path=path)
