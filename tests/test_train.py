@@ -422,6 +422,39 @@ def test_learning_rate_and_weight_decay_given_on_resume_take_effect(tiny, tmp_pa
     assert [g["weight_decay"] for g in groups] == [0.05] * 3 and groups[0]["lr"] == 2e-3
 
 
+def test_a_run_resumed_into_another_directory_keeps_its_best_checkpoint(tiny, tmp_path, capsys):
+    """The end-of-run test evaluation reads best.pth. Resumed into --run_dir NEW, the run copies the
+    resumed run's best.pth (same best rsum) and evaluates it; a last.pth copied alone is resumed with
+    warnings that no best.pth exists and the test split was not evaluated; and --resume RUN/best.pth
+    does not overwrite RUN's newer last.pth."""
+    run = tmp_path / "r"
+    train.main(_args(tiny, run, "--max_steps", "6"))  # one whole epoch (evaluated, best.pth), then stops
+    saved = _final_state(run)
+    assert (saved["epoch"], saved["epoch_step"]) == (1, 0) and math.isfinite(saved["best_rsum"])
+    best_bytes = (run / "best.pth").read_bytes()
+    new = tmp_path / "new"
+    resumed = train.main(["--resume", str(run / "last.pth"), "--run_dir", str(new), "--num_epochs", "1",
+                          "--progress", "off"])
+    assert (new / "best.pth").read_bytes() == best_bytes
+    assert "copied the resumed run's best.pth" in (new / "train.log").read_text()
+    # the test split evaluated from best.pth, as the original run would have
+    evaluated = train.main(["--resume", str(run / "last.pth"), "--num_epochs", "1", "--progress", "off"])
+    assert resumed["test"] == evaluated["test"] and resumed["test"]["rsum"] > 0
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copyfile(run / "last.pth", alone / "last.pth")
+    result = train.main(["--resume", str(alone / "last.pth"), "--num_epochs", "1", "--progress", "off"])
+    assert "test" not in result and not (alone / "best.pth").exists()
+    log = (alone / "train.log").read_text()
+    assert f"{alone} holds no best.pth, and no best.pth with the resumed run's best rsum" in log
+    assert "--test_split test was not evaluated" in log
+    train.main(["--resume", str(run / "last.pth"), "--max_steps", "7", "--progress", "off"])
+    assert _final_state(run)["step"] == 7
+    err = _error(capsys, ["--resume", str(run / "best.pth"), "--max_steps", "8", "--progress", "off"])
+    assert "already holds last.pth (resuming" in err and "would overwrite it with an earlier state" in err
+    assert _final_state(run)["step"] == 7
+
+
 def test_too_few_items_or_pairs_per_process_are_errors(tmp_path, capsys, monkeypatch):
     """One training item gives no negatives; one pair per process (global batch 2 over 2 processes)
     would give the region MLP's BatchNorm one value per channel."""

@@ -890,6 +890,35 @@ def _check_resume(cfg: dict, saved_state: dict, parser) -> None:
                      "change it at an epoch boundary (the last.pth written at the end of an epoch)")
 
 
+def _carry_best_checkpoint(resume: str, run_dir: str, saved_state: dict) -> None:
+    """A run resumed into a directory without best.pth (``--run_dir NEW``, or a copied last.pth) gets the
+    resumed run's best.pth, found beside the resumed checkpoint and checked to hold the same best rsum:
+    otherwise the end-of-run test evaluation, which reads best.pth, would find none unless a later epoch
+    beats the saved best."""
+    best_rsum = saved_state.get("best_rsum", -math.inf)
+    target = os.path.join(run_dir, "best.pth")
+    if os.path.exists(target) or not math.isfinite(best_rsum):
+        return
+    source = os.path.join(os.path.dirname(os.path.abspath(resume)), "best.pth")
+    if os.path.exists(source):
+        from vse_fast.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            found = load_checkpoint(source, map_location="cpu").get("best_rsum")
+        except CheckpointError:
+            found = None
+        if found == best_rsum:
+            import shutil
+
+            shutil.copyfile(source, target + ".tmp")
+            os.replace(target + ".tmp", target)
+            logger.info("copied the resumed run's best.pth (rsum %.2f) from %s", best_rsum, source)
+            return
+    logger.warning("%s holds no best.pth, and no best.pth with the resumed run's best rsum %.2f lies beside %s: "
+                   "best.pth is written (and --test_split evaluated) only if a later epoch beats %.2f",
+                   run_dir, best_rsum, resume, best_rsum)
+
+
 def _run(cfg, args, ctx, saved_state, parser) -> dict:
     for key in ("gpo_backend", "loss_backend"):
         if cfg[key] == "triton" and ctx.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -912,12 +941,18 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
     run_dir = cfg["run_dir"]
     if ctx.is_main:
         os.makedirs(run_dir, exist_ok=True)
-        continues = saved_state is not None and os.path.samefile(run_dir, os.path.dirname(os.path.abspath(args.resume)))
-        if not continues and os.path.exists(os.path.join(run_dir, "last.pth")):
-            parser.error(f"--run_dir {run_dir!r} already holds last.pth: continue it with --resume "
-                         f"{os.path.join(run_dir, 'last.pth')} or choose another --run_dir")
+        last = os.path.join(run_dir, "last.pth")
+        continues = saved_state is not None and os.path.exists(last) and os.path.samefile(last, args.resume)
+        if not continues and os.path.exists(last):
+            why = (f"resuming {args.resume!r} there would overwrite it with an earlier state"
+                   if saved_state is not None and _same_path(run_dir, os.path.dirname(os.path.abspath(args.resume)))
+                   else "it belongs to another run")
+            parser.error(f"--run_dir {run_dir!r} already holds last.pth ({why}): continue it with --resume "
+                         f"{last} or choose another --run_dir")
     vdist.barrier(ctx)
     _setup_logging(run_dir, ctx)
+    if saved_state is not None and ctx.is_main:
+        _carry_best_checkpoint(args.resume, run_dir, saved_state)
     if saved_state is not None:  # logged here, so that train.log keeps them too
         saved = saved_state["config"]
         # a key absent from an older checkpoint: that run had the default
@@ -953,6 +988,10 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
             trainer.model.load_state_dict(load_checkpoint(best_path)["model"])
         split, which = test_split, "best.pth"
         metrics = result["test"] = trainer.evaluate(test_split)
+    elif test_split and ctx.is_main:
+        logger.warning("--test_split %s was not evaluated: %s holds no best.pth (no epoch evaluated here beat the "
+                       "best %s rsum %.2f); evaluate the best checkpoint with python -m vse_fast.eval",
+                       test_split, run_dir, split, result["best_rsum"])
     if ctx.is_main and metrics is not None:
         from vse_fast.evaluation import format_table
 
