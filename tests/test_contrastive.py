@@ -246,6 +246,28 @@ def test_terms_identity(backend, max_violation):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_violation", MODES)
+@pytest.mark.parametrize("positives", [False, True], ids=["diagonal", "positives"])
+@pytest.mark.parametrize("device,backend", [
+    ("cpu", "torch"), pytest.param("cpu", "triton", marks=interpreter_only),
+    pytest.param("cuda", "torch", marks=requires_cuda), pytest.param("cuda", "triton", marks=requires_cuda)])
+def test_autocast_does_not_lower_the_loss_precision(device, backend, positives, max_violation):
+    """Under autocast (bf16), fp32 embeddings are still scored in fp32 as documented, in the forward and
+    in a backward called inside the autocast region: loss and gradients equal the plain call's exactly."""
+    im, s, pos = _inputs(9, 13 if positives else 9, 17, torch.float32, device=device, positives=positives)
+    upstream = torch.randn((), device=device)
+
+    def loss(a, b):
+        return contrastive_loss(a, b, 0.2, max_violation, positives=pos, backend=backend)
+
+    plain = _loss_and_grads(loss, im, s, upstream)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        under = _loss_and_grads(loss, im, s, upstream)
+    assert under[0].dtype == torch.float32
+    for a, b in zip(under[:3], plain[:3]):
+        assert torch.equal(a, b)
+
+
 def test_positives_none_equals_arange():
     im, s, _ = _inputs(8, 8, 6, torch.float64)
     for mv in (False, True):

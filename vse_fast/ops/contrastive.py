@@ -177,12 +177,13 @@ class TorchContrastiveFunction(torch.autograd.Function):
         im, s, labels, val, aux, *masks = ctx.saved_tensors
         max_violation, terms, scale, im_dtype, s_dtype = ctx.cfg
         cdt = _compute_dtype(im_dtype)
-        im, s = im.to(cdt), s.to(cdt)
-        g = grad_loss.to(cdt) * scale
-        if max_violation:
-            dim, ds = _torch_vsepp_grads(im, s, labels, val, aux, terms, g)
-        else:
-            dim, ds = _torch_vse0_grads(im, s, labels, aux, masks, terms, g)
+        with torch.autocast(im.device.type, enabled=False):  # a backward called under autocast inherits it
+            im, s = im.to(cdt), s.to(cdt)
+            g = grad_loss.to(cdt) * scale
+            if max_violation:
+                dim, ds = _torch_vsepp_grads(im, s, labels, val, aux, terms, g)
+            else:
+                dim, ds = _torch_vse0_grads(im, s, labels, aux, masks, terms, g)
         return dim.to(im_dtype), ds.to(s_dtype), None, None, None, None, None
 
 
@@ -278,16 +279,17 @@ class ContrastiveLossFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None
         K = _kernels()
         path, margin, max_violation, terms, scale, settings = ctx.cfg
-        if path == K.SMALL:
-            im, s, A = ctx.saved_tensors
-            dim, ds = K.contrastive_small_bwd(grad_loss, im, s, A, scale, settings)
-        else:
-            im, s, labels, val, aux, d, mask = ctx.saved_tensors
-            if max_violation:
-                dim, ds = K.contrastive_vsepp_bwd(grad_loss, im, s, labels, val, aux, terms, scale, settings)
+        with torch.autocast(grad_loss.device.type, enabled=False):  # the backward's matmuls keep their dtypes
+            if path == K.SMALL:
+                im, s, A = ctx.saved_tensors
+                dim, ds = K.contrastive_small_bwd(grad_loss, im, s, A, scale, settings)
             else:
-                dim, ds = K.contrastive_vse0_bwd(grad_loss, im, s, labels, aux, d, margin, terms, scale, settings,
-                                                 mask=mask)
+                im, s, labels, val, aux, d, mask = ctx.saved_tensors
+                if max_violation:
+                    dim, ds = K.contrastive_vsepp_bwd(grad_loss, im, s, labels, val, aux, terms, scale, settings)
+                else:
+                    dim, ds = K.contrastive_vse0_bwd(grad_loss, im, s, labels, aux, d, margin, terms, scale,
+                                                     settings, mask=mask)
         return dim, ds, None, None, None, None, None
 
 
@@ -325,7 +327,8 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
                                               return_indices, backend)
     scale = 1.0 / s.shape[0] if reduction == "mean" else 1.0
     fn = ContrastiveLossFunction if which == "triton" else TorchContrastiveFunction
-    loss, aux = fn.apply(im, s, labels, float(margin), max_violation, term_tuple, scale)
+    with torch.autocast(im.device.type, enabled=False):  # computed as documented (fp32), also under autocast
+        loss, aux = fn.apply(im, s, labels, float(margin), max_violation, term_tuple, scale)
     if labels is not None:
         # Images that are no caption's positive are not covered by the in-kernel 0 * d_j check.
         loss = torch.where(torch.isfinite(im).all(), loss, torch.full_like(loss, float("nan")))
