@@ -86,6 +86,31 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(got[3], expected[3])
 
 
+def test_cuda_rng_state_is_the_used_devices_and_older_lists_restore_by_index(monkeypatch):
+    """The CUDA state saved is the one of the device the process uses (restored to it, whatever the
+    number of visible GPUs); an older checkpoint's list of every visible device's state restores this
+    device's entry, and warns when resumed with fewer visible GPUs than it has an index for. (CUDA
+    simulated: this machine has none.)"""
+    states = {i: torch.full((4,), i, dtype=torch.uint8) for i in range(3)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda index: states[index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.__setitem__(index, state))
+    assert torch.equal(capture_rng_state("cuda:2")["cuda"], states[2])
+    assert torch.equal(capture_rng_state()["cuda"], states[0])
+    assert "cuda" not in capture_rng_state("cpu")
+    restore_rng_state(capture_rng_state("cuda:1"), "cuda:1")
+    assert list(restored) == [1] and torch.equal(restored.pop(1), states[1])
+    older = dict(capture_rng_state("cpu"), cuda=[states[0], states[1]])  # get_rng_state_all of 2 GPUs
+    restore_rng_state(older, "cuda:1")
+    assert list(restored) == [1] and torch.equal(restored.pop(1), states[1])
+    with pytest.warns(UserWarning, match="CUDA RNG states of 2 device"):
+        restore_rng_state(older, "cuda:2")
+    restore_rng_state(older, "cpu")
+    assert restored == {}
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pth")
     save_checkpoint(path, {"step": 1})

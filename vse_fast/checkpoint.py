@@ -128,9 +128,10 @@ def _unpickler_reason(err: pickle.UnpicklingError) -> str:
 
 # ----------------------------------------------------------------------------- RNG states
 
-def capture_rng_state() -> dict:
-    """RNG states of python, numpy, torch CPU and every CUDA device, as tensors and plain types
-    (loadable with weights_only=True)."""
+def capture_rng_state(device: torch.device | str | None = None) -> dict:
+    """RNG states of python, numpy, torch CPU and the CUDA device this process uses (``device``; None:
+    the current CUDA device when CUDA is available; a CPU device: no CUDA state), as tensors and plain
+    types (loadable with weights_only=True)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -139,21 +140,45 @@ def capture_rng_state() -> dict:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    index = _cuda_index(device)
+    if index is not None:
+        state["cuda"] = torch.cuda.get_rng_state(index)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    """Inverse of capture_rng_state. CUDA states are restored when present and CUDA is available."""
+def restore_rng_state(state: dict, device: torch.device | str | None = None) -> None:
+    """Inverse of capture_rng_state; the CUDA state goes to ``device`` (as there). Checkpoints of older
+    versions hold a list with every visible device's state: the entry of this device's index is
+    restored, and a warning says when the list has none (resumed with fewer visible GPUs)."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     nps = state["numpy"]
     np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
                          nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    index = _cuda_index(device)
+    saved = state.get("cuda")
+    if saved is None or index is None:
+        return
+    if isinstance(saved, (list, tuple)):
+        if index >= len(saved):
+            warnings.warn(f"the checkpoint holds CUDA RNG states of {len(saved)} device(s), none for cuda:{index}: "
+                          "its random stream (dropout on the GPU) starts from the current state", stacklevel=2)
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved.cpu(), index)
+
+
+def _cuda_index(device) -> int | None:
+    """The CUDA device index whose RNG state is saved and restored, or None."""
+    if not torch.cuda.is_available():
+        return None
+    if device is None:
+        return torch.cuda.current_device()
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 # ----------------------------------------------------------------------------- our checkpoints

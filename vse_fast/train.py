@@ -606,7 +606,7 @@ class Trainer:
     def state(self) -> dict:
         from vse_fast.checkpoint import capture_rng_state
 
-        rng = vdist.all_gather_object(capture_rng_state(), self.ctx)
+        rng = vdist.all_gather_object(capture_rng_state(self.device), self.ctx)
         return {
             "format": "vse_fast/1",
             "model": self.model.state_dict(),
@@ -644,7 +644,7 @@ class Trainer:
         if rng.get("world_size") == self.ctx.world_size and len(per_rank) == self.ctx.world_size:
             from vse_fast.checkpoint import restore_rng_state
 
-            restore_rng_state(per_rank[self.ctx.rank])
+            restore_rng_state(per_rank[self.ctx.rank], self.device)
         else:
             # Different process count: data order and augmentation still match exactly (they depend on
             # (seed, epoch, index) only); dropout streams are re-seeded.
