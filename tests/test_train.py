@@ -298,6 +298,22 @@ def test_paths_are_stored_absolute_so_a_run_resumes_from_any_directory(tiny, tmp
         capsys, ["--resume", str(tmp_path / "old" / "last.pth")])
 
 
+def test_a_bigru_vocabulary_is_built_from_the_captions_of_a_precomp_folder(tiny, tmp_path):
+    """Splits may lie in DIR/precomp/ (the published layout): the BiGRU vocabulary is then built from
+    DIR/precomp/train_caps.txt, in training and when vse_fast.eval rebuilds it from --data_path."""
+    from vse_fast import data as vdata
+    from vse_fast.eval import resolve_tokenizer
+
+    shutil.copytree(tiny[0], tmp_path / "d" / "precomp")
+    train.main(["--data_path", str(tmp_path / "d"), "--text_encoder", "gru", "--embed_size", "16", "--batch_size",
+                "40", "--num_epochs", "1", "--max_steps", "1", "--workers", "0", "--run_dir", str(tmp_path / "r"),
+                "--progress", "off"])
+    built = vdata.Vocabulary.from_caption_files([str(tmp_path / "d" / "precomp" / "train_caps.txt")])
+    assert vdata.Vocabulary.load(str(tmp_path / "r" / "vocab.json")).word2idx == built.word2idx
+    rebuilt = resolve_tokenizer({"text_encoder": "gru", "vocab_size": len(built)}, {}, str(tmp_path / "d"))
+    assert rebuilt.word2idx == built.word2idx
+
+
 def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, tmp_path):
     """Without --vocab_file the BiGRU's vocabulary is built from the training captions. It is written to
     the run directory and named in the checkpoint, so a resumed run and vse_fast.eval map words to the

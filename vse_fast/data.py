@@ -110,6 +110,11 @@ def _split_dir(data_path, split):
     return data_path
 
 
+def split_captions_file(data_path, split):
+    """Path of ``{split}_caps.txt`` in ``data_path`` or its ``precomp/`` folder (as the splits are read)."""
+    return os.path.join(_split_dir(data_path, split), f"{split}_caps.txt")
+
+
 def _open_features(path):
     """Memory-map the feature array; 2-D (N, D) becomes an (N, 1, D) view."""
     try:

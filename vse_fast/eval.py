@@ -201,8 +201,8 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
         vocab = data.Vocabulary.load(vocab_file)
     else:
         split = config.get("train_split", "train")
-        caps_file = os.path.join(data_path or "", f"{split}_caps.txt")
-        if not data_path or not os.path.isfile(caps_file):
+        caps_file = data.split_captions_file(data_path, split) if data_path and os.path.isdir(data_path) else None
+        if not caps_file or not os.path.isfile(caps_file):
             raise ValueError("cannot find the BiGRU vocabulary of this model: pass --vocab_file (vocabulary json)"
                              f" or a --data_path holding {split}_caps.txt to rebuild it from")
         vocab = data.Vocabulary.from_caption_files([caps_file])

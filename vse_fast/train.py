@@ -338,7 +338,7 @@ def load_text_vocab(cfg: dict, data_path: str):
                                    vocab_file=cfg.get("vocab_file"))
     if cfg.get("vocab_file"):
         return data.Vocabulary.load(cfg["vocab_file"])
-    return data.Vocabulary.from_caption_files([os.path.join(data_path, f"{cfg['train_split']}_caps.txt")])
+    return data.Vocabulary.from_caption_files([data.split_captions_file(data_path, cfg["train_split"])])
 
 
 def _check_token_ids_fit(vocab, model_opt: dict, cfg: dict) -> None:
