@@ -248,6 +248,24 @@ def test_features_are_memory_mapped_and_only_valid_rows_used(split, tokenizer):
     assert pickle.loads(pickle.dumps(pairs)).data._features is None  # workers reopen the map
 
 
+def test_non_finite_features_are_named_and_padding_is_not_read(split):
+    """check_finite_features: NaN padding beyond an item's length passes; NaN or inf in a valid row
+    names the item, within the items a caption limit keeps (chunks smaller than the split)."""
+    folder, feats, lens, _ = split
+    assert np.isnan(feats[lens < feats.shape[1]]).any()  # the fixture pads with NaN
+    data.check_finite_features(folder, "train", chunk_items=4)
+    feats = feats.copy()
+    feats[1, lens[1] - 1, 2] = np.inf
+    feats[5, 0, 0] = np.nan
+    np.save(os.path.join(folder, "train_ims.npy"), feats)
+    for chunk in (1, 4, 256):
+        with pytest.raises(data.DataError, match=r"train_ims.npy: the features of items \[1, 5\] \(2 in all\) hold"):
+            data.check_finite_features(folder, "train", chunk_items=chunk)
+    with pytest.raises(data.DataError, match=r"items \[1\] \(1 in all\)"):
+        data.check_finite_features(folder, "train", caption_limit=25)  # items 0..4
+    data.check_finite_features(folder, "train", caption_limit=5)  # item 0 only
+
+
 def test_rows_repeated_once_per_caption_are_read_as_one_row_per_item(tmp_path, tokenizer):
     """The layout the published loader reads with im_div = 1 (N feature rows for N captions, each item's
     row repeated once per caption; it evaluates every 5th image): read as N / C items of C captions, with

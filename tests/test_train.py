@@ -298,6 +298,25 @@ def test_paths_are_stored_absolute_so_a_run_resumes_from_any_directory(tiny, tmp
         capsys, ["--resume", str(tmp_path / "old" / "last.pth")])
 
 
+def test_non_finite_evaluation_features_are_an_error_before_training(tiny, tmp_path, capsys):
+    """A NaN in the dev (or test) features is found before the first step, not by the evaluation
+    after an epoch of training (which would end with a traceback and no checkpoint)."""
+    import numpy as np
+
+    copy = tmp_path / "data"
+    shutil.copytree(tiny[0], copy)
+    for split in ("dev", "test"):
+        feats = np.load(copy / f"{split}_ims.npy")
+        bad = feats.copy()
+        bad[3, 0, 1] = np.nan
+        np.save(copy / f"{split}_ims.npy", bad)
+        err = _error(capsys, _args((str(copy), tiny[1]), tmp_path / split, "--vocab_file",
+                                   str(copy / "vocab.txt")))
+        assert f"{split}_ims.npy: the features of items [3] (1 in all) hold NaN or inf" in err
+        assert "Traceback" not in err and not (tmp_path / split / "last.pth").exists()
+        np.save(copy / f"{split}_ims.npy", feats)
+
+
 def test_a_bigru_vocabulary_is_built_from_the_captions_of_a_precomp_folder(tiny, tmp_path):
     """Splits may lie in DIR/precomp/ (the published layout): the BiGRU vocabulary is then built from
     DIR/precomp/train_caps.txt, in training and when vse_fast.eval rebuilds it from --data_path."""

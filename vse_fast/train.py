@@ -537,11 +537,13 @@ class Trainer:
             if split_info.feat_dim != info.feat_dim:  # found before training, not at the first evaluation
                 raise data.DataError(f"{split_info.paths['ims']}: features of dimension {split_info.feat_dim}, but "
                                      f"the training split's {info.paths['ims']} has {info.feat_dim}")
+            limit = None
             if split == "dev" and split_info.n_captions > eval_module.DEV_CAPTION_LIMIT:  # cut in whole items
                 items = eval_module.DEV_CAPTION_LIMIT // split_info.caps_per_item
+                limit = items * split_info.caps_per_item
                 logger.info("split %s is evaluated on its first %d items (%d of %d captions), as the published "
-                            "code evaluates COCO's dev", split, items, items * split_info.caps_per_item,
-                            split_info.n_captions)
+                            "code evaluates COCO's dev", split, items, limit, split_info.n_captions)
+            data.check_finite_features(data_path, split, limit)  # before training, not after the first epoch
         for split, split_info in infos.items():
             if split_info.row_repeat > 1:
                 logger.info("split %s: %s repeats each item's row once per caption; read as %d items with %d "
