@@ -128,6 +128,47 @@ def test_eval_cache_reused_and_invalidated():
     assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
 
 
+@pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
+def test_eval_cache_rebuilt_after_any_optimizer_step(optimizer):
+    """Fused optimizers (AdamW(fused=True), the trainer's on CUDA) write the parameters without bumping
+    their version counters: every torch.optim step still invalidates the cache, also when the module
+    stays in eval mode between the step and the next cached call (frozen BatchNorm fine-tuning)."""
+    published, ours = make_pair()
+    features, lengths = torch.randn(4, 7, 5), random_lengths(4, 7)
+    make = {"adamw_fused": lambda p: torch.optim.AdamW(p, lr=0.05, fused=True),
+            "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=0.05, foreach=True),
+            "sgd": lambda p: torch.optim.SGD(p, lr=0.5)}[optimizer]
+    opt = make(ours.parameters())
+    ours.eval()
+    for _ in range(2):
+        with torch.no_grad():
+            ours.pool(features, lengths)  # cached
+        ours(features, lengths)[0].pow(2).sum().backward()  # gradients on: no cache
+        opt.step()
+        opt.zero_grad()
+        published.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            pooled, weights = ours(features, lengths)
+            expected_pooled, expected_weights = published(features, lengths)
+        assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
+
+
+def test_train_mode_drops_the_eval_cache():
+    """eval -> train -> eval rebuilds the table even after writes the key cannot see (.data)."""
+    _, ours = make_pair()
+    features, lengths = torch.randn(4, 7, 5), random_lengths(4, 7)
+    ours.eval()
+    with torch.no_grad():
+        ours.pool(features, lengths)
+        builds = ours.table_builds
+        for p in ours.parameters():
+            p.data.mul_(0.5)
+        ours.train()
+        ours.eval()
+        ours.pool(features, lengths)
+    assert ours.table_builds == builds + 1
+
+
 def test_eval_cache_misses_data_writes_until_clear_cache():
     """Documented limit: `.data` writes keep the version counter the cache keys on; clear_cache()
     drops the table (autograd-visible in-place writes are detected without it)."""

@@ -27,11 +27,23 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, gpo_pool
 from vse_fast.ops.gpo_table import triton_coefficient_table, torch_coefficient_table, use_triton_table
 
 TABLE_BACKENDS = ("auto", "triton", "torch")
+
+# Steps of every torch.optim optimizer in this process, part of the eval-cache key: fused optimizers
+# (AdamW(fused=True), the trainer's choice on CUDA) update parameters without bumping their versions.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def positional_encoding_1d(d_pe: int, length: int, device=None) -> torch.Tensor:
@@ -95,8 +107,9 @@ class GPO(_SortedPool):
     table is kept and reused. It is keyed on table_backend and each parameter's device, dtype,
     storage and version counter, so it is rebuilt after any change made through autograd-visible
     in-place ops (``p.mul_()`` under no_grad, ``p.detach().copy_()``, ``nn.init.*``), optimizer
-    steps, ``load_state_dict``, moving or casting the module (``.to``, ``.double()``) or assigning a
-    new parameter. Training mode never uses the cache (``train()`` / ``eval()`` switch it off / on).
+    steps (any torch.optim optimizer's step, fused ones included, which do not bump versions),
+    ``load_state_dict``, moving or casting the module (``.to``, ``.double()``) or assigning a new
+    parameter. Training mode never uses the cache, and ``train()`` drops it.
     NOT detected: writes through ``p.data`` (``p.data.mul_()``, ``p.data.copy_()``: ``.data`` has its
     own version counter) or through memory shared outside torch (numpy views): call
     ``clear_cache()`` after such writes.
@@ -150,8 +163,15 @@ class GPO(_SortedPool):
         parameter writes the cache cannot see (``p.data`` writes: see the class docstring)."""
         self._eval_cache = None
 
+    def train(self, mode: bool = True):
+        if mode:  # eval -> train -> eval (a training epoch) always rebuilds, whatever updated the parameters
+            self._eval_cache = None
+        return super().train(mode)
+
     def _cache_key(self):
-        return (self.table_backend,) + tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in self.parameters())
+        tensors = list(self.parameters()) + list(self.buffers())
+        return (self.table_backend, _optimizer_steps[0]) + tuple(
+            (t.device, t.dtype, t.data_ptr(), t._version) for t in tensors)
 
     def _cache_usable(self) -> bool:
         if self.training:
