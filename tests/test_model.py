@@ -414,7 +414,8 @@ def test_bert_attention_implementations_agree():
 
 def test_gpo_backend_option_selects_the_pool_kernel(monkeypatch):
     """gpo_backend="triton" runs the Triton pool Function (interpreter on CPU) in both encoders,
-    "torch" never does, and the two give the same embeddings and gradients."""
+    "torch" never does (nor the Triton coefficient table on CUDA: table_backend "torch"), and the
+    two give the same embeddings and gradients."""
     from vse_fast.ops import gpo_pool as pool_ops
 
     launches = []
@@ -425,6 +426,9 @@ def test_gpo_backend_option_selects_the_pool_kernel(monkeypatch):
     ref = build_model(kw, gpo_backend="torch")
     tri = build_model(kw, gpo_backend="triton")
     tri.load_state_dict(ref.state_dict())
+    assert ref.img_enc.gpool.table_backend == ref.txt_enc.gpool.table_backend == "torch"
+    assert tri.img_enc.gpool.table_backend == tri.txt_enc.gpool.table_backend == "auto"
+    assert build_model(kw).img_enc.gpool.table_backend == "auto"
     images, img_len = torch.randn(2, 3, 5), torch.tensor([3, 1])
     captions, cap_len = torch.randint(1, 9, (2, 4)), torch.tensor([4, 2])
     out = [m.encode_images(images, img_len) for m in (ref, tri)]

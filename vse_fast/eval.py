@@ -264,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="'auto' (published: dev cut to 5000 captions), 'none', or a number of captions")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--gpo_backend", choices=("auto", "triton", "torch"), default="auto",
-                   help="GPO backend for encoding (default: auto, whatever the run was trained with)")
+                   help="GPO backend for encoding (default: auto, Triton on CUDA; not the one the run trained with)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics to this json file")
     return p
 

@@ -145,13 +145,15 @@ def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
 
 
-def _make_pool(pooling: str = "gpo", pool_k: int | None = None) -> nn.Module:
+def _make_pool(pooling: str = "gpo", pool_k: int | None = None, gpo_backend: str = "auto") -> nn.Module:
     """The set pooling of an encoder (attribute ``gpool``): the published GPO(32, 32), or a fixed
-    baseline without parameters (AvgPool, MaxPool, KMaxPool(pool_k))."""
+    baseline without parameters (AvgPool, MaxPool, KMaxPool(pool_k)). gpo_backend "torch" keeps the
+    GPO coefficient table on torch too (no Triton anywhere); "auto" and "triton" build it with Triton
+    on CUDA."""
     from vse_fast.modules.gpo import GPO, AvgPool, KMaxPool, MaxPool
 
     if pooling == "gpo":
-        return GPO(32, 32)
+        return GPO(32, 32, table_backend="torch" if gpo_backend == "torch" else "auto")
     if pooling == "kmax":
         return KMaxPool(pool_k)
     return AvgPool() if pooling == "mean" else MaxPool()
@@ -260,7 +262,7 @@ class ImageEncoder(nn.Module):
         self.precomp_enc_type = precomp_enc_type
         self.fc = nn.Linear(img_dim, embed_size)
         self.mlp = MLP(img_dim, embed_size // 2, embed_size, 2) if precomp_enc_type == "basic" else None
-        self.gpool = _make_pool(pooling, pool_k)
+        self.gpool = _make_pool(pooling, pool_k, gpo_backend)
         self.gpo_backend = gpo_backend
         bound = math.sqrt(6.0) / math.sqrt(img_dim + embed_size)  # published Xavier init of fc
         with torch.no_grad():
@@ -304,7 +306,7 @@ class BertTextEncoder(nn.Module):
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler.requires_grad_(False)  # computed by BertModel, output unused (as published)
         self.linear = nn.Linear(bert.config.hidden_size, embed_size)
-        self.gpool = _make_pool(pooling, pool_k)
+        self.gpool = _make_pool(pooling, pool_k, gpo_backend)
         self.gpo_backend = gpo_backend
 
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -339,7 +341,7 @@ class GRUTextEncoder(nn.Module):
         self.use_bi_gru = use_bi_gru
         self.embed = nn.Embedding(vocab_size, word_dim)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=use_bi_gru)
-        self.gpool = _make_pool(pooling, pool_k)
+        self.gpool = _make_pool(pooling, pool_k, gpo_backend)
         self.gpo_backend = gpo_backend
         with torch.no_grad():
             self.embed.weight.uniform_(-0.1, 0.1)

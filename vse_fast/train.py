@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set pooling of both encoders: GPO (published), or a fixed baseline of the paper: mean, "
                    f"max, or kmax (mean of the top --pool_k values per dimension) {d('pooling')}")
     g.add_argument("--pool_k", type=int, help="k of --pooling kmax")
-    g.add_argument("--gpo_backend", choices=BACKENDS, help=f"GPO backend {d('gpo_backend')}")
+    g.add_argument("--gpo_backend", choices=BACKENDS,
+                   help=f"GPO sort-and-pool backend; torch keeps the coefficient table on torch too {d('gpo_backend')}")
     g.add_argument("--loss_backend", choices=BACKENDS, help=f"contrastive loss backend {d('loss_backend')}")
 
     g = p.add_argument_group("optimisation")
