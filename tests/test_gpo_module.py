@@ -294,6 +294,27 @@ def test_gpo_input_errors():
         KMaxPool(0)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("lengths, error, match", [
+    (torch.tensor([2.5, 2.0]), ValueError, r"finite whole numbers, got \[2.5\]"),
+    (torch.tensor([float("nan"), 2.0]), ValueError, r"finite whole numbers, got \[nan\]"),
+    (torch.tensor([0, 2]), ValueError, r"every length must be >= 1, got min 0"),
+    (torch.tensor([True, True]), TypeError, "integer or float tensor, got torch.bool"),
+    (torch.tensor([[2, 1]]), ValueError, r"lengths must be \(B,\)"),
+    ([2, 1], TypeError, "lengths must be a torch.Tensor, got list"),
+])
+def test_compute_pool_weights_checks_lengths_as_forward_does(train, lengths, error, match):
+    """The published public method: bad lengths are named, never truncated (2.5 -> 2) or left to an
+    IndexError / pack_padded_sequence error; with features, K bounds them too."""
+    gpo = GPO(4, 4).train(train)
+    with torch.no_grad(), pytest.raises(error, match=match):
+        gpo.compute_pool_weights(lengths)
+    with pytest.raises(ValueError, match=r"in \[1, K=3\], got min 1, max 4"):
+        gpo.compute_pool_weights(torch.tensor([4, 1]), torch.randn(2, 3, 5))
+    weights, mask = gpo.compute_pool_weights(torch.tensor([3.0, 1.0]))
+    assert weights.shape == mask.shape == (2, 3, 1)
+
+
 def _direct_pools(features, lengths, k):
     """Direct torch definitions over the n valid rows of each sample."""
     rows = {"max": [], "avg": [], "kmax": []}

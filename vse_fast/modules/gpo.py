@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, gpo_pool
+from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, check_length_values, gpo_pool
 from vse_fast.ops.gpo_table import triton_coefficient_table, torch_coefficient_table, use_triton_table
 
 TABLE_BACKENDS = ("auto", "triton", "torch")
@@ -200,8 +200,20 @@ class GPO(_SortedPool):
         return table.index_select(0, rows)[:, :K]
 
     def compute_pool_weights(self, lengths: torch.Tensor, features: torch.Tensor = None):
-        """Published API: (weights (B, L, 1), mask (B, L, 1) bool), L = max(lengths) (0 when B = 0).
-        Syncs with the host."""
+        """Published API: (weights (B, L, 1), mask (B, L, 1) bool), L = max(lengths) (0 when B = 0),
+        for lengths (B,) int or float whole numbers >= 1 (<= K of ``features`` when given; the published
+        code does not use them). Syncs with the host; bad lengths raise TypeError/ValueError."""
+        if not isinstance(lengths, torch.Tensor):
+            raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
+        if lengths.dim() != 1:
+            raise ValueError(f"lengths must be (B,), got shape {tuple(lengths.shape)}")
+        if lengths.dtype == torch.bool or lengths.is_complex():
+            raise TypeError(f"lengths must be an integer or float tensor, got {lengths.dtype}")
+        if lengths.numel():
+            check_length_values(lengths, features.shape[1] if isinstance(features, torch.Tensor) else None)
+        return self._weights_and_mask(lengths)
+
+    def _weights_and_mask(self, lengths: torch.Tensor):
         n = _lengths_as_long(lengths)
         longest = _longest(n)
         if n.numel() == 0:  # empty batch: no table to build
@@ -224,7 +236,7 @@ class GPO(_SortedPool):
         has the promoted dtype of features and weights: float32 for bf16/fp16 features (their values
         taken exactly; the encoders' ``pool`` keeps the features' dtype instead)."""
         check_gpo_pool_inputs(features, lengths, validate=True)
-        weights, _ = self.compute_pool_weights(lengths, features)
+        weights, _ = self._weights_and_mask(lengths)
         pooled_dtype = torch.promote_types(features.dtype, weights.dtype)
         pooled = gpo_pool(features.to(pooled_dtype), _lengths_as_long(lengths), weights.squeeze(-1), validate=False)
         return pooled, weights

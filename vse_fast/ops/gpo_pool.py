@@ -56,16 +56,24 @@ def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", valid
         raise ValueError("features, lengths and weights must be on one device, got "
                          + ", ".join(f"{name} on {t.device}" for name, t in named))
     if validate and B > 0:
-        n = lengths.detach()
-        if n.is_floating_point():
-            whole = torch.isfinite(n) & (n == n.round())
-            if not bool(whole.all()):
-                raise ValueError(f"lengths must hold finite whole numbers, got {n[~whole][:5].tolist()}")
-        n_min, n_max = int(n.min()), int(n.max())
-        if n_min < 1 or n_max > K:
-            raise ValueError(f"every length must be in [1, K={K}], got min {n_min}, max {n_max}")
+        n_max = check_length_values(lengths, K)
         if weights is not None and weights.shape[1] < n_max:
             raise ValueError(f"weights has Kw={weights.shape[1]} positions, fewer than the longest set {n_max}")
+
+
+def check_length_values(lengths, K=None) -> int:
+    """ValueError unless the (B,) tensor `lengths` (B > 0) holds finite whole numbers in [1, K] (K None:
+    no upper bound). Reads it on the host; returns max(lengths)."""
+    n = lengths.detach()
+    if n.is_floating_point():
+        whole = torch.isfinite(n) & (n == n.round())
+        if not bool(whole.all()):
+            raise ValueError(f"lengths must hold finite whole numbers, got {n[~whole][:5].tolist()}")
+    n_min, n_max = int(n.min()), int(n.max())
+    if n_min < 1 or (K is not None and n_max > K):
+        bound = f"[1, K={K}]" if K is not None else ">= 1"
+        raise ValueError(f"every length must be {'in ' if K is not None else ''}{bound}, got min {n_min}, max {n_max}")
+    return n_max
 
 
 def _use_triton(features, backend):
