@@ -268,6 +268,13 @@ def test_autocast_does_not_lower_the_loss_precision(device, backend, positives, 
         assert torch.equal(a, b)
 
 
+def test_torch_func_transforms_raise_the_documented_error():
+    """README: the loss is a custom autograd.Function without setup_context; torch.func names that."""
+    im, s, _ = _inputs(4, 4, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda a: ContrastiveLoss(margin=0.2)(a, s.detach()))(im.detach())
+
+
 def test_positives_none_equals_arange():
     im, s, _ = _inputs(8, 8, 6, torch.float64)
     for mv in (False, True):

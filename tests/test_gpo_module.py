@@ -153,6 +153,44 @@ def test_eval_cache_rebuilt_after_any_optimizer_step(optimizer):
         assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
 
 
+@pytest.mark.parametrize("hook", ["prune", "weight_norm"])
+def test_pruning_and_weight_norm_of_the_linear_layer_act_as_published(hook):
+    """torch.nn.utils.prune / weight_norm rebuild linear.weight in a forward pre-hook; GPO reads the
+    weight without calling linear, so it runs those hooks itself: training steps, loading a pruned
+    state dict and pruning again in eval mode give the published module's outputs."""
+    import warnings
+
+    from torch.nn.utils import prune
+
+    def wrap(module):
+        if hook == "prune":
+            prune.l1_unstructured(module.linear, "weight", amount=0.5)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # the older weight_norm: deprecated, still used
+                torch.nn.utils.weight_norm(module.linear)
+        return module
+
+    published, ours = (wrap(m) for m in make_pair())
+    features, lengths = torch.randn(3, 6, 4), random_lengths(3, 6)
+    for module in (published, ours):
+        opt = torch.optim.SGD(module.parameters(), lr=0.05)
+        for _ in range(2):
+            opt.zero_grad()
+            module(features, lengths)[0].pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(ours(features, lengths), published(features, lengths)):
+        assert rel_err(a, b) < 1e-4  # fp32 rounding, moved by two steps
+    if hook == "prune":
+        for module in (published, ours):
+            module.eval()
+        with torch.no_grad():
+            ours(features, lengths)  # cached
+            for module in (published, ours):
+                prune.l1_unstructured(module.linear, "weight", amount=0.5)  # the mask buffer changes
+            assert rel_err(ours(features, lengths)[0], published(features, lengths)[0]) < 1e-5
+
+
 def test_train_mode_drops_the_eval_cache():
     """eval -> train -> eval rebuilds the table even after writes the key cannot see (.data)."""
     _, ours = make_pair()

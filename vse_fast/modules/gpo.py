@@ -27,6 +27,8 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, check_length_values, gpo_pool
@@ -57,6 +59,16 @@ def positional_encoding_1d(d_pe: int, length: int, device=None) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(position * freq)
     pe[:, 1::2] = torch.cos(position * freq)
     return pe
+
+
+def _recompute_hooked_weights(*modules: nn.Module) -> None:
+    """Run the forward pre-hooks of torch.nn.utils.prune and torch.nn.utils.weight_norm, which rebuild
+    a module's ``weight`` from its parameters before each call: GPO reads the weights of its gru and
+    linear without calling them (the published GPO calls its linear)."""
+    for module in modules:
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, (BasePruningMethod, WeightNorm)):
+                hook(module, ())
 
 
 def _lengths_as_long(lengths: torch.Tensor) -> torch.Tensor:
@@ -143,6 +155,7 @@ class GPO(_SortedPool):
         One packed bidirectional GRU call over the S prefixes pe[0..n-1] (sizes known on the host:
         no device sync)."""
         self.table_builds += 1
+        _recompute_hooked_weights(self.linear, self.gru)
         device = self.linear.weight.device
         pe = self._positional_encoding(longest, device)
         with torch.autocast(device.type, enabled=False):  # the parameters' dtype, as the Triton table (fp32)
@@ -154,6 +167,7 @@ class GPO(_SortedPool):
         device = self.linear.weight.device
         if use_triton_table(self.gru, self.table_backend):
             self.table_builds += 1
+            _recompute_hooked_weights(self.linear, self.gru)
             return triton_coefficient_table(self._positional_encoding(K, device), self.gru, self.linear.weight)
         device_sizes = torch.arange(K, 0, -1, device=device)
         return self._coefficient_table(torch.arange(K, 0, -1), K, device_sizes).flip(0)
