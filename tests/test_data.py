@@ -132,7 +132,7 @@ def test_empty_caption_names_its_line(split):
 
 def test_a_byte_order_mark_is_not_part_of_the_first_caption_or_id(split):
     """Windows editors open UTF-8 files with a byte-order mark; it is no word of the first caption
-    (the BiGRU vocabulary would count it as one) and no id."""
+    (the BiGRU vocabulary would count it as one) and no id. One inside the file is an error."""
     folder, _, _, captions = split
     with open(os.path.join(folder, "train_caps.txt"), "w", encoding="utf-8-sig", newline="\r\n") as f:
         f.write("\n".join(captions) + "\n")
@@ -144,6 +144,11 @@ def test_a_byte_order_mark_is_not_part_of_the_first_caption_or_id(split):
     dataset = data.CaptionDataset(folder, "train", data.Vocabulary.build(captions, threshold=1))
     assert dataset.data.captions == captions
     assert "\ufeff" not in data.Vocabulary.from_caption_files([os.path.join(folder, "train_caps.txt")], 1).word2idx
+    joined = "\n".join(captions[:15]) + "\n\ufeff" + "\n".join(captions[15:]) + "\n"  # two files, two marks
+    with open(os.path.join(folder, "train_caps.txt"), "w", encoding="utf-8-sig") as f:
+        f.write(joined)
+    with pytest.raises(DataError, match=r"train_caps\.txt:16: a byte-order mark \(U\+FEFF\) inside the file"):
+        data.check_split(folder, "train")
 
 
 @pytest.mark.parametrize("newline", ["\r\n", "\r"], ids=["crlf", "cr"])
@@ -200,7 +205,8 @@ def test_bad_ids_are_named(split):
 
 def test_per_caption_ids_must_follow_the_caption_grouping(split):
     """6 items x 5 captions: per-caption ids repeating each item's id over its 5 lines, or 30 distinct
-    caption ids, pass; an item id that strays into another item's run is named by line."""
+    caption ids, pass; an item id that strays into another item's run is named by line, and so is an
+    id that two items share (per caption or per item)."""
     folder = split[0]
     path = os.path.join(folder, "train_ids.txt")
     item_ids = [str(100 + i // 5) for i in range(30)]
@@ -213,6 +219,16 @@ def test_per_caption_ids_must_follow_the_caption_grouping(split):
         f.write("\n".join(shifted) + "\n")
     with pytest.raises(DataError, match=r"train_ids\.txt:5: id '101' differs from '100' on line 1"):
         data.check_split(folder, "train")
+    shared = [str(100 + i // 10) for i in range(30)]  # runs of 10: the ids say 3 items of 10 captions
+    twice = [str(100 + i // 5 % 3) for i in range(30)]  # items 3..5 repeat the ids of items 0..2
+    per_item = ["7", "8", "9", "8", "10", "11"]
+    for ids, match in ((shared, r":6: id '100' of item 1 is also item 0's \(line 1\)"),
+                       (twice, r":16: id '100' of item 3 is also item 0's \(line 1\)"),
+                       (per_item, r":4: id '8' of item 3 is also item 1's \(line 2\)")):
+        with open(path, "w") as f:
+            f.write("\n".join(ids) + "\n")
+        with pytest.raises(DataError, match=r"train_ids\.txt" + match + ": items need distinct ids"):
+            data.check_split(folder, "train")
 
 
 @pytest.mark.parametrize("content,match", [

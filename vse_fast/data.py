@@ -15,7 +15,9 @@ the published loader expects) holds:
 
 Feature rows repeated once per caption (N rows for N captions, in runs of C identical rows: the
 "rkiros" layout, which the published loader reads with im_div = 1 and evaluates with every 5th image)
-are read as N / C items with C captions each, one row per run (``SplitInfo.row_repeat`` = C).
+are read as N / C items with C captions each, one row per run (``SplitInfo.row_repeat`` = C); a lens
+file then has one entry per row too. The runs are checked on the first and on 16 spread over the
+file, not every one (that would read COCO's train features whole).
 
 `check_split` validates all of it and raises `DataError` naming the file (and line). The datasets
 return dicts, `collate` pads them into batches. Training augmentation follows the published loader
@@ -148,15 +150,25 @@ def _text_lines(path):
     return enumerate(lines, start=1)
 
 
+def _decode_line(path, number, raw):
+    """A line as text. A UTF-8 byte-order mark opening the file (Windows editors write one) is dropped;
+    one anywhere else (files joined with their marks) and invalid UTF-8 raise DataError naming the line."""
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason})") from None
+    if "\ufeff" in line:
+        raise DataError(f"{path}:{number}: a byte-order mark (U+FEFF) inside the file (files joined with "
+                        "their marks?): remove it")
+    return line
+
+
 def _read_captions(path):
-    """Captions, stripped as published; empty or non-UTF-8 lines raise DataError naming the line. A
-    UTF-8 byte-order mark opening the file (Windows editors write one) is not part of the first caption."""
+    """Captions, stripped as published; empty or non-UTF-8 lines raise DataError naming the line (see
+    _decode_line for byte-order marks)."""
     captions = []
     for number, raw in _text_lines(path):
-        try:
-            caption = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid UTF-8 ({err.reason})") from None
+        caption = _decode_line(path, number, raw).strip()
         if not caption:
             raise DataError(f"{path}:{number}: empty caption")
         captions.append(caption)
@@ -173,7 +185,8 @@ def _read_lens(path, n_items, max_set):
     if not isinstance(lens, np.ndarray):
         raise DataError(f"{path}: expected one .npy array, got {type(lens).__name__}")
     if lens.shape != (n_items,):
-        raise DataError(f"{path}: lengths must have shape ({n_items},) (one per item), got {lens.shape}")
+        raise DataError(f"{path}: lengths must have shape ({n_items},) (one per row of the features), "
+                        f"got {lens.shape}")
     if not np.issubdtype(lens.dtype, np.integer):
         raise DataError(f"{path}: lengths must be integers, got dtype {lens.dtype}")
     bad = np.flatnonzero((lens < 1) | (lens > max_set))
@@ -186,16 +199,14 @@ def _read_lens(path, n_items, max_set):
 
 
 def _check_ids(path, n_items, n_captions):
-    """One id per line (lines split as captions are; a leading byte-order mark is dropped); empty or
-    non-UTF-8 lines raise DataError. With one id per caption, the ids must either repeat one item id
-    over each run of C = captions per item lines (caption j describes item j // C) or all differ
-    (caption ids); ids repeated across those runs contradict the pairing and raise DataError."""
+    """One id per line (lines split and decoded as captions are); empty lines raise DataError. With
+    one id per caption, the ids must either repeat one item id over each run of C = captions per item
+    lines (caption j describes item j // C) or all differ (caption ids); ids repeated across those
+    runs contradict the pairing and raise DataError, as do two items (per-item ids, or the ids of
+    two runs) with one id."""
     count, ids = 0, []
     for count, raw in _text_lines(path):
-        try:
-            line = raw.decode("utf-8-sig" if count == 1 else "utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{count}: not valid UTF-8 ({err.reason})") from None
+        line = _decode_line(path, count, raw)
         if not line.strip():
             raise DataError(f"{path}:{count}: empty id")
         ids.append(line.strip())
@@ -209,6 +220,13 @@ def _check_ids(path, n_items, n_captions):
                     f"{path}:{j + 1}: id {item_id!r} differs from {ids[j - j % caps]!r} on line {j - j % caps + 1}, "
                     f"though caption {j + 1} belongs to the same item ({caps} captions per item, in runs); "
                     "per-caption ids must repeat their item's id over its run, or all differ")
+    step = caps if count == n_captions and len(set(ids)) < count else 1  # item ids: one per run, or per line
+    first_line = {}
+    for line in range(0, count, step):
+        earlier = first_line.setdefault(ids[line], line)
+        if earlier != line:
+            raise DataError(f"{path}:{line + 1}: id {ids[line]!r} of item {line // step} is also item "
+                            f"{earlier // step}'s (line {earlier + 1}): items need distinct ids")
 
 
 def _load_split(data_path, split):
