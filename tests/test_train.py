@@ -160,6 +160,9 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "--grad_clip must be a number" in _error(capsys, _args(tiny, tmp_path / "r", "--grad_clip", "nan"))
     assert "--feature_drop must be in [0, 1)" in _error(capsys, _args(tiny, tmp_path / "r", "--feature_drop", "1.5"))
     assert "invalid choice: 'fp8'" in _error(capsys, _args(tiny, tmp_path / "r", "--precision", "fp8"))
+    assert "--seed must be in [0, 2**32), got -1" in _error(capsys, _args(tiny, tmp_path / "r", "--seed", "-1"))
+    assert "--device 'meta': training runs on cpu or cuda devices" in _error(
+        capsys, _args(tiny, tmp_path / "r", "--device", "meta"))
     assert "--bert_config" in _error(capsys, _args(tiny, tmp_path / "r", "--bert_config", missing))
     assert "not both" in _error(capsys, ["--data_path", data, "--text_model", str(tmp_path), "--bert_config", bert_config])
     os.makedirs(tmp_path / "used")
@@ -315,6 +318,29 @@ def test_non_finite_evaluation_features_are_an_error_before_training(tiny, tmp_p
         assert f"{split}_ims.npy: the features of items [3] (1 in all) hold NaN or inf" in err
         assert "Traceback" not in err and not (tmp_path / split / "last.pth").exists()
         np.save(copy / f"{split}_ims.npy", feats)
+
+
+def test_a_checkpoint_step_checks_the_loss_before_replacing_last_pth(tiny, tmp_path, capsys, monkeypatch):
+    """--save_steps off the --log_step cadence: a NaN loss stops the run before last.pth is written
+    (it used to save the diverged weights, checked only at the next logged step)."""
+    real = train.train_step
+    calls = []
+
+    def nan_after_two(*args, **kw):
+        loss, img, cap = real(*args, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 2 else loss), img, cap
+
+    monkeypatch.setattr(train, "train_step", nan_after_two)
+    err = _error(capsys, _args(tiny, tmp_path / "r", "--log_step", "5", "--save_steps", "2"))
+    assert "the loss became nan at step 4" in err
+    state = _final_state(tmp_path / "r")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_evaluating_the_training_split_is_warned_about(tiny, tmp_path):
+    train.main(_args(tiny, tmp_path / "r", "--max_steps", "1", "--val_split", "train"))
+    assert "--val_split train is the training split" in (tmp_path / "r" / "train.log").read_text()
 
 
 def test_a_bigru_vocabulary_is_built_from_the_captions_of_a_precomp_folder(tiny, tmp_path):
@@ -483,8 +509,11 @@ def test_a_run_resumed_into_another_directory_keeps_its_best_checkpoint(tiny, tm
     log = (alone / "train.log").read_text()
     assert f"{alone} holds no best.pth, and no best.pth with the resumed run's best rsum" in log
     assert "--test_split test was not evaluated" in log
+    assert "nothing to train (raise --num_epochs to continue it)" in (new / "train.log").read_text()
     train.main(["--resume", str(run / "last.pth"), "--max_steps", "7", "--progress", "off"])
     assert _final_state(run)["step"] == 7
+    err = _error(capsys, ["--resume", str(run / "last.pth"), "--num_epochs", "1", "--progress", "off"])
+    assert "--num_epochs 1: the resumed run is at epoch 1 (after 1 steps of it); pass --num_epochs 2" in err
     err = _error(capsys, ["--resume", str(run / "best.pth"), "--max_steps", "8", "--progress", "off"])
     assert "already holds last.pth (resuming" in err and "would overwrite it with an earlier state" in err
     assert _final_state(run)["step"] == 7

@@ -16,8 +16,8 @@ the published loader expects) holds:
 Feature rows repeated once per caption (N rows for N captions, in runs of C identical rows: the
 "rkiros" layout, which the published loader reads with im_div = 1 and evaluates with every 5th image)
 are read as N / C items with C captions each, one row per run (``SplitInfo.row_repeat`` = C); a lens
-file then has one entry per row too. The runs are checked on the first and on 16 spread over the
-file, not every one (that would read COCO's train features whole).
+file then has one entry per row too. The runs are checked on 16 spread over the file, the first
+included, not every one (that would read COCO's train features whole).
 
 `check_split` validates all of it and raises `DataError` naming the file (and line). The datasets
 return dicts, `collate` pads them into batches. Training augmentation follows the published loader

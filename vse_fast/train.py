@@ -13,8 +13,8 @@ batch, split over the processes; negatives are gathered from all processes unles
 
 Runs write ``train.log``, ``metrics.jsonl``, ``last.pth`` and ``best.pth`` to ``--run_dir`` (and
 ``vocab.json``, the BiGRU vocabulary, when it is built from the training captions);
-``--resume RUN_DIR/last.pth`` continues a stopped run exactly where it stopped (also mid-epoch and under
-a different number of processes).
+``--resume RUN_DIR/last.pth`` continues a stopped run exactly where it stopped, also mid-epoch (under a
+different number of processes: the same data order, dropout streams re-seeded).
 """
 from __future__ import annotations
 
@@ -275,9 +275,13 @@ def _validate(cfg: dict, parser) -> None:
             parser.error(f"--{key} must be in [0, 1), got {cfg[key]}")
     if cfg.get("device") not in (None, "auto"):
         try:
-            torch.device(cfg["device"])
+            device_type = torch.device(cfg["device"]).type
         except RuntimeError as err:
             parser.error(f"--device {cfg['device']!r}: {err}")
+        if device_type not in ("cpu", "cuda"):
+            parser.error(f"--device {cfg['device']!r}: training runs on cpu or cuda devices")
+    if not 0 <= cfg.get("seed", 0) < 2**32:
+        parser.error(f"--seed must be in [0, 2**32), got {cfg['seed']}")
     if cfg.get("max_steps") is not None and cfg["max_steps"] < 0:
         parser.error(f"--max_steps must be >= 0, got {cfg['max_steps']}")
     for key in ("data_path", "text_model", "bert_config", "vocab_file"):
@@ -707,7 +711,9 @@ class Trainer:
                 self.step += 1
                 self.epoch_step += 1
                 steps_since += 1
-                if self.step % log_step == 0 or self.epoch_step == self.steps_per_epoch:
+                saving = bool(save_steps) and self.step % save_steps == 0
+                # a checkpointed step is a logged one: its loss is checked before last.pth is replaced
+                if self.step % log_step == 0 or self.epoch_step == self.steps_per_epoch or saving:
                     now = time.time()
                     self._log_step(loss, img_emb, cap_emb, items, max_violation,
                                    steps_since / max(now - t_last, 1e-9), bar)
@@ -718,7 +724,7 @@ class Trainer:
                     break  # the epoch's end is checkpointed after evaluation
                 if max_steps is not None and self.step >= max_steps:
                     return False
-                if save_steps and self.step % save_steps == 0:
+                if saving:
                     self.save("last.pth")
         finally:
             bar.close()
@@ -881,6 +887,11 @@ def _check_resume(cfg: dict, saved_state: dict, parser) -> None:
     order would repeat or skip pairs)."""
     saved_batch, epoch_step = saved_state["config"].get("batch_size"), saved_state.get("epoch_step", 0)
     saved_seed = saved_state["config"].get("seed")
+    saved_epoch = saved_state.get("epoch", 0)
+    if cfg["num_epochs"] < saved_epoch or (cfg["num_epochs"] == saved_epoch and epoch_step):
+        parser.error(f"--num_epochs {cfg['num_epochs']}: the resumed run is at epoch {saved_epoch}"
+                     + (f" (after {epoch_step} steps of it)" if epoch_step else "")
+                     + f"; pass --num_epochs {saved_epoch + 1} or more to continue it")
     if epoch_step and cfg["seed"] != saved_seed:
         parser.error(f"--seed {cfg['seed']} differs from the resumed run's {saved_seed}, and that run stopped inside "
                      f"epoch {saved_state.get('epoch')} (after {epoch_step} steps): the seed draws the epoch's order "
@@ -978,6 +989,13 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
     if saved_state is not None:
         logger.info("resumed %s at epoch %d, step %d of the epoch (total %d)", args.resume, trainer.epoch,
                     trainer.epoch_step, trainer.step)
+        if trainer.epoch >= cfg["num_epochs"]:
+            logger.info("the resumed run has trained its %d epochs: nothing to train (raise --num_epochs to "
+                        "continue it)", cfg["num_epochs"])
+    for key in ("val_split", "test_split"):
+        if cfg.get(key) == cfg["train_split"]:
+            logger.warning("--%s %s is the training split: its recall is measured on the training pairs",
+                           key, cfg[key])
     result = trainer.fit()
     if result["stopped"]:
         return result
