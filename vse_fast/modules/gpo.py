@@ -31,7 +31,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, check_length_values, gpo_pool
+from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, check_length_values, check_lengths_tensor, gpo_pool
 from vse_fast.ops.gpo_table import triton_coefficient_table, torch_coefficient_table, use_triton_table
 
 TABLE_BACKENDS = ("auto", "triton", "torch")
@@ -217,12 +217,7 @@ class GPO(_SortedPool):
         """Published API: (weights (B, L, 1), mask (B, L, 1) bool), L = max(lengths) (0 when B = 0),
         for lengths (B,) int or float whole numbers >= 1 (<= K of ``features`` when given; the published
         code does not use them). Syncs with the host; bad lengths raise TypeError/ValueError."""
-        if not isinstance(lengths, torch.Tensor):
-            raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
-        if lengths.dim() != 1:
-            raise ValueError(f"lengths must be (B,), got shape {tuple(lengths.shape)}")
-        if lengths.dtype == torch.bool or lengths.is_complex():
-            raise TypeError(f"lengths must be an integer or float tensor, got {lengths.dtype}")
+        check_lengths_tensor(lengths)
         if lengths.numel():
             check_length_values(lengths, features.shape[1] if isinstance(features, torch.Tensor) else None)
         return self._weights_and_mask(lengths)

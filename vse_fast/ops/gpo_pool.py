@@ -33,12 +33,9 @@ def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", valid
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if features.dim() != 3:
         raise ValueError(f"features must be (B, K, D), got shape {tuple(features.shape)}")
-    if lengths.dim() != 1:
-        raise ValueError(f"lengths must be (B,), got shape {tuple(lengths.shape)}")
     if not features.is_floating_point():
         raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
-    if lengths.dtype == torch.bool or lengths.is_complex():
-        raise TypeError(f"lengths must be an integer or float tensor, got {lengths.dtype}")
+    check_lengths_tensor(lengths)
     B, K, D = features.shape
     if lengths.shape[0] != B:
         raise ValueError(f"batch sizes differ: features has B={B}, lengths has {lengths.shape[0]}")
@@ -59,6 +56,16 @@ def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", valid
         n_max = check_length_values(lengths, K)
         if weights is not None and weights.shape[1] < n_max:
             raise ValueError(f"weights has Kw={weights.shape[1]} positions, fewer than the longest set {n_max}")
+
+
+def check_lengths_tensor(lengths) -> None:
+    """TypeError/ValueError unless `lengths` is a (B,) integer or float tensor (no host read)."""
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be (B,), got shape {tuple(lengths.shape)}")
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"lengths must be an integer or float tensor, got {lengths.dtype}")
 
 
 def check_length_values(lengths, K=None) -> int:
