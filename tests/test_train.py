@@ -143,6 +143,22 @@ def test_collapse_criterion():
     assert not train.is_collapsed(collapsed, recall, b, b, 0.2, True)
 
 
+def test_collapse_criterion_at_a_large_margin_does_not_take_a_fresh_model():
+    from vse_fast.ops.contrastive import contrastive_loss
+
+    b, e, margin = 64, 256, 4.0  # margin >= 2: every hinge is active, each off the margin by at most 2
+    gen = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(b, e, generator=gen), dim=-1)
+    cap = torch.nn.functional.normalize(torch.randn(b, e, generator=gen), dim=-1)
+    loss = contrastive_loss(img, cap, margin=margin, max_violation=True).item()
+    collapsed = train.collapse_expected_loss(b, margin, True)
+    assert abs(loss - collapsed) < 0.05 * collapsed  # within a tolerance relative to the margin
+    assert not train.is_collapsed(loss, 0.0, b, b, margin, True)  # random embeddings are no collapse
+    same = img[:1].expand(b, e)
+    loss = contrastive_loss(same, same, margin=margin, max_violation=True).item()
+    assert train.is_collapsed(loss, 0.0, b, b, margin, True)
+
+
 def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     data, bert_config = tiny
     missing = str(tmp_path / "nope")

@@ -462,6 +462,7 @@ def in_batch_recall(img_emb: torch.Tensor, cap_emb: torch.Tensor, max_rows: int 
 
 
 MIN_COLLAPSE_BATCH = 8
+COLLAPSE_TOL_MARGIN = 0.2
 
 
 def is_collapsed(loss: float, recall: float, local_batch: int, global_batch: int, margin: float,
@@ -471,10 +472,15 @@ def is_collapsed(loss: float, recall: float, local_batch: int, global_batch: int
     R@1 (``in_batch_recall``, over each process's ``local_batch`` pairs) at most twice chance.
     A loss near that value alone is no collapse: when a batch's hardest negatives are about as close
     as the positives (near-duplicate captions, early VSE++) a learning model sits there too. Below
-    ``MIN_COLLAPSE_BATCH`` local pairs chance is too high to tell, and nothing is reported."""
+    ``MIN_COLLAPSE_BATCH`` local pairs chance is too high to tell, and nothing is reported.
+
+    Each hinge departs from ``margin`` by a negative's score minus its positive's, a cosine difference
+    that is 0 at collapse; ``loss_tol`` is relative up to margin ``COLLAPSE_TOL_MARGIN`` and a fixed
+    cosine difference above it, since a relative tolerance at margin >= 2 (every hinge active, each off
+    by at most 2) would admit any model, a fresh one included."""
     expected = collapse_expected_loss(global_batch, margin, max_violation)
     return (margin > 0 and local_batch >= MIN_COLLAPSE_BATCH and recall <= 2.0 / local_batch
-            and abs(loss - expected) <= loss_tol * expected)
+            and abs(loss - expected) <= loss_tol * min(margin, COLLAPSE_TOL_MARGIN) / margin * expected)
 
 
 # ----------------------------------------------------------------------------- the run
