@@ -104,14 +104,15 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
     n_images = len(images)
     if len(captions) != n_images * caps:
         raise RuntimeError(f"{len(captions)} captions for {n_images} items x {caps}")
-    loader_args = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                       pin_memory=device.type == "cuda")
+    loader_args = dict(shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
-    try:
-        img_emb = _encode(DataLoader(images, collate_fn=data.collate_images, **loader_args), model.encode_images,
-                          n_images, ("images", "img_lengths"), device, precision)
-        cap_emb = _encode(DataLoader(captions, collate_fn=data.collate_captions, **loader_args),
+    try:  # a batch larger than the split is the whole split (DataLoader takes no size beyond sys.maxsize)
+        img_emb = _encode(DataLoader(images, batch_size=min(batch_size, n_images), collate_fn=data.collate_images,
+                                     **loader_args), model.encode_images, n_images, ("images", "img_lengths"),
+                          device, precision)
+        cap_emb = _encode(DataLoader(captions, batch_size=min(batch_size, len(captions)),
+                                     collate_fn=data.collate_captions, **loader_args),
                           model.encode_captions, n_images * caps, ("captions", "cap_lengths"), device, precision)
     finally:
         model.train(was_training)
