@@ -594,6 +594,39 @@ def test_load_tokenizer_from_vocab_and_directory(tmp_path, tokenizer):
         data.load_tokenizer(vocab_file=str(tmp_path / "bad.txt"))
 
 
+def test_tokenizer_files_that_cannot_be_read_are_named(tmp_path, tokenizer):
+    bom = tmp_path / "bom.txt"  # a Windows editor's byte-order mark before [PAD]
+    bom.write_bytes(b"\xef\xbb\xbf" + "\n".join(VOCAB).encode() + b"\n")
+    assert data.load_tokenizer(vocab_file=str(bom))("a red dog")["input_ids"] == tokenizer("a red dog")["input_ids"]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("\n".join(VOCAB + ["caf\u00e9"]).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=re.escape(f"{latin1}:{len(VOCAB) + 1}: not valid UTF-8")):
+        data.load_tokenizer(vocab_file=str(latin1))
+    folder = tmp_path / "bert"
+    tokenizer.save_pretrained(str(folder))
+    with open(folder / "tokenizer.json", "r+b") as f:  # a partial download
+        f.truncate(20)
+    with pytest.raises(DataError, match=re.escape(f"{folder}: unreadable tokenizer files")):
+        data.load_tokenizer(text_model_dir=str(folder))
+
+
+def test_a_bert_directory_whose_vocabulary_lacks_mask_is_named(tmp_path):
+    """transformers appends a special token absent from vocab.txt past the vocabulary (an id with no
+    embedding row); masking would then write that id."""
+    folder = tmp_path / "bert_nomask"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(v for v in VOCAB if v != "[MASK]") + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{folder}: the tokenizer's vocabulary lacks the special "
+                                                  "token(s) [MASK]")):
+        data.load_tokenizer(text_model_dir=str(folder))
+    from transformers import BertTokenizerFast
+
+    added = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    assert added.mask_token_id >= added.vocab_size  # what the check guards against
+    with pytest.raises(ValueError, match=r"\[MASK\] tokens in its vocabulary"):
+        data.CaptionEncoder(added)
+
+
 def test_a_bert_directory_without_a_tokenizer_is_named(tmp_path, tokenizer):
     """transformers builds a tokenizer of the special tokens alone from a directory holding only the
     model (config.json and weights): every caption word would become [UNK]."""

@@ -318,19 +318,41 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
         if not any(os.path.isfile(os.path.join(text_model_dir, name)) for name in ("tokenizer.json", "vocab.txt")):
             raise DataError(f"{text_model_dir}: no tokenizer in the BERT directory (tokenizer.json or vocab.txt): "
                             "save the tokenizer there with save_pretrained, or pass its vocab.txt (--vocab_file)")
-        return BertTokenizerFast.from_pretrained(text_model_dir, local_files_only=True)
+        try:
+            tok = BertTokenizerFast.from_pretrained(text_model_dir, local_files_only=True)
+        except Exception as err:  # a truncated tokenizer.json, a vocab.txt that is not UTF-8, ...
+            raise DataError(f"{text_model_dir}: unreadable tokenizer files ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        missing = [token for token in BERT_SPECIAL_TOKENS if not _in_vocabulary(tok, token)]
+        if missing:  # transformers appends an absent special token past the vocabulary: no embedding row
+            raise DataError(f"{text_model_dir}: the tokenizer's vocabulary lacks the special token(s) "
+                            f"{', '.join(missing)}")
+        return tok
     if not os.path.isfile(vocab_file):
         raise DataError(f"{vocab_file}: vocabulary file does not exist")
-    with open(vocab_file, encoding="utf-8") as f:
-        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-    for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
+    vocab, bom = {}, False
+    for number, raw in _text_lines(vocab_file):
+        bom |= number == 1 and raw.startswith(b"\xef\xbb\xbf")
+        vocab[_decode_line(vocab_file, number, raw)] = number - 1
+    for token in BERT_SPECIAL_TOKENS:
         if token not in vocab:
             raise DataError(f"{vocab_file}: vocabulary lacks the special token {token}")
     import inspect
 
     if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4.x
+        if bom:  # it reads the file itself, the mark included
+            raise DataError(f"{vocab_file}:1: a byte-order mark (U+FEFF) opens the file: remove it")
         return BertTokenizerFast(vocab_file=vocab_file)
     return BertTokenizerFast(vocab=vocab)
+
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _in_vocabulary(tok, token) -> bool:
+    """Whether ``token`` is a line of the tokenizer's vocabulary (not a token added past its end)."""
+    token_id = tok.convert_tokens_to_ids(token)
+    return token_id is not None and 0 <= token_id < tok.vocab_size and tok.convert_ids_to_tokens(token_id) == token
 
 
 class Vocabulary:
@@ -472,8 +494,10 @@ class CaptionEncoder:
             )
         self.start, self.end, self.mask = tok.cls_token_id, tok.sep_token_id, tok.mask_token_id
         self.vocab_size = tok.vocab_size
-        if None in (self.start, self.end, self.mask):
-            raise ValueError("the BERT tokenizer needs [CLS], [SEP] and [MASK] tokens")
+        if any(i is None or not 0 <= i < self.vocab_size for i in (self.start, self.end, self.mask)):
+            raise ValueError(f"the BERT tokenizer needs [CLS], [SEP] and [MASK] tokens in its vocabulary of "
+                             f"{self.vocab_size}, got ids {self.start}, {self.end}, {self.mask} (a token added "
+                             "past the vocabulary has no embedding row)")
 
     def words(self, caption):
         """Ids grouped per word (a word may be several BERT word pieces), without start/end."""
