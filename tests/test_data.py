@@ -312,6 +312,12 @@ def test_rows_repeated_once_per_caption_are_read_as_one_row_per_item(tmp_path, t
             np.save(os.path.join(other, "test_lens.npy"), row_lens)
         info = data.check_split(other, "test")
         assert (info.n_items, info.caps_per_item, info.row_repeat) == (len(rows), 1, 1), name
+    # more captions per item than any dataset in use (MSR-VTT's 20): still one row per item
+    many = str(tmp_path / "many")
+    _write_split(many, "test", n=75, k=5, caps=1, lens=False, ids=False)
+    np.save(os.path.join(many, "test_ims.npy"), np.repeat(feats[:3], 25, axis=0))
+    info = data.check_split(many, "test")
+    assert (info.n_items, info.caps_per_item, info.row_repeat) == (3, 25, 25)
 
 
 def test_pairs_and_eval_tokens(split, tokenizer):

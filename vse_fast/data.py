@@ -263,9 +263,6 @@ def _load_split(data_path, split):
     return info, captions, lens
 
 
-_MAX_ROW_REPEAT = 20  # most captions per item among the datasets in use (MSR-VTT)
-
-
 def _row_repeat(features, lens) -> int:
     """C > 1 when the N rows of ``features`` (and of ``lens``) come in runs of C byte-identical rows, one
     run per item, at least two items: checked on the first run and on 16 runs spread over the array, each
@@ -276,9 +273,9 @@ def _row_repeat(features, lens) -> int:
 
     n = features.shape[0]
     repeat = 1
-    while repeat < min(n, _MAX_ROW_REPEAT + 1) and same(repeat, 0):
+    while repeat <= n // 2 and same(repeat, 0):  # any captions per item; at least two items
         repeat += 1
-    if repeat == 1 or repeat > _MAX_ROW_REPEAT or n % repeat or n // repeat < 2:
+    if repeat == 1 or n % repeat or n // repeat < 2:
         return 1
     for start in np.unique(np.linspace(0, n // repeat - 1, 16).astype(np.int64)) * repeat:
         if not all(same(start + i, start) for i in range(1, repeat)):
