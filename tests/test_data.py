@@ -358,6 +358,9 @@ def test_caption_limit_caps_dev_as_published(tmp_path, tokenizer):
     assert len(data.ImageSetDataset(folder, "dev", caption_limit=10**6)) == 1200  # a cap, not a demand
     with pytest.raises(ValueError, match="multiple of 5"):
         data.ImageSetDataset(folder, "dev", caption_limit=4999)
+    _write_split(folder, "dev", n=1700, k=2, d=2, caps=3, lens=False, ids=False)  # 3 captions per item
+    limit = data.published_caption_limit("dev", data.check_split(folder, "dev").caps_per_item)
+    assert limit == 4998 and len(data.ImageSetDataset(folder, "dev", caption_limit=limit)) == 1666
 
 
 def test_augmentation_is_a_function_of_seed_epoch_index(split, tokenizer):

@@ -191,8 +191,6 @@ def test_cli_published_checkpoint(dataset, tmp_path):
     img, cap, _ = encode_split(model, str(dataset), "pairs", tok)
     torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
-    whole = encode_split(model, str(dataset), "test", tok, batch_size=2**63)  # beyond sys.maxsize: the whole split
-    torch.testing.assert_close(whole[:2], (img, cap), atol=1e-5, rtol=1e-5)
     sims = compute_sim(img.double().numpy(), cap.double().numpy())
     assert_metrics_equal(metrics, as_dict(evaluate_sims(7, sims, caps=2)))
 

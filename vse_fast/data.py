@@ -28,7 +28,7 @@ resumed run, any number of workers and any DDP layout see the same augmentations
 
 COCO conventions: "testall" is the 5K test set (5-fold 1K via vse_fast.evaluation.coco_5fold);
 "dev" is capped at 5000 captions (1000 images) by the published code: pass
-``caption_limit=published_caption_limit(split)``.
+``caption_limit=published_caption_limit(split, check_split(data_path, split).caps_per_item)``.
 """
 from __future__ import annotations
 
@@ -91,9 +91,12 @@ class SplitInfo:
     row_repeat: int = 1  # > 1: the feature file repeats each item's row once per caption (item i = row i * C)
 
 
-def published_caption_limit(split):
-    """Caption cap of the published evaluation: 5000 for "dev", None (all) otherwise."""
-    return DEV_CAPTION_LIMIT if split == "dev" else None
+def published_caption_limit(split, caps_per_item=1):
+    """Caption cap of the published evaluation: for "dev" its first 5000 captions in whole items (5000
+    for 5 captions per item, 4998 for 3), None (all) for any other split."""
+    if isinstance(caps_per_item, bool) or not isinstance(caps_per_item, int) or caps_per_item < 1:
+        raise ValueError(f"caps_per_item must be a positive int, got {caps_per_item!r}")
+    return DEV_CAPTION_LIMIT // caps_per_item * caps_per_item if split == "dev" else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,7 +57,9 @@ def _resolve_limit(split: str, caps_per_item: int, caption_limit):
     items; an explicit int is never rounded (the datasets reject one below the caption count that is not
     a multiple of caps_per_item)."""
     if caption_limit == "auto":
-        return DEV_CAPTION_LIMIT // caps_per_item * caps_per_item if split == "dev" else None
+        from vse_fast.data import published_caption_limit
+
+        return published_caption_limit(split, caps_per_item)
     if caption_limit is None:
         return None
     if isinstance(caption_limit, bool) or not isinstance(caption_limit, int) or caption_limit < caps_per_item:
