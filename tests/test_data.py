@@ -444,6 +444,20 @@ def test_token_augmentation_shares_are_the_published_ones(tokenizer):
     assert ids == [tokenizer.cls_token_id, mask, mask, 7, 7, pieces[6], tokenizer.sep_token_id]
 
 
+def test_caption_ids_ignore_the_padding_and_truncation_a_tokenizer_keeps(tmp_path, tokenizer):
+    """A transformers tokenizer keeps padding/truncation from its last call with them (and saves it into
+    tokenizer.json); the caption encoder's ids are those of a plain call, before and after, and on reload."""
+    long_caption = " ".join(WORDS * 2)
+    expected = [tokenizer(c)["input_ids"] for c in ("a red dog", long_caption)]
+    before = data.CaptionEncoder(tokenizer)
+    tokenizer(["a red dog", "a"], padding="max_length", max_length=10, truncation=True)
+    assert tokenizer.backend_tokenizer.padding is not None and tokenizer.backend_tokenizer.truncation is not None
+    tokenizer.save_pretrained(str(tmp_path / "saved"))
+    reloaded = data.load_tokenizer(text_model_dir=str(tmp_path / "saved"))
+    for text in (before, data.CaptionEncoder(tokenizer), data.CaptionEncoder(reloaded)):
+        assert [text(c).tolist() for c in ("a red dog", long_caption)] == expected
+
+
 def test_grid_feature_drop_follows_the_published_grid_scheme(tmp_path, tokenizer):
     """Scheme "grid" (published EncoderImageFull): the item draws u; u <= 0.2 keeps every row, else a
     row is dropped when its draw is <= 0.2 * u. Scripted draws, then the statistics over many items:

@@ -486,6 +486,14 @@ class CaptionEncoder:
         tok = tokenizer_or_vocab
         if getattr(tok, "backend_tokenizer", None) is not None:
             self.kind = "bert_fast"
+            # A copy without the padding and truncation that a tokenizer keeps from its last call with
+            # padding=/truncation= (and saves into tokenizer.json): they would put [PAD] inside a caption
+            # or cut it short, silently.
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+            self.backend.no_padding()
+            self.backend.no_truncation()
         elif hasattr(tok, "basic_tokenizer") and hasattr(tok, "wordpiece_tokenizer"):
             self.kind = "bert_slow"
         else:
@@ -504,7 +512,7 @@ class CaptionEncoder:
         if self.kind == "vocab":
             return [[self.source(w)] for w in Vocabulary.tokenize(caption)]
         if self.kind == "bert_fast":
-            enc = self.source.backend_tokenizer.encode(caption, add_special_tokens=False)
+            enc = self.backend.encode(caption, add_special_tokens=False)
             groups, last = [], None
             for token_id, word in zip(enc.ids, enc.word_ids):
                 if word is None or word != last:
