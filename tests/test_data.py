@@ -128,6 +128,11 @@ def test_empty_caption_names_its_line(split):
         f.write("\n".join(captions) + "\n")
     with pytest.raises(DataError, match=r"train_caps\.txt:3: empty caption"):
         data.check_split(folder, "train")
+    captions[2] = "\u200b \u00ad\x00"  # zero-width space, soft hyphen, NUL: tokenizers keep no word
+    with open(os.path.join(folder, "train_caps.txt"), "w") as f:
+        f.write("\n".join(captions) + "\n")
+    with pytest.raises(DataError, match=r"train_caps\.txt:3: empty caption \(invisible characters only\)"):
+        data.check_split(folder, "train")
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_caption_or_id(split):

@@ -330,8 +330,11 @@ def test_inference_encoder_and_search(dataset, tmp_path):
         enc.encode_images([np.zeros((0, IMG_DIM), np.float32)])
     with pytest.raises(TypeError, match="list of strings"):
         enc.encode_captions("a dog")
-    with pytest.raises(ValueError, match="empty caption"):
-        enc.encode_captions([" "])
+    for blank in (" ", "\u200b", "\u00ad", "\x00"):
+        with pytest.raises(ValueError, match="empty caption"):
+            enc.encode_captions([blank])
+    with pytest.raises(ValueError, match="the tokenizer keeps none of its characters"):
+        enc.encode_captions(["\u0301"])  # a lone combining accent: BERT strips accents
 
 
 def test_inference_rejects_captions_longer_than_bert_positions(dataset, tmp_path):

@@ -36,6 +36,7 @@ import collections
 import json
 import os
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 
@@ -166,14 +167,20 @@ def _decode_line(path, number, raw):
     return line
 
 
+def is_blank_caption(caption: str) -> bool:
+    """No visible text: only whitespace, control (Cc) and format (Cf: zero-width space, soft hyphen)
+    characters, which tokenizers drop, leaving a caption of no words."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in caption)
+
+
 def _read_captions(path):
     """Captions, stripped as published; empty or non-UTF-8 lines raise DataError naming the line (see
     _decode_line for byte-order marks)."""
     captions = []
     for number, raw in _text_lines(path):
         caption = _decode_line(path, number, raw).strip()
-        if not caption:
-            raise DataError(f"{path}:{number}: empty caption")
+        if is_blank_caption(caption):
+            raise DataError(f"{path}:{number}: empty caption{'' if not caption else ' (invisible characters only)'}")
         captions.append(caption)
     if not captions:
         raise DataError(f"{path}: no captions")

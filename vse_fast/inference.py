@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vse_fast.data import collate
+from vse_fast.data import collate, is_blank_caption
 from vse_fast.eval import _autocast, _check_finite, caption_position_limit
 
 
@@ -99,9 +99,12 @@ class Encoder:
         vse_fast.data.CaptionTooLongError) when it has more tokens than the text encoder's positions."""
         if not isinstance(caption, str):
             raise TypeError(f"captions must be strings, got {type(caption).__name__}")
-        if not caption.strip():
-            raise ValueError("cannot encode an empty caption")
-        return self._text(caption).tolist()
+        if is_blank_caption(caption):
+            raise ValueError(f"cannot encode an empty caption {caption!r} (whitespace or invisible characters only)")
+        ids = self._text(caption).tolist()
+        if len(ids) <= 2:  # start and end only
+            raise ValueError(f"cannot encode the caption {caption!r}: the tokenizer keeps none of its characters")
+        return ids
 
     @torch.inference_mode()
     def encode_images(self, feature_sets: Sequence, lengths=None) -> torch.Tensor:
