@@ -302,6 +302,12 @@ def test_inference_encoder_and_search(dataset, tmp_path):
     torch.testing.assert_close(enc.encode_images(feats, lengths=lens), ref_img, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(enc.encode_images(torch.from_numpy(feats), lengths=torch.from_numpy(lens)), ref_img,
                                atol=1e-5, rtol=1e-5)
+    # arrays torch.from_numpy rejects: big-endian (as np.load gives for a file written on such a machine),
+    # negative strides
+    torch.testing.assert_close(enc.encode_images(feats.astype(">f4"), lengths=lens.astype(">i8")), ref_img,
+                               atol=1e-5, rtol=1e-5)
+    reversed_storage = [np.asarray(x)[::-1].copy()[::-1] for x in sets]  # the same sets, negative strides
+    torch.testing.assert_close(enc.encode_images(reversed_storage), ref_img, atol=1e-5, rtol=1e-5)
     bad_lens = lens.copy()
     bad_lens[[2, 4]] = [0, K + 1]
     with pytest.raises(ValueError, match=rf"lengths must be in \[1, {K}\].*sets \[2, 4\] have \[0, {K + 1}\]"):
@@ -320,6 +326,9 @@ def test_inference_encoder_and_search(dataset, tmp_path):
         brute = queries @ gallery.T
         torch.testing.assert_close(scores, brute.sort(dim=1, descending=True).values[:, :3])
         torch.testing.assert_close(brute.gather(1, index), scores)
+    flipped = ref_img.numpy()[::-1]
+    torch.testing.assert_close(search(cap_emb.numpy().astype(">f4"), flipped, k=3)[0],
+                               search(cap_emb, torch.from_numpy(flipped.copy()), k=3)[0])
     with pytest.raises(ValueError, match=r"k must be an int in \[1, 10\]"):
         search(cap_emb, ref_img, k=11)
     with pytest.raises(ValueError, match="embedding sizes differ"):

@@ -151,6 +151,8 @@ def test_retrieval_metrics_accepts_numpy_and_low_precision():
     img, cap = _embeddings(40, 5, dtype=torch.float32)
     ref = evaluation.retrieval_metrics(img, cap, 5)
     assert evaluation.retrieval_metrics(img.numpy(), cap.numpy(), 5) == ref
+    # big-endian (np.load of a file written on such a machine) and negative strides: torch.from_numpy rejects both
+    assert evaluation.retrieval_metrics(img.numpy().astype(">f4"), cap.numpy()[::-1].copy()[::-1], 5) == ref
     half_img, half_cap = img.to(torch.bfloat16), cap.to(torch.bfloat16)
     # computed in float64 from the bf16 values
     assert evaluation.retrieval_metrics(half_img, half_cap, 5) == evaluation.retrieval_metrics(

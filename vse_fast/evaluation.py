@@ -156,9 +156,19 @@ def t2i(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
 # ----------------------------------------------------------------------------------------------
 
 
+def numpy_to_torch(x: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` for any numeric array: a non-native byte order (``>f4`` on x86) or negative
+    strides (``x[::-1]``), which it rejects, are copied into a native contiguous array first."""
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    if any(stride < 0 for stride in x.strides):
+        x = x.copy(order="C")  # not ascontiguousarray: a one-row reversed view counts as contiguous
+    return torch.from_numpy(x)
+
+
 def _as_tensor(x, name):
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = numpy_to_torch(x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.dim() != 2:

@@ -23,11 +23,12 @@ import torch
 
 from vse_fast.data import collate, is_blank_caption
 from vse_fast.eval import _autocast, _check_finite, caption_position_limit
+from vse_fast.evaluation import numpy_to_torch
 
 
 def _as_feature_set(x, index: int, img_dim: int) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.asarray(x))
+        x = numpy_to_torch(x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"feature set {index} must be a numpy array or tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[0] < 1:
@@ -168,8 +169,8 @@ def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, b
     Returns: (scores (Q, k) float32, indices (Q, k) int64), best first; ties keep the lower index first
         only as far as torch.topk does (unspecified).
     """
-    query_emb = torch.as_tensor(query_emb)
-    gallery_emb = torch.as_tensor(gallery_emb)
+    query_emb, gallery_emb = (numpy_to_torch(x) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+                              for x in (query_emb, gallery_emb))
     for name, x in (("query_emb", query_emb), ("gallery_emb", gallery_emb)):
         if x.dim() != 2 or not x.is_floating_point():
             raise ValueError(f"{name} must be a floating (count, embed) matrix, got shape {tuple(x.shape)} "
