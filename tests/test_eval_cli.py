@@ -175,6 +175,21 @@ def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
     assert "COCO" not in printed  # 10 items are not the COCO 1K/5K protocols
 
 
+def test_an_explicit_text_model_wins_over_the_vocab_file_the_checkpoint_names(dataset, tmp_path):
+    """A run copied to another machine: its config names a vocab.txt that is gone; an explicit
+    --text_model directory holding the tokenizer is used (and so is an explicit --vocab_file)."""
+    model = bert_model(1)
+    path = save_ours(model, tmp_path / "m.pth", vocab_file=str(tmp_path / "gone" / "vocab.txt"))
+    folder = str(tmp_path / "tokenizer")
+    data.load_tokenizer(vocab_file=str(dataset / "vocab.txt")).save_pretrained(folder)
+    expected = evaluate(model, str(dataset), "test", tokenizer=data.load_tokenizer(text_model_dir=folder))
+    assert_metrics_equal(main(["--checkpoint", path, "--data_path", str(dataset), "--text_model", folder]), expected)
+    assert_metrics_equal(main(["--checkpoint", path, "--data_path", str(dataset),
+                               "--vocab_file", str(dataset / "vocab.txt")]), expected)
+    with pytest.raises(ValueError, match="the checkpoint's vocabulary .*gone.* does not exist"):
+        Encoder.from_checkpoint(path, data_path=str(dataset))
+
+
 def test_cli_published_checkpoint(dataset, tmp_path):
     bert = transformers.BertModel(bert_config())
     bert.save_pretrained(tmp_path / "bert")

@@ -183,14 +183,17 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
                       vocab_file: str | None = None, checkpoint_path: str | None = None):
     """The caption tokenizer of a model: BERT tokenizer (text_model dir or wordpiece vocab.txt) or BiGRU
     Vocabulary (vocab json, else rebuilt from the training captions as vse_fast.train does).
-    Explicit arguments first, then the checkpoint config, then files in ``data_path``. A BiGRU vocabulary
+    Explicit arguments first (an explicit ``text_model`` of a BERT model before the vocab_file the
+    checkpoint config names), then the checkpoint config, then files in ``data_path``. A BiGRU vocabulary
     the checkpoint names but that is gone (the run directory was moved or copied) is looked for as
     ``vocab.json`` beside ``checkpoint_path``, where training writes it. ValueError when its size
     differs from the model's vocabulary (BERT vocab_size / BiGRU vocab_size)."""
     from vse_fast import data
 
+    bert = model_opt.get("text_encoder", "bert") == "bert"
+    explicit_bert_dir = bert and bool(text_model)
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
-    if not vocab_file and config.get("vocab_file"):
+    if not vocab_file and not explicit_bert_dir and config.get("vocab_file"):
         vocab_file = config["vocab_file"]
         if not os.path.exists(vocab_file):
             beside = checkpoint_path and os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "vocab.json")
@@ -198,7 +201,7 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
                 raise ValueError(f"the checkpoint's vocabulary {vocab_file} does not exist (moved with its run "
                                  "directory?): pass --vocab_file with its location")
             vocab_file = beside
-    if model_opt.get("text_encoder", "bert") == "bert":
+    if bert:
         return _check_bert_vocab(_find_bert_tokenizer(data_path, text_model, vocab_file), model_opt)
     if vocab_file:
         vocab = data.Vocabulary.load(vocab_file)
