@@ -155,8 +155,8 @@ def test_eval_cache_rebuilt_after_any_optimizer_step(optimizer):
 
 @pytest.mark.parametrize("hook", ["prune", "weight_norm"])
 def test_pruning_and_weight_norm_of_the_linear_layer_act_as_published(hook):
-    """torch.nn.utils.prune / weight_norm rebuild linear.weight in a forward pre-hook; GPO reads the
-    weight without calling linear, so it runs those hooks itself: training steps, loading a pruned
+    """torch.nn.utils.prune / weight_norm rebuild linear.weight in a forward pre-hook; the Triton table
+    reads the weight without calling linear, so it runs those hooks itself: training steps, loading a pruned
     state dict and pruning again in eval mode give the published module's outputs."""
     import warnings
 
@@ -189,6 +189,56 @@ def test_pruning_and_weight_norm_of_the_linear_layer_act_as_published(hook):
             for module in (published, ours):
                 prune.l1_unstructured(module.linear, "weight", amount=0.5)  # the mask buffer changes
             assert rel_err(ours(features, lengths)[0], published(features, lengths)[0]) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization's notices
+@pytest.mark.parametrize("wrapper", ["spectral_norm", "forward_hook", "quantize_dynamic", "parametrize"])
+def test_a_wrapped_or_hooked_score_layer_is_called_as_published(wrapper):
+    """The published GPO calls its linear layer; ours calls it too on the torch table path (the fused
+    Triton table, which reads the weight, is for plain layers only): its hooks fire and wrappers apply."""
+    published, ours = make_pair()
+    seen = {}
+
+    def wrap(module):
+        if wrapper == "spectral_norm":
+            torch.nn.utils.spectral_norm(module.linear)
+        elif wrapper == "forward_hook":
+            module.linear.register_forward_hook(lambda m, args, out: seen.setdefault(id(module), []).append(out))
+        elif wrapper == "parametrize":
+            torch.nn.utils.parametrize.register_parametrization(module.linear, "weight", _Doubled())
+        else:
+            if not hasattr(torch.ao.quantization, "quantize_dynamic"):
+                pytest.skip("this torch has no torch.ao.quantization.quantize_dynamic")
+            module = torch.ao.quantization.quantize_dynamic(module.eval(), {torch.nn.Linear}, dtype=torch.qint8)
+        return module
+
+    torch.manual_seed(0)
+    published, ours = wrap(published), wrap(ours)
+    published.load_state_dict(ours.state_dict())  # the spectral_norm power-iteration vectors alike
+    features, lengths = torch.randn(3, 6, 4), random_lengths(3, 6)
+    pooled, weights = ours(features, lengths)
+    expected_pooled, expected_weights = published(features, lengths)
+    assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
+    if wrapper == "forward_hook":
+        assert len(seen[id(ours)]) == len(seen[id(published)]) == 1
+    if wrapper == "spectral_norm":
+        pooled.pow(2).sum().backward()
+        assert ours.linear.weight_orig.grad is not None and ours.linear.weight_orig.grad.abs().sum() > 0
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.pool(features, lengths), ours(features, lengths)[0])
+
+
+def test_table_backend_triton_refuses_a_hooked_score_layer():
+    gpo = GPO(32, 32, table_backend="triton")
+    gpo.linear.register_forward_hook(lambda *args: None)
+    with pytest.raises(TypeError, match="table_backend='triton' reads the weights of a plain nn.GRU"):
+        gpo(torch.randn(2, 3, 4), torch.tensor([3, 1]))
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
 
 
 def test_eval_cache_misses_data_writes_until_clear_cache():

@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn as nn
 from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -61,13 +62,26 @@ def positional_encoding_1d(d_pe: int, length: int, device=None) -> torch.Tensor:
     return pe
 
 
+_WEIGHT_REBUILDING_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def _reads_weights_as_called(module: nn.Module, kind: type) -> bool:
+    """Whether reading the weights of ``module`` gives what calling it would compute: a plain ``kind``
+    (not a subclass, a quantized or a parametrized layer), no forward or backward hooks of its own
+    (global module hooks are not looked at), and only pre-hooks that rebuild
+    its weights (prune, weight_norm, spectral_norm; run by _recompute_hooked_weights)."""
+    return (type(module) is kind and not module._forward_hooks and not module._backward_hooks
+            and not module._backward_pre_hooks
+            and all(isinstance(h, _WEIGHT_REBUILDING_HOOKS) for h in module._forward_pre_hooks.values()))
+
+
 def _recompute_hooked_weights(*modules: nn.Module) -> None:
-    """Run the forward pre-hooks of torch.nn.utils.prune and torch.nn.utils.weight_norm, which rebuild
-    a module's ``weight`` from its parameters before each call: GPO reads the weights of its gru and
-    linear without calling them (the published GPO calls its linear)."""
+    """Run the forward pre-hooks of torch.nn.utils.prune, weight_norm and spectral_norm, which rebuild a
+    module's ``weight`` from its parameters before each call: the Triton table reads the weights of the
+    gru and linear without calling them."""
     for module in modules:
         for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, (BasePruningMethod, WeightNorm)):
+            if isinstance(hook, _WEIGHT_REBUILDING_HOOKS):
                 hook(module, ())
 
 
@@ -155,17 +169,33 @@ class GPO(_SortedPool):
         One packed bidirectional GRU call over the S prefixes pe[0..n-1] (sizes known on the host:
         no device sync)."""
         self.table_builds += 1
-        _recompute_hooked_weights(self.linear, self.gru)
-        device = self.linear.weight.device
+        device, dtype = self._param_device_dtype()
         pe = self._positional_encoding(longest, device)
         with torch.autocast(device.type, enabled=False):  # the parameters' dtype, as the Triton table (fp32)
-            return torch_coefficient_table(pe, self.gru, self.linear.weight, sizes, device_sizes)
+            return torch_coefficient_table(pe, self.gru, self.linear, sizes, device_sizes, dtype)
+
+    def _param_device_dtype(self):
+        """Device and dtype of the GRU's parameters (of the linear layer's, or the default, without)."""
+        for p in (*self.gru.parameters(), *self.linear.parameters()):
+            return p.device, p.dtype
+        return torch.device("cpu"), torch.get_default_dtype()
+
+    def _use_triton_table(self) -> bool:
+        """The fused table reads the weights of gru and linear; a wrapped, quantized or hooked layer is
+        called instead (the torch table), as the published GPO calls them. table_backend="triton" with
+        such a layer is an error."""
+        plain = _reads_weights_as_called(self.gru, nn.GRU) and _reads_weights_as_called(self.linear, nn.Linear)
+        if self.table_backend == "triton" and not plain:
+            raise TypeError("table_backend='triton' reads the weights of a plain nn.GRU and nn.Linear without hooks "
+                            f"(prune/weight_norm/spectral_norm allowed); got {type(self.gru).__name__} and "
+                            f"{type(self.linear).__name__} with hooks or wrappers: use table_backend 'torch' or 'auto'")
+        return plain and use_triton_table(self.gru, self.table_backend)
 
     def _table_over_all_sizes(self, K: int) -> torch.Tensor:
         """(K, K): row n-1 = coefficients of a set of size n, for n = 1..K. On the Triton path one fused
         kernel runs both GRU directions of all K prefixes; otherwise one packed GRU call."""
-        device = self.linear.weight.device
-        if use_triton_table(self.gru, self.table_backend):
+        device = self._param_device_dtype()[0]
+        if self._use_triton_table():
             self.table_builds += 1
             _recompute_hooked_weights(self.linear, self.gru)
             return triton_coefficient_table(self._positional_encoding(K, device), self.gru, self.linear.weight)
@@ -226,15 +256,16 @@ class GPO(_SortedPool):
         n = _lengths_as_long(lengths)
         longest = _longest(n)
         if n.numel() == 0:  # empty batch: no table to build
-            weights = self.linear.weight.new_zeros((0, 0))
+            device, dtype = self._param_device_dtype()
+            weights = torch.zeros((0, 0), device=device, dtype=dtype)
         elif self._cache_usable():
             weights = self._full_table(longest).index_select(0, n - 1)[:, :longest]
-        elif use_triton_table(self.gru, self.table_backend):  # every size 1..longest in one kernel
+        elif self._use_triton_table():  # every size 1..longest in one kernel
             weights = self._table_over_all_sizes(longest).index_select(0, n - 1)
         else:  # once per distinct length (reads the lengths on the host; allowed here)
             sizes, inverse = torch.unique(n.cpu(), return_inverse=True)  # ascending
             sizes = sizes.flip(0)
-            table = self._coefficient_table(sizes, longest, sizes.to(self.linear.weight.device))  # by descending size
+            table = self._coefficient_table(sizes, longest, sizes.to(self._param_device_dtype()[0]))  # descending size
             weights = table[(sizes.shape[0] - 1 - inverse).to(table.device)]
         mask = torch.arange(longest, device=n.device) < n.unsqueeze(1)
         return weights.unsqueeze(-1), mask.unsqueeze(-1)

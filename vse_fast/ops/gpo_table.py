@@ -88,9 +88,10 @@ class GRUPrefixStatesFunction(torch.autograd.Function):
         return kernels.gpo_table_bwd(gi, whh, bhh, out, grad_out, ctx.settings)
 
 
-def _scores_to_table(averaged, linear_weight, sizes):
-    """averaged (S, L, H), sizes (S,) on the device -> (S, L) softmax of the masked, scaled scores."""
-    scores = torch.nn.functional.linear(averaged, linear_weight).squeeze(-1)  # (S, L)
+def _scores_to_table(averaged, linear, sizes):
+    """averaged (S, L, H), linear (the score layer: (..., H) -> (..., 1)), sizes (S,) on the device
+    -> (S, L) softmax of the masked, scaled scores."""
+    scores = linear(averaged).squeeze(-1)  # (S, L)
     valid = torch.arange(scores.shape[1], device=scores.device) < sizes.unsqueeze(1)
     return torch.softmax(scores.masked_fill(~valid, PAD_SCORE) / TEMPERATURE, 1)
 
@@ -106,19 +107,21 @@ def triton_coefficient_table(pe: torch.Tensor, gru: torch.nn.GRU, linear_weight:
         out = GRUPrefixStatesFunction.apply(gi, torch.stack((w_hh, w_hh_r)), torch.stack((b_hh, b_hh_r)))
         averaged = (out[1:] + out[:1]) * 0.5  # (K, K, H): row n - 1 = size n
         sizes = torch.arange(1, K + 1, device=pe.device)
-        table = _scores_to_table(averaged, linear_weight.float(), sizes)
+        weight = linear_weight.float()
+        table = _scores_to_table(averaged, lambda x: torch.nn.functional.linear(x, weight), sizes)
     return table.to(dtype)
 
 
-def torch_coefficient_table(pe: torch.Tensor, gru: torch.nn.GRU, linear_weight: torch.Tensor,
-                            sizes: torch.Tensor, device_sizes: torch.Tensor) -> torch.Tensor:
+def torch_coefficient_table(pe: torch.Tensor, gru: torch.nn.Module, linear: torch.nn.Module, sizes: torch.Tensor,
+                            device_sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(S, L) coefficients of the sizes `sizes` (S,) (CPU int64, descending, each <= L = pe.shape[0]),
-    one packed bidirectional GRU call over the S prefixes; device_sizes = the same sizes on pe's device."""
+    one packed bidirectional GRU call over the S prefixes (pe cast to `dtype`), scored by calling
+    `linear`, as published (its hooks and wrappers apply); device_sizes = the same sizes on pe's device."""
     L, d_pe = pe.shape
     H = gru.hidden_size
-    prefixes = pe.to(linear_weight.dtype).unsqueeze(0).expand(sizes.shape[0], L, d_pe)
+    prefixes = pe.to(dtype).unsqueeze(0).expand(sizes.shape[0], L, d_pe)
     packed = pack_padded_sequence(prefixes, sizes, batch_first=True, enforce_sorted=True)
     out, _ = gru(packed)
     out, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (S, L, 2H), 0 after n
     averaged = (out[:, :, :H] + out[:, :, H:]) / 2
-    return _scores_to_table(averaged, linear_weight, device_sizes)
+    return _scores_to_table(averaged, linear, device_sizes)
