@@ -144,6 +144,10 @@ class TorchGPOPoolFunction(torch.autograd.Function):
 
         grad_weights[b, r] = sum_d s[b, d, r] * grad_out[b, d]            (ranks < n)
         grad_features[b, idx[b, d, r], d] = grad_out[b, d] * w'[b, r]      (one scatter; 0 at padding)
+
+    Under create_graph (a gradient penalty) the backward is built from differentiable ops on the
+    inputs (s gathered from features by idx), so a double backward gives the exact second-order
+    gradients of this piecewise-linear map, as the published module's autograd does.
     """
 
     @staticmethod
@@ -159,15 +163,39 @@ class TorchGPOPoolFunction(torch.autograd.Function):
         if s.dtype != acc:
             s = s.to(acc)
         out = torch.bmm(s, w.unsqueeze(2)).squeeze(2)  # (B, D)
-        ctx.save_for_backward(s, idx, w, valid)
+        ctx.save_for_backward(s, idx, w, valid, features, weights)
         ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
         ctx.features_dtype = features.dtype
         return out.to(features.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        s, idx, w, valid = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return TorchGPOPoolFunction._differentiable_backward(ctx, grad_out)
+        return TorchGPOPoolFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_out):
+        _, idx, _, valid, features, weights = ctx.saved_tensors
+        B, D, K = idx.shape
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        s = features.transpose(1, 2).gather(2, idx).to(acc).masked_fill(~valid.unsqueeze(1), 0.0)  # (B, D, K)
+        kw = min(K, weights.shape[1])
+        w = torch.nn.functional.pad(weights[:, :kw].to(acc), (0, K - kw)).masked_fill(~valid, 0.0)  # (B, K)
+        g = grad_out.to(acc)
+        grad_features = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            gs = (g.unsqueeze(2) * w.unsqueeze(1)).masked_fill(~valid.unsqueeze(1), 0.0)  # (B, D, K)
+            grad_features = torch.zeros_like(gs).scatter(2, idx, gs).transpose(1, 2).to(ctx.features_dtype)
+        if ctx.needs_input_grad[2]:
+            gw = torch.bmm(g.unsqueeze(1), s).squeeze(1).masked_fill(~valid, 0.0)  # (B, K)
+            grad_weights = torch.nn.functional.pad(gw[:, :kw], (0, ctx.weights_shape[1] - kw)).to(ctx.weights_dtype)
+        return grad_features, None, grad_weights
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, grad_out):
+        s, idx, w, valid, _, _ = ctx.saved_tensors
         B, D, K = s.shape
         g = grad_out.to(s.dtype)
         grad_features = grad_weights = None
@@ -225,8 +253,8 @@ def gpo_pool(features, lengths, weights, *, backend="auto", validate=True):
             by the kernels for memory safety, with unspecified results.
 
     Returns:
-        (B, D) tensor, differentiable once w.r.t. features and weights (the backward is hand-written
-        and not itself differentiable: a double backward raises).
+        (B, D) tensor, differentiable w.r.t. features and weights: twice on the torch backend (a
+        gradient penalty), once on the Triton backend (a kernel backward: a double backward raises).
 
     Example:
         >>> x = torch.tensor([[[1.0], [3.0], [2.0]]])          # B=1, K=3, D=1
