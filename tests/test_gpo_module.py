@@ -431,12 +431,15 @@ def test_fixed_pools_match_direct_definitions():
         x = features.clone().requires_grad_()
         pooled, weights = module(x, lengths.float())
         assert weights.shape == (B, int(lengths.max()), 1)
-        torch.testing.assert_close(pooled, direct[name])
-        torch.testing.assert_close(module.pool(x, lengths), pooled)
+        exact = dict(rtol=1e-12, atol=1e-12)  # float64 features: float64 weights (1/n, 1/k), not float32
+        assert weights.dtype == torch.float64
+        torch.testing.assert_close(pooled, direct[name], **exact)
+        torch.testing.assert_close(module.pool(x, lengths), pooled, **exact)
         g = torch.randn(B, D, dtype=torch.float64)
         (grad,) = torch.autograd.grad(pooled, x, g)
         (expected,) = torch.autograd.grad(direct[name], x_direct, g)
-        torch.testing.assert_close(grad, expected)
+        torch.testing.assert_close(grad, expected, **exact)
+        assert module.coefficients(lengths, K).dtype == torch.float32  # the default
 
 
 @requires_cuda

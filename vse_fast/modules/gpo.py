@@ -97,8 +97,14 @@ def _longest(n: torch.Tensor) -> int:
 class _SortedPool(nn.Module):
     """Shared forward / pool of the pools over sorted features; subclasses define `coefficients`."""
 
-    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:  # (B, K)
+    def coefficients(self, lengths: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, K) weight of each rank for sets of sizes lengths (B,); fixed pools build them in ``dtype``
+        (float64 for float64 features), GPO in its parameters' dtype."""
         raise NotImplementedError
+
+    @staticmethod
+    def _weights_dtype(features: torch.Tensor) -> torch.dtype:
+        return torch.float64 if features.dtype == torch.float64 else torch.float32
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor):
         """features (B, K, D), lengths (B,) int or float (whole numbers, 1..K, any order).
@@ -107,7 +113,7 @@ class _SortedPool(nn.Module):
         check_gpo_pool_inputs(features, lengths, validate=True)
         n = _lengths_as_long(lengths)
         longest = _longest(n)
-        weights = self.coefficients(n, longest)
+        weights = self.coefficients(n, longest, self._weights_dtype(features))
         pooled = gpo_pool(features, n, weights, validate=False)
         return pooled, weights.unsqueeze(-1)
 
@@ -116,7 +122,8 @@ class _SortedPool(nn.Module):
         Lengths are trusted (not range-checked: that would read them on the host)."""
         check_gpo_pool_inputs(features, lengths, validate=False)
         n = _lengths_as_long(lengths)
-        return gpo_pool(features, n, self.coefficients(n, features.shape[1]), validate=False)
+        return gpo_pool(features, n, self.coefficients(n, features.shape[1], self._weights_dtype(features)),
+                        validate=False)
 
 
 
@@ -236,9 +243,10 @@ class GPO(_SortedPool):
         self._eval_cache = (key, table)
         return table
 
-    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
+    def coefficients(self, lengths: torch.Tensor, K: int, dtype: torch.dtype = None) -> torch.Tensor:
         """No-sync coefficients (B, K) for lengths (B,) (int or float, trusted to be in 1..K):
-        row b = the GPO weights of a set of size lengths[b], zero at positions >= lengths[b]."""
+        row b = the GPO weights of a set of size lengths[b], zero at positions >= lengths[b]; in the
+        parameters' dtype (``dtype`` is not used)."""
         table = self._full_table(K)
         rows = (_lengths_as_long(lengths) - 1).clamp(0, K - 1)
         return table.index_select(0, rows)[:, :K]
@@ -288,18 +296,18 @@ class GPO(_SortedPool):
 class AvgPool(_SortedPool):
     """Mean over the n valid set elements (weight 1/n at every rank < n)."""
 
-    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
+    def coefficients(self, lengths: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = _lengths_as_long(lengths).unsqueeze(1)
         ranks = torch.arange(K, device=lengths.device)
-        return (ranks < n).to(torch.float32) / n.clamp(min=1).to(torch.float32)
+        return (ranks < n).to(dtype) / n.clamp(min=1).to(dtype)
 
 
 class MaxPool(_SortedPool):
     """Maximum over the n valid set elements per feature (weight 1 at rank 0)."""
 
-    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
+    def coefficients(self, lengths: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         ranks = torch.arange(K, device=lengths.device)
-        return (ranks == 0).to(torch.float32).expand(lengths.shape[0], K)
+        return (ranks == 0).to(dtype).expand(lengths.shape[0], K)
 
 
 class KMaxPool(_SortedPool):
@@ -311,10 +319,10 @@ class KMaxPool(_SortedPool):
             raise ValueError(f"KMaxPool needs an integer k >= 1, got {k!r}")
         self.k = k
 
-    def coefficients(self, lengths: torch.Tensor, K: int) -> torch.Tensor:
+    def coefficients(self, lengths: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         top = _lengths_as_long(lengths).clamp(min=1, max=self.k).unsqueeze(1)
         ranks = torch.arange(K, device=lengths.device)
-        return (ranks < top).to(torch.float32) / top.to(torch.float32)
+        return (ranks < top).to(dtype) / top.to(dtype)
 
     def extra_repr(self) -> str:
         return f"k={self.k}"
