@@ -73,6 +73,10 @@ def test_bad_parameters_are_named(tmp_path):
         synthetic.generate(str(tmp_path), n_dev=0)
     with pytest.raises(ValueError, match="seed"):
         synthetic.generate(str(tmp_path), seed=-2)
+    with pytest.raises(ValueError, match="max_set must be >= 14 for the image flavour, got 13"):
+        synthetic.generate(str(tmp_path), max_set=13)  # would cut regions the captions name
+    with pytest.raises(ValueError, match="max_set must be >= 8 for the video flavour, got 7"):
+        synthetic.generate(str(tmp_path), flavour="video", max_set=7)
     for noise in (float("nan"), float("inf"), -0.1, True, "0.2"):
         with pytest.raises(ValueError, match="noise must be a finite non-negative number"):
             synthetic.generate(str(tmp_path), noise=noise)

@@ -95,8 +95,12 @@ def _params(flavour, seed, sizes):
         value = params[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if params["max_set"] < 8:
-        raise ValueError(f"max_set must be >= 8, got {params['max_set']}")
+    least = MIN_IMAGE_SET if flavour == "image" else 8
+    if params["max_set"] < least:
+        raise ValueError(f"max_set must be >= {least} for the {flavour} flavour, got {params['max_set']}"
+                         + (" (a scene has up to 4 objects of 1-3 regions and 1-2 setting regions; fewer rows would "
+                            "cut regions its captions name)" if flavour == "image" else " (the fewest frames of a "
+                            "video)"))
     if params["pattern_dims"] > params["feat_dim"]:
         raise ValueError(f"pattern_dims {params['pattern_dims']} > feat_dim {params['feat_dim']}")
     noise = params["noise"]
@@ -132,6 +136,9 @@ def _scene(rng):
     objects = rng.choice(len(OBJECTS), size=n_obj, replace=False)
     colours = rng.integers(0, len(COLOURS), size=n_obj)
     return objects, colours, int(rng.integers(0, len(SETTINGS)))
+
+
+MIN_IMAGE_SET = 14  # 4 objects x 3 regions + 2 setting regions: every named region fits
 
 
 def _image_set(rng, pat, scene, max_set, noise):
