@@ -611,6 +611,40 @@ def test_a_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, capsys, p
     monkeypatch.setattr(train, "compute_loss", nan_loss)
     err = _error(capsys, _args(tiny, tmp_path / "n", "--precision", precision, "--batch_size", "8", "--max_steps", "30"))
     assert f"error: the loss became nan at step {step} " in err and "Traceback" not in err
+    assert f"ERROR the loss became nan at step {step} " in (tmp_path / "n" / "train.log").read_text()
+
+
+def test_an_epoch_end_writes_best_pth_before_last_pth(tiny, tmp_path, monkeypatch):
+    """Each written atomically, best first: a kill between them never leaves a last.pth recording a best
+    rsum that best.pth does not hold (it replays the epoch instead)."""
+    import vse_fast.checkpoint as checkpoint
+
+    written, real = [], checkpoint.save_checkpoint
+
+    def recording(path, state):
+        written.append((os.path.basename(path), state["best_rsum"]))
+        return real(path, state)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", recording)
+    train.main(_args(tiny, tmp_path / "r", "--num_epochs", "1"))
+    best = [i for i, (name, _) in enumerate(written) if name == "best.pth"]
+    assert best and written[best[-1] + 1][0] == "last.pth" and written[best[-1] + 1][1] == written[best[-1]][1]
+    assert not list((tmp_path / "r").glob("*.tmp"))
+
+
+def test_a_max_steps_stop_checks_the_loss_before_writing_last_pth(tiny, tmp_path, monkeypatch, capsys):
+    """The --max_steps stop writes last.pth: its step is a logged one, so a NaN loss there is an error
+    and no NaN model is saved (step 1 is not a --log_step 2 step)."""
+    real = train.compute_loss
+
+    def nan_loss(*args, **kw):
+        loss, img, cap = real(*args, **kw)
+        return loss * float("nan"), img, cap
+
+    monkeypatch.setattr(train, "compute_loss", nan_loss)
+    err = _error(capsys, _args(tiny, tmp_path / "m", "--max_steps", "1"))
+    assert "error: the loss became nan at step 1 " in err
+    assert not (tmp_path / "m" / "last.pth").exists()
 
 
 def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):

@@ -666,12 +666,14 @@ class Trainer:
                 logger.warning("resuming with %d process(es) instead of %s: dropout random streams re-seeded",
                                self.ctx.world_size, rng.get("world_size"))
 
-    def save(self, name: str) -> None:
+    def save(self, *names: str) -> None:
+        """The training state to each of ``names`` in the run directory, in order, each atomically."""
         from vse_fast.checkpoint import save_checkpoint
 
         state = self.state()  # collective (RNG states of all ranks): every rank takes part
         if self.ctx.is_main:
-            save_checkpoint(os.path.join(self.cfg["run_dir"], name), state)
+            for name in names:
+                save_checkpoint(os.path.join(self.cfg["run_dir"], name), state)
 
     # -- training
 
@@ -718,8 +720,10 @@ class Trainer:
                 self.epoch_step += 1
                 steps_since += 1
                 saving = bool(save_steps) and self.step % save_steps == 0
-                # a checkpointed step is a logged one: its loss is checked before last.pth is replaced
-                if self.step % log_step == 0 or self.epoch_step == self.steps_per_epoch or saving:
+                # a checkpointed step (save_steps, the --max_steps stop) is a logged one: its loss is
+                # checked before last.pth is replaced
+                stopping = max_steps is not None and self.step >= max_steps
+                if self.step % log_step == 0 or self.epoch_step == self.steps_per_epoch or saving or stopping:
                     now = time.time()
                     self._log_step(loss, img_emb, cap_emb, items, max_violation,
                                    steps_since / max(now - t_last, 1e-9), bar)
@@ -826,12 +830,9 @@ class Trainer:
             is_best = bool(self._broadcast(is_best))
             self.epoch += 1
             self.epoch_step = 0
-            self.save("last.pth")
-            if is_best and self.ctx.is_main:
-                import shutil
-
-                shutil.copyfile(os.path.join(cfg["run_dir"], "last.pth"), os.path.join(cfg["run_dir"], "best.pth.tmp"))
-                os.replace(os.path.join(cfg["run_dir"], "best.pth.tmp"), os.path.join(cfg["run_dir"], "best.pth"))
+            # best.pth first, each written atomically: a kill between the two leaves a last.pth that
+            # replays this epoch, never one that records a best rsum best.pth does not hold
+            self.save("best.pth", "last.pth") if is_best else self.save("last.pth")
         return {"stopped": False, "step": self.step, "val": metrics, "best_rsum": self.best_rsum}
 
     def _broadcast(self, value):
@@ -882,6 +883,9 @@ def main(argv=None) -> dict:
         vdist.barrier(ctx)  # every rank done (rank 0's checkpoint written) before the group is torn down
         return result
     except (DataError, CheckpointError, FloatingPointError) as err:  # they say what and where: no traceback
+        log_file = os.path.join(cfg["run_dir"], "train.log") if cfg.get("run_dir") else None
+        if any(getattr(h, "baseFilename", None) == log_file for h in logger.handlers):  # this run's train.log
+            logger.error("%s", error_message(err), extra={"file_only": True})
         parser.exit(2, f"{parser.prog}: error: {error_message(err)}\n")
     finally:
         vdist.cleanup_distributed(ctx)
