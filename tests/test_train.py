@@ -169,6 +169,9 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "needs --text_model" in _error(capsys, ["--data_path", data])
     assert "--resume" in _error(capsys, ["--resume", missing + ".pth"])
     assert "--batch_size must be >= 1, got 0" in _error(capsys, _args(tiny, tmp_path / "r", "--batch_size", "0"))
+    assert "--bert_config configures the BERT text encoder; this run's text encoder is the BiGRU" in _error(
+        capsys, _args(tiny, tmp_path / "r", "--text_encoder", "gru"))  # _args passes --bert_config
+    assert "--text_model configures the BERT" in _error(capsys, ["--text_encoder", "gru", "--text_model", data])
     assert "--batch_size must be >= 2, got 1" in _error(capsys, _args(tiny, tmp_path / "r", "--batch_size", "1"))
     assert "--embed_size must be >= 2 with --precomp_enc_type basic" in _error(
         capsys, _args(tiny, tmp_path / "r", "--embed_size", "1"))

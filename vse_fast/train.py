@@ -195,11 +195,17 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
     """Defaults (published with --data_path, else the demo) <- the resumed checkpoint's config <- the
     options given explicitly on the command line. Validates values, naming the bad option."""
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume",)}
+    text_encoder = explicit.get("text_encoder", (saved or {}).get("text_encoder", "bert"))
+    for key in ("text_model", "bert_config"):
+        if text_encoder == "gru" and key in explicit:
+            parser.error(f"--{key} configures the BERT text encoder; this run's text encoder is the BiGRU "
+                         "(--text_encoder gru), which would ignore it")
     if saved is not None:
         cfg = dict(saved)
         explicit = _absolute_paths(explicit)
+        bert_only = ("text_model", "bert_config") if cfg.get("text_encoder") == "gru" else ()
         for key in PATH_KEYS:
-            if key not in explicit and cfg.get(key) and not os.path.exists(cfg[key]):
+            if key not in explicit and key not in bert_only and cfg.get(key) and not os.path.exists(cfg[key]):
                 if key != "synthetic_dir":  # a missing synthetic cache is regenerated
                     parser.error(f"the resumed run's --{key} {cfg[key]!r} does not exist (moved, or a relative "
                                  f"path from another working directory?): pass --{key} with its location")
