@@ -3,7 +3,7 @@ import sys
 
 USAGE = """vse_fast: VSE-infinity (GPO + VSE++ loss) with fused Triton kernels.
 
-  python -m vse_fast.train                  train a small model on synthetic data (CPU, ~1 min)
+  python -m vse_fast.train                  train a small model on synthetic data (~1 min on 2 CPU cores)
   python -m vse_fast.train --data_path DIR --text_model BERT_DIR
                                             train with the published hyperparameters
   torchrun --nproc_per_node=N -m vse_fast.train ...
