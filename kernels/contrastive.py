@@ -471,12 +471,15 @@ def _contrastive_combine_kernel(
         else:
             base = PARTS0.to(tl.int64) * M
             n_parts = PARTS1
+        # int64 running offset: k * M passes 2**31 in int32 at B ~ 370k (fp32 tiles)
+        o_part = o_m.to(tl.int64) + base
         if MAX_VIOLATION:
             best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             arg = tl.full((BLOCK_M,), -1, dtype=tl.int32)
             for k in range(n_parts):
-                pv = tl.load(part_val_ptr + base + k * M + o_m, mask=m_m, other=float("-inf"))
-                pa = tl.load(part_aux_ptr + base + k * M + o_m, mask=m_m, other=-1)
+                pv = tl.load(part_val_ptr + o_part, mask=m_m, other=float("-inf"))
+                pa = tl.load(part_aux_ptr + o_part, mask=m_m, other=-1)
+                o_part += M
                 upd = pv > best  # strict: earlier parts (columns / rows) win ties
                 best = tl.where(upd, pv, best)
                 arg = tl.where(upd, pa, arg)
@@ -486,8 +489,9 @@ def _contrastive_combine_kernel(
             val = tl.zeros((BLOCK_M,), dtype=tl.float32)
             cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k in range(n_parts):
-                val += tl.load(part_val_ptr + base + k * M + o_m, mask=m_m, other=0.0)
-                cnt += tl.load(part_aux_ptr + base + k * M + o_m, mask=m_m, other=0.0)
+                val += tl.load(part_val_ptr + o_part, mask=m_m, other=0.0)
+                cnt += tl.load(part_aux_ptr + o_part, mask=m_m, other=0.0)
+                o_part += M
             tl.store(aux_ptr + t * M + o_m, cnt, mask=m_m)
         tl.store(val_ptr + t * M + o_m, val * scale + nan_flag, mask=m_m)
 
