@@ -407,6 +407,10 @@ def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, t
     assert log.count("--margin 0.25 overrides the resumed run's 0.2") == 1 and "vocab_file" not in log
     metrics = eval_main(["--checkpoint", str(tmp_path / "r" / "last.pth"), "--data_path", str(copy), "--split", "test"])
     assert metrics["rsum"] > 0
+    moved = tmp_path / "moved"  # the run directory moved: its vocab.json is found beside the checkpoint
+    shutil.move(str(tmp_path / "r"), moved)
+    train.main(["--resume", str(moved / "last.pth"), "--max_steps", "4", "--progress", "off"])
+    assert _final_state(moved)["step"] == 4 and _final_state(moved)["config"]["vocab_file"] == str(moved / "vocab.json")
 
 
 def test_pooling_option_trains_evaluates_and_is_kept_on_resume(tiny, tmp_path, capsys):

@@ -204,6 +204,11 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
         cfg = dict(saved)
         explicit = _absolute_paths(explicit)
         bert_only = ("text_model", "bert_config") if cfg.get("text_encoder") == "gru" else ()
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.resume)), "vocab.json") \
+            if getattr(args, "resume", None) else None
+        if (cfg.get("text_encoder") == "gru" and "vocab_file" not in explicit and cfg.get("vocab_file")
+                and not os.path.exists(cfg["vocab_file"]) and beside and os.path.isfile(beside)):
+            cfg["vocab_file"] = beside  # a moved run: the vocabulary training wrote beside it (as vse_fast.eval)
         for key in PATH_KEYS:
             if key not in explicit and key not in bert_only and cfg.get(key) and not os.path.exists(cfg[key]):
                 if key != "synthetic_dir":  # a missing synthetic cache is regenerated
