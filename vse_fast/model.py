@@ -166,8 +166,8 @@ def _gpo_pool(gpool: nn.Module, features: torch.Tensor, lengths: torch.Tensor, b
     from vse_fast.ops.gpo_pool import gpo_pool
 
     n = lengths.detach().long()
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return gpo_pool(features, n, gpool.coefficients(n, features.shape[1], dtype), backend=backend, validate=False)
+    weights = gpool.coefficients(n, features.shape[1], gpool._weights_dtype(features))
+    return gpo_pool(features, n, weights, backend=backend, validate=False)
 
 
 def _check_on_host(t: torch.Tensor) -> bool:

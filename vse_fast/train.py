@@ -1,11 +1,11 @@
 """Train VSE-infinity: ``python -m vse_fast.train [options]``.
 
 Without ``--data_path`` it trains a small model on a generated synthetic dataset (about one minute on
-two idle CPU cores: 3 epochs of 234 steps; on a GPU in bf16 when one is present, unless --device cpu) and prints the recall table of the test split. With
-``--data_path`` (the SCAN/VSE-infinity precomputed layout: {split}_ims.npy, {split}_caps.txt, ...) the
-defaults are the published ones: embed 1024, margin 0.2, batch 128, AdamW lr 5e-4 (BERT 0.1x), weight
-decay 1e-4, 25 epochs, lr x0.1 at epoch 15, gradient-norm clip 2, one VSE0 warm-up epoch then hardest
-negatives (VSE++).
+two idle CPU cores: 3 epochs of 234 steps; on a GPU in bf16 when one is present, unless --device cpu)
+and prints the recall table of the test split. With ``--data_path`` (the SCAN/VSE-infinity precomputed
+layout: {split}_ims.npy, {split}_caps.txt, ...) the defaults are the published ones: embed 1024, margin
+0.2, batch 128, AdamW lr 5e-4 (BERT 0.1x), weight decay 1e-4, 25 epochs, lr x0.1 at epoch 15,
+gradient-norm clip 2, one VSE0 warm-up epoch then hardest negatives (VSE++).
 
 Multi-GPU: ``torchrun --nproc_per_node=N -m vse_fast.train ...`` (DDP; ``--batch_size`` is the global
 batch, split over the processes; negatives are gathered from all processes unless
@@ -203,10 +203,11 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
     if saved is not None:
         cfg = dict(saved)
         explicit = _absolute_paths(explicit)
-        bert_only = ("text_model", "bert_config") if cfg.get("text_encoder") == "gru" else ()
+        gru = cfg.get("text_encoder") == "gru"
+        bert_only = ("text_model", "bert_config") if gru else ()
         beside = os.path.join(os.path.dirname(os.path.abspath(args.resume)), "vocab.json") \
             if getattr(args, "resume", None) else None
-        if (cfg.get("text_encoder") == "gru" and "vocab_file" not in explicit and cfg.get("vocab_file")
+        if (gru and "vocab_file" not in explicit and cfg.get("vocab_file")
                 and not os.path.exists(cfg["vocab_file"]) and beside and os.path.isfile(beside)):
             cfg["vocab_file"] = beside  # a moved run: the vocabulary training wrote beside it (as vse_fast.eval)
         for key in PATH_KEYS:
@@ -743,7 +744,7 @@ class Trainer:
                     bar.update()
                 if self.epoch_step == self.steps_per_epoch:
                     break  # the epoch's end is checkpointed after evaluation
-                if max_steps is not None and self.step >= max_steps:
+                if stopping:
                     return False
                 if saving:
                     self.save("last.pth")
@@ -843,7 +844,10 @@ class Trainer:
             self.epoch_step = 0
             # best.pth first, each written atomically: a kill between the two leaves a last.pth that
             # replays this epoch, never one that records a best rsum best.pth does not hold
-            self.save("best.pth", "last.pth") if is_best else self.save("last.pth")
+            if is_best:
+                self.save("best.pth", "last.pth")
+            else:
+                self.save("last.pth")
         return {"stopped": False, "step": self.step, "val": metrics, "best_rsum": self.best_rsum}
 
     def _broadcast(self, value):
