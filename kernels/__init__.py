@@ -3,3 +3,14 @@
 One file per op: the `@triton.jit` kernels and their launchers. The autograd Functions
 that call them live in `vse_fast.ops`.
 """
+import os
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter: TRITON_INTERPRET read as Triton reads it
+    (its `knobs` since 3.4 take 1/true/yes/on in any case; earlier versions only "1")."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)

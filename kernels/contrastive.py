@@ -87,12 +87,13 @@ operands use ``input_precision="tf32x3"``: each product as three TF32 tensor-cor
 runs fp32 cuBLAS with TF32 off) at several times the speed of FMA-based "ieee" dots. The VSE0
 backward multiplies G by fp32 operands in cuBLAS fp32 (TF32 as torch's matmul settings say).
 """
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from vse_fast.kernels import triton_interpreting
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -107,7 +108,7 @@ NO_LABELS, I2T_LABELS, T2I_LABELS = 0, 1, 2
 SMALL, FUSED, TERMS = "small", "fused", "terms"
 
 # TRITON_INTERPRET is read by triton when it is imported, so once is enough here too.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = triton_interpreting()
 
 
 def _interp_bf16(dtype) -> bool:

@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vse_fast.kernels import triton_interpreting
+
 MAX_K = 512  # largest set size the kernels take (BLOCK_K bucket 512)
 _MIN_BLOCK_K = 16
 _TILE = 4096  # elements per program tile: BLOCK_K * BLOCK_D
@@ -85,10 +87,6 @@ class PoolSettings:
         return {"maxnreg": self.maxnreg_fwd} if self.maxnreg_fwd else {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def kernel_impl(K: int) -> str:
     """The implementation for set size K from VSE_FAST_GPO_POOL_KERNEL: "sort" (default, also when
     unset or empty), "rank" (used for K <= RANK_MAX_K) or "net" (used for K <= NET_MAX_K); larger K
@@ -119,10 +117,10 @@ def pool_settings(K: int, D: int, impl: str = None, itemsize: int = 4) -> PoolSe
     if impl == "net":  # BLOCK_K = the network size, one column per thread
         block_k = max(2, triton.next_power_of_2(K))
         columns = 2 if itemsize == 2 else 1
-        block_d = min(16, triton.next_power_of_2(max(D, 1))) if _interpreting() else 32 * _NET_NUM_WARPS * columns
+        block_d = min(16, triton.next_power_of_2(max(D, 1))) if triton_interpreting() else 32 * _NET_NUM_WARPS * columns
         return PoolSettings(block_k, block_d, _NET_NUM_WARPS, _NET_NUM_WARPS, impl=impl)
     warps, tile = _tile_warps(impl, K, itemsize), (_RANK_TILE if impl == "rank" else _TILE)
-    if _interpreting():
+    if triton_interpreting():
         return PoolSettings(max(2, triton.next_power_of_2(K)), min(16, triton.next_power_of_2(max(D, 1))),
                             *warps, impl=impl)
     block_k = max(_MIN_BLOCK_K, triton.next_power_of_2(K))
@@ -364,7 +362,7 @@ def _net_flags(settings: PoolSettings, x: torch.Tensor, backward: bool) -> dict:
     lanes (PTX min/max, sm_80+), the backward inverts its permutation on s16x2 lanes (sm_90+)."""
     if settings.impl != "net":
         return {}
-    if _interpreting():
+    if triton_interpreting():
         return {"USE_ASM": False, "PACK_16X2": False}
     two_columns = settings.BLOCK_D == 64 * _NET_NUM_WARPS and x.element_size() == 2
     return {"USE_ASM": True, "PACK_16X2": two_columns and _capability_major(x.device) >= (9 if backward else 8)}
@@ -504,7 +502,7 @@ def _net_specializations() -> list:
     for dtype, tdt in _TRITON_DTYPE.items():
         itemsize = torch.empty((), dtype=dtype).element_size()
         for block_k in NET_SIZES:
-            s = pool_settings(block_k, 1024, impl="net", itemsize=itemsize) if not _interpreting() else None
+            s = pool_settings(block_k, 1024, impl="net", itemsize=itemsize) if not triton_interpreting() else None
             block_d = s.BLOCK_D if s else 32 * _NET_NUM_WARPS
             fwd_fn, bwd_fn = net_kernels(block_k)
             common = {"len_ptr": "*i32", "w_ptr": "*fp32", "K": "i32", "D": "i32", "Kw": "i32",

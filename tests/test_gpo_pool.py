@@ -4,18 +4,18 @@ CPU: the torch path on odd shapes and every dtype, fp64 gradcheck, the Triton ke
 interpreter on tiny shapes (few programs: the interpreter is slow), every validation error.
 CUDA (skipped without a GPU): the Triton kernels over realistic shapes and the no-sync module path.
 """
-import os
 
 import pytest
 import torch
 
 from tests.conftest import DTYPE_TOLERANCES, requires_cuda
+from vse_fast.kernels import triton_interpreting
 from vse_fast.ops.gpo_pool import gpo_pool
 
 KERNEL_ENV = "VSE_FAST_GPO_POOL_KERNEL"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETING = triton_interpreting()
 requires_interpreter = pytest.mark.skipif(not INTERPRETING, reason="Triton interpreter tests run only without a GPU")
 
 
@@ -348,7 +348,7 @@ def test_net_compiled_settings_and_packing_flags(monkeypatch):
     (forward), s16x2 from sm_90 (backward)."""
     import vse_fast.kernels.gpo_pool as gp
 
-    monkeypatch.setattr(gp, "_interpreting", lambda: False)
+    monkeypatch.setattr(gp, "triton_interpreting", lambda: False)
     fp32 = gp.pool_settings(64, 1024, impl="net", itemsize=4)
     half = gp.pool_settings(33, 1024, impl="net", itemsize=2)
     assert (fp32.BLOCK_K, fp32.BLOCK_D, half.BLOCK_K, half.BLOCK_D) == (64, 128, 64, 256)
@@ -536,3 +536,25 @@ def test_gpo_pool_path_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert features.grad is not None and gpo.linear.weight.grad is not None
+
+
+@pytest.mark.parametrize("value, interpreted", [("1", True), ("true", True), ("On", True), ("0", False),
+                                                ("", False), ("false", False), ("2", False)])
+def test_triton_interpreting_reads_the_variable_as_triton_does(monkeypatch, value, interpreted):
+    """TRITON_INTERPRET means what it means to Triton ("true" interprets, "2" does not), in every op."""
+    knobs = pytest.importorskip("triton.knobs")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert knobs.runtime.interpret is interpreted
+    assert triton_interpreting() is interpreted
+
+
+@requires_interpreter
+def test_triton_backend_on_cpu_under_any_interpreter_spelling(monkeypatch):
+    """The ops' CPU check follows Triton: TRITON_INTERPRET=true runs the kernels, =false refuses CPU tensors."""
+    features, lengths, weights = torch.randn(2, 3, 4), torch.tensor([3, 1]), torch.rand(2, 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "true")
+    expected = gpo_pool(features, lengths, weights, backend="torch")
+    torch.testing.assert_close(gpo_pool(features, lengths, weights, backend="triton"), expected)
+    monkeypatch.setenv("TRITON_INTERPRET", "false")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        gpo_pool(features, lengths, weights, backend="triton")

@@ -31,6 +31,7 @@ import torch
 
 from vse_fast import distributed as vdist
 from vse_fast import grad_cache
+from vse_fast.kernels import triton_interpreting
 
 logger = logging.getLogger("vse_fast.train")
 
@@ -960,7 +961,7 @@ def _carry_best_checkpoint(resume: str, run_dir: str, saved_state: dict) -> None
 
 def _run(cfg, args, ctx, saved_state, parser) -> dict:
     for key in ("gpo_backend", "loss_backend"):
-        if cfg[key] == "triton" and ctx.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if cfg[key] == "triton" and ctx.device.type != "cuda" and not triton_interpreting():
             parser.error(f"--{key} triton needs a CUDA device (training on {ctx.device}): use auto or torch")
     if cfg.get("data_path"):
         data_path = cfg["data_path"]

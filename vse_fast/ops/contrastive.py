@@ -15,10 +15,11 @@ fp32/bf16/fp16 tensors. `contrastive_loss_naive` is the plain autograd reference
 The loss is fp32 for fp32/bf16/fp16 inputs (fp64 for fp64, torch backend only). Double backward
 (create_graph=True): exact on the torch backend; the Triton backend raises (once differentiable).
 """
-import os
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from vse_fast.kernels import triton_interpreting
 
 _REDUCTIONS = ("sum", "mean")
 _TERMS = {"both": ("i2t", "t2i"), "i2t": ("i2t",), "t2i": ("t2i",)}
@@ -103,7 +104,7 @@ def _pick_backend(backend, im):
     if backend == "triton":
         if im.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes float32/bfloat16/float16, got {im.dtype} (use backend='torch')")
-        if not im.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if not im.is_cuda and not triton_interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {im.device}")
         return "triton"
     return "triton" if im.is_cuda and im.dtype in _TRITON_DTYPES else "torch"

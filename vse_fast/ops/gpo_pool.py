@@ -11,10 +11,11 @@ before sorting, so a valid feature below -10000 would sort after the padding; he
 entries are sorted (padding always ranks last). The results are identical whenever features > -10000.
 Ties sort stably (original order first), NaN sorts first (as in torch.sort) and propagates.
 """
-import os
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from vse_fast.kernels import triton_interpreting
 
 _BACKENDS = ("auto", "triton", "torch")
 _TRITON_MAX_K = 512
@@ -89,7 +90,7 @@ def _use_triton(features, backend):
     if backend == "triton":
         if features.dtype not in _TRITON_DTYPES:
             raise TypeError(f"the Triton GPO pool takes float32/bfloat16/float16 features, got {features.dtype}")
-        if not features.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if not features.is_cuda and not triton_interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
                              f"{features.device} (use backend='torch' or 'auto')")
         if features.shape[1] > _TRITON_MAX_K:

@@ -12,11 +12,12 @@ hand-written BPTT backward; CUDA, or CPU under TRITON_INTERPRET=1) and "torch" (
 CPU GRU call over the K prefixes, `torch_coefficient_table`). The table is computed in float32 on the
 Triton path (autocast off) and returned in the linear layer's dtype.
 """
-import os
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from vse_fast.kernels import triton_interpreting
 
 PAD_SCORE = -10000.0
 TEMPERATURE = 0.1
@@ -43,7 +44,7 @@ def check_table_backend(gru: torch.nn.GRU, backend: str) -> None:
     weight = gru.weight_ih_l0
     if weight.dtype not in _TRITON_PARAM_DTYPES:
         raise TypeError(f"the Triton GPO table takes float32/bfloat16/float16 parameters, got {weight.dtype}")
-    if not weight.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not weight.is_cuda and not triton_interpreting():
         raise ValueError(f"table_backend='triton' needs CUDA parameters (or TRITON_INTERPRET=1), got device "
                          f"{weight.device} (use 'torch' or 'auto')")
 
