@@ -406,6 +406,8 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
     Kw = w.shape[1]
     n_d_blocks = triton.cdiv(D, settings.BLOCK_D)
     x, grad_out = _int32_row_offsets(x, "features"), _int32_row_offsets(grad_out, "grad_out")
+    if K * D >= 2**31:  # grad_x is contiguous even where x is a broadcast view
+        raise ValueError(f"features: rows of {K * D} elements, more than the kernels' int32 offsets reach")
     grad_x = torch.empty((B, K, D), dtype=x.dtype, device=x.device)
     gw_part = torch.empty((B, n_d_blocks, settings.BLOCK_K), dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:

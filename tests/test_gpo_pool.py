@@ -375,6 +375,19 @@ def test_launch_copies_views_whose_row_offsets_pass_int32():
         _int32_row_offsets(torch.empty_strided((1, 512, 2**23), (1, 1, 512), device="meta"), "features")
 
 
+def test_backward_refuses_grad_rows_past_int32_of_a_broadcast_view():
+    """grad_x is written contiguous: a broadcast x (row extent 0) whose K * D passes 2**31 is refused
+    before any launch (meta tensors: no memory)."""
+    from vse_fast.kernels.gpo_pool import gpo_pool_bwd, pool_settings
+
+    B, K, D = 1, 512, 2**22
+    x = torch.empty((1, 1, 1), dtype=torch.float16, device="meta").expand(B, K, D)
+    lengths = torch.empty((B,), dtype=torch.int32, device="meta")
+    w, grad_out = torch.empty((B, K), device="meta"), torch.empty((B, D), dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="rows of 2147483648 elements"):
+        gpo_pool_bwd(x, lengths, w, grad_out, pool_settings(K, D))
+
+
 @pytest.mark.parametrize("dtype, impl, copied", [(torch.bfloat16, "net", True), (torch.float16, "net", True),
                                                  (torch.float32, "net", False), (torch.bfloat16, "sort", False)])
 def test_net_forward_gets_unit_feature_stride_for_16_bit(monkeypatch, dtype, impl, copied):
