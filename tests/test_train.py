@@ -703,3 +703,24 @@ def test_compute_loss_single_process_is_the_batch_loss():
                  captions=torch.randint(1, 20, (5, 4)), cap_lengths=torch.tensor([4, 2, 3, 1, 4]))
     loss, img, cap = train.compute_loss(model, batch, DistContext(), margin=0.2, max_violation=True)
     torch.testing.assert_close(loss, contrastive_loss(img, cap, margin=0.2, max_violation=True))
+
+
+def test_resume_after_a_kill_mid_save_tidies_the_run_dir(tiny, tmp_path):
+    """A kill after an epoch's metrics.jsonl line but before its last.pth, or during a save, leaves a
+    duplicate-to-be line, a cut-off line and hidden temporaries: the resumed run drops the lines past
+    its checkpoint and removes our temporaries (only those), so each epoch is listed once."""
+    run = tmp_path / "r"
+    train.main(_args(tiny, run, "--max_steps", "6"))  # epoch 0 evaluated and saved; last.pth at epoch 1
+    assert [m["epoch"] for m in _metrics(run)] == [0]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 1, "step": 12, "rsum": 1.0}) + "\n" + '{"epoch": 2, "st')
+    stale = [run / f".last.pth.{'a' * 32}.tmp", run / f".best.pth.{'0' * 32}.tmp"]
+    other = run / ".last.pth.mine.tmp"
+    for path in stale + [other]:
+        path.write_bytes(b"partial")
+    train.main(["--resume", str(run / "last.pth"), "--progress", "off"])
+    assert [m["epoch"] for m in _metrics(run)] == [0, 1] and _metrics(run)[1]["rsum"] != 1.0
+    assert not any(path.exists() for path in stale) and other.exists()
+    log = (run / "train.log").read_text()
+    assert "dropped 2 line(s) past the resumed checkpoint (epoch 1)" in log
+    assert f"removed {stale[0]}, left by a save of last.pth that was interrupted" in log

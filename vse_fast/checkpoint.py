@@ -24,6 +24,7 @@ import argparse
 import os
 import pickle
 import random
+import re
 import uuid
 import warnings
 from typing import Any
@@ -60,6 +61,38 @@ SAFE_GLOBALS = [
 ]
 
 
+def _temporary_path(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+
+
+def remove_stale_temporaries(path: str) -> list:
+    """Delete the temporary files that saves of ``path`` killed before their rename left beside it
+    (SIGKILL or SIGTERM mid-save: each as large as a checkpoint) and return their paths. Only for a
+    path no other process is saving at the same time."""
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(os.path.basename(path))}\.[0-9a-f]{{32}}\.tmp")
+    removed = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+        if pattern.fullmatch(name):
+            os.remove(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+    return removed
+
+
+def copy_checkpoint(source: str, target: str) -> None:
+    """Copy ``source`` to ``target`` through a temporary file and os.replace, as save_checkpoint writes."""
+    import shutil
+
+    tmp = _temporary_path(target)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync, then
     os.replace, so a crash never leaves a truncated checkpoint under ``path``. The file gets the
@@ -68,7 +101,7 @@ def save_checkpoint(path: str, state: dict) -> None:
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = _temporary_path(path)
     # O_EXCL as mkstemp, but mode 0o666: the kernel applies the umask exactly as for open(path, "wb").
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:

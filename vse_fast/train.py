@@ -930,6 +930,38 @@ def _check_resume(cfg: dict, saved_state: dict, parser) -> None:
                      "change it at an epoch boundary (the last.pth written at the end of an epoch)")
 
 
+def _tidy_run_dir(run_dir: str, resumed_epoch: Optional[int]) -> None:
+    """Remove what a run killed mid-save left in run_dir: temporary checkpoint files, and, when the run
+    continues from this directory's last.pth at ``resumed_epoch``, the metrics.jsonl lines of epochs the
+    checkpoint does not hold (appended before the kill; the resumed run evaluates them again) and
+    lines that are not a JSON record of an epoch (one cut off mid-write)."""
+    from vse_fast.checkpoint import remove_stale_temporaries
+
+    for name in ("last.pth", "best.pth"):
+        for path in remove_stale_temporaries(os.path.join(run_dir, name)):
+            logger.info("removed %s, left by a save of %s that was interrupted", path, name)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if resumed_epoch is None or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        epoch = entry.get("epoch") if isinstance(entry, dict) else None
+        if isinstance(epoch, int) and epoch < resumed_epoch:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) < len(lines):
+        logger.info("metrics.jsonl: dropped %d line(s) past the resumed checkpoint (epoch %d) or cut off",
+                    len(lines) - len(kept), resumed_epoch)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 def _carry_best_checkpoint(resume: str, run_dir: str, saved_state: dict) -> None:
     """A run resumed into a directory without best.pth (``--run_dir NEW``, or a copied last.pth) gets the
     resumed run's best.pth, found beside the resumed checkpoint and checked to hold the same best rsum:
@@ -941,17 +973,14 @@ def _carry_best_checkpoint(resume: str, run_dir: str, saved_state: dict) -> None
         return
     source = os.path.join(os.path.dirname(os.path.abspath(resume)), "best.pth")
     if os.path.exists(source):
-        from vse_fast.checkpoint import CheckpointError, load_checkpoint
+        from vse_fast.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint
 
         try:
             found = load_checkpoint(source, map_location="cpu").get("best_rsum")
         except CheckpointError:
             found = None
         if found == best_rsum:
-            import shutil
-
-            shutil.copyfile(source, target + ".tmp")
-            os.replace(target + ".tmp", target)
+            copy_checkpoint(source, target)
             logger.info("copied the resumed run's best.pth (rsum %.2f) from %s", best_rsum, source)
             return
     logger.warning("%s holds no best.pth, and no best.pth with the resumed run's best rsum %.2f lies beside %s: "
@@ -979,6 +1008,7 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg["run_dir"] = vdist.all_gather_object(os.path.join("runs", stamp), ctx)[0]
     run_dir = cfg["run_dir"]
+    continues = False
     if ctx.is_main:
         os.makedirs(run_dir, exist_ok=True)
         last = os.path.join(run_dir, "last.pth")
@@ -991,6 +1021,8 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
                          f"{last} or choose another --run_dir")
     vdist.barrier(ctx)
     _setup_logging(run_dir, ctx)
+    if ctx.is_main:
+        _tidy_run_dir(run_dir, saved_state["epoch"] if continues else None)
     if saved_state is not None and ctx.is_main:
         _carry_best_checkpoint(args.resume, run_dir, saved_state)
     if saved_state is not None:  # logged here, so that train.log keeps them too
