@@ -172,6 +172,9 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "--bert_config configures the BERT text encoder; this run's text encoder is the BiGRU" in _error(
         capsys, _args(tiny, tmp_path / "r", "--text_encoder", "gru"))  # _args passes --bert_config
     assert "--text_model configures the BERT" in _error(capsys, ["--text_encoder", "gru", "--text_model", data])
+    assert "--word_dim configures the BiGRU text encoder; this run's text encoder is BERT (--text_encoder bert)" \
+        in _error(capsys, _args(tiny, tmp_path / "r", "--word_dim", "64"))
+    assert "--num_layers configures the BiGRU" in _error(capsys, ["--text_model", data, "--num_layers", "2"])
     assert "--batch_size must be >= 2, got 1" in _error(capsys, _args(tiny, tmp_path / "r", "--batch_size", "1"))
     assert "--embed_size must be >= 2 with --precomp_enc_type basic" in _error(
         capsys, _args(tiny, tmp_path / "r", "--embed_size", "1"))

@@ -197,10 +197,13 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
     options given explicitly on the command line. Validates values, naming the bad option."""
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume",)}
     text_encoder = explicit.get("text_encoder", (saved or {}).get("text_encoder", "bert"))
-    for key in ("text_model", "bert_config"):
-        if text_encoder == "gru" and key in explicit:
-            parser.error(f"--{key} configures the BERT text encoder; this run's text encoder is the BiGRU "
-                         "(--text_encoder gru), which would ignore it")
+    ignored, which = ((("text_model", "bert_config"), "BERT") if text_encoder == "gru" else
+                      (("word_dim", "num_layers"), "BiGRU"))
+    for key in ignored:
+        if key in explicit:
+            this = "the BiGRU (--text_encoder gru)" if text_encoder == "gru" else "BERT (--text_encoder bert)"
+            parser.error(f"--{key} configures the {which} text encoder; this run's text encoder is {this}, "
+                         "which would ignore it")
     if saved is not None:
         cfg = dict(saved)
         explicit = _absolute_paths(explicit)
