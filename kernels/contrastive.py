@@ -73,7 +73,7 @@ Backward, VSE0 ("fused"): G_i2t + G_t2i (0/1/2, exact in every dtype) by image-r
 (`_contrastive_vse0_unpack_kernel`) from the 2-bit mask the forward saved when a gradient is needed
 (B^2 / 4 bytes, at most SAVED_MASK_MAX_BYTES; G chunks then shrink to 128 MB to keep the peak down),
 else recomputed from S by the mask kernel with BOTH_TERMS; cuBLAS: dim[chunk] = G @ s,
-ds += G.T @ im[chunk]; `_contrastive_vse0_epilogue_kernel` subtracts the threshold terms in fp32
+ds += G.T @ im[chunk] (fp32 results); `_contrastive_vse0_epilogue_kernel` subtracts the threshold terms in fp32
 (dim[i] -= c_i s[i], ds[j] -= c_j im[j]; the counts c up to 2B stay out of G: not exact in bf16),
 scales by g * scale and writes the input dtype. One mask recompute + two matmuls.
 
@@ -85,7 +85,9 @@ Precision: tl.dot takes bf16/fp16 operands as they are (tensor cores) with fp32 
 operands use ``input_precision="tf32x3"``: each product as three TF32 tensor-core products
 (hi*hi + hi*lo + lo*hi), about 2^-21 relative error per product, close to fp32 (the published loss
 runs fp32 cuBLAS with TF32 off) at several times the speed of FMA-based "ieee" dots. The VSE0
-backward multiplies G by fp32 operands in cuBLAS fp32 (TF32 as torch's matmul settings say).
+backward multiplies G by fp32 operands in cuBLAS fp32 (TF32 as torch's matmul settings say), and by
+bf16/fp16 operands as they are with an fp32 result (`_mm_fp32`): a 16-bit G @ s would be rounded
+before the threshold terms are subtracted, which cancels most of it when the embeddings cluster.
 """
 from dataclasses import dataclass
 
@@ -1011,6 +1013,21 @@ def _launch_mask(X, Y, lab, d, G, r0, n, R, C, margin, mode, both_terms, setting
     )
 
 
+# torch >= 2.8 on CUDA: fp16/bf16 matmuls with an fp32 result (cuBLAS keeps its fp32 accumulator)
+_CUDA_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32. 16-bit operands are multiplied as they are, and the product is not rounded
+    to 16 bits: the VSE0 backward subtracts threshold terms of similar size from it (cancellation).
+    On CUDA through cuBLAS with an fp32 output; elsewhere (CPU, torch < 2.8) on fp32 copies."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _CUDA_MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings, mask=None):
     """"fused" VSE0 backward (labels None, both terms): per image-row chunk G = G_i2t + G_t2i, unpacked
     from the forward's saved mask (or, without one, from a recompute of S), dim[chunk] = G @ s and
@@ -1029,19 +1046,21 @@ def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings, mask=None
 
     chunk_bytes = _MASK_CHUNK_BYTES if mask is None else _SAVED_MASK_CHUNK_BYTES
     rows = _chunk_rows(settings, B, B, im.element_size(), chunk_bytes)
+    G_rows = torch.empty((rows, B), dtype=im.dtype, device=im.device)  # one buffer for every chunk
     if rows >= B:  # one chunk: the matmul outputs go straight to the epilogue
-        G = torch.empty((B, B), dtype=im.dtype, device=im.device)
-        fill(G, 0, B)
-        mm_dim, mm_ds = G @ s, G.t() @ im
+        fill(G_rows, 0, B)
+        mm_dim, mm_ds = _mm_fp32(G_rows, s), _mm_fp32(G_rows.t(), im)
     else:
-        mm_dim = torch.empty((B, D), dtype=im.dtype, device=im.device)
+        mm_dim = torch.empty((B, D), dtype=torch.float32, device=im.device)
         mm_ds = torch.zeros((B, D), dtype=torch.float32, device=im.device)
         for r0 in range(0, B, rows):
             n = min(rows, B - r0)
-            G = torch.empty((n, B), dtype=im.dtype, device=im.device)
+            G = G_rows[:n]
             fill(G, r0, n)
-            torch.mm(G, s, out=mm_dim[r0:r0 + n])
-            mm_ds += G.t() @ im[r0:r0 + n]
+            mm_dim[r0:r0 + n] = _mm_fp32(G, s)
+            mm_ds += _mm_fp32(G.t(), im[r0:r0 + n])
+        del G
+    del G_rows
     dim = torch.empty((B, D), dtype=im.dtype, device=im.device)
     ds = torch.empty((B, D), dtype=s.dtype, device=s.device)
     grid = (triton.cdiv(B, settings.BLOCK_M), triton.cdiv(D, settings.BLOCK_DB))
@@ -1079,11 +1098,11 @@ def contrastive_vse0_bwd(grad_loss, im, s, labels, cnt, d, margin: float, terms:
             _launch_mask(X, Y, lab, d, G, r0, n, M, C, margin, mode, False, settings)
             if term == "i2t" and labels is not None:
                 Xc = X.index_select(0, labels[r0:r0 + n])
-                dim.index_add_(0, labels[r0:r0 + n], (G @ Y).float())
+                dim.index_add_(0, labels[r0:r0 + n], _mm_fp32(G, Y))
             else:
                 Xc = X[r0:r0 + n]
-                dX_acc[r0:r0 + n] += (G @ Y).float()
-            dY_acc += (G.t() @ Xc).float()
+                dX_acc[r0:r0 + n] += _mm_fp32(G, Y)
+            dY_acc += _mm_fp32(G.t(), Xc)
     c = cnt.sum(0)  # (M,)
     im_p = im if labels is None else im.index_select(0, labels)
     ds -= c[:, None] * im_p.float()
@@ -1174,12 +1193,11 @@ def compile_specializations() -> list:
             consts = {**unit, "HAS_LABELS": has_labels, "BLOCK_M": st.BLOCK_M, "DOT_BLOCK_D": _DOT_BLOCK_D}
             specs.append(_spec(f"contrastive_diag-{tdt}{'-lab' if has_labels else ''}", _contrastive_diag_kernel,
                                sig, consts, st.elem_warps, 1, False))
-        for mm_dt in sorted({tdt, "fp32"}):  # mm_ds of one chunk (input dtype) or of several (fp32)
-            sig = {"mm_dim_ptr": f"*{tdt}", "mm_ds_ptr": f"*{mm_dt}", "im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}",
-                   "cnt_ptr": "*fp32", "g_ptr": "*fp32", "dim_ptr": f"*{tdt}", "ds_ptr": f"*{tdt}",
-                   "B": "i32", "D": "i32", **strides, "scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_DB": "constexpr"}
-            specs.append(_spec(f"contrastive_vse0_epilogue-{tdt}-mmds_{mm_dt}", _contrastive_vse0_epilogue_kernel,
-                               sig, {**unit, "BLOCK_M": st.BLOCK_M, "BLOCK_DB": st.BLOCK_DB}, st.elem_warps, 1, False))
+        sig = {"mm_dim_ptr": "*fp32", "mm_ds_ptr": "*fp32", "im_ptr": f"*{tdt}", "s_ptr": f"*{tdt}",  # fp32 matmuls
+               "cnt_ptr": "*fp32", "g_ptr": "*fp32", "dim_ptr": f"*{tdt}", "ds_ptr": f"*{tdt}",
+               "B": "i32", "D": "i32", **strides, "scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_DB": "constexpr"}
+        specs.append(_spec(f"contrastive_vse0_epilogue-{tdt}", _contrastive_vse0_epilogue_kernel,
+                           sig, {**unit, "BLOCK_M": st.BLOCK_M, "BLOCK_DB": st.BLOCK_DB}, st.elem_warps, 1, False))
         for has_labels in (False, True):
             for mv in (True, False):
                 for n_terms in (1, 2):
