@@ -20,7 +20,7 @@ keys give the sorted values (grad of the weights) and the permutation; a second 
 is stored in original order with coalesced writes and without a B x K x D index tensor.
 Keys are int32 for 16-bit dtypes (16 value bits + 16 index bits) and int64 for fp32.
 
-Two implementations, chosen per launch by the environment variable VSE_FAST_GPO_POOL_KERNEL:
+Three implementations, chosen per launch by the environment variable VSE_FAST_GPO_POOL_KERNEL:
 
 - "sort" (default): the tl.sort kernels above, every K <= MAX_K.
 - "rank" (K <= RANK_MAX_K = 64; larger K falls back to "sort"): rank counting, no sort and no layout

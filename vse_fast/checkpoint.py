@@ -4,7 +4,8 @@ loading of published VSE-infinity checkpoints into a VSEModel.
 Our schema ("vse_fast/1")::
 
     {"format": "vse_fast/1", "model": model.state_dict() (no "module." prefix), "optimizer": ...,
-     "scaler": ..., "epoch": int, "step": int, "best_rsum": float, "rng": capture_rng_state(),
+     "scaler": ..., "epoch": int, "epoch_step": int (steps done in that epoch), "step": int,
+     "best_rsum": float, "rng": {"per_rank": [capture_rng_state() of each rank], "world_size": int},
      "config": dict of plain types holding the model options (``model.opt``), at top level or
                under config["model"]}
 

@@ -2,7 +2,8 @@
 
     python -m vse_fast.compile_check [--arch 90 --arch 80] [--filter NAME] [--json PATH] [--markdown]
 
-Each kernel module in `vse_fast.kernels` exports `compile_specializations()`: one dict per
+The kernel modules in `KERNEL_MODULES` (gpo_pool, which also lists the gpo_pool_net builds, gpo_table
+and contrastive) export `compile_specializations()`: one dict per
 specialization its launchers can choose (dtype, block-size bucket, mode flag, forward/backward):
 {"name", "fn" (the @triton.jit function), "signature" {arg: "*bf16"|"i32"|...|"constexpr"},
 "constexprs" {arg: value}, "num_warps", "num_stages", optional "tensor_cores": True when its tl.dot
@@ -222,12 +223,13 @@ def format_table(results) -> str:
 
 def format_summary(results) -> str:
     """Markdown table, one row per kernel (the name before the first "-") and arch: specializations,
-    register range, largest shared memory, largest spill, tensor-core specs (needed / present)."""
+    register range, largest shared memory, largest spill, and tensor cores as "present / required":
+    builds whose tl.dot must use them (16-bit, HGMMA on sm_90 / HMMA on sm_80) and do, of those required."""
     groups = {}
     for r in results:
         groups.setdefault((r.name.split("-")[0], r.arch), []).append(r)
     lines = ["| kernel | sm | builds (plain + aligned) | registers | max shared KB | max spill bytes | tensor cores "
-             "(builds with HGMMA on sm_90 / HMMA on sm_80) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "(16-bit builds required to use them: with HGMMA on sm_90 / HMMA on sm_80, of required) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for (kernel, arch), rs in groups.items():
         built = [r for r in rs if not r.error]
         regs = f"{min(r.registers for r in built)}-{max(r.registers for r in built)}" if built else "error"

@@ -21,7 +21,9 @@ included, not every one (that would read COCO's train features whole).
 
 `check_split` validates all of it and raises `DataError` naming the file (and line). The datasets
 return dicts, `collate` pads them into batches. Training augmentation follows the published loader
-(lib/datasets/image_caption.py): each region dropped with probability 0.2 (we keep at least one);
+(lib/datasets/image_caption.py): each region dropped with probability 0.2 (we keep at least one;
+grid features of ``--precomp_enc_type backbone`` follow the published EncoderImageFull instead, see
+``_SplitData.item_features``);
 each caption word touched with probability 0.2, of those 50% -> [MASK] (one per word piece), 10% ->
 random vocabulary ids, 40% deleted. Its randomness is a function of (seed, epoch, index) only, so a
 resumed run, any number of workers and any DDP layout see the same augmentations.

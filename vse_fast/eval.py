@@ -267,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast dtype on CUDA (default fp32)")
     p.add_argument("--caption_limit", default="auto",
-                   help="'auto' (published: dev cut to 5000 captions), 'none', or a number of captions")
+                   help="'auto' (published: dev cut to its first 5000 captions, in whole items), 'none', or a number of captions")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--gpo_backend", choices=("auto", "triton", "torch"), default="auto",
                    help="GPO backend for encoding (default: auto, Triton on CUDA; not the one the run trained with)")
