@@ -188,6 +188,16 @@ def test_an_explicit_text_model_wins_over_the_vocab_file_the_checkpoint_names(da
                                "--vocab_file", str(dataset / "vocab.txt")]), expected)
     with pytest.raises(ValueError, match="the checkpoint's vocabulary .*gone.* does not exist"):
         Encoder.from_checkpoint(path, data_path=str(dataset))
+    with pytest.raises(ValueError, match="text_model .*no_bert' is not a directory"):  # never another vocab.txt
+        Encoder.from_checkpoint(path, data_path=str(dataset), text_model=str(tmp_path / "no_bert"))
+
+
+def test_a_recorded_bert_directory_that_is_gone_warns_which_vocabulary_replaces_it(dataset, tmp_path):
+    model = bert_model(1)
+    model.opt["text_model"] = str(tmp_path / "moved_bert")
+    path = save_ours(model, tmp_path / "m.pth")
+    with pytest.warns(UserWarning, match="moved_bert does not exist .*: its tokenizer is replaced by .*vocab.txt"):
+        Encoder.from_checkpoint(path, data_path=str(dataset))
 
 
 def test_cli_published_checkpoint(dataset, tmp_path):
@@ -212,7 +222,8 @@ def test_cli_published_checkpoint(dataset, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing-checkpoint", "missing-data-path", "missing-split", "bad-limit",
                                   "not-a-checkpoint", "limit-not-multiple", "json-dir-missing", "json-is-dir",
-                                  "vocab-size"])
+                                  "vocab-size", "text-model-missing", "checkpoint-is-dir", "device-meta",
+                                  "json-unwritable"])
 def test_cli_errors_name_the_problem(dataset, tmp_path, capsys, case):
     path = save_ours(bert_model(), tmp_path / "ok.pth")
     (tmp_path / "big_vocab.txt").write_text("\n".join(VOCAB + ["zebra"]) + "\n")
@@ -226,7 +237,12 @@ def test_cli_errors_name_the_problem(dataset, tmp_path, capsys, case):
                                  "--json", str(tmp_path / "no_dir" / "m.json")],
             "json-is-dir": ["--checkpoint", path, "--data_path", str(dataset), "--json", str(tmp_path)],
             "vocab-size": ["--checkpoint", path, "--data_path", str(dataset),
-                           "--vocab_file", str(tmp_path / "big_vocab.txt")]}[case]
+                           "--vocab_file", str(tmp_path / "big_vocab.txt")],
+            "text-model-missing": ["--checkpoint", path, "--data_path", str(dataset),
+                                   "--text_model", str(tmp_path / "no_bert")],
+            "checkpoint-is-dir": ["--checkpoint", str(tmp_path), "--data_path", str(dataset)],
+            "device-meta": ["--checkpoint", path, "--data_path", str(dataset), "--device", "meta"],
+            "json-unwritable": ["--checkpoint", path, "--data_path", str(dataset), "--json", "/proc/m.json"]}[case]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
@@ -236,8 +252,12 @@ def test_cli_errors_name_the_problem(dataset, tmp_path, capsys, case):
                 "limit-not-multiple": "caption_limit 23 is not a multiple of 5",
                 "json-dir-missing": "no_dir' does not exist", "json-is-dir": "is a directory",
                 "vocab-size": f"has {len(VOCAB) + 1} word pieces but the model was trained with "
-                              f"vocab_size={len(VOCAB)}"}[case]
-    assert expected in err
+                              f"vocab_size={len(VOCAB)}",
+                "text-model-missing": "no_bert' is not a directory",
+                "checkpoint-is-dir": "is a directory, not a checkpoint file",
+                "device-meta": "--device 'meta': evaluation runs on cpu or cuda devices",
+                "json-unwritable": "--json '/proc/m.json'"}[case]
+    assert expected in err and "Traceback" not in err
     if case.startswith("json"):
         assert "encoded" not in err  # refused before the evaluation, not after it
 

@@ -75,6 +75,14 @@ def test_dropins_accept_half_precision_tensors(fn, dtype):
     np.testing.assert_array_equal(top1, ref_top1)
 
 
+def test_no_captions_is_named_as_such():
+    """Zero captions used to be inferred as caps_per_item=0 and blamed on an argument never passed."""
+    for fn in (lambda: evaluation.retrieval_metrics(torch.randn(3, 4), torch.randn(0, 4)),
+               lambda: evaluation.coco_5fold(torch.randn(5, 4), torch.randn(0, 4))):
+        with pytest.raises(ValueError, match=r"no captions to evaluate \(cap_emb has 0 rows\)"):
+            fn()
+
+
 @pytest.mark.parametrize("fn", [evaluation.i2t, evaluation.t2i], ids=["i2t", "t2i"])
 def test_dropins_reject_bad_input(fn):
     sims = np.random.default_rng(0).standard_normal((4, 20))

@@ -192,6 +192,8 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
 
     bert = model_opt.get("text_encoder", "bert") == "bert"
     explicit_bert_dir = bert and bool(text_model)
+    if explicit_bert_dir and not os.path.isdir(text_model):
+        raise ValueError(f"text_model {text_model!r} is not a directory (the BERT directory with its tokenizer)")
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
     if not vocab_file and not explicit_bert_dir and config.get("vocab_file"):
         vocab_file = config["vocab_file"]
@@ -227,6 +229,10 @@ def _find_bert_tokenizer(data_path, text_model, vocab_file):
     if text_model and os.path.isdir(text_model):
         return data.load_tokenizer(text_model_dir=text_model)
     if data_path and os.path.isfile(os.path.join(data_path, "vocab.txt")):
+        if text_model:
+            warnings.warn(f"the model's BERT directory {text_model} does not exist (moved?): its tokenizer is "
+                          f"replaced by {os.path.join(data_path, 'vocab.txt')}; pass --text_model or --vocab_file "
+                          "if that is not the vocabulary the model was trained with", stacklevel=3)
         return data.load_tokenizer(vocab_file=os.path.join(data_path, "vocab.txt"))
     raise ValueError("cannot find the BERT tokenizer of this model: pass --text_model DIR (the BERT "
                      "directory) or --vocab_file vocab.txt" + (f" (text_model {text_model!r} is not a directory)"
@@ -294,19 +300,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     limit = _caption_limit(args.caption_limit, parser)
     if not os.path.isdir(args.data_path):
         parser.error(f"--data_path {args.data_path!r} is not a directory")
+    if args.text_model and not os.path.isdir(args.text_model):
+        parser.error(f"--text_model {args.text_model!r} is not a directory (the BERT directory)")
     if args.json:  # checked before the evaluation, not after it
         json_dir = os.path.dirname(os.path.abspath(args.json))
         if os.path.isdir(args.json):
             parser.error(f"--json {args.json!r} is a directory")
         if not os.path.isdir(json_dir):
             parser.error(f"--json {args.json!r}: directory {json_dir!r} does not exist")
+        existed = os.path.exists(args.json)
+        try:  # opened as the end of the run will (permission bits do not bind root; /proc and the like)
+            with open(args.json, "a"):
+                pass
+        except OSError as err:
+            parser.error(f"--json {args.json!r} cannot be written: {err.strerror or err}")
+        if not existed:
+            os.remove(args.json)
     for path in args.checkpoint:
+        if os.path.isdir(path):
+            parser.error(f"--checkpoint {path!r} is a directory, not a checkpoint file")
         if not os.path.isfile(path):
             parser.error(f"--checkpoint {path!r} does not exist")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as err:
         parser.error(f"--device {args.device!r}: {err}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: evaluation runs on cpu or cuda devices")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device!r} requested but CUDA is not available")
     try:
@@ -356,8 +376,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         print(format_table(metrics, title=title))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(metrics, f, indent=2)
+        except OSError as err:
+            print(f"error: --json {args.json!r}: {err.strerror or err}", file=sys.stderr)
+            raise SystemExit(2)
     return metrics
 
 

@@ -283,6 +283,8 @@ def _retrieval_ranks(pairs, caps, block, dtype):
 
 def _resolve_caption_count(n_img, n_cap, caps_per_item):
     """Captions per item: caps_per_item, or inferred from the counts when None; checked against them."""
+    if n_cap == 0:
+        raise ValueError("no captions to evaluate (cap_emb has 0 rows)")
     if caps_per_item is None:
         if n_cap % n_img:
             raise ValueError(f"{n_cap} captions is not a multiple of {n_img} images; pass caps_per_item")
