@@ -334,3 +334,23 @@ def test_torchrun_two_processes_then_resume_in_one(tiny_data, tmp_path, options)
     b = load_checkpoint(str(tmp_path / "single" / "last.pth"))["model"]
     for key in b:  # BN-free, dropout-free model: 2 processes + resume in 1 == 1 process throughout
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_torchrun_usage_errors_reach_every_rank(tiny_data, tmp_path):
+    """An error found on rank 0 alone (another run's last.pth in --run_dir) ends every rank with its
+    message (rank 1 died in a gloo collective before); one pair per process with --local_negatives
+    (no negative anywhere: nothing trains) is refused."""
+    data, bert_config = tiny_data
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "last.pth").write_bytes(b"")
+    cases = [(("--run_dir", str(tmp_path / "taken")), "already holds last.pth (it belongs to another run)"),
+             (("--batch_size", "2", "--local_negatives"), "with --local_negatives a process's own pairs are its only")]
+    for extra, message in cases:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "vse_fast.train",
+               *_train_args(data, bert_config, tmp_path / "run", *extra)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # both ranks
+        assert "Connection closed" not in proc.stderr and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]

@@ -187,11 +187,21 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
         capsys, _args(tiny, tmp_path / "r", "--device", "meta"))
     assert "--bert_config" in _error(capsys, _args(tiny, tmp_path / "r", "--bert_config", missing))
     assert "not both" in _error(capsys, ["--data_path", data, "--text_model", str(tmp_path), "--bert_config", bert_config])
+    assert f"--run_dir {str(a_file / 'run')!r} cannot be created: Not a directory" in _error(
+        capsys, _args(tiny, a_file / "run"))
     os.makedirs(tmp_path / "used")
     (tmp_path / "used" / "last.pth").write_bytes(b"")
     assert "already holds last.pth" in _error(capsys, _args(tiny, tmp_path / "used"))
     err = _error(capsys, _args(tiny, tmp_path / "big", "--batch_size", "4000"))
     assert "train_caps.txt: 240 training pairs (captions), fewer than one batch of 4000" in err
+    assert "Traceback" not in err
+
+
+def test_an_unwritable_synthetic_cache_is_an_error(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("VSE_FAST_CACHE", str(tmp_path / "afile" / "cache"))
+    err = _error(capsys, ["--run_dir", str(tmp_path / "r"), "--progress", "off"])
+    assert "the synthetic dataset cannot be written to " in err and "afile/cache: Not a directory" in err
     assert "Traceback" not in err
 
 

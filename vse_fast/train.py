@@ -933,6 +933,24 @@ def _check_resume(cfg: dict, saved_state: dict, parser) -> None:
                      "change it at an epoch boundary (the last.pth written at the end of an epoch)")
 
 
+def _claim_run_dir(run_dir: str, saved_state: Optional[dict], resume: Optional[str]) -> tuple:
+    """Create run_dir for this run (rank 0). Returns (whether the run continues the last.pth there, the
+    error message or None): a directory that cannot be created, or another run's last.pth in it."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        return False, f"--run_dir {run_dir!r} cannot be created: {err.strerror or err}"
+    last = os.path.join(run_dir, "last.pth")
+    continues = saved_state is not None and os.path.exists(last) and os.path.samefile(last, resume)
+    if not continues and os.path.exists(last):
+        why = (f"resuming {resume!r} there would overwrite it with an earlier state"
+               if saved_state is not None and _same_path(run_dir, os.path.dirname(os.path.abspath(resume)))
+               else "it belongs to another run")
+        return False, (f"--run_dir {run_dir!r} already holds last.pth ({why}): continue it with --resume "
+                       f"{last} or choose another --run_dir")
+    return continues, None
+
+
 def _tidy_run_dir(run_dir: str, resumed_epoch: Optional[int]) -> None:
     """Remove what a run killed mid-save left in run_dir: temporary checkpoint files, and, when the run
     continues from this directory's last.pth at ``resumed_epoch``, the metrics.jsonl lines of epochs the
@@ -998,8 +1016,16 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
     if cfg.get("data_path"):
         data_path = cfg["data_path"]
     else:
-        data_path = _synthetic_path(cfg) if ctx.is_main else None
-        data_path = vdist.all_gather_object(data_path, ctx)[0]  # rank 0 generates, the others reuse
+        data_path, error = None, None
+        if ctx.is_main:  # rank 0 generates, the others reuse; an error reaches every rank
+            try:
+                data_path = _synthetic_path(cfg)
+            except OSError as err:
+                error = (f"the synthetic dataset cannot be written to {err.filename or 'its cache'}: "
+                         f"{err.strerror or err} (choose its cache with --synthetic_dir or $VSE_FAST_CACHE)")
+        data_path, error = vdist.all_gather_object((data_path, error), ctx)[0]
+        if error:
+            parser.error(error)
         cfg.setdefault("bert_config", None)
         if cfg["text_encoder"] == "bert" and not cfg.get("text_model"):
             cfg["bert_config"] = cfg.get("bert_config") or os.path.join(data_path, "bert_config.json")
@@ -1011,18 +1037,12 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg["run_dir"] = vdist.all_gather_object(os.path.join("runs", stamp), ctx)[0]
     run_dir = cfg["run_dir"]
-    continues = False
+    continues, error = False, None
     if ctx.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        last = os.path.join(run_dir, "last.pth")
-        continues = saved_state is not None and os.path.exists(last) and os.path.samefile(last, args.resume)
-        if not continues and os.path.exists(last):
-            why = (f"resuming {args.resume!r} there would overwrite it with an earlier state"
-                   if saved_state is not None and _same_path(run_dir, os.path.dirname(os.path.abspath(args.resume)))
-                   else "it belongs to another run")
-            parser.error(f"--run_dir {run_dir!r} already holds last.pth ({why}): continue it with --resume "
-                         f"{last} or choose another --run_dir")
-    vdist.barrier(ctx)
+        continues, error = _claim_run_dir(run_dir, saved_state, args.resume)
+    error = vdist.all_gather_object(error, ctx)[0]  # every rank exits with rank 0's message
+    if error:
+        parser.error(error)
     _setup_logging(run_dir, ctx)
     if ctx.is_main:
         _tidy_run_dir(run_dir, saved_state["epoch"] if continues else None)
@@ -1043,6 +1063,10 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
         parser.error(f"--batch_size {cfg['batch_size']} over {ctx.world_size} processes leaves one pair per "
                      "process: a one-row set would give the region MLP's BatchNorm a single value per channel "
                      "(use at least 2 pairs per process, or --precomp_enc_type backbone)")
+    if ctx.world_size > 1 and cfg.get("local_negatives") and cfg["batch_size"] // ctx.world_size < 2:
+        parser.error(f"--batch_size {cfg['batch_size']} over {ctx.world_size} processes leaves one pair per "
+                     "process: with --local_negatives a process's own pairs are its only negatives, so it would "
+                     "train nothing (use at least 2 pairs per process, or global negatives)")
     trainer = Trainer(cfg, ctx, data_path, saved_state)
     logger.info("data %s; %d training pairs, %d steps/epoch; %d process(es) on %s, %s; run dir %s",
                 data_path, len(trainer.train_set), trainer.steps_per_epoch, ctx.world_size, ctx.device,
