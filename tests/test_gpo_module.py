@@ -3,7 +3,7 @@ and MaxPool / AvgPool / KMaxPool against direct torch definitions."""
 import pytest
 import torch
 
-from tests.conftest import requires_cuda
+from tests.conftest import interpreter_only, requires_cuda
 from tests.published.gpo import PublishedGPO
 from vse_fast.modules.gpo import GPO, AvgPool, KMaxPool, MaxPool
 
@@ -393,7 +393,7 @@ def test_gpo_input_errors():
     (torch.tensor([2.5, 2.0]), ValueError, r"finite whole numbers, got \[2.5\]"),
     (torch.tensor([float("nan"), 2.0]), ValueError, r"finite whole numbers, got \[nan\]"),
     (torch.tensor([0, 2]), ValueError, r"every length must be >= 1, got min 0"),
-    (torch.tensor([True, True]), TypeError, "integer or float tensor, got torch.bool"),
+    (torch.tensor([True, True]), TypeError, r"integer or float tensor \(.*\), got torch.bool"),
     (torch.tensor([[2, 1]]), ValueError, r"lengths must be \(B,\)"),
     ([2, 1], TypeError, "lengths must be a torch.Tensor, got list"),
 ])
@@ -464,3 +464,87 @@ def test_cuda_parity_with_published(dtype, monkeypatch):
     params_pub = dict(published.named_parameters())
     for name, p in ours.named_parameters():
         assert rel_err(p.grad, params_pub[name].grad) < (1e-3 if dtype == torch.float32 else 5e-2), name
+
+
+def test_pool_under_autocast_computes_in_float32():
+    """The published pool is elementwise (autocast leaves it alone); our torch path's bmm would run in
+    bf16 under autocast (0.05 off before): both the module and the bare pool stay float32."""
+    from vse_fast.ops.gpo_pool import gpo_pool
+
+    published, ours = make_pair()
+    features, lengths = torch.randn(5, 8, 64), random_lengths(5, 8)
+    weights = torch.rand(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled, _ = ours(features, lengths)
+        bare = gpo_pool(features, lengths, weights)
+        mean = AvgPool()(features, lengths)[0]
+    assert rel_err(pooled, published(features, lengths)[0]) < 1e-5
+    assert rel_err(bare, gpo_pool(features.double(), lengths, weights.double())) < 1e-6
+    assert rel_err(mean, AvgPool()(features.double(), lengths)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("table_backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+def test_training_after_an_inference_mode_evaluation(table_backend):
+    """vse_fast.eval encodes under torch.inference_mode; the position encodings cached there must
+    not be inference tensors, which the next training step's backward cannot save."""
+    torch.manual_seed(0)
+    gpo = GPO(8, 8, table_backend=table_backend).eval()
+    features, lengths = torch.randn(2, 5, 4), torch.tensor([5, 3])
+    with torch.inference_mode():
+        gpo(features, lengths)
+    gpo.train()
+    pooled, _ = gpo(features, lengths)
+    pooled.sum().backward()
+    assert gpo.gru.weight_ih_l0.grad is not None
+
+
+def test_a_module_built_under_inference_mode_evaluates_uncached():
+    """Inference tensors have no version counter: such a module is evaluated (as published), never cached."""
+    published, reference = make_pair(8, 8)
+    with torch.inference_mode():
+        gpo = GPO(8, 8)
+        gpo.load_state_dict(reference.state_dict())
+        gpo.eval()
+        features, lengths = torch.randn(3, 6, 5), random_lengths(3, 6)
+        pooled, _ = gpo(features, lengths)
+        gpo(features, lengths)
+    assert gpo.table_builds == 2
+    assert rel_err(pooled, published(features, lengths)[0]) < 1e-5
+
+
+def test_eval_cache_sees_hooks_and_replacements_that_reuse_an_address():
+    """A forward hook added after the table was cached applies; a parameter replaced by one that lands
+    at the old one's address with the same version (glibc hands a freed > 32 MiB region straight back,
+    the CUDA caching allocator any block) is still a new parameter: the cache keeps the tensors it
+    was built from alive, so neither id nor storage can be reused."""
+    published, ours = make_pair(8, 8)
+    ours.eval()
+    features, lengths = torch.randn(3, 6, 5), random_lengths(3, 6)
+    with torch.no_grad():
+        ours(features, lengths)
+        handle = ours.linear.register_forward_hook(lambda module, args, out: out * 2)
+        published.linear.register_forward_hook(lambda module, args, out: out * 2)
+        assert rel_err(ours(features, lengths)[0], published(features, lengths)[0]) < 1e-5
+        handle.remove()
+        gpo = GPO(2, 2048).eval()  # weight_hh_l0 (6144, 2048) fp32: 48 MiB
+        small_x = torch.randn(2, 3, 4)
+        n = torch.tensor([3, 2])
+        pointers = []
+        for step in range(3):  # A (cached), B, C: C would land where A was, were A freed
+            gpo.gru.weight_hh_l0 = torch.nn.Parameter(torch.randn(6144, 2048) * 0.02)
+            pointers.append(gpo.gru.weight_hh_l0.data_ptr())
+            if step == 0:
+                gpo(small_x, n)
+        cached = gpo(small_x, n)[0]
+        gpo.clear_cache()
+        assert torch.equal(cached, gpo(small_x, n)[0]) and gpo.table_builds == 3
+        assert pointers[2] != pointers[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn])
+def test_lengths_of_dtypes_without_reductions_are_a_type_error(dtype):
+    """They passed the dtype check, then failed inside min()/isfinite() with NotImplementedError."""
+    lengths = torch.tensor([4, 2]).to(dtype)
+    for module in (GPO(), AvgPool()):
+        with pytest.raises(TypeError, match="lengths must be an integer or float tensor"):
+            module(torch.randn(2, 4, 3), lengths)

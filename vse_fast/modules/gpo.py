@@ -141,8 +141,10 @@ class GPO(_SortedPool):
     storage and version counter, so it is rebuilt after any change made through autograd-visible
     in-place ops (``p.mul_()`` under no_grad, ``p.detach().copy_()``, ``nn.init.*``), optimizer
     steps (any torch.optim optimizer's step, fused ones included, which do not bump versions),
-    ``load_state_dict``, moving or casting the module (``.to``, ``.double()``) or assigning a new
-    parameter. Training mode never uses the cache, and ``train()`` drops it.
+    ``load_state_dict``, moving or casting the module (``.to``, ``.double()``), assigning a new
+    parameter, or forward (pre-)hooks added to or removed from ``gru``/``linear``. Training mode never
+    uses the cache, and ``train()`` drops it; parameters created under inference mode (no version
+    counter) are never cached.
     NOT detected: writes through ``p.data`` (``p.data.mul_()``, ``p.data.copy_()``: ``.data`` has its
     own version counter) or through memory shared outside torch (numpy views): call
     ``clear_cache()`` after such writes.
@@ -166,7 +168,8 @@ class GPO(_SortedPool):
     def _positional_encoding(self, length: int, device) -> torch.Tensor:
         key = (device, length)
         if key not in self._pe_cache:
-            self._pe_cache[key] = positional_encoding_1d(self.d_pe, length, device)
+            with torch.inference_mode(False):  # a cached inference tensor could not be saved for backward later
+                self._pe_cache[key] = positional_encoding_1d(self.d_pe, length, device)
         return self._pe_cache[key]
 
     def _coefficient_table(self, sizes: torch.Tensor, longest: int, device_sizes: torch.Tensor) -> torch.Tensor:
@@ -220,27 +223,34 @@ class GPO(_SortedPool):
         return super().train(mode)
 
     def _cache_key(self):
+        """What the table depends on. The cache entry holds the tensors themselves, so their ids and
+        storages cannot be reused by a replacement while it is kept."""
         tensors = list(self.parameters()) + list(self.buffers())
-        return (self.table_backend, _optimizer_steps[0]) + tuple(
-            (t.device, t.dtype, t.data_ptr(), t._version) for t in tensors)
+        hooks = tuple(tuple(hook_dict) for m in (self.gru, self.linear)
+                      for hook_dict in (m._forward_pre_hooks, m._forward_hooks))
+        return (self.table_backend, _optimizer_steps[0], hooks) + tuple(
+            (id(t), t.device, t.dtype, t.data_ptr(), t._version) for t in tensors), tensors
 
     def _cache_usable(self) -> bool:
         if self.training:
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        params = list(self.parameters())
+        if any(p.is_inference() for p in params):  # no version counter: in-place changes would go unseen
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
     def _full_table(self, K: int) -> torch.Tensor:
         """(K', K') table over every size 1..K' (K' >= K; rows/columns beyond K unused)."""
         if not self._cache_usable():
             return self._table_over_all_sizes(K)
-        key = self._cache_key()
+        key, tensors = self._cache_key()
         if self._eval_cache is not None:
-            cached_key, table = self._eval_cache
+            cached_key, table, _ = self._eval_cache
             if cached_key == key and table.shape[0] >= K:
                 return table
         with torch.no_grad():
             table = self._table_over_all_sizes(K)
-        self._eval_cache = (key, table)
+        self._eval_cache = (key, table, tensors)
         return table
 
     def coefficients(self, lengths: torch.Tensor, K: int, dtype: torch.dtype = None) -> torch.Tensor:

@@ -59,14 +59,20 @@ def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", valid
             raise ValueError(f"weights has Kw={weights.shape[1]} positions, fewer than the longest set {n_max}")
 
 
+# the wider unsigned and float8 dtypes lack the reductions the checks use (min, isfinite)
+_LENGTH_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                  torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_lengths_tensor(lengths) -> None:
     """TypeError/ValueError unless `lengths` is a (B,) integer or float tensor (no host read)."""
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
     if lengths.dim() != 1:
         raise ValueError(f"lengths must be (B,), got shape {tuple(lengths.shape)}")
-    if lengths.dtype == torch.bool or lengths.is_complex():
-        raise TypeError(f"lengths must be an integer or float tensor, got {lengths.dtype}")
+    if lengths.dtype not in _LENGTH_DTYPES:
+        raise TypeError(f"lengths must be an integer or float tensor (int8/16/32/64, uint8, float16/32/64, "
+                        f"bfloat16), got {lengths.dtype}")
 
 
 def check_length_values(lengths, K=None) -> int:
@@ -153,6 +159,11 @@ class TorchGPOPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, n, weights):
+        with torch.autocast(features.device.type, enabled=False):  # the bmm in fp32, not autocast's bf16
+            return TorchGPOPoolFunction._forward(ctx, features, n, weights)
+
+    @staticmethod
+    def _forward(ctx, features, n, weights):
         B, K, D = features.shape
         acc = torch.float64 if features.dtype == torch.float64 else torch.float32
         valid = torch.arange(K, device=features.device) < n.unsqueeze(1)  # (B, K): position / rank < n
@@ -171,9 +182,10 @@ class TorchGPOPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # create_graph=True
-            return TorchGPOPoolFunction._differentiable_backward(ctx, grad_out)
-        return TorchGPOPoolFunction._backward(ctx, grad_out)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if torch.is_grad_enabled():  # create_graph=True
+                return TorchGPOPoolFunction._differentiable_backward(ctx, grad_out)
+            return TorchGPOPoolFunction._backward(ctx, grad_out)
 
     @staticmethod
     def _differentiable_backward(ctx, grad_out):
