@@ -175,6 +175,11 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "--word_dim configures the BiGRU text encoder; this run's text encoder is BERT (--text_encoder bert)" \
         in _error(capsys, _args(tiny, tmp_path / "r", "--word_dim", "64"))
     assert "--num_layers configures the BiGRU" in _error(capsys, ["--text_model", data, "--num_layers", "2"])
+    assert "--bert_lr_factor configures the BERT text encoder" in _error(
+        capsys, ["--text_encoder", "gru", "--bert_lr_factor", "0.5"])
+    (tmp_path / "bad.json").write_text("{not json")
+    err = _error(capsys, _args(tiny, tmp_path / "r", "--bert_config", str(tmp_path / "bad.json")))
+    assert f"--bert_config {tmp_path / 'bad.json'}: " in err and "Traceback" not in err
     assert "--batch_size must be >= 2, got 1" in _error(capsys, _args(tiny, tmp_path / "r", "--batch_size", "1"))
     assert "--embed_size must be >= 2 with --precomp_enc_type basic" in _error(
         capsys, _args(tiny, tmp_path / "r", "--embed_size", "1"))
@@ -737,3 +742,24 @@ def test_resume_after_a_kill_mid_save_tidies_the_run_dir(tiny, tmp_path):
     log = (run / "train.log").read_text()
     assert "dropped 2 line(s) past the resumed checkpoint (epoch 1)" in log
     assert f"removed {stale[0]}, left by a save of last.pth that was interrupted" in log
+
+
+def test_weights_gone_non_finite_in_an_epochs_last_step_are_named(tiny, tmp_path, capsys):
+    """The logged loss precedes the step, so a step that makes the weights NaN/inf at an epoch's end
+    reached the evaluation, which blamed the features in a traceback."""
+    err = _error(capsys, _args(tiny, tmp_path / "r", "--batch_size", "200", "--num_epochs", "1",
+                               "--learning_rate", "1e37", "--grad_clip", "0"))
+    assert "the model's weights became NaN or inf by step 1 (epoch 0), before evaluating dev" in err
+    assert "Traceback" not in err
+
+
+def test_resume_with_another_val_split_chooses_the_best_anew(tiny, tmp_path):
+    """A best rsum measured on dev is not compared with rsums on test."""
+    run = tmp_path / "r"
+    train.main(_args(tiny, run, "--batch_size", "80", "--num_epochs", "1"))
+    dev_best = _final_state(run)["best_rsum"]
+    result = train.main(["--resume", str(run / "last.pth"), "--num_epochs", "2", "--val_split", "test",
+                         "--progress", "off"])
+    assert result["best_rsum"] == result["val"]["rsum"] and math.isfinite(dev_best)
+    log = (run / "train.log").read_text()
+    assert f"the resumed run's best rsum {dev_best:.2f} was measured on dev; the best checkpoint is chosen anew" in log

@@ -197,7 +197,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
     options given explicitly on the command line. Validates values, naming the bad option."""
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume",)}
     text_encoder = explicit.get("text_encoder", (saved or {}).get("text_encoder", "bert"))
-    ignored, which = ((("text_model", "bert_config"), "BERT") if text_encoder == "gru" else
+    ignored, which = ((("text_model", "bert_config", "bert_lr_factor"), "BERT") if text_encoder == "gru" else
                       (("word_dim", "num_layers"), "BiGRU"))
     for key in ignored:
         if key in explicit:
@@ -602,8 +602,10 @@ class Trainer:
         else:
             try:
                 self.model = build_model(model_options(cfg))
-            except OSError as err:  # transformers: no weights (or config) in the --text_model directory
-                raise data.DataError(f"--text_model {cfg.get('text_model')}: {err}") from None
+            except (OSError, ValueError) as err:  # transformers: no weights (or config), a bad config json
+                option = "--text_model" if cfg.get("text_model") else "--bert_config"
+                source = cfg.get("text_model") or cfg.get("bert_config")
+                raise data.DataError(f"{option} {source}: {err}") from None
         _check_token_ids_fit(self.vocab, self.model.opt, cfg)
         self.model.to(self.device)
         if cfg.get("compile"):
@@ -662,6 +664,12 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.epoch_step, self.step = state["epoch"], state.get("epoch_step", 0), state["step"]
         self.best_rsum = state.get("best_rsum", -math.inf)
+        saved_val = state["config"].get("val_split", PUBLISHED_DEFAULTS["val_split"])
+        if saved_val != self.cfg["val_split"] and math.isfinite(self.best_rsum):
+            logger.warning("--val_split %s: the resumed run's best rsum %.2f was measured on %s; the best "
+                           "checkpoint is chosen anew on %s", self.cfg["val_split"], self.best_rsum, saved_val,
+                           self.cfg["val_split"])
+            self.best_rsum = -math.inf
         if self.epoch_step > self.steps_per_epoch:
             from vse_fast.data import DataError
 
@@ -806,6 +814,11 @@ class Trainer:
         runs in fp32 whatever the training precision, as the published validation (and vse_fast.eval)."""
         from vse_fast.eval import evaluate
 
+        # every rank holds the same weights: all raise together, before rank 0's evaluation would
+        if not all(bool(torch.isfinite(t).all()) for t in (*self.model.parameters(), *self.model.buffers())
+                   if t.is_floating_point()):
+            raise FloatingPointError(f"the model's weights became NaN or inf by step {self.step} (epoch "
+                                     f"{self.epoch}), before evaluating {split}: lower --learning_rate")
         metrics = None
         if self.ctx.is_main:
             self.model.eval()
