@@ -111,6 +111,8 @@ def test_evaluate_matches_published_protocol(dataset):
     torch.testing.assert_close(cap, ref_cap, atol=1e-5, rtol=1e-5)
     whole = encode_split(model, str(dataset), "test", tok, batch_size=2**63)  # beyond sys.maxsize: the whole split
     torch.testing.assert_close(whole[:2], (img, cap), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="device meta differs from the model's device cpu: move the model"):
+        encode_split(model, str(dataset), "test", tok, device="meta")
     sims = compute_sim(img.double().numpy(), cap.double().numpy())
     model.train()
     metrics = evaluate(model, str(dataset), "test", batch_size=4)  # tokenizer found in data_path

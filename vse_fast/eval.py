@@ -96,7 +96,12 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    param_device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else param_device
+    if device.type != param_device.type or None not in (device.index, param_device.index) and \
+            device.index != param_device.index:
+        raise ValueError(f"device {device} differs from the model's device {param_device}: move the model "
+                         "there first (model.to(device))")
     info = data.check_split(data_path, split)
     caps = info.caps_per_item
     limit = _resolve_limit(split, caps, caption_limit)
