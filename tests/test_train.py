@@ -751,6 +751,9 @@ def test_weights_gone_non_finite_in_an_epochs_last_step_are_named(tiny, tmp_path
                                "--learning_rate", "1e37", "--grad_clip", "0"))
     assert "the model's weights became NaN or inf by step 1 (epoch 0), before evaluating dev" in err
     assert "Traceback" not in err
+    err = _error(capsys, _args(tiny, tmp_path / "s", "--batch_size", "40", "--learning_rate", "1e37",
+                               "--grad_clip", "0", "--save_steps", "1"))  # never a last.pth to resume into NaN
+    assert "before writing last.pth: lower --learning_rate" in err and not (tmp_path / "s" / "last.pth").exists()
 
 
 def test_resume_with_another_val_split_chooses_the_best_anew(tiny, tmp_path):

@@ -690,10 +690,20 @@ class Trainer:
                 logger.warning("resuming with %d process(es) instead of %s: dropout random streams re-seeded",
                                self.ctx.world_size, rng.get("world_size"))
 
+    def _check_finite_weights(self, before: str) -> None:
+        """FloatingPointError if a step made the weights NaN/inf (the logged loss precedes the step, so
+        a finite one does not rule it out). Every rank holds the same weights: all raise together."""
+        if not all(bool(torch.isfinite(t).all()) for t in (*self.model.parameters(), *self.model.buffers())
+                   if t.is_floating_point()):
+            raise FloatingPointError(f"the model's weights became NaN or inf by step {self.step} (epoch "
+                                     f"{self.epoch}), before {before}: lower --learning_rate")
+
     def save(self, *names: str) -> None:
-        """The training state to each of ``names`` in the run directory, in order, each atomically."""
+        """The training state to each of ``names`` in the run directory, in order, each atomically.
+        Weights that went non-finite are never saved (FloatingPointError)."""
         from vse_fast.checkpoint import save_checkpoint
 
+        self._check_finite_weights("writing " + " and ".join(names))
         state = self.state()  # collective (RNG states of all ranks): every rank takes part
         if self.ctx.is_main:
             for name in names:
@@ -760,6 +770,7 @@ class Trainer:
                     return False
                 if saving:
                     self.save("last.pth")
+                    t_last = time.time()  # the next interval's throughput leaves the save out
         finally:
             bar.close()
         return True
@@ -814,11 +825,7 @@ class Trainer:
         runs in fp32 whatever the training precision, as the published validation (and vse_fast.eval)."""
         from vse_fast.eval import evaluate
 
-        # every rank holds the same weights: all raise together, before rank 0's evaluation would
-        if not all(bool(torch.isfinite(t).all()) for t in (*self.model.parameters(), *self.model.buffers())
-                   if t.is_floating_point()):
-            raise FloatingPointError(f"the model's weights became NaN or inf by step {self.step} (epoch "
-                                     f"{self.epoch}), before evaluating {split}: lower --learning_rate")
+        self._check_finite_weights(f"evaluating {split}")
         metrics = None
         if self.ctx.is_main:
             self.model.eval()
