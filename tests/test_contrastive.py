@@ -4,6 +4,7 @@ indices), positives with duplicates, rectangular and single-row batches, NaN/inf
 Triton runs under the interpreter on CPU (tiny shapes) and compiled on CUDA; its three paths ("small":
 one program, "fused": both terms from one pass over S, "terms": per term) against the reference, each
 other, exact ties (integer inputs) and the VSE0 backward in row chunks."""
+import numpy as np
 import pytest
 import torch
 
@@ -113,14 +114,15 @@ def test_dropin_matches_published(B, D, max_violation):
     (dict(margin=None), TypeError, "margin must be a real number.*NoneType"),
     (dict(margin=True), TypeError, "margin must be a real number.*bool"),
     (dict(margin=torch.ones(2)), TypeError, r"margin must be a real number, got a tensor of shape \(2,\)"),
-    (dict(margin=float("nan")), ValueError, "margin must be finite, got nan"),
-    (dict(margin=float("inf")), ValueError, "margin must be finite, got inf"),
+    (dict(margin=float("nan")), ValueError, "margin must be finite and within the float32 range, got nan"),
+    (dict(margin=float("inf")), ValueError, "margin must be finite and within the float32 range, got inf"),
+    (dict(margin=10**400), ValueError, r"within the float32 range, got 1000.*\(401 digits\)"),
     (dict(max_violation="False"), TypeError, "max_violation must be a bool, got str 'False'"),
     (dict(max_violation=1), TypeError, "max_violation must be a bool, got int 1"),
     (dict(max_violation=None), TypeError, "max_violation must be a bool"),
     (dict(reduction="avg"), ValueError, "reduction must be one of .*'avg'"),
     (dict(backend="cuda"), ValueError, "backend must be one of .*'cuda'"),
-], ids=["margin-str", "margin-None", "margin-bool", "margin-vector", "margin-nan", "margin-inf", "mv-str",
+], ids=["margin-str", "margin-None", "margin-bool", "margin-vector", "margin-nan", "margin-inf", "margin-huge", "mv-str",
         "mv-int", "mv-None", "reduction", "backend"])
 def test_dropin_constructor_validates(kw, exc, match):
     """Checked at construction: a string max_violation is not read as truthy, "0.2" is no margin."""
@@ -336,7 +338,6 @@ def _error_cases():
         ("int", dict(im=torch.ones(4, 3, dtype=torch.int64)), TypeError, "dtype torch.int64"),
         ("rank", dict(s=torch.randn(4, 3, 1)), ValueError, r"2-D .* \(4, 3, 1\)"),
         ("D", dict(s=torch.randn(4, 5)), ValueError, "same feature size"),
-        ("dtype", dict(s=s.double()), TypeError, "same dtype"),
         ("empty", dict(im=torch.randn(0, 3), s=torch.randn(0, 3)), ValueError, "at least one row"),
         ("NneM", dict(s=torch.randn(5, 3)), ValueError, "4 rows and s has 5"),
         ("pos-dtype", dict(positives=torch.arange(4, dtype=torch.int32)), TypeError, "int64"),
@@ -348,6 +349,12 @@ def _error_cases():
         ("backend", dict(backend="cuda"), ValueError, "'cuda'"),
         ("margin", dict(margin=torch.tensor(0.2)), TypeError, "margin"),
         ("margin-nan", dict(margin=float("nan")), ValueError, "finite"),
+        ("margin-huge-int", dict(margin=10**400), ValueError, r"within the float32 range, got 1000.*401 digits"),
+        ("margin-past-fp32", dict(margin=1e39), ValueError, "within the float32 range, got 1e[+]39"),
+        ("terms-list", dict(terms=["i2t"]), ValueError, r"terms must be one of .*\['i2t'\]"),
+        ("reduction-array", dict(reduction=np.array([1, 2])), ValueError, "reduction must be one of"),
+        ("indices-str", dict(return_indices="no", max_violation=True), TypeError, "return_indices must be a bool"),
+        ("mv-numpy", dict(max_violation=np.bool_(True)), TypeError, "bool, got numpy.bool"),
         ("mv", dict(max_violation=1), TypeError, "bool"),
         ("indices-vse0", dict(return_indices=True), ValueError, "max_violation=True"),
         ("triton-fp64", dict(im=im.double(), s=s.double(), backend="triton"), TypeError, "float64"),
@@ -721,3 +728,33 @@ def test_triton_interpreter_vse0_16bit_gradients_of_clustered_embeddings(dtype, 
         errors[backend] = [float((g.grad.double() - e.grad).abs().max() / e.grad.abs().max())
                            for g, e in ((a, exact[0]), (b, exact[1]))]
     assert all(t <= 2.5 * max(r, 1e-3) for t, r in zip(errors["triton"], errors["torch"])), errors
+
+
+def test_mixed_dtypes_are_promoted_as_autocast_outputs_reach_the_published_loss():
+    """Under autocast an encoder's bf16 output can meet an fp32 one; the published loss takes them (its
+    matmul autocasts). Ours promotes to the wider dtype; the gradients keep each input's dtype."""
+    torch.manual_seed(0)
+    im, s = torch.randn(6, 8).bfloat16().requires_grad_(), torch.randn(6, 8).requires_grad_()
+    for mv in (False, True):
+        loss = contrastive_loss(im, s, 0.2, mv)
+        expected = contrastive_loss(im.detach().float(), s.detach(), 0.2, mv)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+        im.grad = s.grad = None
+        loss.backward()
+        assert im.grad.dtype == torch.bfloat16 and s.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        published = PublishedContrastiveLoss(None, 0.2, True)(im.detach(), s.detach())
+        ours = ContrastiveLoss(None, 0.2, True)(im.detach(), s.detach())
+    torch.testing.assert_close(ours, published.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_dropin_reads_a_reassigned_margin_and_flag_as_published():
+    """The published module takes margin/max_violation reassigned after construction (numpy scalars,
+    0-d tensors); they are coerced at each forward, not rejected there."""
+    im, s = torch.randn(5, 4), torch.randn(5, 4)
+    loss = ContrastiveLoss(None, 0.2, False)
+    loss.margin, loss.max_violation = np.float32(0.3), np.bool_(True)
+    expected = contrastive_loss(im, s, float(np.float32(0.3)), True)
+    torch.testing.assert_close(loss(im, s), expected, rtol=0, atol=0)
+    loss.margin = torch.tensor(0.3)
+    torch.testing.assert_close(loss(im, s), contrastive_loss(im, s, float(torch.tensor(0.3)), True), rtol=0, atol=0)

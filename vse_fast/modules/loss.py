@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vse_fast.ops.contrastive import check_loss_options, contrastive_loss
+from vse_fast.ops.contrastive import _short, _type_name, check_loss_options, contrastive_loss
 
 
 def _as_margin(margin) -> float:
@@ -17,15 +17,18 @@ def _as_margin(margin) -> float:
                             f"and dtype {margin.dtype}")
         return float(margin.item())
     if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
-        raise TypeError(f"margin must be a real number (e.g. 0.2), got {type(margin).__name__} {margin!r}")
-    return float(margin)
+        raise TypeError(f"margin must be a real number (e.g. 0.2), got {_type_name(margin)} {margin!r}")
+    try:
+        return float(margin)
+    except OverflowError:
+        raise ValueError(f"margin must be finite and within the float32 range, got {_short(margin)}") from None
 
 
 def _as_max_violation(max_violation) -> bool:
     """max_violation as a bool: True/False or a numpy bool; anything else (strings such as "False",
     ints) raises TypeError rather than being read as truthy."""
     if not isinstance(max_violation, (bool, np.bool_)):
-        raise TypeError(f"max_violation must be a bool, got {type(max_violation).__name__} {max_violation!r}")
+        raise TypeError(f"max_violation must be a bool, got {_type_name(max_violation)} {max_violation!r}")
     return bool(max_violation)
 
 
@@ -40,7 +43,9 @@ class ContrastiveLoss(nn.Module):
 
     Validated at construction (TypeError/ValueError naming the argument): margin a finite real
     number (int/float, numpy scalar or 0-d tensor; stored as a float), max_violation a bool (or
-    numpy bool), reduction "sum"/"mean", backend "auto"/"torch"/"triton".
+    numpy bool), reduction "sum"/"mean", backend "auto"/"torch"/"triton". ``margin`` and
+    ``max_violation`` reassigned later are read the same way at each forward (a tensor margin
+    then costs a host read per call).
 
     forward(im (N, D), s (M, D), positives=None) -> 0-dim loss (fp32 for fp32/bf16/fp16 inputs);
     with positives=None, N == M and pair i is (im[i], s[i]) as in the published module.
@@ -65,9 +70,9 @@ class ContrastiveLoss(nn.Module):
         print("Use VSE0 objective.")
 
     def forward(self, im, s, positives=None):
-        # no coercion: attributes reassigned after construction are checked by contrastive_loss
-        return contrastive_loss(im, s, self.margin, self.max_violation, positives=positives,
-                                reduction=self.reduction, backend=self.backend)
+        # coerced here too: the published module takes a margin or flag reassigned after construction
+        return contrastive_loss(im, s, _as_margin(self.margin), _as_max_violation(self.max_violation),
+                                positives=positives, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self):
         return f"margin={self.margin}, max_violation={self.max_violation}, reduction={self.reduction!r}"

@@ -41,8 +41,6 @@ def _check_inputs(im, s, margin, max_violation, positives, reduction, terms, ret
             raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got dtype {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(t.shape)}")
-    if im.dtype != s.dtype:
-        raise TypeError(f"im and s must have the same dtype, got {im.dtype} and {s.dtype}")
     if im.device != s.device:
         raise ValueError(f"im and s must be on the same device, got {im.device} and {s.device}")
     (N, D), (M, Ds) = im.shape, s.shape
@@ -51,26 +49,42 @@ def _check_inputs(im, s, margin, max_violation, positives, reduction, terms, ret
     if N < 1 or M < 1 or D < 1:
         raise ValueError(f"im and s need at least one row and one feature, got im {tuple(im.shape)}, s {tuple(s.shape)}")
     check_loss_options(margin, max_violation, reduction, backend)
-    if terms not in _TERMS:
+    if not isinstance(terms, str) or terms not in _TERMS:
         raise ValueError(f"terms must be one of {tuple(_TERMS)}, got {terms!r}")
+    if not isinstance(return_indices, bool):
+        raise TypeError(f"return_indices must be a bool, got {_type_name(return_indices)}")
     if return_indices and not max_violation:
         raise ValueError("return_indices=True needs max_violation=True (VSE0 has no hardest negative)")
     labels = _check_positives(positives, N, M, im.device)
     return labels, _TERMS[terms], _pick_backend(backend, im)
 
 
+def _type_name(value) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _short(number) -> str:
+    text = repr(number)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def check_loss_options(margin, max_violation, reduction="sum", backend="auto"):
-    """Raise TypeError/ValueError unless margin is a finite Python int/float, max_violation a bool,
-    reduction in ("sum", "mean") and backend in ("auto", "torch", "triton")."""
+    """Raise TypeError/ValueError unless margin is a Python int/float within the float32 range (the
+    loss is computed in fp32), max_violation a bool, reduction in ("sum", "mean") and backend in
+    ("auto", "torch", "triton")."""
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise TypeError(f"margin must be a Python float, got {type(margin).__name__}")
-    if margin != margin or margin in (float("inf"), float("-inf")):
-        raise ValueError(f"margin must be finite, got {margin}")
+        raise TypeError(f"margin must be a Python float, got {_type_name(margin)}")
+    if not (margin == margin and -_FP32_MAX <= margin <= _FP32_MAX):  # inf, NaN, or beyond fp32 (ints too)
+        raise ValueError(f"margin must be finite and within the float32 range, got {_short(margin)}")
     if not isinstance(max_violation, bool):
-        raise TypeError(f"max_violation must be a bool, got {type(max_violation).__name__}")
-    if reduction not in _REDUCTIONS:
+        raise TypeError(f"max_violation must be a bool, got {_type_name(max_violation)}")
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if backend not in _BACKENDS:
+    if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
@@ -304,7 +318,8 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
 
     Args:
         im: (N, D) image embeddings; s: (M, D) caption embeddings. fp32/bf16/fp16 (fp64: torch only),
-            same dtype and device, any strides.
+            same device, any strides; two dtypes are promoted to the wider (as autocast's mixed
+            outputs reach the published loss).
         margin: hinge margin (Python float). max_violation: False = VSE0, True = VSE++.
         positives: (M,) int64, the image row of each caption (captions of one image are not negatives
             of each other); None means the diagonal and needs N == M. Range-checked without a host
@@ -313,7 +328,9 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
         terms: "both", "i2t" (published cost_s, image query) or "t2i" (cost_im, caption query).
             With positives=None: loss(im, s) == loss(im, s, terms="t2i") + loss(s, im, terms="t2i").
         return_indices: VSE++ only; also return {"i2t": (M,), "t2i": (M,)} int64 hardest negatives
-            (caption index for i2t, image index for t2i, -1 where there is no negative).
+            (caption index for i2t, image index for t2i, -1 where there is no negative). Ties take
+            the first index where the similarities are bitwise equal: equal rows can still differ in
+            the last bit of a BLAS product (CPU). Unspecified when the inputs hold NaN.
         backend: "auto" | "torch" | "triton".
 
     Returns:
@@ -324,6 +341,10 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
 
         loss = contrastive_loss(img_emb, cap_emb, margin=0.2, max_violation=True)
     """
+    if isinstance(im, torch.Tensor) and isinstance(s, torch.Tensor) and im.dtype != s.dtype \
+            and im.is_floating_point() and s.is_floating_point():
+        common = torch.promote_types(im.dtype, s.dtype)
+        im, s = im.to(common), s.to(common)
     labels, term_tuple, which = _check_inputs(im, s, margin, max_violation, positives, reduction, terms,
                                               return_indices, backend)
     scale = 1.0 / s.shape[0] if reduction == "mean" else 1.0
