@@ -2,7 +2,9 @@
 
     python bench/gpu_check.py [--out bench/results] [--only gpo,loss,train,ddp,compile]
 
-Runs on one CUDA GPU in under 5 minutes (H100). Each section (bench/gpucheck_<name>.py, function
+Runs on one CUDA GPU in about 6-7 minutes with every section (gpo ~2.5 min and loss ~1.5 min on the
+H100 of 2026-11-27, then train, ddp and compile; bench/gpu_run.sh cuts it at 400 s, compile last, and a
+cut section is recorded as such). Each section (bench/gpucheck_<name>.py, function
 `run(ctx) -> dict`) checks its kernels against a float64 reference on fresh random inputs and times
 them against the published re-implementation with CUDA events (triton.testing.do_bench, median).
 The card's copy bandwidth is measured in the same run so memory-bound kernels can be reported as a
@@ -14,6 +16,7 @@ import argparse
 import datetime
 import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -72,8 +75,11 @@ class Context:
 
 def profile_breakdown(fn, *, steps=5, top=12, device=None):
     """torch.profiler summary of `steps` calls of fn(): host wall time per call, the device's busy time
-    per call (all self device time), and the `top` entries by self device time (self CPU time on a
-    CPU-only run), each with calls and microseconds per step."""
+    per call (the self time of the device rows: kineto also credits each kernel's time to the host op
+    that launched it, so summing every row would count it twice), the `top` device rows (kernels) by
+    self device time, and the `top` host ops by self CPU time, each with calls and microseconds per
+    step. On a CPU-only run the device entries are empty."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -95,20 +101,24 @@ def profile_breakdown(fn, *, steps=5, top=12, device=None):
                 return getattr(e, attr)
         return 0.0
 
-    key = self_device_us if cuda else (lambda e: e.self_cpu_time_total)
     averages = list(prof.key_averages())
-    events = sorted(averages, key=key, reverse=True)[:top]
+    device_rows = [e for e in averages if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU
+                   and not getattr(e, "is_user_annotation", False)]
+    host_rows = [e for e in averages if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
+
+    def rows(events, key):
+        return [{"name": e.key[:90], "calls_per_step": e.count / steps,
+                 "self_device_us_per_step": round(self_device_us(e) / steps, 1),
+                 "self_cpu_us_per_step": round(e.self_cpu_time_total / steps, 1)}
+                for e in sorted(events, key=key, reverse=True)[:top]]
+
     return {
         "steps": steps,
         "wall_us_per_step_profiled": round(wall_us, 1),
-        # all self device time per step: far below the wall time means the host (launches) bounds it
-        "device_busy_us_per_step": round(sum(self_device_us(e) for e in averages) / steps, 1),
-        "top": [
-            {"name": e.key[:90], "calls_per_step": e.count / steps,
-             "self_device_us_per_step": round(self_device_us(e) / steps, 1),
-             "self_cpu_us_per_step": round(e.self_cpu_time_total / steps, 1)}
-            for e in events
-        ],
+        # device busy time per step: far below the wall time means the host (launches) bounds it
+        "device_busy_us_per_step": round(sum(self_device_us(e) for e in device_rows) / steps, 1),
+        "top": rows(device_rows, self_device_us),  # kernels by device time
+        "top_host": rows(host_rows, lambda e: e.self_cpu_time_total),  # host ops by CPU time
     }
 
 
@@ -152,6 +162,10 @@ def main(argv=None):
         try:
             section = importlib.import_module(f"gpucheck_{name}")
             result = section.run(ctx)
+        except KeyboardInterrupt:  # gpu_run.sh's timeout sends SIGINT: record the cut, keep the rest
+            report["sections"][name] = {"error": "cut off (time limit)", "seconds": round(time.time() - start, 1)}
+            _write(report, path, t0, failed + [name])
+            raise
         except Exception as exc:  # a broken section is reported, the others still run
             traceback.print_exc()
             result = {"error": f"{type(exc).__name__}: {exc}"}
@@ -170,8 +184,21 @@ def _write(report, path, t0, failed, complete=False):
     report["total_seconds"] = round(time.time() - t0, 1)
     report["complete"] = complete
     report["ok"] = complete and not failed
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+    tmp = path + ".tmp"  # a kill mid-write keeps the last complete file
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(report), f, indent=2, default=str, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def _json_safe(value):
+    """Non-finite floats as strings ("inf", "nan"): strict JSON readers (jq) reject Infinity/NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

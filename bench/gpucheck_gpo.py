@@ -272,7 +272,7 @@ def _table(result):
         frac = f"{100 * r['frac_copy_bw']:.0f}% of copy" if r["frac_copy_bw"] else ""
         split = f" (fwd {r['fwd_ms']:.3f} / bwd {r['bwd_ms']:.3f})" if "fwd_ms" in r else ""
         lines.append(f"  pool {r['dtype']} {r['shape']} {r['impl']:<11} {r['ms']:.3f} ms {r['gbs']:.0f} GB/s {frac} "
-                     f"peak +{r['peak_extra_mb']:.0f} MB{split}")
+                     f"peak +{r['peak_extra_mb']:.0f} MiB{split}")
     for r in result["module_timing"]:
         lines.append(f"  GPO {r['dtype']} {r['shape']} ours {r['ours_ms']:.3f} ms (torch table "
                      f"{r['ours_torch_table_ms']:.3f}), published {r['published_ms']:.3f} ms -> {r['speedup']:.1f}x")

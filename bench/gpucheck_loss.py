@@ -195,7 +195,8 @@ def run(ctx) -> dict:
 
     floors = {B: _matmul_floor(ctx, B) for B in (4096, 16384, 32768)}
     result["cublas_two_bf16_matmuls_ms"] = floors
-    head = f"{'B':>6} {'dtype':>5} {'mode':>5} {'ours ms':>9} {'pub ms':>9} {'speedup':>8} {'x floor':>8} {'ours MB':>8} {'pub MB':>8}"
+    head = (f"{'B':>6} {'dtype':>8} {'mode':>5} {'ours ms':>9} {'pub ms':>9} {'speedup':>8} {'x floor':>8} "
+            f"{'ours MiB':>8} {'pub MiB':>8}")
     print(head, flush=True)
     plan = [(B, dt, mv) for B in (128, 4096, 16384) for dt in (torch.bfloat16, torch.float32) for mv in (False, True)]
     plan += [(32768, torch.bfloat16, mv) for mv in (False, True)]
@@ -210,7 +211,7 @@ def run(ctx) -> dict:
                    x_two_bf16_matmuls=(ours_ms / floors[B]) if (B in floors and dtype == torch.bfloat16) else None)
         result["timings"].append(row)
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{B:>6} {row['dtype'][:5]:>5} {row['mode']:>5} {ours_ms:>9.3f} {fmt(pub_ms, '9.3f'):>9} "
+        print(f"{B:>6} {row['dtype']:>8} {row['mode']:>5} {ours_ms:>9.3f} {fmt(pub_ms, '9.3f'):>9} "
               f"{fmt(row['speedup'], '8.2f'):>8} {fmt(row['x_two_bf16_matmuls'], '8.2f'):>8} "
               f"{ours_mem / 2**20:>8.0f} {fmt(pub_mem and pub_mem / 2**20, '8.0f'):>8}", flush=True)
     # Host-bound regime (B = 128): forward alone, and one tiny torch op for the host's per-launch cost.
