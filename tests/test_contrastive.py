@@ -758,3 +758,23 @@ def test_dropin_reads_a_reassigned_margin_and_flag_as_published():
     torch.testing.assert_close(loss(im, s), expected, rtol=0, atol=0)
     loss.margin = torch.tensor(0.3)
     torch.testing.assert_close(loss(im, s), contrastive_loss(im, s, float(torch.tensor(0.3)), True), rtol=0, atol=0)
+
+
+@interpreter_only
+def test_triton_vsepp_backward_follows_torch_deterministic_mode(poison_empty):
+    """Its fp32 atomic adds make the last bits vary between runs: under use_deterministic_algorithms
+    the Triton VSE++ loss with a gradient raises (warns with warn_only) as torch's own such ops do; the
+    single-program small path (no atomics), VSE0 and "auto" (which takes the torch backend) are fine."""
+    im, s = torch.randn(20, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            contrastive_loss(im, s, 0.2, True, backend="triton")
+        contrastive_loss(im[:8], s[:8], 0.2, True, backend="triton").backward()  # small path
+        contrastive_loss(im, s, 0.2, False, backend="triton").backward()
+        contrastive_loss(im.detach(), s.detach(), 0.2, True, backend="triton")  # no gradient: no atomics
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            contrastive_loss(im, s, 0.2, True, backend="triton").backward()
+    finally:
+        torch.use_deterministic_algorithms(False)

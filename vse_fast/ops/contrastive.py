@@ -16,6 +16,8 @@ The loss is fp32 for fp32/bf16/fp16 inputs (fp64 for fp64, torch backend only). 
 (create_graph=True): exact on the torch backend; the Triton backend raises (once differentiable).
 """
 
+import warnings
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -56,7 +58,7 @@ def _check_inputs(im, s, margin, max_violation, positives, reduction, terms, ret
     if return_indices and not max_violation:
         raise ValueError("return_indices=True needs max_violation=True (VSE0 has no hardest negative)")
     labels = _check_positives(positives, N, M, im.device)
-    return labels, _TERMS[terms], _pick_backend(backend, im)
+    return labels, _TERMS[terms], _pick_backend(backend, im, max_violation)
 
 
 def _type_name(value) -> str:
@@ -112,7 +114,20 @@ def _check_positives(positives, N, M, device):
     return positives.contiguous()
 
 
-def _pick_backend(backend, im):
+def _alert_nondeterministic(what: str) -> None:
+    """As torch's own nondeterministic ops do under torch.use_deterministic_algorithms(True): raise
+    RuntimeError, or warn with warn_only=True."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{what} does not have a deterministic implementation, but you set "
+               "'torch.use_deterministic_algorithms(True)': use backend='torch' (or 'auto', which picks it then)")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
+def _pick_backend(backend, im, max_violation):
     if backend == "torch":
         return "torch"
     if backend == "triton":
@@ -121,6 +136,8 @@ def _pick_backend(backend, im):
         if not im.is_cuda and not triton_interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {im.device}")
         return "triton"
+    if max_violation and torch.are_deterministic_algorithms_enabled():
+        return "torch"  # the Triton VSE++ backward adds with fp32 atomics (run-to-run last-bit differences)
     return "triton" if im.is_cuda and im.dtype in _TRITON_DTYPES else "torch"
 
 
@@ -277,6 +294,9 @@ class ContrastiveLossFunction(torch.autograd.Function):
             loss, _, aux, A = K.contrastive_small_fwd(im, s, margin, max_violation, scale, settings)
             ctx.save_for_backward(im, s, A)
         else:
+            if max_violation and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+                _alert_nondeterministic("contrastive_loss(backend='triton', max_violation=True) backward beyond "
+                                        f"B={settings.SMALL_B} or with positives (fp32 atomic adds)")
             save_mask = not max_violation and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
             val, aux, d, mask = K.contrastive_fwd(im, s, labels, margin, max_violation, terms, scale, settings,
                                                   save_mask=save_mask)
@@ -331,7 +351,9 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
             (caption index for i2t, image index for t2i, -1 where there is no negative). Ties take
             the first index where the similarities are bitwise equal: equal rows can still differ in
             the last bit of a BLAS product (CPU). Unspecified when the inputs hold NaN.
-        backend: "auto" | "torch" | "triton".
+        backend: "auto" | "torch" | "triton". "auto" takes Triton for CUDA tensors, except for VSE++
+            under ``torch.use_deterministic_algorithms(True)``: the Triton VSE++ backward beyond B=128
+            (or with positives) adds with fp32 atomics, and "triton" there raises (warns with warn_only).
 
     Returns:
         The 0-dim loss (fp32; fp64 for fp64 inputs), non-finite if im or s holds a NaN/inf; and
