@@ -197,6 +197,41 @@ def test_namespace_and_numpy_scalars_load_safely(tmp_path):
     torch.save({"bad": np.array(["x"], dtype=object)[0:1]}, path)  # object arrays stay refused
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+    scalars = {"f2": np.float16(1.5), "be": np.array(3, dtype=">i4")[()], "b": np.bool_(True),
+               "u": np.uint64(2**63 + 1), "i1": np.int8(-5), "f4": np.float32(0.25)}
+    torch.save(scalars, path)
+    assert load_checkpoint(path) == {k: v.item() for k, v in scalars.items()}
+
+
+class _ObjectDtype:  # pickles as numpy.dtype('O', False, True)
+    def __reduce__(self):
+        return np.dtype, ("O", False, True)
+
+
+class _FloatHoldingObjects:  # numpy.dtype('f8') whose pickled state gives it an object subarray
+    def __reduce__(self):
+        return np.dtype, ("f8", False, True), (3, "|", (_ObjectDtype(), (1,)), None, None, -1, -1, 0)
+
+
+class _ScalarOfAddress:  # a numpy scalar of that dtype: 8 bytes read as a PyObject pointer
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __reduce__(self):
+        return np.core.multiarray.scalar if not hasattr(np, "_core") else np._core.multiarray.scalar, \
+            (self.dtype, id(self).to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("dtype", [_FloatHoldingObjects(), _ObjectDtype()], ids=["float-state", "object"])
+def test_numpy_dtypes_that_would_read_bytes_as_objects_are_refused(tmp_path, dtype):
+    """The allow-listed numpy dtype and scalar rebuild once took a float dtype whose state held an object
+    subarray, then read checkpoint bytes as an object address (an object of the loading process, or a
+    segfault). Only numeric type codes with a plain byte-order state are rebuilt now."""
+    path = str(tmp_path / "evil.pth")
+    evil = _ScalarOfAddress(dtype)  # kept alive: the address in the file stays valid
+    torch.save({"best_rsum": evil}, path)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely .*refusing"):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("case", ["no-model", "model-list", "non-tensor", "prefix-collision"])
@@ -286,6 +321,12 @@ def test_published_bert_base_shape_inferred(tmp_path, monkeypatch):
     data = batch(3, vocab=50, t=5)
     for ours, ref in zip(model(*data), pub(*data)):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for missing in ("bert.embeddings.position_embeddings.weight", "bert.encoder.layer.0.intermediate.dense.weight"):
+        state = published_checkpoint(pub, published_opt(embed_size=8, img_dim=13))
+        del state["model"][1][missing]
+        torch.save(state, path)
+        with pytest.raises(CheckpointError, match=f"weights lack \\['{missing}'\\], which its size is read from"):
+            load_published_checkpoint(path)  # a KeyError before
 
 
 @pytest.mark.parametrize("precomp", ["basic", "backbone"])

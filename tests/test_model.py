@@ -190,6 +190,11 @@ def test_bert_from_local_directory_and_config_json(tmp_path):
     assert set(rebuilt.state_dict()) == set(model.state_dict())
     with pytest.raises(ValueError, match="not a directory"):
         build_model(dict(embed_size=8, img_dim=5, text_model=str(tmp_path / "missing")))
+    bert.to(torch.bfloat16).save_pretrained(tmp_path / "bert16")  # many hub directories are 16-bit
+    half_saved = build_model(dict(embed_size=8, img_dim=5, text_model=str(tmp_path / "bert16")))
+    assert {p.dtype for p in half_saved.parameters()} == {torch.float32}
+    emb = half_saved.encode_captions(torch.tensor([[2, 5, 3]]), torch.tensor([3]))
+    assert emb.dtype == torch.float32 and torch.isfinite(emb).all()
     with pytest.raises(ValueError, match="not a file"):
         build_model(dict(embed_size=8, img_dim=5, bert_config=str(tmp_path / "missing.json")))
 

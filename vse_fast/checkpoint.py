@@ -42,23 +42,46 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
+class _NumericDtype:
+    """Stand-in for ``numpy.dtype`` while unpickling: accepts only the numeric type codes numpy pickles
+    ('b1', 'i1'..'u8', 'f2'..'f8') and, from the pickled state, only a byte order; anything else (a
+    subarray, fields, an object dtype) is refused. numpy's own dtype and DType classes are not
+    allow-listed: their ``__setstate__`` takes states that make a float dtype hold objects."""
+
+    _CODES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
+
+    def __init__(self, code, align=False, copy=True):
+        if not isinstance(code, str) or code not in self._CODES:
+            raise pickle.UnpicklingError(f"refusing to rebuild numpy dtype {code!r}")
+        self.code, self.byteorder = code, "="
+
+    def __setstate__(self, state):
+        plain = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in "<>|="
+                 and len(state[1]) == 1 and state[2:5] == (None, None, None))
+        if not plain:
+            raise pickle.UnpicklingError(f"refusing numpy dtype state {state!r}")
+        self.byteorder = state[1]
+
+    def numpy(self) -> np.dtype:
+        return np.dtype(self.code).newbyteorder(self.byteorder if self.byteorder in "<>" else "=")
+
+
 def _numpy_scalar(dtype, data=None):
-    """Safe stand-in for numpy's scalar reconstructor: numeric dtypes only, returns a Python number."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+    """Safe stand-in for numpy's scalar reconstructor: a numeric `_NumericDtype` and exactly its
+    itemsize of bytes; returns a Python number."""
+    if not isinstance(dtype, _NumericDtype) or not isinstance(data, bytes):
         raise pickle.UnpicklingError(f"refusing to rebuild a numpy scalar of dtype {dtype!r}")
-    return np.frombuffer(data, dtype=dtype, count=1)[0].item()
+    clean = dtype.numpy()
+    if len(data) != clean.itemsize:
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {clean} needs {clean.itemsize} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype=clean, count=1)[0].item()
 
-
-_NUMERIC_DTYPE_CLASSES = [getattr(np.dtypes, name) for name in (
-    "BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType", "UInt8DType", "UInt16DType",
-    "UInt32DType", "UInt64DType", "Float16DType", "Float32DType", "Float64DType") if hasattr(np, "dtypes")]
 
 SAFE_GLOBALS = [
     argparse.Namespace,
     (_numpy_scalar, "numpy.core.multiarray.scalar"),
     (_numpy_scalar, "numpy._core.multiarray.scalar"),
-    np.dtype,
-    *_NUMERIC_DTYPE_CLASSES,
+    (_NumericDtype, "numpy.dtype"),
 ]
 
 
@@ -135,10 +158,14 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            with torch.serialization.safe_globals(SAFE_GLOBALS):  # only the globals we do not allow
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # not a zip checkpoint, etc.
             unsafe = []
         reason = _unpickler_reason(err)
+        if not unsafe and "refusing" in reason:  # an allow-listed numpy stand-in refused its arguments
+            raise CheckpointError(f"checkpoint {path!r} cannot be loaded safely (weights_only=True): {reason}. "
+                                  "vse_fast never unpickles arbitrary objects.") from err
         if not unsafe and "GLOBAL" not in reason:  # no object refused: the file is no torch.save output
             raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint: {reason}") from err
         detail = f"it references {unsafe}, which are not allow-listed" if unsafe else reason
@@ -325,6 +352,12 @@ def _bert_config_from_state(txt_sd: dict, path: str) -> dict:
     always used bert-base-uncased). Other sizes need the BERT directory (text_model)."""
     import transformers
 
+    needed = ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.intermediate.dense.weight",
+              "bert.embeddings.position_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"]
+    missing = [key for key in needed if key not in txt_sd]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r}: the BERT text encoder's weights lack {missing}, which "
+                              "its size is read from; pass text_model (the BERT directory) or bert_config")
     vocab, hidden = txt_sd["bert.embeddings.word_embeddings.weight"].shape
     if hidden != 768:
         raise CheckpointError(f"checkpoint {path!r}: BERT hidden size {hidden} is not bert-base's 768; pass "

@@ -405,7 +405,9 @@ def build_bert(options: dict, load_pretrained: bool = True) -> nn.Module:
         if not os.path.isdir(text_model):
             raise ValueError(f"text_model {text_model!r} is not a directory (expected a local BERT "
                              "directory saved with save_pretrained; nothing is downloaded)")
-        return transformers.BertModel.from_pretrained(text_model, local_files_only=True)
+        # float32 weights whatever dtype the directory was saved in (transformers >= 5 keeps a saved
+        # bf16/fp16 dtype; the published code, on transformers 4, always got float32)
+        return transformers.BertModel.from_pretrained(text_model, local_files_only=True).float()
     return transformers.BertModel(_bert_config(options, transformers))
 
 
