@@ -376,6 +376,11 @@ def test_inference_encoder_and_search(dataset, tmp_path):
         enc.encode_images([np.zeros((0, IMG_DIM), np.float32)])
     with pytest.raises(TypeError, match="list of strings"):
         enc.encode_captions("a dog")
+    torch.testing.assert_close(Encoder(model.double(), tok).encode_images(sets), ref_img, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.float().txt_enc.linear.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"the embeddings of captions \[0, 1\] .* are NaN or inf"):
+        Encoder(model, tok).encode_captions(captions[:2])
     for blank in (" ", "\u200b", "\u00ad", "\x00"):
         with pytest.raises(ValueError, match="empty caption"):
             enc.encode_captions([blank])

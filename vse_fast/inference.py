@@ -126,8 +126,9 @@ class Encoder:
         if not sets:
             raise ValueError("no feature sets to encode")
         out = []
+        dtype = next(self.model.parameters()).dtype  # float32, or a float64 model's own dtype
         for a in range(0, len(sets), self.batch_size):
-            batch = collate([{"features": x.float()} for x in sets[a:a + self.batch_size]])
+            batch = collate([{"features": x.to(dtype)} for x in sets[a:a + self.batch_size]])
             with _autocast(self.device, self.precision):
                 out.append(self.model.encode_images(batch["images"].to(self.device),
                                                     batch["img_lengths"].to(self.device)).float())
@@ -139,7 +140,8 @@ class Encoder:
     @torch.inference_mode()
     def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
         """captions: strings. Returns (M, E) float32 embeddings on the encoder's device. A caption
-        that cannot be encoded raises an error naming its index."""
+        that cannot be encoded raises an error naming its index; ValueError naming the captions whose
+        embeddings are not finite."""
         if isinstance(captions, str):
             raise TypeError("captions must be a list of strings, got one string")
         tokens = []
@@ -156,7 +158,9 @@ class Encoder:
             with _autocast(self.device, self.precision):
                 out.append(self.model.encode_captions(batch["captions"].to(self.device),
                                                       batch["cap_lengths"].to(self.device)).float())
-        return torch.cat(out)
+        emb = torch.cat(out)
+        _check_finite(emb, "the embeddings of captions", "the model's weights hold NaN or inf (or fp16 overflowed)")
+        return emb
 
 
 @torch.no_grad()
