@@ -179,6 +179,21 @@ def test_invalid_utf8_names_its_line(split):
         data.check_split(folder, "train")
 
 
+@pytest.mark.parametrize("name", ["lens.npy", "ids.txt"])
+@pytest.mark.parametrize("kind", ["broken-link", "directory"])
+def test_optional_files_that_are_no_file_are_named(split, name, kind):
+    """A broken lens link was skipped silently: every set taken at full size, padding included."""
+    folder = split[0]
+    path = os.path.join(folder, f"train_{name}")
+    os.remove(path)
+    if kind == "broken-link":
+        os.symlink(os.path.join(folder, "gone.npy"), path)
+    else:
+        os.mkdir(path)
+    with pytest.raises(DataError, match=f"train_{name}: " + ("a broken link" if kind == "broken-link" else "not a file")):
+        data.check_split(folder, "train")
+
+
 def test_lens_archive_instead_of_array_is_named(split):
     folder = split[0]
     with open(os.path.join(folder, "train_lens.npy"), "wb") as f:
@@ -323,6 +338,13 @@ def test_rows_repeated_once_per_caption_are_read_as_one_row_per_item(tmp_path, t
     np.save(os.path.join(many, "test_ims.npy"), np.repeat(feats[:3], 25, axis=0))
     info = data.check_split(many, "test")
     assert (info.n_items, info.caps_per_item, info.row_repeat) == (3, 25, 25)
+    # the first two items with equal features (a duplicate image): a first run of 2C rows, still C
+    duplicated = feats.copy()
+    duplicated[1] = duplicated[0]
+    np.save(os.path.join(folder, "test_ims.npy"), np.repeat(duplicated, 5, axis=0))
+    np.save(os.path.join(folder, "test_lens.npy"), np.repeat(np.r_[lens[0], lens[0], lens[2:]], 5))
+    info = data.check_split(folder, "test")
+    assert (info.n_items, info.caps_per_item, info.row_repeat) == (7, 5, 5)
 
 
 def test_pairs_and_eval_tokens(split, tokenizer):
@@ -540,6 +562,24 @@ def test_caption_longer_than_the_positions_names_its_line(split, tokenizer, data
         make(1)
 
 
+@pytest.mark.parametrize("dataset", ["train", "eval"])
+@pytest.mark.parametrize("caption", ["\ufffd\ufffd", "\ue000 \U000f0000", "\u0301\u0302"],
+                         ids=["replacement", "private-use", "accents"])
+def test_a_caption_bert_keeps_nothing_of_names_its_line(split, tokenizer, dataset, caption):
+    """Not blank, yet BERT's cleaning drops every character (U+FFFD, private use; the uncased tokenizer
+    strips accents): it was encoded as [CLS] [SEP] alone, silently."""
+    folder, _, _, captions = split
+    captions = list(captions)
+    captions[4] = caption
+    with open(os.path.join(folder, "train_caps.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(captions) + "\n")
+    made = (data.CaptionDataset(folder, "train", tokenizer) if dataset == "eval"
+            else data.PrecomputedDataset(folder, "train", tokenizer, train=True))
+    made[3]
+    with pytest.raises(DataError, match=r"train_caps\.txt:5: the tokenizer keeps none of the characters"):
+        made[4]
+
+
 def test_vocabulary_captions_are_checked_against_the_positions_too():
     """position_limit binds the BiGRU vocabulary path as it does BERT's, augmentation or not."""
     vocab = data.Vocabulary.build(["a red dog"], threshold=1)
@@ -636,6 +676,16 @@ def test_tokenizer_files_that_cannot_be_read_are_named(tmp_path, tokenizer):
         f.truncate(20)
     with pytest.raises(DataError, match=re.escape(f"{folder}: unreadable tokenizer files")):
         data.load_tokenizer(text_model_dir=str(folder))
+    repeated = tmp_path / "repeated.txt"  # the tokenizer kept the last line: ids past its vocabulary size
+    words = [v for v in VOCAB if v != "[MASK]"]
+    repeated.write_text("\n".join(words[:6] + [words[5]] + words[6:] + ["[MASK]"]) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{repeated}:7: the token {words[5]!r} repeats line 6")):
+        data.load_tokenizer(vocab_file=str(repeated))
+    in_dir = tmp_path / "bert_repeated"
+    in_dir.mkdir()
+    (in_dir / "vocab.txt").write_text(repeated.read_text())
+    with pytest.raises(DataError, match="repeats line 6"):
+        data.load_tokenizer(text_model_dir=str(in_dir))
 
 
 def test_a_bert_directory_whose_vocabulary_lacks_mask_is_named(tmp_path):

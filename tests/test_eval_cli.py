@@ -384,7 +384,7 @@ def test_inference_encoder_and_search(dataset, tmp_path):
     for blank in (" ", "\u200b", "\u00ad", "\x00"):
         with pytest.raises(ValueError, match="empty caption"):
             enc.encode_captions([blank])
-    with pytest.raises(ValueError, match="the tokenizer keeps none of its characters"):
+    with pytest.raises(ValueError, match="the tokenizer keeps none of"):
         enc.encode_captions(["\u0301"])  # a lone combining accent: BERT strips accents
 
 

@@ -82,13 +82,16 @@ def test_bad_parameters_are_named(tmp_path):
             synthetic.generate(str(tmp_path), noise=noise)
 
 
-def test_fingerprint_covers_the_generator_and_the_vocabulary_writer(monkeypatch, tmp_path):
+def test_fingerprint_covers_the_generator_and_the_vocabulary_writers(monkeypatch, tmp_path):
     import shutil
 
     assert synthetic._source_fingerprint() == synthetic.GENERATOR
-    for module in (synthetic, data):  # a copy of the package with one byte more in either file
+    from vse_fast import word_tokenize
+
+    package = os.path.dirname(synthetic.__file__)  # before __file__ is patched below
+    for module in (synthetic, data, word_tokenize):  # a copy of the package with one byte more in one file
         copy = tmp_path / module.__name__
-        shutil.copytree(os.path.dirname(synthetic.__file__), copy)
+        shutil.copytree(package, copy)
         with open(copy / os.path.basename(module.__file__), "a") as f:
             f.write("\n")
         monkeypatch.setattr(synthetic, "__file__", str(copy / "synthetic.py"))

@@ -48,8 +48,8 @@ import torch
 from vse_fast.word_tokenize import word_tokenize
 
 __all__ = [
-    "DataError", "CaptionTooLongError", "SplitInfo", "check_split", "published_caption_limit", "DEV_CAPTION_LIMIT",
-    "load_tokenizer", "Vocabulary", "CaptionEncoder", "PrecomputedDataset", "ImageSetDataset", "CaptionDataset",
+    "DataError", "CaptionTooLongError", "EmptyCaptionError", "SplitInfo", "check_split", "published_caption_limit",
+    "DEV_CAPTION_LIMIT", "load_tokenizer", "Vocabulary", "CaptionEncoder", "PrecomputedDataset", "ImageSetDataset", "CaptionDataset",
     "collate", "collate_images", "collate_captions",
 ]
 
@@ -77,6 +77,11 @@ def error_message(err: BaseException) -> str:
 
 class CaptionTooLongError(ValueError):
     """A caption has more tokens than the text encoder has positions (CaptionEncoder position_limit)."""
+
+
+class EmptyCaptionError(ValueError):
+    """A caption the BERT tokenizer keeps no word of (it drops U+FFFD, private-use and other "C*"
+    characters, and the uncased one accents), though it is not blank."""
 
 
 @dataclass
@@ -251,6 +256,10 @@ def _load_split(data_path, split):
     for name in ("ims", "caps"):
         if not os.path.isfile(paths[name]):
             raise DataError(f"{paths[name]}: missing (split {split!r} needs {split}_ims.npy and {split}_caps.txt)")
+    for name in ("lens", "ids"):  # optional, but a path that is there must be a file, not silently skipped
+        if os.path.lexists(paths[name]) and not os.path.isfile(paths[name]):
+            what = "a broken link" if os.path.islink(paths[name]) and not os.path.exists(paths[name]) else "not a file"
+            raise DataError(f"{paths[name]}: {what} (remove it, or fix it to point at the split's {name} file)")
     features = _open_features(paths["ims"])
     n_items, max_set, feat_dim = features.shape
     captions = _read_captions(paths["caps"])
@@ -277,26 +286,28 @@ def _load_split(data_path, split):
 
 def _row_repeat(features, lens) -> int:
     """C > 1 when the N rows of ``features`` (and of ``lens``) come in runs of C byte-identical rows, one
-    run per item, at least two items: checked on the first run and on 16 runs spread over the array, each
-    run also differing from the row after it. 1 otherwise (distinct rows, or one value everywhere)."""
+    run per item, at least two items; 1 otherwise (distinct rows, or one value everywhere). C divides
+    the length L of the first run of identical rows (L = 2C when the first two items have equal
+    features): the largest such C whose runs are identical rows at 16 items spread over the array,
+    the first included, wins."""
     def same(i, j):
         return np.array_equal(np.ascontiguousarray(features[i]).view(np.uint8),
                               np.ascontiguousarray(features[j]).view(np.uint8))
 
     n = features.shape[0]
-    repeat = 1
-    while repeat <= n // 2 and same(repeat, 0):  # any captions per item; at least two items
-        repeat += 1
-    if repeat == 1 or n % repeat or n // repeat < 2:
+    first_run = 1
+    while first_run < n and same(first_run, 0):
+        first_run += 1
+    if first_run == 1 or first_run == n:
         return 1
-    for start in np.unique(np.linspace(0, n // repeat - 1, 16).astype(np.int64)) * repeat:
-        if not all(same(start + i, start) for i in range(1, repeat)):
-            return 1
-        if start + repeat < n and same(start + repeat, start):
-            return 1
-        if lens is not None and (lens[start:start + repeat] != lens[start]).any():
-            return 1
-    return repeat
+    for repeat in range(first_run, 1, -1):
+        if first_run % repeat or n % repeat or n // repeat < 2:
+            continue
+        starts = np.unique(np.linspace(0, n // repeat - 1, 16).astype(np.int64)) * repeat
+        if all(all(same(start + i, start) for i in range(1, repeat))
+               and (lens is None or not (lens[start:start + repeat] != lens[start]).any()) for start in starts):
+            return repeat
+    return 1
 
 
 def check_split(data_path, split):
@@ -327,6 +338,8 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
         if not any(os.path.isfile(os.path.join(text_model_dir, name)) for name in ("tokenizer.json", "vocab.txt")):
             raise DataError(f"{text_model_dir}: no tokenizer in the BERT directory (tokenizer.json or vocab.txt): "
                             "save the tokenizer there with save_pretrained, or pass its vocab.txt (--vocab_file)")
+        if not os.path.isfile(os.path.join(text_model_dir, "tokenizer.json")):  # built from its vocab.txt
+            _read_wordpiece_vocab(os.path.join(text_model_dir, "vocab.txt"))
         try:
             tok = BertTokenizerFast.from_pretrained(text_model_dir, local_files_only=True)
         except Exception as err:  # a truncated tokenizer.json, a vocab.txt that is not UTF-8, ...
@@ -339,10 +352,7 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
         return tok
     if not os.path.isfile(vocab_file):
         raise DataError(f"{vocab_file}: vocabulary file does not exist")
-    vocab, bom = {}, False
-    for number, raw in _text_lines(vocab_file):
-        bom |= number == 1 and raw.startswith(b"\xef\xbb\xbf")
-        vocab[_decode_line(vocab_file, number, raw)] = number - 1
+    vocab, bom = _read_wordpiece_vocab(vocab_file)
     for token in BERT_SPECIAL_TOKENS:
         if token not in vocab:
             raise DataError(f"{vocab_file}: vocabulary lacks the special token {token}")
@@ -356,6 +366,22 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
 
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _read_wordpiece_vocab(vocab_file):
+    """({token: line - 1}, whether a byte-order mark opens the file). A repeated token is a DataError:
+    the tokenizer would keep its last line, so ids would pass its vocabulary size (the word-embedding
+    rows) while some line numbers had no token."""
+    vocab, first_line, bom = {}, {}, False
+    for number, raw in _text_lines(vocab_file):
+        bom |= number == 1 and raw.startswith(b"\xef\xbb\xbf")
+        token = _decode_line(vocab_file, number, raw)
+        if token in first_line:
+            raise DataError(f"{vocab_file}:{number}: the token {token!r} repeats line {first_line[token]}: "
+                            "each line of a WordPiece vocabulary must be a distinct token")
+        first_line[token] = number
+        vocab[token] = number - 1
+    return vocab, bom
 
 
 def _in_vocabulary(tok, token) -> bool:
@@ -541,6 +567,8 @@ class CaptionEncoder:
         if self.kind == "vocab":
             return self._vocab_ids(caption, rng, touch_prob)
         words = self.words(caption)
+        if not words:
+            raise EmptyCaptionError(f"the tokenizer keeps none of the characters of the caption {caption!r}")
         self._check_positions(2 + sum(len(pieces) for pieces in words))
         ids = [self.start]
         if rng is not None and touch_prob > 0 and words:
@@ -638,10 +666,10 @@ class _SplitData:
 
     def caption_tokens(self, text, index, rng=None, touch_prob=0.0):
         """Token ids of caption ``index`` by ``text`` (a CaptionEncoder); a caption too long for the text
-        encoder raises DataError naming its file and line."""
+        encoder, or one the tokenizer keeps nothing of, raises DataError naming its file and line."""
         try:
             return text(self.captions[index], rng, touch_prob)
-        except CaptionTooLongError as err:
+        except (CaptionTooLongError, EmptyCaptionError) as err:
             raise DataError(f"{self.info.paths['caps']}:{index + 1}: {err}") from None
 
     def set_size(self, item):

@@ -45,12 +45,13 @@ FORMAT = "vse_fast-synthetic/1"
 
 
 def _source_fingerprint() -> str:
-    """16 hex digits of sha256 over the generator's source: this module and vse_fast/data.py (whose
-    Vocabulary writes vocab.json). Part of every dataset's parameters, so a cached dataset written by
+    """16 hex digits of sha256 over the generator's source: this module, vse_fast/data.py (whose
+    Vocabulary writes vocab.json) and vse_fast/word_tokenize.py (which splits its words). Part of every dataset's parameters, so a cached dataset written by
     another version of the generator is never reused as if current."""
     digest = hashlib.sha256()
     try:
-        for path in (__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")):
+        here = os.path.dirname(os.path.abspath(__file__))
+        for path in (__file__, os.path.join(here, "data.py"), os.path.join(here, "word_tokenize.py")):
             with open(path, "rb") as f:
                 digest.update(f.read())
     except OSError:  # no source file (frozen install): fall back to the format version alone
