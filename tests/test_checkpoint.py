@@ -201,6 +201,11 @@ def test_namespace_and_numpy_scalars_load_safely(tmp_path):
                "u": np.uint64(2**63 + 1), "i1": np.int8(-5), "f4": np.float32(0.25)}
     torch.save(scalars, path)
     assert load_checkpoint(path) == {k: v.item() for k, v in scalars.items()}
+    dtypes = {"plain": np.dtype("float32"), "nested": [argparse.Namespace(dt=np.dtype(">i8"))]}
+    torch.save(dtypes, path)  # a bare dtype comes back as numpy's, not as the loader's stand-in
+    loaded = load_checkpoint(path)
+    assert loaded["plain"] == np.dtype("float32") and loaded["nested"][0].dt == np.dtype(">i8")
+    assert isinstance(loaded["plain"], np.dtype)
 
 
 class _ObjectDtype:  # pickles as numpy.dtype('O', False, True)

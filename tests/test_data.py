@@ -681,11 +681,6 @@ def test_tokenizer_files_that_cannot_be_read_are_named(tmp_path, tokenizer):
     repeated.write_text("\n".join(words[:6] + [words[5]] + words[6:] + ["[MASK]"]) + "\n")
     with pytest.raises(DataError, match=re.escape(f"{repeated}:7: the token {words[5]!r} repeats line 6")):
         data.load_tokenizer(vocab_file=str(repeated))
-    in_dir = tmp_path / "bert_repeated"
-    in_dir.mkdir()
-    (in_dir / "vocab.txt").write_text(repeated.read_text())
-    with pytest.raises(DataError, match="repeats line 6"):
-        data.load_tokenizer(text_model_dir=str(in_dir))
 
 
 def test_a_bert_directory_whose_vocabulary_lacks_mask_is_named(tmp_path):

@@ -15,6 +15,7 @@
   1-process run ends.
 """
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -354,3 +355,38 @@ def test_torchrun_usage_errors_reach_every_rank(tiny_data, tmp_path):
         assert proc.returncode != 0
         assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # both ranks
         assert "Connection closed" not in proc.stderr and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
+
+
+def _finite_weights_worker(rank, world, port, result_dir):
+    import types
+
+    import torch.distributed as dist
+
+    from vse_fast.train import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ctx = vdist.init_distributed("cpu")
+    trainer = types.SimpleNamespace(model=torch.nn.BatchNorm1d(3), ctx=ctx, step=5, epoch=1)
+    trainer._broadcast = lambda value: Trainer._broadcast(trainer, value)
+    outcomes = []
+    for bad_rank in (1, 0):  # a non-finite BatchNorm buffer on one rank only
+        with torch.no_grad():
+            trainer.model.running_mean.fill_(float("inf") if rank == bad_rank else 0.0)
+        try:
+            Trainer._check_finite_weights(trainer, "writing last.pth")
+            outcomes.append("ok")
+        except FloatingPointError:
+            outcomes.append("raised")
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(outcomes, f)
+    vdist.cleanup_distributed(ctx)
+
+
+def test_the_finite_weights_check_is_rank_0s_verdict_on_every_rank(tmp_path):
+    """BatchNorm buffers differ between ranks after a step (DDP broadcasts rank 0's at the next forward):
+    a check on each rank's own weights raised on one rank alone, and the others hung in the next collective.
+    Rank 0's buffers are the checkpoint's: its verdict ends (or continues) every rank."""
+    mp.spawn(_finite_weights_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in range(2)]
+    assert outcomes == [["ok", "raised"], ["ok", "raised"]]

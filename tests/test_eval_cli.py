@@ -163,6 +163,16 @@ def test_cli_checkpoint_ensemble_and_json(dataset, tmp_path, capsys):
     assert "note: 10 items: text->image R@10 is 100 by construction" in err
     assert "R@1" in printed and f"rsum {single['rsum']:.1f}" in printed
     assert json.loads(out_json.read_text())["rsum"] == pytest.approx(single["rsum"])
+    # --json through a link to a file not yet written: the early writability probe leaves the link
+    # and creates nothing when the run then fails; a run that succeeds writes through it
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "m.json"
+    link.symlink_to(tmp_path / "out" / "metrics.json")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", paths[0], "--data_path", str(dataset), "--json", str(link), "--split", "nope"])
+    assert link.is_symlink() and not (tmp_path / "out" / "metrics.json").exists()
+    main(["--checkpoint", paths[0], "--data_path", str(dataset), "--json", str(link)])
+    assert link.is_symlink() and json.loads((tmp_path / "out" / "metrics.json").read_text())["rsum"] > 0
     tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
     embs = [encode_split(m, str(dataset), "test", tok)[:2] for m in models]
     assert_metrics_equal(single, as_dict(evaluate_sims(10, compute_sim(*[e.double().numpy() for e in embs[0]]))))

@@ -66,6 +66,26 @@ class _NumericDtype:
         return np.dtype(self.code).newbyteorder(self.byteorder if self.byteorder in "<>" else "=")
 
 
+def _real_dtypes(obj):
+    """``obj`` with each `_NumericDtype` stand-in (a bare numpy dtype in the checkpoint) as the numpy
+    dtype it stands for, in dicts, lists, tuples and Namespaces."""
+    if isinstance(obj, _NumericDtype):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(value, (_NumericDtype, dict, list, tuple, argparse.Namespace)):
+                obj[key] = _real_dtypes(value)
+        return obj
+    if isinstance(obj, list):
+        return [_real_dtypes(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_real_dtypes(v) for v in obj)
+    if isinstance(obj, argparse.Namespace):
+        for key, value in vars(obj).items():
+            setattr(obj, key, _real_dtypes(value))
+    return obj
+
+
 def _numpy_scalar(dtype, data=None):
     """Safe stand-in for numpy's scalar reconstructor: a numeric `_NumericDtype` and exactly its
     itemsize of bytes; returns a Python number."""
@@ -155,7 +175,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _real_dtypes(torch.load(path, map_location=map_location, weights_only=True))
     except pickle.UnpicklingError as err:
         try:
             with torch.serialization.safe_globals(SAFE_GLOBALS):  # only the globals we do not allow

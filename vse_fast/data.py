@@ -338,8 +338,6 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
         if not any(os.path.isfile(os.path.join(text_model_dir, name)) for name in ("tokenizer.json", "vocab.txt")):
             raise DataError(f"{text_model_dir}: no tokenizer in the BERT directory (tokenizer.json or vocab.txt): "
                             "save the tokenizer there with save_pretrained, or pass its vocab.txt (--vocab_file)")
-        if not os.path.isfile(os.path.join(text_model_dir, "tokenizer.json")):  # built from its vocab.txt
-            _read_wordpiece_vocab(os.path.join(text_model_dir, "vocab.txt"))
         try:
             tok = BertTokenizerFast.from_pretrained(text_model_dir, local_files_only=True)
         except Exception as err:  # a truncated tokenizer.json, a vocab.txt that is not UTF-8, ...

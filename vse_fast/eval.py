@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import warnings
 from typing import Sequence
 
@@ -83,6 +84,13 @@ def caption_position_limit(model):
     return getattr(getattr(bert, "config", None), "max_position_embeddings", None)
 
 
+def _device_index(device: torch.device) -> int:
+    """The index a device stands for: "cuda" without one is the current CUDA device."""
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" and torch.cuda.is_available() else 0
+
+
 def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: int = 128, device=None,
                  caption_limit="auto", precision: str = "fp32", num_workers: int = 0):
     """Embeddings of a split: (img_emb (N, E), cap_emb (N*C, E), C), each image/caption encoded once.
@@ -98,8 +106,7 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     param_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else param_device
-    if device.type != param_device.type or None not in (device.index, param_device.index) and \
-            device.index != param_device.index:
+    if (device.type, _device_index(device)) != (param_device.type, _device_index(param_device)):
         raise ValueError(f"device {device} differs from the model's device {param_device}: move the model "
                          "there first (model.to(device))")
     info = data.check_split(data_path, split)
@@ -313,14 +320,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parser.error(f"--json {args.json!r} is a directory")
         if not os.path.isdir(json_dir):
             parser.error(f"--json {args.json!r}: directory {json_dir!r} does not exist")
-        existed = os.path.exists(args.json)
-        try:  # opened as the end of the run will (permission bits do not bind root; /proc and the like)
-            with open(args.json, "a"):
-                pass
+        target = os.path.realpath(args.json)  # where the end of the run writes (through a symlink)
+        try:  # tried, not inferred from permission bits (which do not bind root; /proc and the like)
+            if os.path.exists(target):
+                open(target, "a").close()
+            else:
+                tempfile.TemporaryFile(dir=os.path.dirname(target)).close()
         except OSError as err:
             parser.error(f"--json {args.json!r} cannot be written: {err.strerror or err}")
-        if not existed:
-            os.remove(args.json)
     for path in args.checkpoint:
         if os.path.isdir(path):
             parser.error(f"--checkpoint {path!r} is a directory, not a checkpoint file")

@@ -605,6 +605,8 @@ class Trainer:
             except (OSError, ValueError) as err:  # transformers: no weights (or config), a bad config json
                 option = "--text_model" if cfg.get("text_model") else "--bert_config"
                 source = cfg.get("text_model") or cfg.get("bert_config")
+                if cfg["text_encoder"] != "bert" or not source:
+                    raise
                 raise data.DataError(f"{option} {source}: {err}") from None
         _check_token_ids_fit(self.vocab, self.model.opt, cfg)
         self.model.to(self.device)
@@ -692,9 +694,12 @@ class Trainer:
 
     def _check_finite_weights(self, before: str) -> None:
         """FloatingPointError if a step made the weights NaN/inf (the logged loss precedes the step, so
-        a finite one does not rule it out). Every rank holds the same weights: all raise together."""
-        if not all(bool(torch.isfinite(t).all()) for t in (*self.model.parameters(), *self.model.buffers())
-                   if t.is_floating_point()):
+        a finite one does not rule it out). Rank 0's verdict, on every rank: the parameters are the
+        same everywhere, the BatchNorm buffers are rank 0's in the checkpoint (DDP broadcasts them
+        at each forward), and no rank may raise alone while the others wait in a collective."""
+        finite = all(bool(torch.isfinite(t).all()) for t in (*self.model.parameters(), *self.model.buffers())
+                     if t.is_floating_point())
+        if not self._broadcast(finite):
             raise FloatingPointError(f"the model's weights became NaN or inf by step {self.step} (epoch "
                                      f"{self.epoch}), before {before}: lower --learning_rate")
 

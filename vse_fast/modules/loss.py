@@ -9,8 +9,8 @@ from vse_fast.ops.contrastive import _short, _type_name, check_loss_options, con
 
 
 def _as_margin(margin) -> float:
-    """margin as a Python float: a real number (int, float, numpy scalar) or a 0-d real tensor (read
-    once, at construction). Strings, None, bools and other tensors raise TypeError."""
+    """margin as a Python float: a real number (int, float, numpy scalar) or a 0-d real tensor (read on
+    the host). Strings, None, bools and other tensors raise TypeError."""
     if isinstance(margin, torch.Tensor):
         if margin.dim() != 0 or margin.dtype == torch.bool or margin.is_complex():
             raise TypeError(f"margin must be a real number, got a tensor of shape {tuple(margin.shape)} "

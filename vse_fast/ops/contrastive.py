@@ -295,8 +295,9 @@ class ContrastiveLossFunction(torch.autograd.Function):
             ctx.save_for_backward(im, s, A)
         else:
             if max_violation and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-                _alert_nondeterministic("contrastive_loss(backend='triton', max_violation=True) backward beyond "
-                                        f"B={settings.SMALL_B} or with positives (fp32 atomic adds)")
+                _alert_nondeterministic("contrastive_loss(backend='triton', max_violation=True) backward outside "
+                                        f"its small path (positives None, both terms, B <= {settings.SMALL_B}): "
+                                        "fp32 atomic adds")
             save_mask = not max_violation and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
             val, aux, d, mask = K.contrastive_fwd(im, s, labels, margin, max_violation, terms, scale, settings,
                                                   save_mask=save_mask)
@@ -352,8 +353,9 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
             the first index where the similarities are bitwise equal: equal rows can still differ in
             the last bit of a BLAS product (CPU). Unspecified when the inputs hold NaN.
         backend: "auto" | "torch" | "triton". "auto" takes Triton for CUDA tensors, except for VSE++
-            under ``torch.use_deterministic_algorithms(True)``: the Triton VSE++ backward beyond B=128
-            (or with positives) adds with fp32 atomics, and "triton" there raises (warns with warn_only).
+            under ``torch.use_deterministic_algorithms(True)``: the Triton VSE++ backward adds with fp32
+            atomics outside its small path (positives None, both terms, B <= 128), and "triton" there
+            raises (warns with warn_only).
 
     Returns:
         The 0-dim loss (fp32; fp64 for fp64 inputs), non-finite if im or s holds a NaN/inf; and
