@@ -73,8 +73,7 @@ def _real_dtypes(obj):
         return obj.numpy()
     if isinstance(obj, dict):
         for key, value in obj.items():
-            if isinstance(value, (_NumericDtype, dict, list, tuple, argparse.Namespace)):
-                obj[key] = _real_dtypes(value)
+            obj[key] = _real_dtypes(value)
         return obj
     if isinstance(obj, list):
         return [_real_dtypes(v) for v in obj]

@@ -1071,8 +1071,8 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
     _setup_logging(run_dir, ctx)
     if ctx.is_main:
         _tidy_run_dir(run_dir, saved_state["epoch"] if continues else None)
-    if saved_state is not None and ctx.is_main:
-        _carry_best_checkpoint(args.resume, run_dir, saved_state)
+        if saved_state is not None:
+            _carry_best_checkpoint(args.resume, run_dir, saved_state)
     if saved_state is not None:  # logged here, so that train.log keeps them too
         saved = saved_state["config"]
         # a key absent from an older checkpoint: that run had the default
