@@ -227,7 +227,13 @@ class _ScalarOfAddress:  # a numpy scalar of that dtype: 8 bytes read as a PyObj
             (self.dtype, id(self).to_bytes(8, "little"))
 
 
-@pytest.mark.parametrize("dtype", [_FloatHoldingObjects(), _ObjectDtype()], ids=["float-state", "object"])
+class _ByteOrderNotText:  # numpy.dtype('f8') with a byte order that is no string
+    def __reduce__(self):
+        return np.dtype, ("f8", False, True), (3, 7, None, None, None, -1, -1, 0)
+
+
+@pytest.mark.parametrize("dtype", [_FloatHoldingObjects(), _ObjectDtype(), _ByteOrderNotText()],
+                         ids=["float-state", "object", "byte-order"])
 def test_numpy_dtypes_that_would_read_bytes_as_objects_are_refused(tmp_path, dtype):
     """The allow-listed numpy dtype and scalar rebuild once took a float dtype whose state held an object
     subarray, then read checkpoint bytes as an object address (an object of the loading process, or a

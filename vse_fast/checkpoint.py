@@ -56,8 +56,8 @@ class _NumericDtype:
         self.code, self.byteorder = code, "="
 
     def __setstate__(self, state):
-        plain = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in "<>|="
-                 and len(state[1]) == 1 and state[2:5] == (None, None, None))
+        plain = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and isinstance(state[1], str)
+                 and len(state[1]) == 1 and state[1] in "<>|=" and state[2:5] == (None, None, None))
         if not plain:
             raise pickle.UnpicklingError(f"refusing numpy dtype state {state!r}")
         self.byteorder = state[1]
