@@ -766,3 +766,12 @@ def test_resume_with_another_val_split_chooses_the_best_anew(tiny, tmp_path):
     assert result["best_rsum"] == result["val"]["rsum"] and math.isfinite(dev_best)
     log = (run / "train.log").read_text()
     assert f"the resumed run's best rsum {dev_best:.2f} was measured on dev; the best checkpoint is chosen anew" in log
+
+
+def test_the_weights_are_checked_once_per_epoch_end(tiny, tmp_path, monkeypatch):
+    """The epoch's evaluation and its checkpoint see the same weights: one walk over them, not two."""
+    walks = []
+    real = train.Trainer._weights_finite
+    monkeypatch.setattr(train.Trainer, "_weights_finite", lambda self: walks.append(self.step) or real(self))
+    train.main(_args(tiny, tmp_path / "r", "--batch_size", "120"))
+    assert walks == [2, 4]

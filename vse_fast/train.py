@@ -624,6 +624,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.epoch, self.epoch_step, self.step, self.best_rsum = 0, 0, 0, -math.inf
+        self._weights_checked_at = None  # the step whose weights _check_finite_weights found finite
         if saved_state is not None:
             self._restore(saved_state)
         else:
@@ -696,12 +697,20 @@ class Trainer:
         """FloatingPointError if a step made the weights NaN/inf (the logged loss precedes the step, so
         a finite one does not rule it out). Rank 0's verdict, on every rank: the parameters are the
         same everywhere, the BatchNorm buffers are rank 0's in the checkpoint (DDP broadcasts them
-        at each forward), and no rank may raise alone while the others wait in a collective."""
-        finite = all(bool(torch.isfinite(t).all()) for t in (*self.model.parameters(), *self.model.buffers())
-                     if t.is_floating_point())
-        if not self._broadcast(finite):
+        at each forward), and no rank may raise alone while the others wait in a collective. Once per
+        step: the epoch's evaluation and its checkpoint see the same weights."""
+        if self._weights_checked_at == self.step:
+            return
+        if not self._broadcast(self._weights_finite()):
             raise FloatingPointError(f"the model's weights became NaN or inf by step {self.step} (epoch "
                                      f"{self.epoch}), before {before}: lower --learning_rate")
+        self._weights_checked_at = self.step
+
+    def _weights_finite(self) -> bool:
+        """Whether every floating parameter and buffer of the model is finite (one host sync)."""
+        flags = [torch.isfinite(t).all() for t in (*self.model.parameters(), *self.model.buffers())
+                 if t.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True
 
     def save(self, *names: str) -> None:
         """The training state to each of ``names`` in the run directory, in order, each atomically.
