@@ -1092,9 +1092,10 @@ def contrastive_vse0_bwd(grad_loss, im, s, labels, cnt, d, margin: float, terms:
         X, Y, _, mode, C = _term_operands(im, s, labels, term)
         dX_acc, dY_acc = (dim, ds) if term == "i2t" else (ds, dim)
         rows = _chunk_rows(settings, M, C, im.element_size())
+        G_rows = torch.empty((rows, C), dtype=im.dtype, device=im.device)  # one buffer for every chunk
         for r0 in range(0, M, rows):
             n = min(rows, M - r0)
-            G = torch.empty((n, C), dtype=im.dtype, device=im.device)
+            G = G_rows[:n]
             _launch_mask(X, Y, lab, d, G, r0, n, M, C, margin, mode, False, settings)
             if term == "i2t" and labels is not None:
                 Xc = X.index_select(0, labels[r0:r0 + n])
@@ -1103,6 +1104,7 @@ def contrastive_vse0_bwd(grad_loss, im, s, labels, cnt, d, margin: float, terms:
                 Xc = X[r0:r0 + n]
                 dX_acc[r0:r0 + n] += _mm_fp32(G, Y)
             dY_acc += _mm_fp32(G.t(), Xc)
+        del G, G_rows
     c = cnt.sum(0)  # (M,)
     im_p = im if labels is None else im.index_select(0, labels)
     ds -= c[:, None] * im_p.float()

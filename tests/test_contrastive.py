@@ -570,6 +570,35 @@ def test_triton_interpreter_vse0_backward_in_chunks(dtype, saved_mask, monkeypat
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_interpreter_vse0_terms_backward_in_chunks(dtype, monkeypatch, poison_empty):
+    """The per-term VSE0 backward (explicit positives, N != M) with G in row chunks of one reused
+    buffer gives the one-chunk gradients: every chunk's G is written in full before its matmuls."""
+    K = _kernels()
+    N, M, D = 11, 45, 24
+    im, s, pos = _inputs(N, M, D, dtype, positives=True)
+    upstream = torch.randn(())
+    fn = lambda a, b: contrastive_loss(a, b, 0.2, False, positives=pos, backend="triton")  # noqa: E731
+    one = _loss_and_grads(fn, im, s, upstream)
+    monkeypatch.setattr(K, "_MASK_CHUNK_BYTES", 16 * N * im.element_size())  # chunks of 16 caption rows
+    assert [K._chunk_rows(K.loss_settings(dtype), M, C, im.element_size()) for C in (M, N)] == [16, 16]
+    buffers = []  # the storage each chunk's G is written to
+    real_launch = K._launch_mask
+    monkeypatch.setattr(K, "_launch_mask", lambda X, Y, lab, d, G, *a: buffers.append(G._base) or
+                        real_launch(X, Y, lab, d, G, *a))
+    chunked = _loss_and_grads(fn, im, s, upstream)
+    assert len(buffers) == 6 and all(b is not None for b in buffers)  # 2 terms x 3 chunks: views of
+    assert all(b is buffers[0] for b in buffers[:3]) and all(b is buffers[3] for b in buffers[3:])  # one buffer each
+    torch.testing.assert_close(chunked[0], one[0], rtol=0, atol=0)
+    for a, b in zip(chunked[1:3], one[1:3]):
+        atol, rtol = DTYPE_TOLERANCES[dtype]
+        torch.testing.assert_close(a, b, atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)
+    ref = _reference(im, s, upstream, margin=0.2, max_violation=False, positives=pos)
+    _assert_grad_close(chunked[1], ref[1], dtype, s)
+    _assert_grad_close(chunked[2], ref[2], dtype, im)
+
+
+@interpreter_only
 @pytest.mark.parametrize("B", [17, 37], ids=["B17", "B37"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_triton_interpreter_saved_mask_equals_recomputed_mask(B, dtype, poison_empty):
