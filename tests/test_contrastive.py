@@ -807,3 +807,35 @@ def test_triton_vsepp_backward_follows_torch_deterministic_mode(poison_empty):
             contrastive_loss(im, s, 0.2, True, backend="triton").backward()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_feature_offsets_past_int32_take_a_contiguous_copy_for_the_kernels():
+    """Column-major storage of > 2**31 elements: (D - 1) * stride(1) would wrap in the kernels'
+    int32 feature offsets; the Triton path gets a row-major copy (row offsets are int64)."""
+    from vse_fast.ops.contrastive import _int32_feature_offsets
+
+    big = torch.empty(1024, 2**21 + 2**12, device="meta").t()  # 1023 * (2**21 + 2**12) > 2**31
+    fixed = _int32_feature_offsets(big)
+    assert fixed.is_contiguous() and fixed.shape == big.shape
+    fits = torch.empty(1024, 2**21 - 1, device="meta").t()  # largest offset 1023 * (2**21 - 1) < 2**31
+    assert _int32_feature_offsets(fits) is fits
+    rows = torch.empty(2**22, 1024, device="meta")  # row-major: the offsets are row offsets (int64)
+    assert _int32_feature_offsets(rows) is rows
+
+
+@interpreter_only
+def test_the_triton_loss_gets_row_major_copies_of_inputs_past_int32_feature_offsets(monkeypatch, poison_empty):
+    import vse_fast.ops.contrastive as C
+
+    monkeypatch.setattr(C, "_INT32_OFFSETS", 16)  # a (9, 5) column-major input: offsets up to 4 * 9
+    seen = []
+    real = C.ContrastiveLossFunction.apply
+    monkeypatch.setattr(C.ContrastiveLossFunction, "apply", lambda im, s, *a: seen.append((im, s)) or real(im, s, *a))
+    im, s = torch.randn(5, 9).t().requires_grad_(), torch.randn(9, 5).requires_grad_()
+    upstream = torch.randn(())
+    got = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, True, backend="triton"), im, s, upstream)
+    assert seen[0][0].is_contiguous() and seen[0][1] is s
+    ref = _reference(im, s, upstream, margin=0.2, max_violation=True)
+    _assert_close(got[0], ref[0], torch.float32)
+    _assert_grad_close(got[1], ref[1], torch.float32, s)
+    _assert_grad_close(got[2], ref[2], torch.float32, im)

@@ -127,6 +127,16 @@ def _alert_nondeterministic(what: str) -> None:
         raise RuntimeError(message)
 
 
+def _int32_feature_offsets(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy of it when its largest feature offset (D - 1) * stride(1) passes int32
+    (column-major storage of more than 2**31 elements): the kernels widen row offsets to int64, not
+    feature offsets."""
+    return x.contiguous() if (x.shape[1] - 1) * x.stride(1) >= _INT32_OFFSETS else x
+
+
+_INT32_OFFSETS = 2**31
+
+
 def _pick_backend(backend, im, max_violation):
     if backend == "torch":
         return "torch"
@@ -372,6 +382,8 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
     labels, term_tuple, which = _check_inputs(im, s, margin, max_violation, positives, reduction, terms,
                                               return_indices, backend)
     scale = 1.0 / s.shape[0] if reduction == "mean" else 1.0
+    if which == "triton":
+        im, s = _int32_feature_offsets(im), _int32_feature_offsets(s)
     fn = ContrastiveLossFunction if which == "triton" else TorchContrastiveFunction
     with torch.autocast(im.device.type, enabled=False):  # computed as documented (fp32), also under autocast
         loss, aux = fn.apply(im, s, labels, float(margin), max_violation, term_tuple, scale)
