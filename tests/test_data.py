@@ -542,7 +542,7 @@ def test_max_caption_tokens_keeps_the_end_token(split, tokenizer):
 
 
 @pytest.mark.parametrize("dataset", ["eval", "train"])
-def test_caption_longer_than_the_positions_names_its_line(split, tokenizer, dataset):
+def test_caption_longer_than_the_positions_names_its_line(split, tokenizer, dataset, monkeypatch):
     folder, _, _, captions = split
     captions = list(captions)
     captions[7] = " ".join(["red"] * 20)  # 22 tokens with [CLS] and [SEP]
@@ -554,27 +554,36 @@ def test_caption_longer_than_the_positions_names_its_line(split, tokenizer, data
         make = lambda limit: data.PrecomputedDataset(folder, "train", tokenizer, train=True,  # noqa: E731
                                                      position_limit=limit)
     assert len(make(22)[7]["tokens"]) <= 22  # exactly at the limit fits
-    too_short = make(21)
-    too_short[6]  # the other captions still load
     with pytest.raises(DataError, match=r"train_caps\.txt:8: caption has 22 tokens .* 21 positions"):
-        too_short[7]
+        make(21)  # on construction, before any training step
     with pytest.raises(ValueError, match="position_limit"):
         make(1)
+    with monkeypatch.context() as patch:  # the check when loaded stays, and names the line too
+        patch.setattr(data._SplitData, "check_captions", lambda self, text: None)
+        too_short = make(21)
+        too_short[6]
+        with pytest.raises(DataError, match=r"train_caps\.txt:8: caption has 22 tokens .* 21 positions"):
+            too_short[7]
 
 
 @pytest.mark.parametrize("dataset", ["train", "eval"])
 @pytest.mark.parametrize("caption", ["\ufffd\ufffd", "\ue000 \U000f0000", "\u0301\u0302"],
                          ids=["replacement", "private-use", "accents"])
-def test_a_caption_bert_keeps_nothing_of_names_its_line(split, tokenizer, dataset, caption):
+def test_a_caption_bert_keeps_nothing_of_names_its_line(split, tokenizer, dataset, caption, monkeypatch):
     """Not blank, yet BERT's cleaning drops every character (U+FFFD, private use; the uncased tokenizer
-    strips accents): it was encoded as [CLS] [SEP] alone, silently."""
+    strips accents): it was encoded as [CLS] [SEP] alone, silently. Named on construction (it was
+    found only when loaded: mid-epoch), and when loaded."""
     folder, _, _, captions = split
     captions = list(captions)
     captions[4] = caption
     with open(os.path.join(folder, "train_caps.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(captions) + "\n")
-    made = (data.CaptionDataset(folder, "train", tokenizer) if dataset == "eval"
-            else data.PrecomputedDataset(folder, "train", tokenizer, train=True))
+    make = lambda: (data.CaptionDataset(folder, "train", tokenizer) if dataset == "eval"  # noqa: E731
+                    else data.PrecomputedDataset(folder, "train", tokenizer, train=True))
+    with pytest.raises(DataError, match=r"train_caps\.txt:5: the tokenizer keeps none of the characters"):
+        make()
+    monkeypatch.setattr(data._SplitData, "check_captions", lambda self, text: None)
+    made = make()
     made[3]
     with pytest.raises(DataError, match=r"train_caps\.txt:5: the tokenizer keeps none of the characters"):
         made[4]
@@ -815,3 +824,19 @@ def test_vocabulary_augmentation_touches_start_and_end_as_published(split):
     train = data.PrecomputedDataset(folder, "train", vocab, train=True, token_aug=0.5)
     firsts = [train[i]["tokens"].tolist()[0] for i in range(len(train))]
     assert start in firsts and any(first != start for first in firsts)
+
+
+def test_the_construction_check_tokenizes_only_captions_that_can_fail(tokenizer, monkeypatch):
+    """An ASCII letter or digit always leaves a token, and a caption of at most (limit - 2) / 2
+    characters never fills the positions: only the others go through the tokenizer."""
+    text = data.CaptionEncoder(tokenizer, position_limit=24)
+    seen = []
+    real = data.CaptionEncoder.__call__
+    monkeypatch.setattr(data.CaptionEncoder, "__call__", lambda self, c, *a, **k: seen.append(c) or real(self, c, *a, **k))
+    captions = ["a red dog", "\u00e9\u00e8", "a red dog on", "\ue000", "2"]
+    found = text.first_unusable(captions)
+    assert seen == ["\u00e9\u00e8", "a red dog on", "\ue000"]
+    assert found[0] == 3 and isinstance(found[1], data.EmptyCaptionError)
+    assert data.CaptionEncoder(tokenizer, position_limit=4).first_unusable(["a red dog"])[0] == 0
+    vocab = data.Vocabulary.build(["a red dog"], threshold=1)
+    assert data.CaptionEncoder(vocab).first_unusable(["\ue000", "a"]) is None  # the BiGRU vocabulary: <unk>

@@ -148,6 +148,7 @@ def _open_features(path):
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_ASCII_ALNUM = re.compile(r"[A-Za-z0-9]")
 
 
 def _text_lines(path):
@@ -588,6 +589,22 @@ class CaptionEncoder:
         ids.append(self.end)
         return torch.tensor(ids, dtype=torch.int64)
 
+    def first_unusable(self, captions):
+        """(index, error) of the first caption that ``__call__`` would refuse (EmptyCaptionError,
+        CaptionTooLongError), or None. Tokenizes only the captions that can fail: those without an
+        ASCII letter or digit (BERT keeps nothing of some) and those longer than half the positions
+        (each token takes a character at least; normalization can double one), so a dataset is checked
+        in well under a second before training rather than failing mid-epoch."""
+        limit = self.position_limit
+        for index, caption in enumerate(captions):
+            if _ASCII_ALNUM.search(caption) and (limit is None or 2 + 2 * len(caption) <= limit):
+                continue
+            try:
+                self(caption)
+            except (CaptionTooLongError, EmptyCaptionError) as err:
+                return index, err
+        return None
+
     def _check_positions(self, n_tokens):
         """CaptionTooLongError if a caption of n_tokens (start and end included) stays longer than
         position_limit after the max_tokens truncation."""
@@ -661,6 +678,14 @@ class _SplitData:
         if self._features is None:
             self._features = _open_features(self.info.paths["ims"])[:: self.info.row_repeat]  # one row per item
         return self._features
+
+    def check_captions(self, text):
+        """DataError naming the file and line of the first caption ``text`` (a CaptionEncoder) cannot
+        encode: one too long for the text encoder, or one the tokenizer keeps nothing of."""
+        found = text.first_unusable(self.captions[: self.n_captions])
+        if found is not None:
+            index, err = found
+            raise DataError(f"{self.info.paths['caps']}:{index + 1}: {err}")
 
     def caption_tokens(self, text, index, rng=None, touch_prob=0.0):
         """Token ids of caption ``index`` by ``text`` (a CaptionEncoder); a caption too long for the text
@@ -755,6 +780,7 @@ class PrecomputedDataset(torch.utils.data.Dataset):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.data = _SplitData(data_path, split, caption_limit)
         self.text = CaptionEncoder(tokenizer_or_vocab, max_caption_tokens, position_limit)
+        self.data.check_captions(self.text)
         if train and token_aug > 0 and self.text.mask is None:
             raise ValueError("token augmentation needs a '<mask>' word in the Vocabulary (Vocabulary.build adds it)")
         self.split, self.train, self.seed = split, bool(train), seed
@@ -818,6 +844,7 @@ class CaptionDataset(torch.utils.data.Dataset):
                  position_limit=None):
         self.data = _SplitData(data_path, split, caption_limit)
         self.text = CaptionEncoder(tokenizer_or_vocab, max_caption_tokens, position_limit)
+        self.data.check_captions(self.text)
 
     @property
     def info(self):
