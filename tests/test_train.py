@@ -357,6 +357,22 @@ def test_non_finite_evaluation_features_are_an_error_before_training(tiny, tmp_p
         np.save(copy / f"{split}_ims.npy", feats)
 
 
+def test_an_unusable_evaluation_caption_is_an_error_before_training(tiny, tmp_path, capsys, monkeypatch):
+    """A dev/test caption the text encoder cannot take (nothing left after BERT's cleaning, or too
+    long for its positions) is named before the first step, not by the evaluation after an epoch."""
+    copy = tmp_path / "data"
+    shutil.copytree(tiny[0], copy)
+    steps = []
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(1) / 0)
+    for split, caption in (("dev", "\ufffd"), ("test", " ".join(["red"] * 600))):
+        path = copy / f"{split}_caps.txt"
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(lines[:2] + [caption] + lines[3:]) + "\n")
+        err = _error(capsys, _args((str(copy), tiny[1]), tmp_path / split, "--vocab_file", str(copy / "vocab.txt")))
+        assert f"{split}_caps.txt:3: " in err and "Traceback" not in err and not steps
+        path.write_text("\n".join(lines) + "\n")
+
+
 def test_a_checkpoint_step_checks_the_loss_before_replacing_last_pth(tiny, tmp_path, capsys, monkeypatch):
     """--save_steps off the --log_step cadence: a NaN loss stops the run before last.pth is written
     (it used to save the diverged weights, checked only at the next logged step)."""

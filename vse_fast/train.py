@@ -618,6 +618,10 @@ class Trainer:
             position_limit=caption_position_limit(self.model),
             feature_drop_scheme=data.feature_drop_scheme(cfg["precomp_enc_type"]),
         )
+        for split in filter(None, (cfg["val_split"], cfg.get("test_split"))):  # their captions: before training
+            limit = eval_module._resolve_limit(split, infos[split].caps_per_item, "auto")
+            data.CaptionDataset(data_path, split, self.vocab, caption_limit=limit,
+                                position_limit=caption_position_limit(self.model))
         self.sampler = vdist.EpochBatchSampler(len(self.train_set), cfg["batch_size"], rank=ctx.rank,
                                                world_size=ctx.world_size, seed=cfg["seed"])
         self.steps_per_epoch = self.sampler.steps_per_epoch
