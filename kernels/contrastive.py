@@ -715,9 +715,10 @@ def _contrastive_vse0_mask_kernel(
     """G[r - ROW0, c] = [valid(r, c) and m + T[r, c] - d[r] > 0] for rows ROW0 .. ROW0 + ROWS - 1,
     stored in g's dtype (0/1 exact in bf16/fp16/fp32); g is (ROWS, C) with unit column stride.
     BOTH_TERMS (labels None, X = im, Y = s): G = G_i2t + G_t2i, adding [valid and m + T - d[c] > 0]
-    (values 0/1/2, exact in every dtype)."""
-    i_r = tl.program_id(0)
-    i_c = tl.program_id(1)
+    (values 0/1/2, exact in every dtype). Grid (column blocks, row blocks): C is unbounded, and
+    grid axis 1 takes at most 65535 programs (the launcher caps the chunk rows)."""
+    i_c = tl.program_id(0)
+    i_r = tl.program_id(1)
     o_rl = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # rows within the chunk
     o_r = ROW0 + o_rl
     m_r = (o_rl < ROWS) & (o_r < R)
@@ -746,9 +747,10 @@ def _contrastive_vse0_unpack_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """G[r - ROW0, c] = G_i2t + G_t2i (0/1/2) of rows ROW0 .. ROW0 + ROWS - 1 from the packed mask the
-    "fused" VSE0 forward saved (see `_contrastive_fused_fwd_kernel`), in g's dtype."""
-    i_r = tl.program_id(0)
-    i_c = tl.program_id(1)
+    "fused" VSE0 forward saved (see `_contrastive_fused_fwd_kernel`), in g's dtype. Grid (column
+    blocks, row blocks), as the mask kernel's."""
+    i_c = tl.program_id(0)
+    i_r = tl.program_id(1)
     o_rl = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     o_r = ROW0 + o_rl
     m_r = (o_rl < ROWS) & (o_r < B)
@@ -995,13 +997,20 @@ def contrastive_vsepp_bwd(grad_loss, im, s, labels, val, idx, terms: tuple, scal
 
 
 def _chunk_rows(settings: LossSettings, R: int, C: int, itemsize: int, max_bytes: int = None) -> int:
+    """Rows of G per backward chunk: about max_bytes of G in whole BLOCK_R row blocks, and no more row
+    blocks than grid axis 1 takes (BLOCK_R rows per program in the mask kernel, BLOCK_M in the
+    unpack kernel)."""
     rows = max(1, (_MASK_CHUNK_BYTES if max_bytes is None else max_bytes) // max(1, C * itemsize))
     rows = max(settings.BLOCK_R, rows // settings.BLOCK_R * settings.BLOCK_R)
+    rows = min(rows, _GRID_AXIS1_MAX * min(settings.BLOCK_R, settings.BLOCK_M))
     return min(rows, R)
 
 
+_GRID_AXIS1_MAX = 65535  # CUDA's limit on grid axes 1 and 2
+
+
 def _launch_mask(X, Y, lab, d, G, r0, n, R, C, margin, mode, both_terms, settings):
-    grid = (triton.cdiv(n, settings.BLOCK_R), triton.cdiv(C, settings.BLOCK_C))
+    grid = (triton.cdiv(C, settings.BLOCK_C), triton.cdiv(n, settings.BLOCK_R))
     _contrastive_vse0_mask_kernel[grid](
         X, Y, lab, d, G,
         r0, n, R, C, X.shape[1],
@@ -1039,7 +1048,7 @@ def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings, mask=None
         if mask is None:
             _launch_mask(im, s, lab, d, G, r0, n, B, B, margin, NO_LABELS, True, settings)
         else:
-            grid = (triton.cdiv(n, settings.BLOCK_M), triton.cdiv(B, settings.BLOCK_DB))
+            grid = (triton.cdiv(B, settings.BLOCK_DB), triton.cdiv(n, settings.BLOCK_M))
             _contrastive_vse0_unpack_kernel[grid](mask, G, r0, n, B, mask.shape[1], G.stride(0),
                                                   BLOCK_R=settings.BLOCK_M, BLOCK_C=settings.BLOCK_DB,
                                                   num_warps=settings.elem_warps)

@@ -839,3 +839,47 @@ def test_the_triton_loss_gets_row_major_copies_of_inputs_past_int32_feature_offs
     _assert_close(got[0], ref[0], torch.float32)
     _assert_grad_close(got[1], ref[1], torch.float32, s)
     _assert_grad_close(got[2], ref[2], torch.float32, im)
+
+
+def test_backward_chunks_keep_grid_axis_1_within_cuda_limits():
+    """The VSE0 backward's mask/unpack kernels put column blocks on grid axis 0 (no limit) and row
+    blocks on axis 1 (65535 at most): with C = 10**7 columns the grid was (rows, 78125) before."""
+    K = _kernels()
+    for dtype in (torch.float32, torch.bfloat16):
+        st = K._gpu_settings(dtype)
+        for R, C in ((10**8, 1), (10**7, 10**7), (4096, 4096)):
+            rows = K._chunk_rows(st, R, C, 4)
+            assert 1 <= rows <= R and -(-rows // min(st.BLOCK_R, st.BLOCK_M)) <= 65535
+
+
+@interpreter_only
+@pytest.mark.parametrize("positives", [False, True], ids=["fused", "terms"])
+def test_triton_interpreter_vse0_backward_with_few_row_programs_per_launch(positives, monkeypatch, poison_empty):
+    """Grid axis 1 capped at 2 row programs: more, smaller chunks; the same gradients (float64)."""
+    K = _kernels()
+    monkeypatch.setattr(K, "_GRID_AXIS1_MAX", 2)
+    monkeypatch.setattr(K, "SAVED_MASK_MAX_BYTES", 0 if positives else K.SAVED_MASK_MAX_BYTES)
+    N = M = 45
+    im, s, pos = _inputs(N, M, 24, torch.float32, positives=positives)
+    grids = []
+    real_mask, real_unpack = K._contrastive_vse0_mask_kernel, K._contrastive_vse0_unpack_kernel
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(K, "_contrastive_vse0_mask_kernel", Recording(real_mask))
+    monkeypatch.setattr(K, "_contrastive_vse0_unpack_kernel", Recording(real_unpack))
+    upstream = torch.randn(())
+    got = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, False, positives=pos, backend="triton"),
+                          im, s, upstream)
+    st = K.loss_settings(torch.float32)
+    assert grids and all(g[1] <= 2 for g in grids)
+    assert {g[0] for g in grids} <= {-(-45 // st.BLOCK_C), -(-45 // st.BLOCK_DB)}  # column blocks on axis 0
+    ref = _reference(im, s, upstream, margin=0.2, max_violation=False, positives=pos)
+    _assert_grad_close(got[1], ref[1], torch.float32, s)
+    _assert_grad_close(got[2], ref[2], torch.float32, im)
