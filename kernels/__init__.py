@@ -3,6 +3,7 @@
 One file per op: the `@triton.jit` kernels and their launchers. The autograd Functions
 that call them live in `vse_fast.ops`.
 """
+import contextlib
 import os
 
 
@@ -14,3 +15,13 @@ def triton_interpreting() -> bool:
     except ImportError:
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
     return bool(knobs.runtime.interpret)
+
+
+def launch_device(tensor):
+    """Context that makes ``tensor``'s CUDA device the current one: Triton launches on the current
+    device (and its current stream) whatever device the arguments are on. A no-op off CUDA."""
+    if tensor.is_cuda:
+        import torch
+
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()

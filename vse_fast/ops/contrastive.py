@@ -21,6 +21,7 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
+import vse_fast.kernels as _kernel_package
 from vse_fast.kernels import triton_interpreting
 
 _REDUCTIONS = ("sum", "mean")
@@ -297,6 +298,11 @@ class ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, im, s, labels, margin, max_violation, terms, scale):
+        with _kernel_package.launch_device(im):
+            return ContrastiveLossFunction._forward(ctx, im, s, labels, margin, max_violation, terms, scale)
+
+    @staticmethod
+    def _forward(ctx, im, s, labels, margin, max_violation, terms, scale):
         K = _kernels()
         settings = K.loss_settings(im.dtype)
         path = K.contrastive_path(im.shape[0], s.shape[0], labels, terms, settings)
@@ -325,8 +331,8 @@ class ContrastiveLossFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None
         K = _kernels()
         path, margin, max_violation, terms, scale, settings = ctx.cfg
-        with torch.autocast(grad_loss.device.type, enabled=False):  # the backward's matmuls keep their dtypes
-            if path == K.SMALL:
+        with torch.autocast(grad_loss.device.type, enabled=False), _kernel_package.launch_device(grad_loss):
+            if path == K.SMALL:  # (autocast off: the backward's matmuls keep their dtypes)
                 im, s, A = ctx.saved_tensors
                 dim, ds = K.contrastive_small_bwd(grad_loss, im, s, A, scale, settings)
             else:

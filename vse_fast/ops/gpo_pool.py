@@ -15,6 +15,7 @@ Ties sort stably (original order first), NaN sorts first (as in torch.sort) and 
 import torch
 from torch.autograd.function import once_differentiable
 
+import vse_fast.kernels as _kernel_package
 from vse_fast.kernels import triton_interpreting
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -236,7 +237,8 @@ class TritonGPOPoolFunction(torch.autograd.Function):
 
         n32 = n.to(torch.int32)
         w32 = weights.to(torch.float32)
-        out, settings = gpo_pool_fwd(features, n32, w32)
+        with _kernel_package.launch_device(features):
+            out, settings = gpo_pool_fwd(features, n32, w32)
         ctx.save_for_backward(features, n32, w32)
         ctx.settings, ctx.weights_dtype = settings, weights.dtype
         return out
@@ -247,7 +249,8 @@ class TritonGPOPoolFunction(torch.autograd.Function):
         from vse_fast.kernels.gpo_pool import gpo_pool_bwd
 
         features, n32, w32 = ctx.saved_tensors
-        grad_x, grad_w = gpo_pool_bwd(features, n32, w32, grad_out.to(features.dtype), ctx.settings)
+        with _kernel_package.launch_device(features):
+            grad_x, grad_w = gpo_pool_bwd(features, n32, w32, grad_out.to(features.dtype), ctx.settings)
         return grad_x, None, grad_w.to(ctx.weights_dtype) if ctx.needs_input_grad[2] else None
 
 

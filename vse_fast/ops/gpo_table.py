@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import vse_fast.kernels as _kernel_package
 from vse_fast.kernels import triton_interpreting
 
 PAD_SCORE = -10000.0
@@ -75,7 +76,8 @@ class GRUPrefixStatesFunction(torch.autograd.Function):
 
         settings = kernels.table_settings(whh.shape[2])
         gi, whh, bhh = gi.contiguous(), whh.contiguous(), bhh.contiguous()
-        out = kernels.gpo_table_fwd(gi, whh, bhh, settings)
+        with _kernel_package.launch_device(gi):
+            out = kernels.gpo_table_fwd(gi, whh, bhh, settings)
         ctx.save_for_backward(gi, whh, bhh, out)
         ctx.settings = settings
         return out
@@ -86,7 +88,8 @@ class GRUPrefixStatesFunction(torch.autograd.Function):
         from vse_fast.kernels import gpo_table as kernels
 
         gi, whh, bhh, out = ctx.saved_tensors
-        return kernels.gpo_table_bwd(gi, whh, bhh, out, grad_out, ctx.settings)
+        with _kernel_package.launch_device(gi):
+            return kernels.gpo_table_bwd(gi, whh, bhh, out, grad_out, ctx.settings)
 
 
 def _scores_to_table(averaged, linear, sizes):
