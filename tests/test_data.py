@@ -840,3 +840,17 @@ def test_the_construction_check_tokenizes_only_captions_that_can_fail(tokenizer,
     assert data.CaptionEncoder(tokenizer, position_limit=4).first_unusable(["a red dog"])[0] == 0
     vocab = data.Vocabulary.build(["a red dog"], threshold=1)
     assert data.CaptionEncoder(vocab).first_unusable(["\ue000", "a"]) is None  # the BiGRU vocabulary: <unk>
+
+
+@pytest.mark.parametrize("with_added_token", [False, True], ids=["vocab", "added-token"])
+def test_special_token_text_in_a_caption_is_plain_words_as_published(tmp_path, tokenizer, with_added_token):
+    """The published loader runs BERT's basic tokenizer and WordPiece on the vocabulary: "[MASK]" in a
+    caption is the words "[", "mask", "]" (here [UNK] each). The fast tokenizer matched its special
+    and added tokens in the text: a real mask id, or a padding id (0) that BERT's attention mask drops."""
+    if with_added_token:
+        tokenizer.add_tokens(["zebra dog"])
+    text = data.CaptionEncoder(tokenizer)
+    ids = {t: i for i, t in enumerate(VOCAB)}
+    unk = ids["[UNK]"]
+    assert text.words("a [MASK] dog [PAD]") == [[ids["a"]], [unk], [unk], [unk], [ids["dog"]], [unk], [unk], [unk]]
+    assert text("zebra dog [SEP]").tolist() == [ids["[CLS]"], unk, ids["dog"], unk, unk, unk, ids["[SEP]"]]

@@ -522,10 +522,14 @@ class CaptionEncoder:
             self.kind = "bert_fast"
             # A copy without the padding and truncation that a tokenizer keeps from its last call with
             # padding=/truncation= (and saves into tokenizer.json): they would put [PAD] inside a caption
-            # or cut it short, silently.
+            # or cut it short, silently. And without its added tokens: the published loader runs BERT's
+            # basic tokenizer and WordPiece on the vocabulary alone, so "[MASK]" written in a caption is
+            # the three words "[", "mask", "]", never the mask token (nor "[PAD]" a padding id).
             from tokenizers import Tokenizer
 
-            self.backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+            spec = json.loads(tok.backend_tokenizer.to_str())
+            spec["added_tokens"] = []
+            self.backend = Tokenizer.from_str(json.dumps(spec))
             self.backend.no_padding()
             self.backend.no_truncation()
         elif hasattr(tok, "basic_tokenizer") and hasattr(tok, "wordpiece_tokenizer"):
