@@ -369,8 +369,10 @@ def _finite_weights_worker(rank, world, port, result_dir):
     ctx = vdist.init_distributed("cpu")
     trainer = types.SimpleNamespace(model=torch.nn.BatchNorm1d(3), ctx=ctx, step=5, epoch=1)
     trainer._broadcast = lambda value: Trainer._broadcast(trainer, value)
+    trainer._weights_finite = lambda: Trainer._weights_finite(trainer)
     outcomes = []
     for bad_rank in (1, 0):  # a non-finite BatchNorm buffer on one rank only
+        trainer._weights_checked_at = None  # (checked once per step)
         with torch.no_grad():
             trainer.model.running_mean.fill_(float("inf") if rank == bad_rank else 0.0)
         try:
