@@ -629,6 +629,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.epoch, self.epoch_step, self.step, self.best_rsum = 0, 0, 0, -math.inf
         self._weights_checked_at = None  # the step whose weights _check_finite_weights found finite
+        self._first_bad_step = None  # device int64: the first step since the last logged one whose loss was NaN/inf
         if saved_state is not None:
             self._restore(saved_state)
         else:
@@ -771,6 +772,7 @@ class Trainer:
                 self.step += 1
                 self.epoch_step += 1
                 steps_since += 1
+                self._note_non_finite(loss)
                 saving = bool(save_steps) and self.step % save_steps == 0
                 # a checkpointed step (save_steps, the --max_steps stop) is a logged one: its loss is
                 # checked before last.pth is replaced
@@ -806,12 +808,22 @@ class Trainer:
             items = global_items
         return vdist.item_pairing(items).to(self.device)
 
+    def _note_non_finite(self, loss) -> None:
+        """Remember, on the device (no host sync), the first step whose loss is NaN/inf. Checked at the
+        next logged step: in fp16 the GradScaler skips such a step, so the weights stay finite and a
+        later loss may be too, while the forward has put NaN in the BatchNorm running statistics."""
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        fresh = (self._first_bad_step < 0) & ~torch.isfinite(loss.detach())
+        self._first_bad_step = torch.where(fresh, self.step, self._first_bad_step)
+
     def _log_step(self, loss, img_emb, cap_emb, items, max_violation, steps_per_s, bar) -> None:
         """The only host synchronisation of the loop: at the logging cadence."""
         cfg, ctx = self.cfg, self.ctx
         recall = in_batch_recall(img_emb, cap_emb, items=items.to(img_emb.device))
-        stats = vdist.all_reduce_sum(torch.stack([loss.detach().float(), recall]), ctx)
-        loss_v, recall_v = stats.tolist()
+        bad = (self._first_bad_step >= 0).float() if self._first_bad_step is not None else torch.zeros_like(recall)
+        stats = vdist.all_reduce_sum(torch.stack([loss.detach().float(), recall, bad.to(recall.device)]), ctx)
+        loss_v, recall_v, bad_ranks = stats.tolist()
         recall_v /= ctx.world_size
         local_batch = img_emb.shape[0]
         lr = self.optimizer.param_groups[0]["lr"]
@@ -821,11 +833,17 @@ class Trainer:
                     self.epoch_step, self.steps_per_epoch, self.step, loss_v, lr, throughput,
                     "" if self.precision == "fp32" else f" ({self.precision})",
                     extra={"file_only": bar.bar is not None})  # the bar shows these numbers
-        # fp16: the GradScaler skips a step with inf/NaN gradients and halves its scale, which recovers from
-        # overflow; a scale below 1 (from 2**16: 17 more skipped steps than good ones) means it does not.
-        if not math.isfinite(loss_v) and (self.precision != "fp16" or self.scaler.get_scale() < 1.0):
-            raise FloatingPointError(f"the loss became {loss_v} at step {self.step} (epoch {self.epoch}): "
-                                     "lower --learning_rate or check the features for NaN/inf")
+        # Every precision: the loss is computed in fp32 from l2-normalised embeddings, so a NaN/inf loss
+        # means a NaN/inf forward (features, or fp16 overflow), which no GradScaler step can undo.
+        if bad_ranks > 0 or not math.isfinite(loss_v):
+            firsts = [f for f in vdist.all_gather_object(int(self._first_bad_step), ctx) if f >= 0]
+            first = min(firsts) if firsts else self.step
+            what = f"the loss became {loss_v}" if first == self.step else "the loss became NaN or inf"
+            raise FloatingPointError(
+                f"{what} at step {first} (epoch {self.epoch}): lower --learning_rate or check the features "
+                "for NaN/inf" + (", or train in bf16/fp32 (fp16 overflow in the forward)" if self.precision ==
+                                 "fp16" else ""))
+        self._first_bad_step = None
         # VSE++ only: under VSE0 a fresh model sits near that loss too, before it has learnt anything
         if max_violation and is_collapsed(loss_v, recall_v, local_batch, cfg["batch_size"], cfg["margin"],
                                           max_violation):
