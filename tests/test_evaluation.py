@@ -56,6 +56,22 @@ def test_dropins_match_published(npts, caps, mode, caps_per_item, dtype, block_e
         assert ours_fn(npts, sims, mode=mode, **kw) == ref  # return_ranks=False: the 5-tuple only
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16], ids=["i64", "i32", "u16"])
+def test_dropins_take_integer_scores_as_published(dtype):
+    """The published functions argsort any numeric array: integer scores (a tie-free permutation here)
+    give the same numbers; beyond 2**53 float64 would merge scores, which is named."""
+    npts, caps = 7, 5
+    sims = np.random.default_rng(0).permutation(npts * npts * caps).reshape(npts, npts * caps).astype(dtype)
+    for ours_fn, ref_fn in ((evaluation.i2t, published.i2t), (evaluation.t2i, published.t2i)):
+        ours, (ranks, top1) = ours_fn(npts, sims, True)
+        ref, (ref_ranks, ref_top1) = ref_fn(npts, sims, True, "coco", caps=caps)
+        assert ours == ref
+        np.testing.assert_array_equal(ranks, ref_ranks)
+        np.testing.assert_array_equal(top1, ref_top1)
+    with pytest.raises(ValueError, match=r"beyond 2\*\*53"):
+        evaluation.i2t(1, np.array([[2**62, 0, 1, 2, 3]], dtype=np.int64))
+
+
 def test_dropins_ties_favour_the_positive():
     sims = np.zeros((3, 15))  # every score ties
     (r1, *_), (ranks, top1) = evaluation.i2t(3, sims, return_ranks=True)
@@ -90,8 +106,10 @@ def test_dropins_reject_bad_input(fn):
         fn(4, sims[:, :4])  # coco mode expects 5 captions per image
     with pytest.raises(ValueError, match="npts"):
         fn(0, sims)
-    with pytest.raises(TypeError, match="floating"):
-        fn(4, sims.astype(np.int64))
+    with pytest.raises(TypeError, match="floating-point or integer"):
+        fn(4, sims.astype(np.complex128))
+    with pytest.raises(TypeError, match="floating-point or integer"):
+        fn(4, sims > 0)
     with pytest.raises(ValueError, match="caps_per_item"):
         fn(4, sims, caps_per_item=0)
     for where in [(1, 3), (2, 12)]:  # a negative and a positive entry

@@ -54,8 +54,12 @@ def _check_sims(npts, sims, caps):
         raise ValueError(
             f"sims must have shape (npts, caps_per_item * npts) = ({npts}, {caps * npts}), got {sims.shape}"
         )
+    if np.issubdtype(sims.dtype, np.integer):  # scores as the published functions take them: compared as numbers
+        if sims.size and max(-int(sims.min()), int(sims.max())) > 2**53:
+            raise ValueError(f"sims of dtype {sims.dtype} hold values beyond 2**53, which float64 does not keep apart")
+        sims = sims.astype(np.float64)
     if not np.issubdtype(sims.dtype, np.floating):
-        raise TypeError(f"sims must be a floating-point array, got dtype {sims.dtype}")
+        raise TypeError(f"sims must be a floating-point or integer array, got dtype {sims.dtype}")
     return sims
 
 
@@ -79,7 +83,7 @@ def i2t(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
 
     Args:
         npts: number of images N.
-        sims: (N, C*N) float numpy array (or CPU tensor; fp16/bf16 are compared in float32), image i's
+        sims: (N, C*N) float or integer numpy array (or CPU tensor; fp16/bf16 are compared in float32, integers in float64), image i's
             captions are columns i*C .. i*C+C-1.
         return_ranks: also return ``(ranks, top1)``, float64 arrays of shape (N,).
         mode: "coco" means C = 5 captions per image, anything else C = 1 (as published).
