@@ -83,8 +83,8 @@ def i2t(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
 
     Args:
         npts: number of images N.
-        sims: (N, C*N) float or integer numpy array (or CPU tensor; fp16/bf16 are compared in float32, integers in float64), image i's
-            captions are columns i*C .. i*C+C-1.
+        sims: (N, C*N) float or integer numpy array (or CPU tensor; fp16/bf16 are compared in
+            float32, integers in float64), image i's captions are columns i*C .. i*C+C-1.
         return_ranks: also return ``(ranks, top1)``, float64 arrays of shape (N,).
         mode: "coco" means C = 5 captions per image, anything else C = 1 (as published).
         caps_per_item: C, overrides ``mode`` (e.g. 20 for MSR-VTT, 10 for VATEX).
