@@ -284,7 +284,8 @@ def test_resume_gives_the_uninterrupted_result(tiny, tmp_path, capsys, stop_at):
         assert "--seed 3 differs from the resumed run's 0" in _error(  # the seed draws the epoch's order
             capsys, ["--resume", str(tmp_path / "b" / "last.pth"), "--seed", "3"])
         err = _error(capsys, ["--resume", str(tmp_path / "b" / "last.pth"), "--train_split", "dev"])
-        assert "dev_caps.txt: the checkpoint stopped at step 4 of an epoch" in err and "Traceback" not in err
+        assert "training pairs, but the resumed run had 240 and stopped inside epoch 0 (after 4 steps)" in err
+        assert "dev_caps.txt: " in err and "Traceback" not in err
     else:  # at an epoch boundary the batch size may change
         train._check_resume(dict(mid["config"], batch_size=20), mid, train.build_parser())
     assert "cannot be combined with --data_path" in _error(
@@ -355,6 +356,34 @@ def test_non_finite_evaluation_features_are_an_error_before_training(tiny, tmp_p
         assert f"{split}_ims.npy: the features of items [3] (1 in all) hold NaN or inf" in err
         assert "Traceback" not in err and not (tmp_path / split / "last.pth").exists()
         np.save(copy / f"{split}_ims.npy", feats)
+
+
+def test_a_mid_epoch_resume_refuses_a_changed_training_split(tiny, tmp_path, capsys):
+    """A training split that grew (same steps per epoch) reshuffles the epoch: the rest of it would
+    repeat or skip pairs. At an epoch boundary it is allowed; the derived data_path_used is no option."""
+    import numpy as np
+
+    copy = tmp_path / "data"
+    shutil.copytree(tiny[0], copy)
+    train.main(_args((str(copy), tiny[1]), tmp_path / "r", "--vocab_file", str(copy / "vocab.txt"), "--max_steps", "4"))
+    feats = np.load(copy / "train_ims.npy")
+    np.save(copy / "train_ims.npy", np.concatenate([feats, feats[:1]]))  # one item (5 captions) more
+    lens = copy / "train_lens.npy"
+    if lens.exists():
+        np.save(lens, np.concatenate([np.load(lens), np.load(lens)[:1]]))
+    captions = (copy / "train_caps.txt").read_text().splitlines()
+    (copy / "train_caps.txt").write_text("\n".join(captions + captions[:5]) + "\n")
+    ids = copy / "train_ids.txt"
+    if ids.exists():
+        ids.write_text(ids.read_text() + "new-item\n")
+    err = _error(capsys, ["--resume", str(tmp_path / "r" / "last.pth"), "--progress", "off"])
+    assert "train_caps.txt: 245 training pairs, but the resumed run had 240 and stopped inside epoch 0 (after 4 " \
+           "steps)" in err and "Traceback" not in err
+    train.main(_args((str(copy), tiny[1]), tmp_path / "s", "--vocab_file", str(copy / "vocab.txt"), "--max_steps", "6"))
+    result = train.main(["--resume", str(tmp_path / "s" / "last.pth"), "--progress", "off", "--max_steps", "7",
+                         "--data_path", tiny[0]])  # an epoch boundary: another split is fine
+    assert result["step"] == 7
+    assert "--data_path_used" not in (tmp_path / "s" / "train.log").read_text()
 
 
 def test_an_unusable_evaluation_caption_is_an_error_before_training(tiny, tmp_path, capsys, monkeypatch):

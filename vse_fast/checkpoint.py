@@ -5,7 +5,8 @@ Our schema ("vse_fast/1")::
 
     {"format": "vse_fast/1", "model": model.state_dict() (no "module." prefix), "optimizer": ...,
      "scaler": ..., "epoch": int, "epoch_step": int (steps done in that epoch), "step": int,
-     "best_rsum": float, "rng": {"per_rank": [capture_rng_state() of each rank], "world_size": int},
+     "best_rsum": float, "train_pairs": int (training captions; a mid-epoch resume needs the same),
+     "rng": {"per_rank": [capture_rng_state() of each rank], "world_size": int},
      "config": dict of plain types holding the model options (``model.opt``), at top level or
                under config["model"]}
 

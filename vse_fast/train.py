@@ -655,6 +655,7 @@ class Trainer:
             "epoch_step": self.epoch_step,
             "step": self.step,
             "best_rsum": self.best_rsum,
+            "train_pairs": len(self.train_set),
             "rng": {"per_rank": rng, "world_size": self.ctx.world_size},
             "config": {**{k: v for k, v in self.cfg.items() if isinstance(v, (int, float, str, bool, type(None)))},
                        "model": self.model.opt},
@@ -678,6 +679,15 @@ class Trainer:
                            "checkpoint is chosen anew on %s", self.cfg["val_split"], self.best_rsum, saved_val,
                            self.cfg["val_split"])
             self.best_rsum = -math.inf
+        saved_pairs = state.get("train_pairs")  # absent from checkpoints before 2026-11-29
+        if self.epoch_step and saved_pairs is not None and saved_pairs != len(self.train_set):
+            from vse_fast.data import DataError
+
+            raise DataError(f"{self.train_set.info.paths['caps']}: {len(self.train_set)} training pairs, but the "
+                            f"resumed run had {saved_pairs} and stopped inside epoch {self.epoch} (after "
+                            f"{self.epoch_step} steps): the epoch's order of pairs would change, so the rest of the "
+                            "epoch would repeat or skip pairs. Resume with the same training split, or from the "
+                            "last.pth written at the end of an epoch")
         if self.epoch_step > self.steps_per_epoch:
             from vse_fast.data import DataError
 
@@ -1107,7 +1117,8 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
     if saved_state is not None:  # logged here, so that train.log keeps them too
         saved = saved_state["config"]
         # a key absent from an older checkpoint: that run had the default
-        for key in sorted(set(cfg) & (set(saved) | set(PUBLISHED_DEFAULTS)) - set(RUN_KEYS) - set(MODEL_KEYS)):
+        derived = {key for key in cfg if key.endswith("_used")}  # recorded, not options: no "--data_path_used"
+        for key in sorted(set(cfg) & (set(saved) | set(PUBLISHED_DEFAULTS)) - set(RUN_KEYS) - set(MODEL_KEYS) - derived):
             before = saved.get(key, PUBLISHED_DEFAULTS.get(key))
             moved = key in PATH_KEYS and cfg[key] and before and _same_path(cfg[key], before)
             if cfg[key] != before and not moved:
