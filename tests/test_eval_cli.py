@@ -101,6 +101,21 @@ def test_help():
         assert flag in out.stdout
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_precision_applies_on_the_cpu_too(dataset, precision):
+    """As training's --precision: autocast on the model's device, CPU included (it was silently fp32
+    there). The embeddings move by 16-bit rounding, no more."""
+    model = bert_model()
+    tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+    full = encode_split(model, str(dataset), "test", tok)
+    half = encode_split(model, str(dataset), "test", tok, precision=precision)
+    for a, b in zip(half[:2], full[:2]):
+        assert a.dtype == torch.float32 and not torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=0)
+    enc = Encoder(model, tok, precision=precision)
+    assert not torch.equal(enc.encode_captions(["a red dog"]), Encoder(model, tok).encode_captions(["a red dog"]))
+
+
 def test_evaluate_matches_published_protocol(dataset):
     model = bert_model()
     tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))

@@ -31,9 +31,10 @@ from vse_fast.evaluation import nonfinite_rows
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32" or device.type != "cuda":
+    """Autocast to bf16/fp16 on the device (CUDA or CPU, as training's --precision); fp32: none."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @torch.inference_mode()
@@ -178,7 +179,7 @@ def evaluate(model, data_path: str, split: str, *, batch_size: int = 128, device
         tokenizer: the BERT tokenizer or BiGRU Vocabulary of the model; None: resolved as the CLI does
             (model.opt["text_model"], then ``data_path``/vocab.txt for BERT).
         caption_limit: "auto" (published: "dev" cut to its first 5000 captions), None (all) or an int.
-        precision: "fp32", or "bf16"/"fp16" autocast on CUDA (ignored on CPU).
+        precision: "fp32", or "bf16"/"fp16" autocast on the device (CUDA or CPU).
     Returns:
         dict of vse_fast.evaluation.METRIC_KEYS (Python floats); with ``fold5`` the 1K fold means plus
         "folds" (per fold) and "all" (every image: COCO 5K).
@@ -283,7 +284,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="autocast dtype on CUDA (default fp32)")
+                   help="autocast dtype, on CUDA or the CPU as in training (default fp32)")
     p.add_argument("--caption_limit", default="auto",
                    help="'auto' (published: dev cut to its first 5000 captions, in whole items), 'none', or a number of captions")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")

@@ -60,7 +60,7 @@ class Encoder:
     Args:
         model: a VSEModel; tokenizer: its BERT tokenizer / BiGRU Vocabulary (vse_fast.data);
         device: default the model's; batch_size: sets or captions per forward;
-        precision: "fp32", or "bf16"/"fp16" autocast on CUDA.
+        precision: "fp32", or "bf16"/"fp16" autocast on the device (CUDA or CPU).
     """
 
     def __init__(self, model, tokenizer, *, device=None, batch_size: int = 128, precision: str = "fp32"):
