@@ -840,3 +840,11 @@ def test_the_weights_are_checked_once_per_epoch_end(tiny, tmp_path, monkeypatch)
     monkeypatch.setattr(train.Trainer, "_weights_finite", lambda self: walks.append(self.step) or real(self))
     train.main(_args(tiny, tmp_path / "r", "--batch_size", "120"))
     assert walks == [2, 4]
+
+
+def test_kmax_with_k_at_least_every_set_says_it_is_mean_pooling(tiny, tmp_path):
+    train.main(_args(tiny, tmp_path / "k", "--pooling", "kmax", "--pool_k", "1000", "--max_steps", "1"))
+    log = (tmp_path / "k" / "train.log").read_text()
+    assert "--pool_k 1000 is not below the largest training set" in log and "is mean pooling" in log
+    train.main(_args(tiny, tmp_path / "j", "--pooling", "kmax", "--pool_k", "2", "--max_steps", "1"))
+    assert "is not below the largest training set" not in (tmp_path / "j" / "train.log").read_text()

@@ -618,6 +618,12 @@ class Trainer:
             position_limit=caption_position_limit(self.model),
             feature_drop_scheme=data.feature_drop_scheme(cfg["precomp_enc_type"]),
         )
+        lens = self.train_set.data.lens
+        largest = int(lens.max()) if lens is not None else info.max_set
+        if cfg.get("pooling") == "kmax" and cfg["pool_k"] >= largest and ctx.is_main:
+            logger.warning("--pool_k %d is not below the largest training set of %s (%d rows): kmax pooling of "
+                           "every image/video set is mean pooling (--pooling mean), and of every caption of at "
+                           "most %d tokens too", cfg["pool_k"], info.paths["ims"], largest, cfg["pool_k"])
         for split in filter(None, (cfg["val_split"], cfg.get("test_split"))):  # their captions: before training
             limit = eval_module._resolve_limit(split, infos[split].caps_per_item, "auto")
             data.CaptionDataset(data_path, split, self.vocab, caption_limit=limit,
