@@ -854,3 +854,14 @@ def test_special_token_text_in_a_caption_is_plain_words_as_published(tmp_path, t
     unk = ids["[UNK]"]
     assert text.words("a [MASK] dog [PAD]") == [[ids["a"]], [unk], [unk], [unk], [ids["dog"]], [unk], [unk], [unk]]
     assert text("zebra dog [SEP]").tolist() == [ids["[CLS]"], unk, ids["dog"], unk, unk, unk, ids["[SEP]"]]
+
+
+def test_a_lens_file_beside_2d_features_says_why_it_does_not_fit(tmp_path):
+    """(N, D) features are one row per item: a lens file left from an (N, K, D) layout is named as such."""
+    folder = str(tmp_path)
+    feats, _, _ = _write_split(folder, n=4, k=3, caps=1, lens=True, ids=False)
+    np.save(os.path.join(folder, "train_ims.npy"), np.nan_to_num(feats[:, 0]))  # (N, D)
+    np.save(os.path.join(folder, "train_lens.npy"), np.array([3, 1, 2, 1]))
+    with pytest.raises(DataError, match=r"outside 1\.\.1 \(2 bad entries\): .*train_ims\.npy holds one row per item "
+                                        r"\(2-D, or K = 1\), so every length is 1; remove this file"):
+        data.check_split(folder, "train")

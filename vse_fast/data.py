@@ -195,7 +195,7 @@ def _read_captions(path):
     return captions
 
 
-def _read_lens(path, n_items, max_set):
+def _read_lens(path, n_items, max_set, ims_path=None):
     try:
         lens = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
@@ -209,9 +209,11 @@ def _read_lens(path, n_items, max_set):
         raise DataError(f"{path}: lengths must be integers, got dtype {lens.dtype}")
     bad = np.flatnonzero((lens < 1) | (lens > max_set))
     if bad.size:
+        single = (f": {ims_path} holds one row per item (2-D, or K = 1), so every length is 1; remove this "
+                  "file, or save the features as (N, K, D)" if max_set == 1 and ims_path else "")
         raise DataError(
             f"{path}: length {int(lens[bad[0]])} of item {int(bad[0])} is outside 1..{max_set} "
-            f"({bad.size} bad entries)"
+            f"({bad.size} bad entries){single}"
         )
     return lens.astype(np.int64)
 
@@ -269,7 +271,7 @@ def _load_split(data_path, split):
             f"{paths['caps']}: {len(captions)} captions for {n_items} items in {paths['ims']}: "
             f"not a whole number of captions per item"
         )
-    lens = _read_lens(paths["lens"], n_items, max_set) if os.path.isfile(paths["lens"]) else None
+    lens = _read_lens(paths["lens"], n_items, max_set, paths["ims"]) if os.path.isfile(paths["lens"]) else None
     repeat = _row_repeat(features, lens) if len(captions) == n_items else 1
     if repeat > 1:
         n_items //= repeat
