@@ -1,5 +1,6 @@
 """vse_fast.data: validation (DataError), datasets, published augmentation, collate."""
 import os
+import warnings
 import pickle
 import re
 
@@ -865,3 +866,22 @@ def test_a_lens_file_beside_2d_features_says_why_it_does_not_fit(tmp_path):
     with pytest.raises(DataError, match=r"outside 1\.\.1 \(2 bad entries\): .*train_ims\.npy holds one row per item "
                                         r"\(2-D, or K = 1\), so every length is 1; remove this file"):
         data.check_split(folder, "train")
+
+
+def test_float64_features_beyond_the_float32_range_are_named(tmp_path):
+    """The model takes float32: 1e300 became inf silently (a numpy overflow warning, then an error
+    blaming non-finite features in a file that has none)."""
+    folder = str(tmp_path)
+    feats, lens, _ = _write_split(folder, n=4, k=3, caps=1, lens=True, ids=False)
+    big = np.nan_to_num(feats).astype(np.float64)
+    big[2, 0, 1] = 1e300
+    np.save(os.path.join(folder, "train_ims.npy"), big)
+    with pytest.raises(DataError, match=r"items \[2\] \(1 in all\) hold NaN or inf \(or, float64, values beyond "
+                                        r"float32's range\)"):
+        data.check_finite_features(folder, "train")
+    images = data.ImageSetDataset(folder, "train")
+    assert images[1]["features"].dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy overflow warning on the way
+        with pytest.raises(DataError, match=r"train_ims\.npy: item 2 holds values beyond float32's range"):
+            images[2]

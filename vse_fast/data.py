@@ -719,19 +719,31 @@ class _SplitData:
             if scheme == "grid":
                 item_draw = rng.random()
                 if item_draw <= drop_prob:
-                    return torch.from_numpy(np.array(rows, dtype=np.float32))
+                    return self._as_float32(rows, item)
                 drop_prob = drop_prob * item_draw
             draws = rng.random(rows.shape[0])
             keep = draws > drop_prob
             if not keep.any():
                 keep[int(np.argmax(draws))] = True
             rows = rows[keep]
-        return torch.from_numpy(np.array(rows, dtype=np.float32))
+        return self._as_float32(rows, item)
+
+    def _as_float32(self, rows, item):
+        """float32 tensor of rows; a float64 value beyond float32's range (which would become inf) raises
+        DataError naming the item."""
+        if rows.dtype.itemsize <= 4:
+            return torch.from_numpy(np.array(rows, dtype=np.float32))
+        with np.errstate(over="ignore"):
+            out = np.array(rows, dtype=np.float32)
+        if np.isinf(out).any() and not np.isinf(rows[np.isinf(out)]).all():
+            raise DataError(f"{self.info.paths['ims']}: item {item} holds values beyond float32's range "
+                            f"(+-{np.finfo(np.float32).max:.3g}), which the model takes")
+        return torch.from_numpy(out)
 
 
 def check_finite_features(data_path, split, caption_limit=None, chunk_items=256):
     """DataError naming the items whose valid feature rows (the first ``lens`` rows; padding is not
-    read) hold NaN or inf, among the items evaluated with ``caption_limit``. Reads the features in
+    read) hold NaN or inf (float64: or values beyond float32's range), among the items evaluated with ``caption_limit``. Reads the features in
     chunks of items (COCO's 5000 x 36 x 2048 dev features: about 1.5 GB, once)."""
     split_data = _SplitData(data_path, split, caption_limit)
     features, lens = split_data.features, split_data.lens
@@ -741,12 +753,15 @@ def check_finite_features(data_path, split, caption_limit=None, chunk_items=256)
         hi = min(lo + chunk_items, n)
         block = np.asarray(features[lo:hi])
         valid = np.isfinite(block)
+        if block.dtype.itemsize > 4:  # float64: what float32 (the model's input) keeps finite
+            valid &= np.abs(np.where(valid, block, 0)) <= np.finfo(np.float32).max
         if lens is not None:
             valid |= np.arange(block.shape[1])[None, :, None] >= lens[lo:hi, None, None]
         bad.extend((lo + np.flatnonzero(~valid.all(axis=(1, 2)))).tolist())
     if bad:
+        beyond = " (or, float64, values beyond float32's range)" if features.dtype.itemsize > 4 else ""
         raise DataError(f"{split_data.info.paths['ims']}: the features of items {bad[:8]} ({len(bad)} in all) "
-                        "hold NaN or inf")
+                        f"hold NaN or inf{beyond}")
 
 
 def _check_index(index, length):
