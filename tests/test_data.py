@@ -1,8 +1,8 @@
 """vse_fast.data: validation (DataError), datasets, published augmentation, collate."""
 import os
-import warnings
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
