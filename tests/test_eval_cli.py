@@ -522,3 +522,13 @@ def test_trivial_recall_note_names_the_recalls_fixed_by_the_gallery_size(n_items
     for direction, name in (("t2i", "text->image"), ("i2t", "image->text")):
         for k in (1, 5, 10):
             assert metrics[f"{direction}_r{k}"] == (100.0 if f"{name} R@{k}" in expected else 0.0), (direction, k)
+
+
+def test_cli_says_when_it_evaluates_part_of_a_split(dataset, tmp_path, capsys):
+    """The training log says when dev is cut; vse_fast.eval said nothing."""
+    path = save_ours(bert_model(), tmp_path / "m.pth")
+    main(["--checkpoint", path, "--data_path", str(dataset), "--caption_limit", "10"])
+    err = capsys.readouterr().err
+    assert "note: split test evaluated on its first 2 items (10 of 50 captions), --caption_limit" in err
+    main(["--checkpoint", path, "--data_path", str(dataset)])
+    assert "evaluated on its first" not in capsys.readouterr().err

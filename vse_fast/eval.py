@@ -362,6 +362,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             pairs.append((img_emb, cap_emb))
             print(f"encoded {args.split}: {img_emb.shape[0]} items, {cap_emb.shape[0]} captions with {path}",
                   file=sys.stderr)
+        if cap_emb.shape[0] < info.n_captions:
+            why = ("as the published code evaluates COCO's dev; --caption_limit none evaluates all"
+                   if args.caption_limit == "auto" else "--caption_limit")
+            print(f"note: split {args.split} evaluated on its first {img_emb.shape[0]} items ({cap_emb.shape[0]} of "
+                  f"{info.n_captions} captions), {why}", file=sys.stderr)
         if info.row_repeat > 1:
             print(f"note: {info.paths['ims']} repeats each item's row once per caption ({info.row_repeat} times): "
                   "one row per item was used", file=sys.stderr)
