@@ -885,3 +885,14 @@ def test_float64_features_beyond_the_float32_range_are_named(tmp_path):
         warnings.simplefilter("error")  # no numpy overflow warning on the way
         with pytest.raises(DataError, match=r"train_ims\.npy: item 2 holds values beyond float32's range"):
             images[2]
+
+
+def test_a_wordpiece_vocab_given_as_the_bigru_vocabulary_is_named(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(VOCAB) + "\n")
+    with pytest.raises(DataError, match=r"unreadable vocabulary json .*looks like a BERT WordPiece vocab\.txt"):
+        data.Vocabulary.load(str(path))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"unreadable vocabulary json") as err:
+        data.Vocabulary.load(str(tmp_path / "bad.json"))
+    assert "WordPiece" not in str(err.value)

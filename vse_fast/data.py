@@ -391,6 +391,16 @@ def _in_vocabulary(tok, token) -> bool:
     return token_id is not None and 0 <= token_id < tok.vocab_size and tok.convert_ids_to_tokens(token_id) == token
 
 
+def _looks_like_wordpiece_vocab(path) -> bool:
+    """Whether the file's first lines read as a BERT vocab.txt: one token per line, [PAD] among them."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = [f.readline().strip() for _ in range(200)]
+    except OSError:
+        return False
+    return "[PAD]" in head and all(" " not in line for line in head)
+
+
 class Vocabulary:
     """Word <-> index map for the BiGRU text encoder, as the published lib/vocab.py (plus '<mask>',
     which the published train.py appends).
@@ -455,7 +465,11 @@ class Vocabulary:
                 data = json.load(f)
             word2idx = {str(w): int(i) for w, i in data["word2idx"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise DataError(f"{path}: unreadable vocabulary json ({err!r})") from None
+            hint = ""
+            if isinstance(err, json.JSONDecodeError) and _looks_like_wordpiece_vocab(path):
+                hint = ("; it looks like a BERT WordPiece vocab.txt (one token per line): the BiGRU text encoder "
+                        "takes a word vocabulary json (Vocabulary.save, or built from the training captions)")
+            raise DataError(f"{path}: unreadable vocabulary json ({err!r}){hint}") from None
         if sorted(word2idx.values()) != list(range(len(word2idx))):
             raise DataError(f"{path}: word indices must be 0..{len(word2idx) - 1}, each once")
         missing = [word for word in cls.SPECIALS if word not in word2idx]
