@@ -532,3 +532,17 @@ def test_cli_says_when_it_evaluates_part_of_a_split(dataset, tmp_path, capsys):
     assert "note: split test evaluated on its first 2 items (10 of 50 captions), --caption_limit" in err
     main(["--checkpoint", path, "--data_path", str(dataset)])
     assert "evaluated on its first" not in capsys.readouterr().err
+
+
+def test_cli_ensemble_errors_name_the_member(dataset, tmp_path, capsys):
+    """--vocab_file applies to every checkpoint of an ensemble: the error of the one it does not fit
+    says which checkpoint that is."""
+    bert = save_ours(bert_model(), tmp_path / "bert.pth")
+    vocab = data.Vocabulary.build((dataset / "train_caps.txt").read_text().splitlines(), threshold=1)
+    gru = build_model(dict(embed_size=16, img_dim=IMG_DIM, text_encoder="gru", vocab_size=len(vocab), word_dim=8),
+                      gpo_backend="torch").eval()
+    gru_path = save_ours(gru, tmp_path / "gru.pth")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", bert, "--checkpoint", gru_path, "--data_path", str(dataset), "--vocab_file",
+              str(dataset / "vocab.txt")])
+    assert f"error: ensemble member {gru_path}: " in capsys.readouterr().err

@@ -303,8 +303,37 @@ def _caption_limit(value: str, parser: argparse.ArgumentParser):
         parser.error(f"--caption_limit must be 'auto', 'none' or an integer, got {value!r}")
 
 
+
+def _encode_checkpoint(path, args, device, limit):
+    """(img_emb, cap_emb, caps) of the CLI's split with the checkpoint at ``path``."""
+    from vse_fast.checkpoint import load_any_checkpoint
+
+    model, config = load_any_checkpoint(path, published=True if args.published else None,
+                                        text_model=args.text_model, map_location="cpu",
+                                        gpo_backend=args.gpo_backend)
+    model.to(device)
+    tokenizer = resolve_tokenizer(model.opt, config, args.data_path, text_model=args.text_model,
+                                  vocab_file=args.vocab_file, checkpoint_path=path)
+    return encode_split(model, args.data_path, args.split, tokenizer, batch_size=args.batch_size, device=device,
+                        caption_limit=limit, precision=args.precision, num_workers=args.workers)
+
+
+@contextlib.contextmanager
+def _naming_member(path, members):
+    """In an ensemble, an error of one member's checkpoint, tokenizer or encoding names that checkpoint."""
+    from vse_fast.checkpoint import CheckpointError
+    from vse_fast.data import DataError, error_message
+
+    try:
+        yield
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:
+        if members > 1 and path not in str(err):
+            raise type(err)(f"ensemble member {path}: {error_message(err)}") from err
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    from vse_fast.checkpoint import CheckpointError, load_any_checkpoint
+    from vse_fast.checkpoint import CheckpointError
     from vse_fast.data import DataError, check_split, error_message
     from vse_fast.evaluation import format_table
 
@@ -350,15 +379,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 raise ValueError(f"--fold5: {n_items} items cannot be split into 5 equal folds")
         pairs, caps = [], None
         for path in args.checkpoint:
-            model, config = load_any_checkpoint(path, published=True if args.published else None,
-                                                text_model=args.text_model, map_location="cpu",
-                                                gpo_backend=args.gpo_backend)
-            model.to(device)
-            tokenizer = resolve_tokenizer(model.opt, config, args.data_path, text_model=args.text_model,
-                                          vocab_file=args.vocab_file, checkpoint_path=path)
-            img_emb, cap_emb, caps = encode_split(model, args.data_path, args.split, tokenizer,
-                                                  batch_size=args.batch_size, device=device, caption_limit=limit,
-                                                  precision=args.precision, num_workers=args.workers)
+            with _naming_member(path, len(args.checkpoint)):
+                img_emb, cap_emb, caps = _encode_checkpoint(path, args, device, limit)
             pairs.append((img_emb, cap_emb))
             print(f"encoded {args.split}: {img_emb.shape[0]} items, {cap_emb.shape[0]} captions with {path}",
                   file=sys.stderr)
