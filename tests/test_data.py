@@ -829,16 +829,32 @@ def test_vocabulary_augmentation_touches_start_and_end_as_published(split):
 
 def test_the_construction_check_tokenizes_only_captions_that_can_fail(tokenizer, monkeypatch):
     """An ASCII letter or digit always leaves a token, and a caption of at most (limit - 2) / 2
-    characters never fills the positions: only the others go through the tokenizer."""
+    characters never fills the positions: only the others are tokenized, in one batch (fast
+    tokenizer), and only those found empty or too long go through the caption encoder."""
     text = data.CaptionEncoder(tokenizer, position_limit=24)
-    seen = []
+
+    class RecordingBackend:
+        def __init__(self, backend):
+            self.backend, self.batches = backend, []
+
+        def encode_batch(self, texts, **kw):
+            self.batches.append(list(texts))
+            return self.backend.encode_batch(texts, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.backend, name)
+
+    text.backend = RecordingBackend(text.backend)
+    called = []
     real = data.CaptionEncoder.__call__
-    monkeypatch.setattr(data.CaptionEncoder, "__call__", lambda self, c, *a, **k: seen.append(c) or real(self, c, *a, **k))
+    monkeypatch.setattr(data.CaptionEncoder, "__call__", lambda self, c, *a, **k: called.append(c) or real(self, c, *a, **k))
     captions = ["a red dog", "\u00e9\u00e8", "a red dog on", "\ue000", "2"]
     found = text.first_unusable(captions)
-    assert seen == ["\u00e9\u00e8", "a red dog on", "\ue000"]
+    assert text.backend.batches == [["\u00e9\u00e8", "a red dog on", "\ue000"]] and called == ["\ue000"]
     assert found[0] == 3 and isinstance(found[1], data.EmptyCaptionError)
-    assert data.CaptionEncoder(tokenizer, position_limit=4).first_unusable(["a red dog"])[0] == 0
+    too_long = data.CaptionEncoder(tokenizer, position_limit=4).first_unusable(["a red dog"])
+    assert too_long[0] == 0 and isinstance(too_long[1], data.CaptionTooLongError)
+    assert data.CaptionEncoder(tokenizer, position_limit=5).first_unusable(["a red dog"]) is None  # exactly fits
     vocab = data.Vocabulary.build(["a red dog"], threshold=1)
     assert data.CaptionEncoder(vocab).first_unusable(["\ue000", "a"]) is None  # the BiGRU vocabulary: <unk>
 

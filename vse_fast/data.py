@@ -616,11 +616,21 @@ class CaptionEncoder:
         (each token takes a character at least; normalization can double one), so a dataset is checked
         in well under a second before training rather than failing mid-epoch."""
         limit = self.position_limit
-        for index, caption in enumerate(captions):
-            if _ASCII_ALNUM.search(caption) and (limit is None or 2 + 2 * len(caption) <= limit):
-                continue
+        suspects = [index for index, caption in enumerate(captions)
+                    if not (_ASCII_ALNUM.search(caption) and (limit is None or 2 + 2 * len(caption) <= limit))]
+        if self.kind == "bert_fast":  # batched (parallel) encoding; only the captions that fail go on
+            failing = []
+            for lo in range(0, len(suspects), 8192):
+                part = suspects[lo:lo + 8192]
+                for index, enc in zip(part, self.backend.encode_batch([captions[i] for i in part],
+                                                                      add_special_tokens=False)):
+                    n_tokens = 2 + len(enc.ids)
+                    if not enc.ids or (limit is not None and min(n_tokens, self.max_tokens or n_tokens) > limit):
+                        failing.append(index)
+            suspects = failing
+        for index in suspects:
             try:
-                self(caption)
+                self(captions[index])
             except (CaptionTooLongError, EmptyCaptionError) as err:
                 return index, err
         return None
