@@ -704,6 +704,24 @@ def test_a_nan_forward_at_an_unlogged_step_is_named_at_the_next_logged_one(tiny,
     assert not (tmp_path / "r" / "last.pth").exists()
 
 
+def test_an_fp16_nan_loss_skipped_by_the_scaler_still_stops_training(tiny, tmp_path, monkeypatch, capsys):
+    """One NaN loss at an unlogged step: fp16's GradScaler skips that step, so the weights and the
+    next logged loss stay finite; the device-side record of the first bad step still stops the run."""
+    real = train.compute_loss
+    calls = []
+
+    def nan_once(*args, **kw):
+        loss, img, cap = real(*args, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 1 else loss), img, cap
+
+    monkeypatch.setattr(train, "compute_loss", nan_once)
+    err = _error(capsys, _args(tiny, tmp_path / "n", "--precision", "fp16", "--log_step", "3", "--max_steps", "5"))
+    assert "error: the loss became NaN or inf at step 1 (epoch 0)" in err and "fp16 overflow" in err
+    log = (tmp_path / "n" / "train.log").read_text()
+    assert "step 3/6 (total 3) loss nan" not in log and "ERROR the loss became NaN or inf at step 1 " in log
+
+
 def test_an_epoch_end_writes_best_pth_before_last_pth(tiny, tmp_path, monkeypatch):
     """Each written atomically, best first: a kill between them never leaves a last.pth recording a best
     rsum that best.pth does not hold (it replays the epoch instead)."""
