@@ -828,9 +828,10 @@ def test_vocabulary_augmentation_touches_start_and_end_as_published(split):
 
 
 def test_the_construction_check_tokenizes_only_captions_that_can_fail(tokenizer, monkeypatch):
-    """An ASCII letter or digit always leaves a token, and a caption of at most (limit - 2) / 2
-    characters never fills the positions: only the others are tokenized, in one batch (fast
-    tokenizer), and only those found empty or too long go through the caption encoder."""
+    """BERT keeps every letter or digit, and a token takes at least one character of the lowercased,
+    NFD-normalized caption: only captions without a letter or digit, or longer than the positions
+    after normalization, are tokenized, in one batch (fast tokenizer), and only those found empty or
+    too long go through the caption encoder."""
     text = data.CaptionEncoder(tokenizer, position_limit=24)
 
     class RecordingBackend:
@@ -848,15 +849,18 @@ def test_the_construction_check_tokenizes_only_captions_that_can_fail(tokenizer,
     called = []
     real = data.CaptionEncoder.__call__
     monkeypatch.setattr(data.CaptionEncoder, "__call__", lambda self, c, *a, **k: called.append(c) or real(self, c, *a, **k))
-    captions = ["a red dog", "\u00e9\u00e8", "a red dog on", "\ue000", "2"]
+    long_ascii = "a red dog on a red dog on a"  # 27 characters: 29 > 24 positions possible, 12 tokens
+    hangul = "\ud55c\uad6d\uc5b4" * 3  # 9 syllables, 24 jamo after NFD: 26 > 24 possible
+    captions = ["a red dog", "\u00e9\u00e8", long_ascii, "\u4e00\u4e2a", "\ue000", hangul, "2"]
     found = text.first_unusable(captions)
-    assert text.backend.batches == [["\u00e9\u00e8", "a red dog on", "\ue000"]] and called == ["\ue000"]
-    assert found[0] == 3 and isinstance(found[1], data.EmptyCaptionError)
+    assert text.backend.batches == [[long_ascii, "\ue000", hangul]] and called == ["\ue000"]
+    assert found[0] == 4 and isinstance(found[1], data.EmptyCaptionError)
     too_long = data.CaptionEncoder(tokenizer, position_limit=4).first_unusable(["a red dog"])
     assert too_long[0] == 0 and isinstance(too_long[1], data.CaptionTooLongError)
     assert data.CaptionEncoder(tokenizer, position_limit=5).first_unusable(["a red dog"]) is None  # exactly fits
     vocab = data.Vocabulary.build(["a red dog"], threshold=1)
     assert data.CaptionEncoder(vocab).first_unusable(["\ue000", "a"]) is None  # the BiGRU vocabulary: <unk>
+    assert data.CaptionEncoder(vocab, position_limit=4).first_unusable(["a", "a red dog"])[0] == 1
 
 
 @pytest.mark.parametrize("with_added_token", [False, True], ids=["vocab", "added-token"])

@@ -148,7 +148,7 @@ def _open_features(path):
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-_ASCII_ALNUM = re.compile(r"[A-Za-z0-9]")
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")  # str.isalnum() characters
 
 
 def _text_lines(path):
@@ -611,13 +611,28 @@ class CaptionEncoder:
 
     def first_unusable(self, captions):
         """(index, error) of the first caption that ``__call__`` would refuse (EmptyCaptionError,
-        CaptionTooLongError), or None. Tokenizes only the captions that can fail: those without an
-        ASCII letter or digit (BERT keeps nothing of some) and those longer than half the positions
-        (each token takes a character at least; normalization can double one), so a dataset is checked
-        in well under a second before training rather than failing mid-epoch."""
+        CaptionTooLongError), or None. Tokenizes only the captions that can fail, so a dataset is
+        checked in about a second before training rather than failing mid-epoch:
+
+        - empty (BERT only): a caption without a letter or digit (BERT keeps every letter or digit,
+          as a word piece or [UNK]; it drops control characters, U+FFFD and, uncased, accents);
+        - too long: more characters than the positions after lowercasing and NFD (each token takes at
+          least one character of the normalized text; NFD splits a Hangul syllable into 2-3 jamo)."""
         limit = self.position_limit
-        suspects = [index for index, caption in enumerate(captions)
-                    if not (_ASCII_ALNUM.search(caption) and (limit is None or 2 + 2 * len(caption) <= limit))]
+        can_be_empty = self.kind != "vocab"  # a word vocabulary maps any word, <unk> at worst
+        if not can_be_empty and limit is None:
+            return None
+
+        def can_fail(caption):
+            if can_be_empty and not _LETTER_OR_DIGIT.search(caption):
+                return True
+            if limit is None:
+                return False
+            if caption.isascii():
+                return 2 + len(caption) > limit
+            return 2 + len(unicodedata.normalize("NFD", caption.lower())) > limit
+
+        suspects = [index for index, caption in enumerate(captions) if can_fail(caption)]
         if self.kind == "bert_fast":  # batched (parallel) encoding; only the captions that fail go on
             failing = []
             for lo in range(0, len(suspects), 8192):
