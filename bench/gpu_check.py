@@ -88,12 +88,13 @@ def profile_breakdown(fn, *, steps=5, top=12, device=None):
     fn()
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    start = time.perf_counter()
     with torch_profile(activities=activities) as prof:
+        sync()
+        start = time.perf_counter()  # inside: the profiler's start-up and shutdown are no step's time
         for _ in range(steps):
             fn()
         sync()
-    wall_us = (time.perf_counter() - start) * 1e6 / steps
+        wall_us = (time.perf_counter() - start) * 1e6 / steps
 
     def self_device_us(e):
         for attr in ("self_device_time_total", "self_cuda_time_total"):
