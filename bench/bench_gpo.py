@@ -8,7 +8,8 @@
   `gpo_pool` (backend "auto": torch on CPU, Triton on CUDA); the published-style pool is
   masked_fill / sort / masked_fill / mul / sum.
 On CPU the float32 torch paths run (big cases with few rounds); on a GPU float32 and bfloat16.
-Lengths are random in 1..K with K present (padding exercised).
+Lengths are random in 1..K with K present (padding exercised); the module also runs at B=128 K=36
+with every set full (sets "full": 36 BUTD regions per image, the usual COCO case).
 """
 import pytest
 import torch
@@ -30,8 +31,10 @@ def _rounds(B, K, D):
     return 3 if B * K * D > 128 * 36 * 1024 else 5
 
 
-def _inputs(B, K, D, dtype, device):
+def _inputs(B, K, D, dtype, device, sets="random"):
     features = torch.randn(B, K, D, device=device).to(dtype).requires_grad_()
+    if sets == "full":
+        return features, torch.full((B,), K, device=device)
     lengths = torch.randint(1, K + 1, (B,), device=device)
     lengths[0] = K
     return features, lengths
@@ -49,13 +52,17 @@ def _fwd_bwd(fn, inputs):
     return step
 
 
+MODULE_CASES = [(*shape, "random") for shape in SHAPES] + [(128, 36, 1024, "full")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_NAMES[d] for d in DTYPES])
-@pytest.mark.parametrize("B,K,D", SHAPES, ids=[f"B{b}-K{k}-D{d}" for b, k, d in SHAPES])
+@pytest.mark.parametrize("B,K,D,sets", MODULE_CASES,
+                         ids=[f"B{b}-K{k}-D{d}" + ("-full" if sets == "full" else "") for b, k, d, sets in MODULE_CASES])
 @pytest.mark.parametrize("impl", ["ours", "published"])
-def test_gpo_module_fwd_bwd(run_bench, bench_device, impl, B, K, D, dtype):
+def test_gpo_module_fwd_bwd(run_bench, bench_device, impl, B, K, D, sets, dtype):
     torch.manual_seed(0)
     published = PublishedGPO(32, 32).to(bench_device)
-    features, lengths = _inputs(B, K, D, dtype, bench_device)
+    features, lengths = _inputs(B, K, D, dtype, bench_device, sets)
     if impl == "ours":
         module = GPO(32, 32).to(bench_device)
         module.load_state_dict(published.state_dict())
@@ -64,8 +71,9 @@ def test_gpo_module_fwd_bwd(run_bench, bench_device, impl, B, K, D, dtype):
         module = published
         fn = lambda: module(features, lengths)[0]  # noqa: E731
     step = _fwd_bwd(fn, [features, *module.parameters()])
-    run_bench(step, group=f"gpo-module-B{B}-K{K}-D{D}-{DTYPE_NAMES[dtype]}", impl=impl,
-              rounds=_rounds(B, K, D), shape=[B, K, D], dtype=str(dtype))
+    full = "-full" if sets == "full" else ""
+    run_bench(step, group=f"gpo-module-B{B}-K{K}-D{D}{full}-{DTYPE_NAMES[dtype]}", impl=impl,
+              rounds=_rounds(B, K, D), shape=[B, K, D], dtype=str(dtype), sets=sets)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_NAMES[d] for d in DTYPES])
