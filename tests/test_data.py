@@ -323,6 +323,16 @@ def test_rows_repeated_once_per_caption_are_read_as_one_row_per_item(tmp_path, t
     assert len(pairs) == 35 and pairs[13]["img_index"] == 2
     torch.testing.assert_close(pairs[13]["features"], torch.from_numpy(feats[2, : lens[2]]))
 
+    # the copies' padding past lens differs (never read): still one row per item
+    noisy = np.repeat(feats, 5, axis=0)
+    rows_lens = np.repeat(lens, 5)
+    pad = np.arange(5)[None, :] >= rows_lens[:, None]
+    noisy[pad] = np.random.default_rng(1).standard_normal((int(pad.sum()), noisy.shape[2]))
+    np.save(os.path.join(folder, "test_ims.npy"), noisy)
+    info = data.check_split(folder, "test")
+    assert (info.n_items, info.caps_per_item, info.row_repeat) == (7, 5, 5)
+    np.save(os.path.join(folder, "test_ims.npy"), np.repeat(feats, 5, axis=0))
+
     # one caption per item: distinct rows, a constant array, and runs whose lens differ stay as they are
     for name, rows, row_lens in (("distinct", feats, lens), ("constant", np.zeros((10, 5, 4), np.float32), None),
                                  ("lens differ", np.repeat(feats, 5, axis=0), np.arange(35) % 5 + 1)):

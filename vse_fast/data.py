@@ -292,10 +292,14 @@ def _row_repeat(features, lens) -> int:
     run per item, at least two items; 1 otherwise (distinct rows, or one value everywhere). C divides
     the length L of the first run of identical rows (L = 2C when the first two items have equal
     features): the largest such C whose runs are identical rows at 16 items spread over the array,
-    the first included, wins."""
+    the first included, wins. With lens, rows compare by their lengths and valid rows only (the
+    padding past lens is never read, and may differ between copies)."""
     def same(i, j):
-        return np.array_equal(np.ascontiguousarray(features[i]).view(np.uint8),
-                              np.ascontiguousarray(features[j]).view(np.uint8))
+        if lens is not None and lens[i] != lens[j]:
+            return False
+        k = features.shape[1] if lens is None else int(lens[i])
+        return np.array_equal(np.ascontiguousarray(features[i, :k]).view(np.uint8),
+                              np.ascontiguousarray(features[j, :k]).view(np.uint8))
 
     n = features.shape[0]
     first_run = 1
