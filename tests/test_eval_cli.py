@@ -546,3 +546,18 @@ def test_cli_ensemble_errors_name_the_member(dataset, tmp_path, capsys):
         main(["--checkpoint", bert, "--checkpoint", gru_path, "--data_path", str(dataset), "--vocab_file",
               str(dataset / "vocab.txt")])
     assert f"error: ensemble member {gru_path}: " in capsys.readouterr().err
+
+
+def test_encoder_takes_a_read_only_memory_map_without_a_warning(dataset, tmp_path):
+    """The README's input (a split's features, np.load(..., mmap_mode="r"), and its lengths): torch
+    warned that the array is not writable; it is only read (copied into the padded batch)."""
+    import warnings
+
+    model = bert_model()
+    tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+    feats = np.load(dataset / "test_ims.npy", mmap_mode="r")
+    enc = Encoder(model, tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_map = enc.encode_images(feats, lengths=[feats.shape[1]] * feats.shape[0])
+    torch.testing.assert_close(from_map, enc.encode_images(np.array(feats), lengths=[feats.shape[1]] * feats.shape[0]))

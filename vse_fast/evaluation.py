@@ -23,6 +23,8 @@ meanr = mean(rank) + 1, rsum = R@1 + R@5 + R@10 of both directions.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -167,7 +169,11 @@ def numpy_to_torch(x: np.ndarray) -> torch.Tensor:
         x = x.astype(x.dtype.newbyteorder("="))
     if any(stride < 0 for stride in x.strides):
         x = x.copy(order="C")  # not ascontiguousarray: a one-row reversed view counts as contiguous
-    return torch.from_numpy(x)
+    if x.flags.writeable:
+        return torch.from_numpy(x)
+    with warnings.catch_warnings():  # a read-only array (np.load(..., mmap_mode="r")): only ever read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
 
 
 def _as_tensor(x, name):
