@@ -102,8 +102,10 @@ def test_no_captions_is_named_as_such():
 @pytest.mark.parametrize("fn", [evaluation.i2t, evaluation.t2i], ids=["i2t", "t2i"])
 def test_dropins_reject_bad_input(fn):
     sims = np.random.default_rng(0).standard_normal((4, 20))
-    with pytest.raises(ValueError, match=r"\(4, 20\).*\(4, 4\)"):
+    with pytest.raises(ValueError, match=r"\(4, 20\).*\(4, 4\) \(1 captions per item\? pass caps_per_item=1"):
         fn(4, sims[:, :4])  # coco mode expects 5 captions per image
+    with pytest.raises(ValueError, match=r"pass caps_per_item=5; mode 'coco' means 5, any other mode 1"):
+        fn(4, sims, mode="msrvtt")
     with pytest.raises(ValueError, match="npts"):
         fn(0, sims)
     with pytest.raises(TypeError, match="floating-point or integer"):

@@ -53,8 +53,12 @@ def _check_sims(npts, sims, caps):
         sims = sims.detach().cpu().numpy()
     sims = np.asarray(sims)
     if sims.ndim != 2 or sims.shape != (npts, caps * npts):
+        hint = ""
+        if sims.ndim == 2 and sims.shape[0] == npts and sims.shape[1] % npts == 0 and sims.shape[1] != caps * npts:
+            hint = (f" ({sims.shape[1] // npts} captions per item? pass caps_per_item={sims.shape[1] // npts}; "
+                    f"mode 'coco' means 5, any other mode 1)")
         raise ValueError(
-            f"sims must have shape (npts, caps_per_item * npts) = ({npts}, {caps * npts}), got {sims.shape}"
+            f"sims must have shape (npts, caps_per_item * npts) = ({npts}, {caps * npts}), got {sims.shape}{hint}"
         )
     if np.issubdtype(sims.dtype, np.integer):  # scores as the published functions take them: compared as numbers
         if sims.size and max(-int(sims.min()), int(sims.max())) > 2**53:
