@@ -20,7 +20,8 @@ from bench_train import make_our_step, make_published_step, make_setup
 
 
 def _gpo_loss_ms(ctx, model, batch):
-    """Forward + backward time of the two GPO calls (image and caption sets) and the loss at the step's shapes and dtypes."""
+    """Forward + backward time of the two GPO calls (image and caption sets) and the loss at the step's
+    shapes and dtypes."""
     from vse_fast.ops.contrastive import contrastive_loss
 
     b, k, _ = batch["images"].shape

@@ -786,8 +786,9 @@ class _SplitData:
 
 def check_finite_features(data_path, split, caption_limit=None, chunk_items=256):
     """DataError naming the items whose valid feature rows (the first ``lens`` rows; padding is not
-    read) hold NaN or inf (float64: or values beyond float32's range), among the items evaluated with ``caption_limit``. Reads the features in
-    chunks of items (COCO's 5000 x 36 x 2048 dev features: about 1.5 GB, once)."""
+    read) hold NaN or inf (float64: or values beyond float32's range), among the items evaluated with
+    ``caption_limit``. Reads the features in chunks of items (COCO's 5000 x 36 x 2048 dev features:
+    about 1.5 GB, once)."""
     split_data = _SplitData(data_path, split, caption_limit)
     features, lens = split_data.features, split_data.lens
     bad = []

@@ -303,7 +303,6 @@ def _caption_limit(value: str, parser: argparse.ArgumentParser):
         parser.error(f"--caption_limit must be 'auto', 'none' or an integer, got {value!r}")
 
 
-
 def _encode_checkpoint(path, args, device, limit):
     """(img_emb, cap_emb, caps) of the CLI's split with the checkpoint at ``path``."""
     from vse_fast.checkpoint import load_any_checkpoint
