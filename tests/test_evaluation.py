@@ -72,12 +72,51 @@ def test_dropins_take_integer_scores_as_published(dtype):
         evaluation.i2t(1, np.array([[2**62, 0, 1, 2, 3]], dtype=np.int64))
 
 
-def test_dropins_ties_favour_the_positive():
-    sims = np.zeros((3, 15))  # every score ties
-    (r1, *_), (ranks, top1) = evaluation.i2t(3, sims, return_ranks=True)
-    assert r1 == 100.0 and not ranks.any() and not top1.any()  # top1: first maximum
-    (r1, *_), (ranks, top1) = evaluation.t2i(3, sims, return_ranks=True)
-    assert r1 == 100.0 and not ranks.any() and not top1.any()
+@pytest.mark.parametrize("caps", [1, 5, 20])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int64], ids=["f64", "f32", "i64"])
+@pytest.mark.parametrize("block_elems", [None, 97], ids=["default-block", "block97"])
+def test_dropins_follow_the_published_tie_order(caps, dtype, block_elems, monkeypatch):
+    """Scores drawn from a few levels tie everywhere (at the positive, among the positives, at the top
+    score): ranks and top1 are the published argsort's, not the count of strictly higher scores."""
+    if block_elems is not None:
+        monkeypatch.setattr(evaluation, "_NUMPY_BLOCK_ELEMS", block_elems)
+    rng = np.random.default_rng()
+    npts = 23
+    mode = "coco" if caps == 5 else "other"
+    for levels in (1, 2, 4, 50):
+        sims = rng.integers(0, levels, size=(npts, caps * npts)).astype(dtype)
+        for ours_fn, ref_fn in ((evaluation.i2t, published.i2t), (evaluation.t2i, published.t2i)):
+            ours, (ranks, top1) = ours_fn(npts, sims, True, mode, caps_per_item=caps)
+            ref, (ref_ranks, ref_top1) = ref_fn(npts, sims, True, mode, caps=caps)
+            np.testing.assert_array_equal(ranks, ref_ranks)
+            np.testing.assert_array_equal(top1, ref_top1)
+            assert ours == ref
+    sims = np.zeros((3, 15))  # every score ties: the positive does not rank first as a strict count has it
+    assert evaluation.i2t(3, sims, True)[1][0].tolist() == published.i2t(3, sims, True)[1][0].tolist() != [0, 0, 0]
+
+
+def test_only_tied_queries_are_argsorted(monkeypatch):
+    """The blocked counts rank every query; np.argsort runs for exactly the queries whose best positive
+    ties with another item, or whose top score ties."""
+    calls = []
+    argsort_rank = evaluation._argsort_rank
+    monkeypatch.setattr(evaluation, "_argsort_rank", lambda scores, pos: calls.append(pos) or argsort_rank(scores, pos))
+    rng = np.random.default_rng()
+    sims = rng.permutation(8 * 40).reshape(8, 40).astype(np.float64)  # tie-free
+    evaluation.i2t(8, sims), evaluation.t2i(8, sims)
+    assert calls == []
+    sims[3, 0] = sims[3, 15:20].max()  # image 3's best caption ties with caption 0 (image 0's)
+    evaluation.i2t(8, sims)
+    assert [list(p) for p in calls] == [[15, 16, 17, 18, 19]]
+    calls.clear()
+    sims[6, 9] = sims[1, 9]  # caption 9's positive image 1 ties with image 6
+    evaluation.t2i(8, sims)
+    assert calls == [1]
+    calls.clear()
+    sims[5, 2] = sims[:, 2].max() + 1  # caption 2's top score: images 5 ...
+    sims[7, 2] = sims[5, 2]  # ... and 7 (neither its positive)
+    assert evaluation.t2i(8, sims, True)[1][1][2] == published.t2i(8, sims, True)[1][1][2]
+    assert calls == [0, 1]  # caption 9 still, and caption 2 for its top1
 
 
 @pytest.mark.parametrize("fn", [evaluation.i2t, evaluation.t2i], ids=["i2t", "t2i"])
@@ -148,15 +187,16 @@ def _block_product(img, cap, block):
     return torch.cat([img[a:a + block] @ cap.T for a in range(0, img.shape[0], block)]).numpy()
 
 
-def test_retrieval_metrics_duplicated_image_ties_with_the_positive():
+def test_retrieval_metrics_duplicated_image_ties_as_published():
     x = torch.nn.functional.normalize(torch.randn(1, 64), dim=1)
     img = torch.cat([x, x])  # image 1 duplicates image 0
     cap = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
     _, ranks = evaluation.retrieval_metrics(img, cap, 1, return_ranks=True)
-    sims = (img @ cap.T).numpy()
-    assert (sims[0] == sims[1]).all()  # the duplicate ties: neither caption's image may rank second
-    np.testing.assert_array_equal(ranks["t2i"], [0, 0])
-    np.testing.assert_array_equal(ranks["i2t"], evaluation.i2t(2, sims, True, caps_per_item=1)[1][0])
+    sims = (img @ cap.T).double().numpy()
+    assert (sims[0] == sims[1]).all()  # the duplicate ties: the argsort order puts one caption's image second
+    np.testing.assert_array_equal(ranks["t2i"], published.t2i(2, sims, True, "single", caps=1)[1][0])
+    np.testing.assert_array_equal(ranks["i2t"], published.i2t(2, sims, True, "single", caps=1)[1][0])
+    assert ranks["t2i"].tolist() != [0, 0]  # not both first, as a count of strictly higher scores had it
 
 
 @pytest.mark.parametrize("block", [40, 7], ids=["one-block", "block7"])
@@ -171,6 +211,8 @@ def test_retrieval_metrics_ranks_equal_dropins_with_duplicates(block, dtype):
     _, ranks = evaluation.retrieval_metrics(img, cap, 5, block=block, return_ranks=True, dtype=dtype)
     np.testing.assert_array_equal(ranks["i2t"], evaluation.i2t(40, sims, True)[1][0])
     np.testing.assert_array_equal(ranks["t2i"], evaluation.t2i(40, sims, True)[1][0])
+    np.testing.assert_array_equal(ranks["i2t"], published.i2t(40, sims, True)[1][0])
+    np.testing.assert_array_equal(ranks["t2i"], published.t2i(40, sims, True)[1][0])
     if block >= 40:  # one block is the plain product
         np.testing.assert_array_equal(sims, (img @ cap.T).numpy())
 

@@ -5,8 +5,9 @@ Two entry points:
 * `i2t` / `t2i`: drop-ins for the published VSE-infinity functions (lib/evaluation.py) working on a
   precomputed similarity matrix ``sims`` (npts, caps_per_item * npts) numpy. Same return values, but
   vectorised and blocked: the rank of a query is the number of gallery items scoring strictly
-  higher than its best positive, counted a block of rows (or columns) at a time, so no argsort and
-  no full-size temporaries (a 5000 x 25000 float32 matrix stays the only 500 MB buffer).
+  higher than its best positive, counted a block of rows (or columns) at a time, so no argsort (but
+  for tied queries, below) and no full-size temporaries (a 5000 x 25000 float32 matrix stays the
+  only 500 MB buffer).
 * `retrieval_metrics` / `coco_5fold`: the same metrics straight from embeddings (torch tensors, CPU
   or CUDA), never holding the full similarity matrix: blocks of images compute ``img_block @ cap.T``
   and count both directions from it (a second pass recomputes the same blocks for text->image, whose
@@ -14,9 +15,13 @@ Two entry points:
   average their similarities. Similarities are float64 by default, as published (its encode_data
   keeps the embeddings in float64 numpy arrays), so the numbers equal the published evaluation's.
 
-Tie rule: a query's rank counts only strictly higher scores, so a gallery item that ties with the
-positive does not push it down (the published np.argsort order of ties is unspecified). ``top1`` is
-the first index of the maximum (np.argmax). On tie-free scores every number equals the published one.
+Tie rule, as published: a query's ranking is ``np.argsort(scores)[::-1]``, and its rank is the first
+position of a positive in it. Where no other gallery item ties exactly with the best positive, that
+is the number of items scoring strictly higher, which is what is counted. The few queries with such
+a tie (identical captions of different images, duplicated images), or with a tie at the top score
+(``top1`` is the argsort's first entry, not np.argmax's), are ranked by that very np.argsort call on
+that very row, so ties resolve as the published code resolves them on the same machine (numpy's
+argsort order among equal scores depends on its version and on the CPU's SIMD sort).
 
 Ranks are 0-based as published: R@K = 100 * mean(rank < K), medr = floor(median(rank)) + 1,
 meanr = mean(rank) + 1, rsum = R@1 + R@5 + R@10 of both directions.
@@ -60,13 +65,14 @@ def _check_sims(npts, sims, caps):
         raise ValueError(
             f"sims must have shape (npts, caps_per_item * npts) = ({npts}, {caps * npts}), got {sims.shape}{hint}"
         )
+    raw = sims  # what the published code would argsort: tied queries are ranked on it
     if np.issubdtype(sims.dtype, np.integer):  # scores as the published functions take them: compared as numbers
         if sims.size and max(-int(sims.min()), int(sims.max())) > 2**53:
             raise ValueError(f"sims of dtype {sims.dtype} hold values beyond 2**53, which float64 does not keep apart")
         sims = sims.astype(np.float64)
     if not np.issubdtype(sims.dtype, np.floating):
         raise TypeError(f"sims must be a floating-point or integer array, got dtype {sims.dtype}")
-    return sims
+    return sims, raw
 
 
 def _summary(ranks):
@@ -78,6 +84,17 @@ def _summary(ranks):
     medr = np.floor(np.median(ranks)) + 1
     meanr = ranks.mean() + 1
     return r1, r5, r10, medr, meanr
+
+
+def _argsort_rank(scores, positives):
+    """(rank, top1) of one query as the published code finds them: ``order = np.argsort(scores)[::-1]``,
+    rank = the first position in order of any index in positives, top1 = order[0].
+    scores: 1-D numpy array (any dtype, any stride: np.argsort sorts a contiguous copy of a strided
+    row, so a column of sims ranks as the published ``sims.T[j]`` does)."""
+    order = np.argsort(scores)[::-1]
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    return int(position[positives].min()), int(order[0])
 
 
 def _raise_nan(direction, index):
@@ -97,29 +114,40 @@ def i2t(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
 
     Returns:
         ``(r1, r5, r10, medr, meanr)`` and, with return_ranks, ``(ranks, top1)``: ranks[i] = 0-based
-        rank of image i's best-ranked caption (number of captions scoring strictly higher),
-        top1[i] = index of its highest-scoring caption.
+        rank of image i's best-ranked caption (the number of captions scoring strictly higher, or
+        where a caption of another image ties with it, its position in the published
+        ``np.argsort(sims[i])[::-1]``), top1[i] = that argsort's first index (np.argmax's unless
+        the top score ties).
 
     Example:
         >>> r, (ranks, top1) = i2t(1000, sims, return_ranks=True)
     """
     caps = _resolve_caps_per_item(mode, caps_per_item)
-    sims = _check_sims(npts, sims, caps)
+    sims, raw = _check_sims(npts, sims, caps)
     ranks = np.empty(npts, dtype=np.float64)
     top1 = np.empty(npts, dtype=np.float64)
     rows_per_block = max(1, _NUMPY_BLOCK_ELEMS // sims.shape[1])
     cap_offsets = np.arange(caps)
+    tied = []
     for r0 in range(0, npts, rows_per_block):
         r1 = min(npts, r0 + rows_per_block)
         block = sims[r0:r1]  # view, (b, C*N)
         local = np.arange(r1 - r0)
-        best = block[local[:, None], np.arange(r0, r1)[:, None] * caps + cap_offsets].max(axis=1)
+        own = block[local[:, None], np.arange(r0, r1)[:, None] * caps + cap_offsets]  # (b, C)
+        best = own.max(axis=1)
         argmax = block.argmax(axis=1)  # np.argmax stops at the first NaN: finds NaNs in the same pass
-        nan_rows = np.flatnonzero(np.isnan(block[local, argmax]) | np.isnan(best))
+        top = block[local, argmax]
+        nan_rows = np.flatnonzero(np.isnan(top) | np.isnan(best))
         if nan_rows.size:
             _raise_nan("image", r0 + int(nan_rows[0]))
         ranks[r0:r1] = np.count_nonzero(block > best[:, None], axis=1)
         top1[r0:r1] = argmax
+        # an item of another image at the best positive's score, or two at the top score: argsort decides
+        best_tied = np.count_nonzero(block == best[:, None], axis=1) > np.count_nonzero(own == best[:, None], axis=1)
+        top_tied = np.count_nonzero(block == top[:, None], axis=1) > 1
+        tied.extend(r0 + np.flatnonzero(best_tied | top_tied))
+    for image in tied:
+        ranks[image], top1[image] = _argsort_rank(raw[image], np.arange(image * caps, image * caps + caps))
     summary = _summary(ranks)
     return (summary, (ranks, top1)) if return_ranks else summary
 
@@ -131,11 +159,12 @@ def t2i(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
 
     Returns:
         ``(r1, r5, r10, medr, meanr)`` and, with return_ranks, ``(ranks, top1)`` float64 of shape
-        (C*N,): ranks[j] = number of images scoring strictly higher than caption j's image,
-        top1[j] = its highest-scoring image.
+        (C*N,): ranks[j] = number of images scoring strictly higher than caption j's image (on
+        ties, its position in ``np.argsort(sims[:, j])[::-1]``, as published), top1[j] = that
+        argsort's first index.
     """
     caps = _resolve_caps_per_item(mode, caps_per_item)
-    sims = _check_sims(npts, sims, caps)
+    sims, raw = _check_sims(npts, sims, caps)
     n_caps = caps * npts
     captions = np.arange(n_caps)
     positive = sims[captions // caps, captions]  # (C*N,)
@@ -143,20 +172,29 @@ def t2i(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
         _raise_nan("caption", int(np.flatnonzero(np.isnan(positive))[0]))
     # Row blocks keep the memory access contiguous; counts and the running argmax accumulate.
     counts = np.zeros(n_caps, dtype=np.int64)
+    at_positive = np.zeros(n_caps, dtype=np.int64)  # images scoring exactly the positive's score (itself too)
     best = np.full(n_caps, -np.inf, dtype=sims.dtype)
+    at_best = np.zeros(n_caps, dtype=np.int64)  # images scoring exactly the running maximum
     top1 = np.zeros(n_caps, dtype=np.float64)
     rows_per_block = max(1, _NUMPY_BLOCK_ELEMS // n_caps)
     for r0 in range(0, npts, rows_per_block):
         block = sims[r0:r0 + rows_per_block]  # view, (b, C*N)
         counts += np.count_nonzero(block > positive, axis=0)
+        at_positive += np.count_nonzero(block == positive, axis=0)
         block_best = block.max(axis=0)  # NaN propagates
         if np.isnan(block_best).any():
             _raise_nan("caption", int(np.flatnonzero(np.isnan(block_best))[0]))
-        improved = np.flatnonzero(block_best > best)  # strict: the first maximum wins, as np.argmax
+        block_at_best = np.count_nonzero(block == block_best, axis=0)
+        at_best[block_best == best] += block_at_best[block_best == best]
+        improved = np.flatnonzero(block_best > best)  # np.argmax's; a tied top is argsorted below
         if improved.size:
             best[improved] = block_best[improved]
+            at_best[improved] = block_at_best[improved]
             top1[improved] = r0 + block[:, improved].argmax(axis=0)
     ranks = counts.astype(np.float64)
+    # another image at the positive's score, or two at the top score: argsort decides, as published
+    for caption in np.flatnonzero((at_positive > 1) | (at_best > 1)):
+        ranks[caption], top1[caption] = _argsort_rank(raw[:, caption], caption // caps)
     summary = _summary(ranks)
     return (summary, (ranks, top1)) if return_ranks else summary
 
@@ -248,12 +286,14 @@ def _compute_dtype(pairs, dtype):
     return dtype
 
 
-def _count_greater(sims, threshold, dim):
-    """Number of entries of sims greater than threshold (broadcast) along dim, int64.
+def _count_above_and_at(sims, threshold, dim):
+    """Numbers of entries of sims greater than, and equal to, threshold (broadcast) along dim, int64.
     On the CPU numpy counts about 10x faster than torch's boolean sum."""
     if sims.device.type == "cpu":
-        return torch.from_numpy(np.count_nonzero(sims.numpy() > threshold.numpy(), axis=dim).astype(np.int64))
-    return (sims > threshold).sum(dim)
+        scores, bound = sims.numpy(), threshold.numpy()
+        return (torch.from_numpy(np.count_nonzero(scores > bound, axis=dim).astype(np.int64)),
+                torch.from_numpy(np.count_nonzero(scores == bound, axis=dim).astype(np.int64)))
+    return (sims > threshold).sum(dim), (sims == threshold).sum(dim)
 
 
 def _block_sims(pairs, a, b):
@@ -266,13 +306,16 @@ def _block_sims(pairs, a, b):
 
 
 def _retrieval_ranks(pairs, caps, block, dtype):
-    """0-based ranks (int64, on the embeddings' device): i2t (N,), t2i (C*N,). Two passes over image blocks.
+    """0-based ranks (int64, on the embeddings' device): i2t (N,), t2i (C*N,). Two passes over image
+    blocks, and a third for the columns of tied captions when there are any.
 
     S = sum_k img_k @ cap_k.T (the ensemble average up to the factor 1/K, which keeps every rank).
     i2t: rank_i = #{j : S[i,j] > max_c S[i, i*C+c]}.
     t2i: rank_j = #{i : S[i,j] > pos_j}, pos_j = S[j//C, j] gathered from the first pass's block
-         products; an elementwise dot would round differently from the matmul and break the tie rule
-         (a duplicate of the positive image must tie, not outrank it).
+         products; an elementwise dot would round differently from the matmul and break ties
+         (a duplicate of the positive image must tie with it, not outrank it).
+    A query with another gallery item exactly at its best positive's score is ranked by np.argsort
+    of its row (column) of S, as published (`_argsort_rank`).
     """
     dtype = _compute_dtype(pairs, dtype)
     n_img = pairs[0][0].shape[0]
@@ -282,16 +325,32 @@ def _retrieval_ranks(pairs, caps, block, dtype):
     positive = torch.empty(n_cap, dtype=dtype, device=device)
     rank_i2t = torch.empty(n_img, dtype=torch.int64, device=device)
     rank_t2i = torch.zeros(n_cap, dtype=torch.int64, device=device)
+    at_positive = torch.zeros(n_cap, dtype=torch.int64, device=device)
     offsets = torch.arange(caps, device=device)
     for a in range(0, n_img, block):
         b = min(n_img, a + block)
         sims = _block_sims(pairs, a, b)  # (b-a, n_cap)
         rows = torch.arange(b - a, device=device)
         own = sims[rows[:, None], (rows[:, None] + a) * caps + offsets]  # (b-a, C)
-        rank_i2t[a:b] = _count_greater(sims, own.amax(1, keepdim=True), dim=1)
+        best = own.amax(1, keepdim=True)
+        rank_i2t[a:b], at_best = _count_above_and_at(sims, best, dim=1)
+        tied = torch.nonzero(at_best.to(device) > (own == best).sum(1)).flatten().tolist()
+        if tied:  # a caption of another image at the best positive's score: argsort decides, as published
+            scores = sims[tied].cpu().numpy()
+            for k, row in enumerate(tied):
+                image = a + row
+                rank_i2t[image] = _argsort_rank(scores[k], np.arange(image * caps, image * caps + caps))[0]
         positive[a * caps:b * caps] = own.reshape(-1)
     for a in range(0, n_img, block):
-        rank_t2i += _count_greater(_block_sims(pairs, a, min(n_img, a + block)), positive[None, :], dim=0)
+        above, at = _count_above_and_at(_block_sims(pairs, a, min(n_img, a + block)), positive[None, :], dim=0)
+        rank_t2i += above.to(device)
+        at_positive += at.to(device)
+    tied = torch.nonzero(at_positive > 1).flatten()  # another image at the positive's score (itself counts 1)
+    if tied.numel():  # a third pass gathers those captions' columns from the same block products
+        scores = torch.cat([_block_sims(pairs, a, min(n_img, a + block))[:, tied]
+                            for a in range(0, n_img, block)]).cpu().numpy()  # (N, tied)
+        for k, caption in enumerate(tied.tolist()):
+            rank_t2i[caption] = _argsort_rank(scores[:, k], caption // caps)[0]
     return rank_i2t, rank_t2i
 
 
@@ -328,7 +387,8 @@ def retrieval_metrics(img_emb, cap_emb=None, caps_per_item=None, *, block=1024, 
     Returns:
         dict with METRIC_KEYS ("i2t_r1", ..., "t2i_meanr", "rsum"), Python floats. Similarities are
         computed in ``dtype`` (float64 whenever the embeddings are float64); a query's rank counts strictly
-        higher scores (ties favour the positive). The ranks are exactly those of `i2t` / `t2i` on the
+        higher scores, and ties resolve in the published argsort order. The ranks are exactly those of
+        `i2t` / `t2i` (and of the published functions) on the
         matrix of the block products ``img[a:b] @ cap.T``: duplicated images (captions) tie wherever
         the matmul gives them equal scores (BLAS may round a row differently at another block position).
 
