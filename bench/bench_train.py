@@ -56,11 +56,52 @@ def published_param_groups(model, lr=5e-4):
             dict(params=list(model.img_enc.parameters()), lr=lr)]
 
 
-def published_criterion():
+def published_criterion(max_violation=True):
     from tests.published import loss as published_loss
 
     cls = getattr(published_loss, "PublishedContrastiveLoss", None) or published_loss.ContrastiveLoss
-    return cls(margin=0.2, max_violation=True)
+    return cls(margin=0.2, max_violation=max_violation)
+
+
+def gradient_differences(ours, published, batch, *, max_violation=False):
+    """{parameter name: ||g_ours - g_published|| / max(||g_published||, 1e-4 * the largest such norm)}
+    after one fp32 forward + backward of each model's loss (margin 0.2) on the same weights, in eval
+    mode (no dropout, BatchNorm running statistics). The floor keeps gradients that are 0 in exact
+    arithmetic (BERT's attention key biases: the softmax ignores a shift) from comparing rounding
+    noise with rounding noise. The models' modes are restored and their
+    gradients cleared. VSE0 (the default) is smooth away from its hinges; with max_violation a near-tie
+    of two hardest negatives can pick another one. A parameter one model lacks, or whose gradient one
+    of them leaves unset, is a ValueError: nothing is skipped silently."""
+    from vse_fast.ops.contrastive import contrastive_loss
+
+    modes = ours.training, published.training
+    ours.eval(), published.eval()
+    try:
+        with torch.autocast(batch["images"].device.type, enabled=False):
+            ours.zero_grad(set_to_none=True), published.zero_grad(set_to_none=True)
+            contrastive_loss(*ours(**batch), margin=0.2, max_violation=max_violation).backward()
+            published_criterion(max_violation)(*published(batch["images"], batch["img_lengths"], batch["captions"],
+                                                           batch["cap_lengths"])).backward()
+        ours_params, published_params = dict(ours.named_parameters()), dict(published.named_parameters())
+        if set(ours_params) != set(published_params):
+            raise ValueError(f"parameter names differ: ours only {sorted(set(ours_params) - set(published_params))}, "
+                             f"published only {sorted(set(published_params) - set(ours_params))}")
+        diffs, norms = {}, {}
+        for name, p in ours_params.items():
+            g_ours, g_pub = p.grad, published_params[name].grad
+            if (g_ours is None) != (g_pub is None):
+                raise ValueError(f"{name}: a gradient in one model only (ours {g_ours is not None}, "
+                                 f"published {g_pub is not None})")
+            if g_ours is None:  # unused or frozen in both: no gradient either side
+                diffs[name] = norms[name] = 0.0
+                continue
+            diffs[name] = float((g_ours.double() - g_pub.double()).norm())
+            norms[name] = float(g_pub.double().norm())
+        floor = 1e-4 * max(norms.values(), default=0.0)
+        return {name: diff / max(norms[name], floor) if diff else 0.0 for name, diff in diffs.items()}
+    finally:
+        ours.zero_grad(set_to_none=True), published.zero_grad(set_to_none=True)
+        ours.train(modes[0]), published.train(modes[1])
 
 
 def make_published_step(model, batch, lr=5e-4):

@@ -4,7 +4,9 @@ loss, fused AdamW) vs the published-style fp32 step, and the share of GPO + loss
 Setting: BUTD regions 36 x 2048, BERT-base config with random weights (no download), B = 128, captions
 of 8-32 tokens, VSE++ (hardest negatives), grad clip 2, AdamW. Targets: our step >= 2x faster than the
 published-style fp32 step; GPO + loss (forward + backward) < 5 % of our step ("targets_met", apart
-from "ok"). "ok": both models give the same loss on the same weights (fp32, eval mode) and losses
+from "ok"). "ok": both models give the same loss on the same weights (fp32, eval mode), the same
+gradients for every parameter (VSE0, relative difference <= 1e-3 by `gradient_differences`; the
+VSE++ difference is reported too, not required: a near-tie of hardest negatives may flip), and losses
 stay finite. Whether
 our step makes a host synchronisation (torch.cuda.set_sync_debug_mode("error")) is reported with
 where it happened (not part of "ok": BERT from transformers may synchronise).
@@ -143,6 +145,14 @@ def run(ctx):
     result["loss_ours_fp32"], result["loss_published_fp32"] = float(loss_ours), float(loss_pub)
     same_loss = abs(float(loss_ours) - float(loss_pub)) <= 2e-3 * abs(float(loss_pub)) + 1e-3
     ours.train(), published.train()
+    # ... and the same gradients, every parameter (VSE0: no near-tie of hardest negatives to flip)
+    from bench_train import gradient_differences
+
+    for mode, max_violation in (("vse0", False), ("vse++", True)):
+        diffs = gradient_differences(ours, published, batch, max_violation=max_violation)
+        worst = max(diffs, key=diffs.get)
+        result[f"grad_rel_diff_fp32_{mode}"] = {"max": diffs[worst], "param": worst, "params": len(diffs)}
+    same_grad = result["grad_rel_diff_fp32_vse0"]["max"] <= 1e-3
 
     # 2. our step has no host synchronisation
     step_ours = make_our_step(ours, batch, "bf16")
@@ -195,7 +205,7 @@ def run(ctx):
         speedup_vs_published_fp32_net_pool=round(ms_pub / ms_ours_net, 2),
         gpo_loss_share_of_step_net_pool=round((gpo_ms_net + loss_ms) / ms_ours_net, 4),
         gpo_loss_share_of_step=round(share, 4), pairs_per_s_ours=round(batch["images"].shape[0] / ms_ours * 1e3),
-        same_loss_fp32=same_loss, finite=finite,
+        same_loss_fp32=same_loss, same_grad_fp32_vse0=same_grad, finite=finite,
         meets_speedup_target=speedup >= 2.0, meets_share_target=share < 0.05,
     )
     # last: it keeps updating `ours` from replays (diagnostic only, not part of "ok")
@@ -209,10 +219,11 @@ def run(ctx):
     # host_sync_free is reported, not required: a sync inside transformers' BERT is not ours to remove
     # ok: the step is correct; the speed targets are reported apart, so a missed one is not a failed check
     result["targets_met"] = bool(speedup >= 2.0 and share < 0.05)
-    result["ok"] = bool(same_loss and finite)
+    result["ok"] = bool(same_loss and same_grad and finite)
     print(f"  train step: ours bf16 {ms_ours:.2f} ms, published fp32 {ms_pub:.2f} ms (tf32 {ms_pub_tf32:.2f}) "
           f"-> {speedup:.2f}x; GPO {gpo_ms:.3f} ms + loss {loss_ms:.3f} ms = {100 * share:.2f}% of the step; "
-          f"sync-free {result['host_sync_free']}, same loss {same_loss}")
+          f"sync-free {result['host_sync_free']}, same loss {same_loss}, same gradients {same_grad} "
+          f"(worst {result['grad_rel_diff_fp32_vse0']['max']:.1e} at {result['grad_rel_diff_fp32_vse0']['param']})")
     print(f"  with VSE_FAST_GPO_POOL_KERNEL=net: step {ms_ours_net:.2f} ms -> {ms_pub / ms_ours_net:.2f}x; "
           f"GPO {gpo_ms_net:.3f} ms")
     return result

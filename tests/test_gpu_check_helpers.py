@@ -3,6 +3,7 @@ import os
 import sys
 import time
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -28,3 +29,24 @@ def test_profile_wall_time_is_the_steps_not_the_profilers_start_and_stop():
     report = gpu_check.profile_breakdown(many_small_ops, steps=3, top=2)
     assert 0 < report["wall_us_per_step_profiled"] < 4 * plain_us, (report["wall_us_per_step_profiled"], plain_us)
     assert report["device_busy_us_per_step"] == 0 and report["top"] == [] and report["top_host"]
+
+
+def test_gradient_differences_compare_every_parameter_with_the_published_model():
+    """gpucheck_train's gradient check: ours and the published model on the same weights agree to fp32
+    rounding for every parameter (VSE0 and VSE++); a changed weight or a gradient one model lacks shows."""
+    import bench_train
+
+    ours, published, batch = bench_train.make_setup(torch.device("cpu"), big=False)
+    for max_violation in (False, True):
+        diffs = bench_train.gradient_differences(ours, published, batch, max_violation=max_violation)
+        assert set(diffs) == {name for name, _ in ours.named_parameters()}
+        assert max(diffs.values()) < 1e-3, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+        assert all(p.grad is None for p in ours.parameters()) and ours.training  # cleared, mode restored
+    assert any(name.startswith("img_enc.gpool.") for name in diffs)  # the GPO's GRU and linear are compared
+    with torch.no_grad():
+        ours.img_enc.fc.weight.mul_(1.01)
+    diffs = bench_train.gradient_differences(ours, published, batch)
+    assert diffs["img_enc.fc.weight"] > 1e-3
+    published.img_enc.fc.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"img_enc.fc.weight: a gradient in one model only"):
+        bench_train.gradient_differences(ours, published, batch)
