@@ -217,6 +217,24 @@ def test_retrieval_metrics_ranks_equal_dropins_with_duplicates(block, dtype):
         np.testing.assert_array_equal(sims, (img @ cap.T).numpy())
 
 
+def test_retrieval_metrics_gathers_tied_columns_within_a_blocks_memory(monkeypatch):
+    """Every image alike (a collapsed image encoder): every caption's column ties. Its ranks are the
+    published ones, and the tied columns are gathered a block's worth per pass (block * C*N scores),
+    not all at once (the whole matrix)."""
+    n_img, caps, block = 12, 5, 4
+    img = torch.nn.functional.normalize(torch.randn(1, 16, dtype=torch.float64), dim=1).expand(n_img, 16)
+    cap = torch.randn(n_img * caps, 16, dtype=torch.float64)
+    sims = _block_product(img, cap, block)
+    products = []
+    block_sims = evaluation._block_sims
+    monkeypatch.setattr(evaluation, "_block_sims", lambda *a: products.append(a[1:]) or block_sims(*a))
+    _, ranks = evaluation.retrieval_metrics(img, cap, caps, block=block, return_ranks=True)
+    np.testing.assert_array_equal(ranks["t2i"], published.t2i(n_img, sims, True)[1][0])
+    np.testing.assert_array_equal(ranks["i2t"], published.i2t(n_img, sims, True)[1][0])
+    # 2 passes of 3 blocks, then 60 tied columns at 4 * 60 / 12 = 20 per pass: 3 more passes
+    assert len(products) == 5 * 3 and products[:3] == [(0, 4), (4, 8), (8, 12)]
+
+
 def test_retrieval_metrics_accepts_numpy_and_low_precision():
     img, cap = _embeddings(40, 5, dtype=torch.float32)
     ref = evaluation.retrieval_metrics(img, cap, 5)

@@ -307,7 +307,8 @@ def _block_sims(pairs, a, b):
 
 def _retrieval_ranks(pairs, caps, block, dtype):
     """0-based ranks (int64, on the embeddings' device): i2t (N,), t2i (C*N,). Two passes over image
-    blocks, and a third for the columns of tied captions when there are any.
+    blocks, and more for the columns of tied captions when there are any (as many columns per pass
+    as fit a block's memory: one pass unless thousands tie).
 
     S = sum_k img_k @ cap_k.T (the ensemble average up to the factor 1/K, which keeps every rank).
     i2t: rank_i = #{j : S[i,j] > max_c S[i, i*C+c]}.
@@ -346,10 +347,12 @@ def _retrieval_ranks(pairs, caps, block, dtype):
         rank_t2i += above.to(device)
         at_positive += at.to(device)
     tied = torch.nonzero(at_positive > 1).flatten()  # another image at the positive's score (itself counts 1)
-    if tied.numel():  # a third pass gathers those captions' columns from the same block products
-        scores = torch.cat([_block_sims(pairs, a, min(n_img, a + block))[:, tied]
-                            for a in range(0, n_img, block)]).cpu().numpy()  # (N, tied)
-        for k, caption in enumerate(tied.tolist()):
+    per_pass = max(1, block * n_cap // n_img)  # tied columns gathered per pass: at most a block's memory
+    for t0 in range(0, tied.numel(), per_pass):  # more passes gather them from the same block products
+        columns = tied[t0:t0 + per_pass]
+        scores = torch.cat([_block_sims(pairs, a, min(n_img, a + block))[:, columns]
+                            for a in range(0, n_img, block)]).cpu().numpy()  # (N, columns)
+        for k, caption in enumerate(columns.tolist()):
             rank_t2i[caption] = _argsort_rank(scores[:, k], caption // caps)[0]
     return rank_i2t, rank_t2i
 
