@@ -217,10 +217,12 @@ def test_retrieval_metrics_ranks_equal_dropins_with_duplicates(block, dtype):
         np.testing.assert_array_equal(sims, (img @ cap.T).numpy())
 
 
-def test_retrieval_metrics_gathers_tied_columns_within_a_blocks_memory(monkeypatch):
+@pytest.mark.parametrize("budget,extra_passes", [(1 << 25, 1), (240, 3), (100, 3)], ids=["default", "240", "100"])
+def test_retrieval_metrics_gathers_tied_columns_within_a_memory_budget(monkeypatch, budget, extra_passes):
     """Every image alike (a collapsed image encoder): every caption's column ties. Its ranks are the
-    published ones, and the tied columns are gathered a block's worth per pass (block * C*N scores),
-    not all at once (the whole matrix)."""
+    published ones, and the tied columns are gathered in as few extra passes as the budget of
+    max(_TIED_COLUMN_ELEMS, block * C*N) scores allows: one by default, not one per block's worth."""
+    monkeypatch.setattr(evaluation, "_TIED_COLUMN_ELEMS", budget)
     n_img, caps, block = 12, 5, 4
     img = torch.nn.functional.normalize(torch.randn(1, 16, dtype=torch.float64), dim=1).expand(n_img, 16)
     cap = torch.randn(n_img * caps, 16, dtype=torch.float64)
@@ -231,8 +233,9 @@ def test_retrieval_metrics_gathers_tied_columns_within_a_blocks_memory(monkeypat
     _, ranks = evaluation.retrieval_metrics(img, cap, caps, block=block, return_ranks=True)
     np.testing.assert_array_equal(ranks["t2i"], published.t2i(n_img, sims, True)[1][0])
     np.testing.assert_array_equal(ranks["i2t"], published.i2t(n_img, sims, True)[1][0])
-    # 2 passes of 3 blocks, then 60 tied columns at 4 * 60 / 12 = 20 per pass: 3 more passes
-    assert len(products) == 5 * 3 and products[:3] == [(0, 4), (4, 8), (8, 12)]
+    # 2 passes of 3 blocks, then the 60 tied columns: all at once by default; 240 / 12 = 20 per pass
+    # for a budget of 240 scores, and as many for 100 (the block's 4 * 60 scores are the floor)
+    assert len(products) == (2 + extra_passes) * 3 and products[:3] == [(0, 4), (4, 8), (8, 12)]
 
 
 def test_retrieval_metrics_accepts_numpy_and_low_precision():

@@ -39,6 +39,10 @@ METRIC_KEYS = tuple(f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r1
 
 # Elements of one comparison block in the numpy drop-ins (~4M: 16-32 MB per temporary).
 _NUMPY_BLOCK_ELEMS = 1 << 22
+# Scores of tied captions' columns gathered per extra pass of retrieval_metrics (or a block's, if
+# more): 32M, 256 MB in float64. Every column of COCO 5K (125M scores) ties only if the image
+# embeddings collapse; that takes 4 extra passes.
+_TIED_COLUMN_ELEMS = 1 << 25
 
 
 def _resolve_caps_per_item(mode, caps_per_item):
@@ -307,8 +311,8 @@ def _block_sims(pairs, a, b):
 
 def _retrieval_ranks(pairs, caps, block, dtype):
     """0-based ranks (int64, on the embeddings' device): i2t (N,), t2i (C*N,). Two passes over image
-    blocks, and more for the columns of tied captions when there are any (as many columns per pass
-    as fit a block's memory: one pass unless thousands tie).
+    blocks, and more for the columns of tied captions when there are any (one unless the tied
+    columns hold over _TIED_COLUMN_ELEMS scores and a block's).
 
     S = sum_k img_k @ cap_k.T (the ensemble average up to the factor 1/K, which keeps every rank).
     i2t: rank_i = #{j : S[i,j] > max_c S[i, i*C+c]}.
@@ -335,25 +339,27 @@ def _retrieval_ranks(pairs, caps, block, dtype):
         own = sims[rows[:, None], (rows[:, None] + a) * caps + offsets]  # (b-a, C)
         best = own.amax(1, keepdim=True)
         rank_i2t[a:b], at_best = _count_above_and_at(sims, best, dim=1)
-        tied = torch.nonzero(at_best.to(device) > (own == best).sum(1)).flatten().tolist()
-        if tied:  # a caption of another image at the best positive's score: argsort decides, as published
+        tied = torch.nonzero(at_best.to(device) > (own == best).sum(1)).flatten()
+        if tied.numel():  # a caption of another image at the best positive's score: argsort decides, as published
             scores = sims[tied].cpu().numpy()
-            for k, row in enumerate(tied):
-                image = a + row
-                rank_i2t[image] = _argsort_rank(scores[k], np.arange(image * caps, image * caps + caps))[0]
+            images = (tied + a).tolist()
+            rank_i2t[tied + a] = torch.tensor(
+                [_argsort_rank(row, np.arange(i * caps, i * caps + caps))[0] for row, i in zip(scores, images)],
+                dtype=torch.int64).to(device)
         positive[a * caps:b * caps] = own.reshape(-1)
     for a in range(0, n_img, block):
         above, at = _count_above_and_at(_block_sims(pairs, a, min(n_img, a + block)), positive[None, :], dim=0)
         rank_t2i += above.to(device)
         at_positive += at.to(device)
     tied = torch.nonzero(at_positive > 1).flatten()  # another image at the positive's score (itself counts 1)
-    per_pass = max(1, block * n_cap // n_img)  # tied columns gathered per pass: at most a block's memory
+    per_pass = max(1, max(block * n_cap, _TIED_COLUMN_ELEMS) // n_img)  # tied columns gathered per pass
     for t0 in range(0, tied.numel(), per_pass):  # more passes gather them from the same block products
         columns = tied[t0:t0 + per_pass]
         scores = torch.cat([_block_sims(pairs, a, min(n_img, a + block))[:, columns]
                             for a in range(0, n_img, block)]).cpu().numpy()  # (N, columns)
-        for k, caption in enumerate(columns.tolist()):
-            rank_t2i[caption] = _argsort_rank(scores[:, k], caption // caps)[0]
+        rank_t2i[columns] = torch.tensor(
+            [_argsort_rank(scores[:, k], caption // caps)[0] for k, caption in enumerate(columns.tolist())],
+            dtype=torch.int64).to(device)
     return rank_i2t, rank_t2i
 
 
