@@ -37,7 +37,8 @@ def write_split(root, split, n_items, caps, rng):
     np.save(root / f"{split}_ims.npy", feats)
     np.save(root / f"{split}_lens.npy", lens.astype(np.int64))
     lines = []
-    while len(lines) < n_items * caps:  # distinct captions: no exactly tied similarities (tie rules differ)
+    while len(lines) < n_items * caps:  # distinct captions: no exact ties, whose order a last-bit difference
+        # between our encoding and the independent one would decide
         line = " ".join(rng.choice(WORDS, rng.integers(2, 8))) + ("." if len(lines) % 2 else "")
         if line not in lines:
             lines.append(line)

@@ -91,6 +91,7 @@ def test_dropins_follow_the_published_tie_order(caps, dtype, block_elems, monkey
             np.testing.assert_array_equal(ranks, ref_ranks)
             np.testing.assert_array_equal(top1, ref_top1)
             assert ours == ref
+            assert ours_fn(npts, sims, False, mode, caps_per_item=caps) == ref  # no top1: fewer argsorts
     sims = np.zeros((3, 15))  # every score ties: the positive does not rank first as a strict count has it
     assert evaluation.i2t(3, sims, True)[1][0].tolist() == published.i2t(3, sims, True)[1][0].tolist() != [0, 0, 0]
 
@@ -117,6 +118,17 @@ def test_only_tied_queries_are_argsorted(monkeypatch):
     sims[7, 2] = sims[5, 2]  # ... and 7 (neither its positive)
     assert evaluation.t2i(8, sims, True)[1][1][2] == published.t2i(8, sims, True)[1][1][2]
     assert calls == [0, 1]  # caption 9 still, and caption 2 for its top1
+    calls.clear()
+    evaluation.t2i(8, sims)
+    assert calls == [1]  # without return_ranks no top1 is returned: caption 9 only
+    sims[2, 30] = sims[2].max() + 1  # image 2's top score: captions 30 ...
+    sims[2, 31] = sims[2, 30]  # ... and 31
+    calls.clear()
+    assert evaluation.i2t(8, sims, True)[1][1][2] == published.i2t(8, sims, True)[1][1][2]
+    assert [list(p) for p in calls] == [[10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]  # image 2 for its top1, image 3
+    calls.clear()
+    evaluation.i2t(8, sims)
+    assert [list(p) for p in calls] == [[15, 16, 17, 18, 19]]
 
 
 @pytest.mark.parametrize("fn", [evaluation.i2t, evaluation.t2i], ids=["i2t", "t2i"])

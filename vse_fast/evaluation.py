@@ -146,10 +146,12 @@ def i2t(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
             _raise_nan("image", r0 + int(nan_rows[0]))
         ranks[r0:r1] = np.count_nonzero(block > best[:, None], axis=1)
         top1[r0:r1] = argmax
-        # an item of another image at the best positive's score, or two at the top score: argsort decides
-        best_tied = np.count_nonzero(block == best[:, None], axis=1) > np.count_nonzero(own == best[:, None], axis=1)
-        top_tied = np.count_nonzero(block == top[:, None], axis=1) > 1
-        tied.extend(r0 + np.flatnonzero(best_tied | top_tied))
+        # an item of another image at the best positive's score, or (for top1) two at the top score:
+        # argsort decides
+        tied_rows = np.count_nonzero(block == best[:, None], axis=1) > np.count_nonzero(own == best[:, None], axis=1)
+        if return_ranks:
+            tied_rows |= np.count_nonzero(block == top[:, None], axis=1) > 1
+        tied.extend(r0 + np.flatnonzero(tied_rows))
     for image in tied:
         ranks[image], top1[image] = _argsort_rank(raw[image], np.arange(image * caps, image * caps + caps))
     summary = _summary(ranks)
@@ -188,12 +190,14 @@ def t2i(npts, sims, return_ranks=False, mode="coco", *, caps_per_item=None):
         block_best = block.max(axis=0)  # NaN propagates
         if np.isnan(block_best).any():
             _raise_nan("caption", int(np.flatnonzero(np.isnan(block_best))[0]))
-        block_at_best = np.count_nonzero(block == block_best, axis=0)
-        at_best[block_best == best] += block_at_best[block_best == best]
+        if return_ranks:  # top1: the count of images at the running maximum finds a tied top
+            block_at_best = np.count_nonzero(block == block_best, axis=0)
+            at_best[block_best == best] += block_at_best[block_best == best]
         improved = np.flatnonzero(block_best > best)  # np.argmax's; a tied top is argsorted below
         if improved.size:
             best[improved] = block_best[improved]
-            at_best[improved] = block_at_best[improved]
+            if return_ranks:
+                at_best[improved] = block_at_best[improved]
             top1[improved] = r0 + block[:, improved].argmax(axis=0)
     ranks = counts.astype(np.float64)
     # another image at the positive's score, or two at the top score: argsort decides, as published
