@@ -126,6 +126,32 @@ def test_cpu_sort_by_length_groups_equals_one_padded_sort(dtype):
         torch.testing.assert_close(grouped[0], single[0], rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES, "fp64"])
+def test_cpu_full_sets_take_the_unmasked_path_with_the_same_numbers(dtype):
+    """Every set full: the CPU torch path sorts without padding and its backward masks nothing. Its
+    output and gradients equal, bit for bit, those of the same sets with one padding position more
+    (the masked path), with ties, NaN and inf in grad_out, and the gradient is contiguous."""
+    B, K, D = 6, 5, 7
+    features = torch.randn(B, K, D, dtype=torch.float64).round().to(dtype)  # ties
+    padded = torch.cat([features, torch.randn(B, 1, D).to(dtype)], dim=1)
+    weights = torch.randn(B, K + 1).softmax(1)
+    grad_out = torch.randn(B, D).to(dtype)
+    grad_out[0, 1], grad_out[2, 3] = float("nan"), float("inf")
+    results = []
+    for x in (features, padded):
+        x = x.clone().requires_grad_()
+        w = weights.clone().requires_grad_()
+        out = gpo_pool(x, torch.full((B,), K), w, backend="torch")
+        grad_x, grad_w = torch.autograd.grad(out, [x, w], grad_out)
+        assert grad_x.is_contiguous()
+        results.append((out, grad_x, grad_w))
+    (out, grad_x, grad_w), (out_p, grad_x_p, grad_w_p) = results
+    torch.testing.assert_close(out, out_p, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(grad_x, grad_x_p[:, :K], rtol=0, atol=0, equal_nan=True)
+    assert not grad_x_p[:, K:].any() and not grad_x_p[:, K:].isnan().any()  # padding: 0 though grad_out is NaN
+    torch.testing.assert_close(grad_w, grad_w_p, rtol=0, atol=0, equal_nan=True)
+
+
 def test_torch_path_gradcheck_fp64():
     features, lengths, weights = make_inputs(3, 6, 4, torch.float64, kw_extra=2)
     assert torch.autograd.gradcheck(lambda x, w: gpo_pool(x, lengths, w, backend="torch"), (features, weights))

@@ -124,7 +124,9 @@ def _sort_sets(features, n, grouped=None):
     n = n.clamp(0, K)
     grouped = _sorts_by_length(features) if grouped is None else grouped
     counts = torch.bincount(n, minlength=K + 1).tolist() if grouped else None
-    if not grouped or counts[K] == B:  # one sort (every set full: no padding to skip)
+    if grouped and counts[K] == B:  # every set full: no padding to mask or skip
+        return torch.sort(features.transpose(1, 2).contiguous(), dim=2, descending=True, stable=True)
+    if not grouped:  # one sort of the padded axis
         valid = torch.arange(K, device=features.device) < n.unsqueeze(1)
         x = torch.where(valid.unsqueeze(1), features.transpose(1, 2), float("-inf")).contiguous()
         s, idx = torch.sort(x, dim=2, descending=True, stable=True)
@@ -177,6 +179,8 @@ class TorchGPOPoolFunction(torch.autograd.Function):
             s = s.to(acc)
         out = torch.bmm(s, w.unsqueeze(2)).squeeze(2)  # (B, D)
         ctx.save_for_backward(s, idx, w, valid, features, weights)
+        # every rank valid (read on the CPU only, where it costs no sync): the backward masks nothing
+        ctx.all_valid = features.device.type == "cpu" and bool(valid.all())
         ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
         ctx.features_dtype = features.dtype
         return out.to(features.dtype)
@@ -214,10 +218,12 @@ class TorchGPOPoolFunction(torch.autograd.Function):
         g = grad_out.to(s.dtype)
         grad_features = grad_weights = None
         if ctx.needs_input_grad[0]:
-            gs = (g.unsqueeze(2) * w.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)  # (B, D, K)
-            grad_t = torch.empty((B, K, D), dtype=ctx.features_dtype, device=s.device)
-            grad_t.transpose(1, 2).scatter_(2, idx, gs.to(ctx.features_dtype))
-            grad_features = grad_t
+            gs = g.unsqueeze(2) * w.unsqueeze(1)  # (B, D, K)
+            if not ctx.all_valid:  # padding ranks get 0 even where grad_out is NaN or inf
+                gs.masked_fill_(~valid.unsqueeze(1), 0.0)
+            grad_t = torch.empty((B, D, K), dtype=ctx.features_dtype, device=s.device)
+            # scattered along the contiguous axis, then one transposing copy: faster than a strided scatter
+            grad_features = grad_t.scatter_(2, idx, gs.to(ctx.features_dtype)).transpose(1, 2).contiguous()
         if ctx.needs_input_grad[2]:
             gw = torch.bmm(g.unsqueeze(1), s).squeeze(1).masked_fill_(~valid, 0.0)  # (B, K)
             grad_weights = gw.new_zeros(ctx.weights_shape)
