@@ -65,17 +65,25 @@ def published_criterion(max_violation=True):
 
 def gradient_differences(ours, published, batch, *, max_violation=False):
     """{parameter name: ||g_ours - g_published|| / max(||g_published||, 1e-4 * the largest such norm)}
-    after one fp32 forward + backward of each model's loss (margin 0.2) on the same weights, in eval
-    mode (no dropout, BatchNorm running statistics). The floor keeps gradients that are 0 in exact
-    arithmetic (BERT's attention key biases: the softmax ignores a shift) from comparing rounding
-    noise with rounding noise. The models' modes are restored and their
+    after one fp32 forward + backward of each model's loss (margin 0.2) on the same weights, without
+    dropout and with BatchNorm on batch statistics, as in training (its running statistics are put
+    back afterwards). The floor keeps gradients that are 0 in exact arithmetic (BERT's attention key
+    biases: the softmax ignores a shift) from comparing rounding noise with rounding noise. A NaN or
+    inf gradient or difference gives inf, never a pass. The models' modes are restored and their
     gradients cleared. VSE0 (the default) is smooth away from its hinges; with max_violation a near-tie
     of two hardest negatives can pick another one. A parameter one model lacks, or whose gradient one
     of them leaves unset, is a ValueError: nothing is skipped silently."""
+    import math
+
     from vse_fast.ops.contrastive import contrastive_loss
 
     modes = ours.training, published.training
+    batch_norms = [m for model in (ours, published) for m in model.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in batch_norms]
     ours.eval(), published.eval()
+    for m in batch_norms:
+        m.train()
     try:
         with torch.autocast(batch["images"].device.type, enabled=False):
             ours.zero_grad(set_to_none=True), published.zero_grad(set_to_none=True)
@@ -97,11 +105,20 @@ def gradient_differences(ours, published, batch, *, max_violation=False):
                 continue
             diffs[name] = float((g_ours.double() - g_pub.double()).norm())
             norms[name] = float(g_pub.double().norm())
-        floor = 1e-4 * max(norms.values(), default=0.0)
-        return {name: diff / max(norms[name], floor) if diff else 0.0 for name, diff in diffs.items()}
+        floor = 1e-4 * max((v for v in norms.values() if math.isfinite(v)), default=0.0)
+        result = {}
+        for name, diff in diffs.items():
+            if not (math.isfinite(diff) and math.isfinite(norms[name])):
+                result[name] = math.inf
+            else:
+                result[name] = diff / max(norms[name], floor) if diff else 0.0
+        return result
     finally:
         ours.zero_grad(set_to_none=True), published.zero_grad(set_to_none=True)
         ours.train(modes[0]), published.train(modes[1])
+        with torch.no_grad():
+            for m, state in zip(batch_norms, saved):
+                m.load_state_dict(state)
 
 
 def make_published_step(model, batch, lr=5e-4):

@@ -5,7 +5,8 @@ Setting: BUTD regions 36 x 2048, BERT-base config with random weights (no downlo
 of 8-32 tokens, VSE++ (hardest negatives), grad clip 2, AdamW. Targets: our step >= 2x faster than the
 published-style fp32 step; GPO + loss (forward + backward) < 5 % of our step ("targets_met", apart
 from "ok"). "ok": both models give the same loss on the same weights (fp32, eval mode), the same
-gradients for every parameter (VSE0, relative difference <= 1e-3 by `gradient_differences`; the
+gradients for every parameter (fp32, BatchNorm on batch statistics as in training, VSE0, relative
+difference <= 1e-3 by `gradient_differences`; the
 VSE++ difference is reported too, not required: a near-tie of hardest negatives may flip), and losses
 stay finite. Whether
 our step makes a host synchronisation (torch.cuda.set_sync_debug_mode("error")) is reported with
@@ -152,7 +153,8 @@ def run(ctx):
         diffs = gradient_differences(ours, published, batch, max_violation=max_violation)
         worst = max(diffs, key=diffs.get)
         result[f"grad_rel_diff_fp32_{mode}"] = {"max": diffs[worst], "param": worst, "params": len(diffs)}
-    same_grad = result["grad_rel_diff_fp32_vse0"]["max"] <= 1e-3
+        if mode == "vse0":
+            same_grad = all(v <= 1e-3 for v in diffs.values())  # inf (a NaN gradient) fails
 
     # 2. our step has no host synchronisation
     step_ours = make_our_step(ours, batch, "bf16")

@@ -33,16 +33,33 @@ def test_profile_wall_time_is_the_steps_not_the_profilers_start_and_stop():
 
 def test_gradient_differences_compare_every_parameter_with_the_published_model():
     """gpucheck_train's gradient check: ours and the published model on the same weights agree to fp32
-    rounding for every parameter (VSE0 and VSE++); a changed weight or a gradient one model lacks shows."""
+    rounding for every parameter (VSE0 and VSE++); a changed weight, a NaN gradient, BatchNorm on
+    running statistics where training uses the batch's, or a gradient one model lacks shows."""
     import bench_train
 
     ours, published, batch = bench_train.make_setup(torch.device("cpu"), big=False)
+    bn = ours.img_enc.mlp.bns[0]
+    bn.running_mean.add_(0.5)  # not the batch statistics: the check must use the batch's, as training does
+    published.img_enc.mlp.bns[0].running_mean.add_(0.5)
+    running = bn.running_mean.clone()
     for max_violation in (False, True):
         diffs = bench_train.gradient_differences(ours, published, batch, max_violation=max_violation)
         assert set(diffs) == {name for name, _ in ours.named_parameters()}
         assert max(diffs.values()) < 1e-3, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
         assert all(p.grad is None for p in ours.parameters()) and ours.training  # cleared, mode restored
+        assert torch.equal(bn.running_mean, running)  # the running statistics are put back
     assert any(name.startswith("img_enc.gpool.") for name in diffs)  # the GPO's GRU and linear are compared
+
+    forward = type(bn).forward
+    bn.forward = lambda x: torch.nn.functional.batch_norm(  # a BatchNorm that ignores train mode
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    assert max(bench_train.gradient_differences(ours, published, batch).values()) > 1e-3
+    bn.forward = forward.__get__(bn)
+
+    hook = ours.txt_enc.linear.weight.register_hook(lambda g: g.clone().fill_(float("nan")))
+    diffs = bench_train.gradient_differences(ours, published, batch)
+    assert diffs["txt_enc.linear.weight"] == float("inf")  # NaN never passes a <= test unnoticed
+    hook.remove()
     with torch.no_grad():
         ours.img_enc.fc.weight.mul_(1.01)
     diffs = bench_train.gradient_differences(ours, published, batch)
