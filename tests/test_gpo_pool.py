@@ -129,8 +129,9 @@ def test_cpu_sort_by_length_groups_equals_one_padded_sort(dtype):
 @pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES, "fp64"])
 def test_cpu_full_sets_take_the_unmasked_path_with_the_same_numbers(dtype):
     """Every set full: the CPU torch path sorts without padding and its backward masks nothing. Its
-    output and gradients equal, bit for bit, those of the same sets with one padding position more
-    (the masked path), with ties, NaN and inf in grad_out, and the gradient is contiguous."""
+    output and gradients equal those of the same sets with one padding position more (exactly; NaN
+    where NaN, whatever its payload bits), the masked path, with ties, NaN and inf in grad_out, and
+    the gradient is contiguous."""
     B, K, D = 6, 5, 7
     features = torch.randn(B, K, D, dtype=torch.float64).round().to(dtype)  # ties
     padded = torch.cat([features, torch.randn(B, 1, D).to(dtype)], dim=1)
