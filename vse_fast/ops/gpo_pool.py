@@ -179,8 +179,9 @@ class TorchGPOPoolFunction(torch.autograd.Function):
             s = s.to(acc)
         out = torch.bmm(s, w.unsqueeze(2)).squeeze(2)  # (B, D)
         ctx.save_for_backward(s, idx, w, valid, features, weights)
-        # every rank valid (read on the CPU only, where it costs no sync): the backward masks nothing
-        ctx.all_valid = features.device.type == "cpu" and bool(valid.all())
+        # every rank valid: the backward masks nothing. Read on the host only where the sort reads the
+        # set sizes there anyway (the CPU); elsewhere the mask runs, with no host sync.
+        ctx.all_valid = _sorts_by_length(features) and bool(valid.all())
         ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
         ctx.features_dtype = features.dtype
         return out.to(features.dtype)
