@@ -345,10 +345,9 @@ def _retrieval_ranks(pairs, caps, block, dtype):
         rank_i2t[a:b], at_best = _count_above_and_at(sims, best, dim=1)
         tied = torch.nonzero(at_best.to(device) > (own == best).sum(1)).flatten()
         if tied.numel():  # a caption of another image at the best positive's score: argsort decides, as published
-            scores = sims[tied].cpu().numpy()
-            images = (tied + a).tolist()
-            rank_i2t[tied + a] = torch.tensor(
-                [_argsort_rank(row, np.arange(i * caps, i * caps + caps))[0] for row, i in zip(scores, images)],
+            scores, images = sims[tied].cpu().numpy(), tied + a
+            rank_i2t[images] = torch.tensor(
+                [_argsort_rank(row, np.arange(i * caps, i * caps + caps))[0] for row, i in zip(scores, images.tolist())],
                 dtype=torch.int64).to(device)
         positive[a * caps:b * caps] = own.reshape(-1)
     for a in range(0, n_img, block):
