@@ -1,16 +1,21 @@
 """One-shot GPU check: correctness, timings and memory of every Triton kernel, one command.
 
-    python bench/gpu_check.py [--out bench/results] [--only gpo,loss,train,ddp,compile]
+    python bench/gpu_check.py [--out bench/results] [--only gpo,loss,train,ddp,compile] [--budget 270]
 
-Runs on one CUDA GPU in about 6-7 minutes with every section (gpo ~2.5 min and loss ~1.5 min on the
-H100 of 2026-11-27, then train, ddp and compile; bench/gpu_run.sh cuts it at 400 s, compile last, and a
-cut section is recorded as such). Each section (bench/gpucheck_<name>.py, function
-`run(ctx) -> dict`) checks its kernels against a float64 reference on fresh random inputs and times
-them against the published re-implementation with CUDA events (triton.testing.do_bench, median).
-The card's copy bandwidth is measured in the same run so memory-bound kernels can be reported as a
-fraction of it. Prints a table and writes JSON to <out>/<date>-<gpu>.json, or to
-<out>/<date>-<gpu>-<sections>.json when --only names a subset (so two partial runs do not overwrite
-each other).
+Ends in about five minutes: the sections share a time budget (--budget seconds, 270 by default, beside
+a few seconds of CUDA start-up and the copy-bandwidth probe). Each section gets a share of the time left
+when it starts (SHARES; what one leaves unused passes on) and runs its cases in order of priority
+(correctness on the core shapes, then the timings the README's targets name, then diagnostics and the
+wider correctness sweep); a case that would start after the section's deadline is skipped and listed by
+name under "skipped_for_time", never dropped silently. A case already running is not interrupted, so
+a section can overrun its deadline by one case. bench/gpu_run.sh runs it under a hard cut at 300 s.
+Each section (bench/gpucheck_<name>.py, function `run(ctx) -> dict`) checks its kernels against a
+float64 reference on fresh random inputs and times them against the published re-implementation with
+CUDA events (triton.testing.do_bench, median). The card's copy bandwidth is measured in the same run so
+memory-bound kernels can be reported as a fraction of it. Prints a table and writes JSON to
+<out>/<date>-<gpu>.json, or to <out>/<date>-<gpu>-<sections>.json when --only names a subset (so two
+partial runs do not overwrite each other). "ok" in the JSON: every section ran, every case ran, and every
+check passed.
 """
 import argparse
 import datetime
@@ -31,14 +36,60 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 SECTIONS = ("gpo", "loss", "train", "ddp", "compile")
+# A section's share of the time left when it starts, against the sections still to run.
+SHARES = {"gpo": 0.36, "loss": 0.24, "train": 0.18, "ddp": 0.04, "compile": 0.18}
+DEFAULT_BUDGET_S = 270.0
 
 
-class Context:
-    """What every section gets: the device, a timer, the copy-bandwidth ceiling, a memory probe."""
+class SectionBudget:
+    """A section's deadline, and the cases skipped because it passed.
+
+    `within(cases, what)` yields the cases one by one while the deadline has not passed and records
+    the rest under `what`; `has_time(what, seconds)` says whether `seconds` are left, recording `what`
+    as skipped when not. A case that has started is never interrupted."""
+
+    def __init__(self):
+        self.deadline = math.inf
+        self.skipped = []
+
+    def start_section(self, seconds):
+        self.deadline = time.monotonic() + max(0.0, seconds)
+        self.skipped = []
+
+    def time_left(self):
+        return self.deadline - time.monotonic()
+
+    def within(self, cases, what):
+        cases = list(cases)
+        for i, case in enumerate(cases):
+            if self.time_left() <= 0:
+                self.skipped.append({"what": what, "cases": [_case_name(c) for c in cases[i:]]})
+                return
+            yield case
+
+    def has_time(self, what, seconds=0.0):
+        if self.time_left() > seconds:
+            return True
+        self.skipped.append({"what": what, "cases": [], "needs_s": seconds})
+        return False
+
+
+def _case_name(case):
+    if isinstance(case, (tuple, list)):
+        return "-".join(_case_name(c) for c in case)
+    if isinstance(case, torch.dtype):
+        return str(case).replace("torch.", "")
+    return str(case)
+
+
+class Context(SectionBudget):
+    """What every section gets: the device, a timer, the copy-bandwidth ceiling, a memory probe, and
+    the section's time budget (SectionBudget)."""
 
     def __init__(self, device):
         import triton.testing
 
+        super().__init__()
         self.device = device
         self._do_bench = triton.testing.do_bench
         self.copy_gbs = self._measure_copy_bandwidth()
@@ -127,11 +178,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds the sections share (default %(default)s); cases past it are skipped and listed")
     args = parser.parse_args(argv)
     names = [s for s in args.only.split(",") if s]
     for name in names:
         if name not in SECTIONS:
             sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+    if len(set(names)) != len(names):
+        sys.exit(f"--only names a section twice: {args.only!r}")
+    if not names:
+        sys.exit("--only names no section")
+    if not args.budget > 0:
+        sys.exit(f"--budget must be a positive number of seconds, got {args.budget}")
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
 
@@ -149,6 +208,7 @@ def main(argv=None):
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "copy_bandwidth_gbs": ctx.copy_gbs,
+        "budget_s": args.budget,
         "sections": {},
     }
     print(f"{gpu}: copy bandwidth {ctx.copy_gbs:.0f} GB/s (read+write)", flush=True)
@@ -157,34 +217,52 @@ def main(argv=None):
     if set(names) != set(SECTIONS):
         slug += "-" + "-".join(names)
     path = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}.json")
+    failed = run_sections(ctx, names, args.budget, report, lambda failed, complete=False: _write(
+        report, path, t0, failed, complete))
+    skipped = {n: r["skipped_for_time"] for n, r in report["sections"].items() if r.get("skipped_for_time")}
+    print(f"wrote {path}; failed sections: {failed or 'none'}; sections with cases skipped for time: "
+          f"{sorted(skipped) or 'none'}")
+    return 1 if failed else 0
+
+
+def run_sections(ctx, names, budget_s, report, save, load=None):
+    """Run the sections in order, each under its share of the budget left (SHARES), into
+    report["sections"]; save(failed, complete=...) after each. Returns the names of the sections that
+    failed (an error, ok false). A SIGINT (gpu_run.sh's hard cut) records the section as cut and re-raises."""
+    load = load or (lambda name: importlib.import_module(f"gpucheck_{name}"))
+    end = time.monotonic() + budget_s
     failed = []
-    for name in names:
+    for i, name in enumerate(names):
+        share = SHARES[name] / sum(SHARES[n] for n in names[i:])
+        ctx.start_section(share * (end - time.monotonic()))
         start = time.time()
         try:
-            section = importlib.import_module(f"gpucheck_{name}")
-            result = section.run(ctx)
+            result = load(name).run(ctx)
         except KeyboardInterrupt:  # gpu_run.sh's timeout sends SIGINT: record the cut, keep the rest
-            report["sections"][name] = {"error": "cut off (time limit)", "seconds": round(time.time() - start, 1)}
-            _write(report, path, t0, failed + [name])
+            report["sections"][name] = {"error": "cut off (time limit)", "seconds": round(time.time() - start, 1),
+                                        "skipped_for_time": ctx.skipped}
+            save(failed + [name])
             raise
         except Exception as exc:  # a broken section is reported, the others still run
             traceback.print_exc()
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result["seconds"] = round(time.time() - start, 1)
+        result["skipped_for_time"] = ctx.skipped
         report["sections"][name] = result
         if result.get("error") or not result.get("ok", False):
             failed.append(name)
-        print(f"[{name}] done in {result['seconds']} s, ok={result.get('ok')}", flush=True)
-        _write(report, path, t0, failed)  # after every section, so a cut-off run keeps what it measured
-    _write(report, path, t0, failed, complete=True)
-    print(f"wrote {path}; failed sections: {failed or 'none'}")
-    return 1 if failed else 0
+        note = f", {sum(max(1, len(s['cases'])) for s in ctx.skipped)} cases skipped for time" if ctx.skipped else ""
+        print(f"[{name}] done in {result['seconds']} s, ok={result.get('ok')}{note}", flush=True)
+        save(failed)  # after every section, so a cut-off run keeps what it measured
+    save(failed, complete=True)
+    return failed
 
 
 def _write(report, path, t0, failed, complete=False):
     report["total_seconds"] = round(time.time() - t0, 1)
     report["complete"] = complete
-    report["ok"] = complete and not failed
+    report["all_cases_ran"] = complete and not any(r.get("skipped_for_time") for r in report["sections"].values())
+    report["ok"] = report["all_cases_ran"] and not failed
     tmp = path + ".tmp"  # a kill mid-write keeps the last complete file
     with open(tmp, "w") as f:
         json.dump(_json_safe(report), f, indent=2, default=str, allow_nan=False)

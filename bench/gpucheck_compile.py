@@ -11,13 +11,16 @@ ok: the compiled step's loss is finite and the compiled fp32 eval-mode loss equa
 The 2x target of the train step is reported (meets_speedup_target), as in section "train".
 Cost: the eval-mode forward compiles one graph (eval_compile_seconds), the first compiled training
 step BERT-base forward + backward (compile_seconds; 8-28 s for the tiny setting in a CPU dry run).
-Runs last: a cut-off run keeps the other sections.
+Runs last: a cut-off run keeps the other sections. It starts only with NEEDS_S seconds of its budget
+left (gpu_check's budget); otherwise it is listed in "skipped_for_time".
 """
 import time
 
 import torch
 
 from bench_train import make_our_step, make_published_step, make_setup
+
+NEEDS_S = 60.0  # a guess until measured: two graph compilations of BERT-base and five timed steps
 
 
 def _loss_eval_fp32(model, batch):
@@ -42,6 +45,8 @@ def run(ctx):
     import torch._dynamo
 
     result = {"setting": "section train's step (B=128, 36x2048 regions, BERT-base, bf16, VSE++), BERT compiled"}
+    if not ctx.has_time("compile section (BERT-base under torch.compile)", NEEDS_S):
+        return {**result, "ok": True, "skipped": f"under {NEEDS_S} s of the budget left"}
     ours, published, batch = make_setup(ctx.device)  # the big setting on a GPU (a CPU dry run: the tiny one)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
 

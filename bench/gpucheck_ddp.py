@@ -32,6 +32,8 @@ def run(ctx):
     n_gpus = torch.cuda.device_count()
     if n_gpus < 2:
         return {"ok": True, "skipped": "needs >= 2 GPUs", "gpus": n_gpus}
+    if not ctx.has_time("ddp section (spawns the probe's processes)", 20.0):
+        return {"ok": True, "skipped": "under 20 s of the budget left", "gpus": n_gpus}
     with tempfile.TemporaryDirectory() as out_dir:
         ranks = spawn_comm_probe(CFG, "nccl", out_dir)
     return {**report(ranks, CFG), "gpus": n_gpus}

@@ -13,6 +13,10 @@
 5. The coefficient table over sizes 1..K: the fused Triton GRU kernels vs float64 (values and every
    parameter gradient), and its forward + backward time against the packed cuDNN GRU table.
 
+They run in this order, so that a cut keeps what matters most: 1 on the core shapes (CORE_SHAPES and
+the sorting networks' shapes), 2, 5, 3, 4, a profile of GPO.pool, then 1 on the other shapes. A case
+past the section's deadline (gpu_check's budget) is skipped and listed in "skipped_for_time".
+
 Smoke test of the logic on CPU (tiny shapes, Triton interpreter):
     TRITON_INTERPRET=1 python bench/gpucheck_gpo.py --smoke
 """
@@ -24,9 +28,11 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "bench")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
+from gpu_check import SectionBudget  # noqa: E402
 from tests.poison import poisoned_empty  # noqa: E402
 from tests.published.gpo import PublishedGPO, published_pool  # noqa: E402
 from vse_fast.modules.gpo import GPO  # noqa: E402
@@ -90,6 +96,9 @@ def kernel_impl(impl):
 
 
 NET_CHECK_SHAPES = [(7, 5, 33, True), (128, 64, 1024, False)]  # the second shares its build with the timing
+# Checked first: length 1, odd D, strided inputs at K = 5, 64 (the sorting-network limit) and 512 (the
+# largest K). The rest of CHECK_SHAPES runs after the timings, as time allows.
+CORE_SHAPES = {(1, 1, 1, False), (7, 5, 33, True), (128, 64, 1024, True), (2, 512, 65, True)}
 
 
 def _cases(shapes):
@@ -102,14 +111,20 @@ def _cases(shapes):
     return cases
 
 
-def check_correctness(device, shapes):
+def split_cases(cases):
+    """The cases on CORE_SHAPES (and the sorting networks' shapes), then the others."""
+    core = [c for c in cases if c[0] in CORE_SHAPES or c[1] == "net"]
+    return core, [c for c in cases if c not in core]
+
+
+def check_correctness(ctx, cases, what="pool correctness"):
     rows = []
-    for (B, K, D, strided), impl, name in _cases(shapes):
+    for (B, K, D, strided), impl, name in ctx.within(cases, what):
         dtype = DTYPES[name]
-        features, lengths, weights = _inputs(B, K, D, dtype, device, strided, kw_extra=K % 3)
+        features, lengths, weights = _inputs(B, K, D, dtype, ctx.device, strided, kw_extra=K % 3)
         with poisoned_empty(), kernel_impl(impl):
             out = gpo_pool(features, lengths, weights, backend="triton")
-            grad_out = torch.randn(out.shape, device=device).to(dtype)
+            grad_out = torch.randn(out.shape, device=ctx.device).to(dtype)
             gx, gw = torch.autograd.grad(out, (features, weights), grad_out)
         x64 = features.detach().double().requires_grad_()
         w64 = weights.detach().double().requires_grad_()
@@ -146,25 +161,25 @@ def _fwd_bwd(fn, inputs):
 
 
 def time_pool(ctx, B, K, D):
+    """Pool fwd+bwd at (B, K, D), bf16 then fp32: each Triton kernel family, our torch path, the published pool."""
+    impls = ["triton-net"] if K <= NET_MAX_K else []
+    impls += ["triton", "torch", "published"] + (["triton-rank"] if K <= RANK_MAX_K else [])
     rows = []
-    for name in ("bf16", "fp32"):
-        dtype = DTYPES[name]
-        features, lengths, weights = _inputs(B, K, D, dtype, ctx.device)
-        elem = features.element_size()
-        min_bytes = elem * (3 * B * K * D + 2 * B * D)
-        triton_fn = lambda: gpo_pool(features, lengths, weights, backend="triton", validate=False)  # noqa: E731
-        impls = {  # name: (fn, value of VSE_FAST_GPO_POOL_KERNEL while it runs)
-            "triton": (triton_fn, "sort"),
-            "torch": (lambda: gpo_pool(features, lengths, weights, backend="torch", validate=False), "sort"),
-            "published": (lambda: published_pool(features, lengths, weights), "sort"),
-        }
-        if K <= RANK_MAX_K:
-            impls["triton-rank"] = (triton_fn, "rank")
-        if K <= NET_MAX_K:
-            impls["triton-net"] = (triton_fn, "net")
-        for impl, (fn, kernel) in impls.items():
-            with kernel_impl(kernel):
-                rows.append(_time_one(ctx, impl, fn, features, weights, name, [B, K, D], min_bytes))
+    inputs = {}
+    for name, impl in ctx.within([(n, i) for n in ("bf16", "fp32") for i in impls], f"pool timing {[B, K, D]}"):
+        if name not in inputs:
+            inputs = {name: _inputs(B, K, D, DTYPES[name], ctx.device)}
+        features, lengths, weights = inputs[name]
+        min_bytes = features.element_size() * (3 * B * K * D + 2 * B * D)
+        kernel = impl.partition("-")[2] or "sort"  # VSE_FAST_GPO_POOL_KERNEL while it runs
+        if impl == "torch":
+            fn = lambda: gpo_pool(features, lengths, weights, backend="torch", validate=False)  # noqa: E731
+        elif impl == "published":
+            fn = lambda: published_pool(features, lengths, weights)  # noqa: E731
+        else:
+            fn = lambda: gpo_pool(features, lengths, weights, backend="triton", validate=False)  # noqa: E731
+        with kernel_impl(kernel):
+            rows.append(_time_one(ctx, impl, fn, features, weights, name, [B, K, D], min_bytes))
     return rows
 
 
@@ -186,23 +201,22 @@ def _time_one(ctx, impl, fn, features, weights, dtype_name, shape, min_bytes):
 
 def time_module(ctx, shapes):
     rows = []
-    for name in ("bf16", "fp32"):
-        for B, K, D in shapes:
-            published = PublishedGPO(32, 32).to(ctx.device)
-            ours = GPO(32, 32).to(ctx.device)
-            ours.load_state_dict(published.state_dict())
-            ours_torch_table = GPO(32, 32, table_backend="torch").to(ctx.device)
-            ours_torch_table.load_state_dict(published.state_dict())
-            features, lengths, _ = _inputs(B, K, D, DTYPES[name], ctx.device)
-            ms = {}
-            for impl, module, fn in (("ours", ours, lambda: ours.pool(features, lengths)),
-                                     ("ours_torch_table", ours_torch_table,
-                                      lambda: ours_torch_table.pool(features, lengths)),
-                                     ("published", published, lambda: published(features, lengths)[0])):
-                ms[impl] = ctx.bench(_fwd_bwd(fn, [features, *module.parameters()]))
-            rows.append({"what": "GPO fwd+bwd", "dtype": name, "shape": [B, K, D], "ours_ms": ms["ours"],
-                         "ours_torch_table_ms": ms["ours_torch_table"],
-                         "published_ms": ms["published"], "speedup": ms["published"] / ms["ours"]})
+    for name, (B, K, D) in ctx.within([(n, sh) for sh in shapes for n in ("bf16", "fp32")], "GPO module timing"):
+        published = PublishedGPO(32, 32).to(ctx.device)
+        ours = GPO(32, 32).to(ctx.device)
+        ours.load_state_dict(published.state_dict())
+        ours_torch_table = GPO(32, 32, table_backend="torch").to(ctx.device)
+        ours_torch_table.load_state_dict(published.state_dict())
+        features, lengths, _ = _inputs(B, K, D, DTYPES[name], ctx.device)
+        ms = {}
+        for impl, module, fn in (("ours", ours, lambda: ours.pool(features, lengths)),
+                                 ("ours_torch_table", ours_torch_table,
+                                  lambda: ours_torch_table.pool(features, lengths)),
+                                 ("published", published, lambda: published(features, lengths)[0])):
+            ms[impl] = ctx.bench(_fwd_bwd(fn, [features, *module.parameters()]))
+        rows.append({"what": "GPO fwd+bwd", "dtype": name, "shape": [B, K, D], "ours_ms": ms["ours"],
+                     "ours_torch_table_ms": ms["ours_torch_table"],
+                     "published_ms": ms["published"], "speedup": ms["published"] / ms["ours"]})
     return rows
 
 
@@ -218,11 +232,11 @@ def _table_pair(K_seed, device):
     return reference, fused
 
 
-def check_table(device, Ks):
+def check_table(ctx, Ks):
     """Max relative errors of the Triton table and its parameter gradients against float64."""
     rows = []
-    for K in Ks:
-        reference, fused = _table_pair(K, device)
+    for K in ctx.within(Ks, "table correctness K"):
+        reference, fused = _table_pair(K, ctx.device)
         with poisoned_empty():
             table = fused._table_over_all_sizes(K)
             upstream = torch.randn(K, K, dtype=torch.float64)
@@ -238,7 +252,7 @@ def check_table(device, Ks):
 def time_table(ctx, Ks):
     """Coefficient table fwd+bwd over sizes 1..K: Triton kernels vs one packed cuDNN GRU call."""
     rows = []
-    for K in Ks:
+    for K in ctx.within(Ks, "table timing K"):
         _, fused = _table_pair(K, "cpu")
         fused = fused.to(ctx.device)
         ms = {}
@@ -285,26 +299,25 @@ def _table(result):
 
 
 def run(ctx, smoke=False) -> dict:
+    """The checks in order of priority under ctx's section budget (see gpu_check.SectionBudget)."""
     torch.manual_seed(0)
-    result = {"correctness": check_correctness(ctx.device, SMOKE_SHAPES if smoke else CHECK_SHAPES)}
+    core, extended = split_cases(_cases(SMOKE_SHAPES if smoke else CHECK_SHAPES))
+    result = {"correctness": check_correctness(ctx, core, "pool correctness (core shapes)")}
     result["no_sync"] = check_no_sync(ctx.device)
-    result["table_correctness"] = check_table(ctx.device, [1, 5] if smoke else TABLE_CHECK_K)
-    if smoke:
-        result["pool_timing"] = time_pool(ctx, 2, 5, 3)
-        result["module_timing"] = time_module(ctx, [(2, 5, 3)])
-        result["table_timing"] = time_table(ctx, [5])
-    else:
-        result["table_timing"] = time_table(ctx, TABLE_TIME_K)
-        result["pool_timing"] = time_pool(ctx, 512, 64, 1024)
-        result["module_timing"] = time_module(ctx, MODULE_SHAPES)
+    result["table_correctness"] = check_table(ctx, [1, 5] if smoke else TABLE_CHECK_K)
+    result["table_timing"] = time_table(ctx, [5] if smoke else TABLE_TIME_K)
+    result["pool_timing"] = time_pool(ctx, *((2, 5, 3) if smoke else (512, 64, 1024)))
+    result["module_timing"] = time_module(ctx, [(2, 5, 3)] if smoke else MODULE_SHAPES)
+    if not smoke and ctx.has_time("profile of GPO.pool"):
         result["profile"] = profile_module(ctx, 128, 36, 1024, torch.bfloat16)
+    result["correctness"] += check_correctness(ctx, extended, "pool correctness (other shapes)")
     result["ok"] = (all(r["ok"] for r in result["correctness"] + result["table_correctness"])
                     and result["no_sync"]["ok"])
     print(_table(result), flush=True)
     return result
 
 
-class _CPUContext:
+class _CPUContext(SectionBudget):
     """Minimal stand-in for gpu_check.Context on CPU (smoke test only)."""
 
     device = torch.device("cpu")

@@ -10,6 +10,10 @@ Launches: device kernels per forward + backward at B = 128 and 129, bf16, ours a
 Timing (fwd + bwd, median ms): ours vs the published re-implementation at B = 128, 4096, 16384
 (D = 1024, bf16 and fp32), ours alone at 32768 bf16 with peak extra memory, and two cuBLAS bf16
 matmuls B x D @ D x B (the FLOP floor of a forward that computes S twice) for the ratio.
+Order, so that a cut keeps what matters most: correctness (small shapes first), no-sync, ties, the
+bf16 timings (B = 128, 4096, 32768, 16384), the fp32 ones, then the launch counts and B = 128
+diagnostics. A case past the section's deadline (gpu_check's budget) is skipped and listed in
+"skipped_for_time".
 """
 import os
 import sys
@@ -25,8 +29,8 @@ from tests.published.loss import PublishedContrastiveLoss  # noqa: E402
 from vse_fast.ops.contrastive import contrastive_loss, contrastive_loss_naive  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # relative to max |ref|
-SHAPES = [(1, 1, 1), (7, 7, 33), (128, 128, 1024), (129, 129, 1024), (1000, 1000, 33), (4096, 4096, 64),
-          (1, 7, 33), (129, 1000, 1024)]
+SHAPES = [(1, 1, 1), (7, 7, 33), (1, 7, 33), (128, 128, 1024), (129, 129, 1024), (129, 1000, 1024),
+          (1000, 1000, 33), (4096, 4096, 64)]
 D_BENCH = 1024
 
 
@@ -154,20 +158,22 @@ def _matmul_floor(ctx, B):
 
 
 def run(ctx) -> dict:
+    """The checks in order of priority under ctx's section budget (see gpu_check.SectionBudget):
+    correctness, no-sync and ties; the timings of the README's targets (bf16 first); diagnostics."""
     device = ctx.device
     result = {"correctness": [], "timings": [], "ok": False}
     ok = True
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for mv in (False, True):
-            for N, M, D in SHAPES:
-                err, idx_ok = _check_case(N, M, D, dtype, mv, device)
-                good = err <= TOL[dtype] and idx_ok
-                ok &= good
-                result["correctness"].append(dict(dtype=str(dtype), vsepp=mv, N=N, M=M, D=D, rel_err=err,
-                                                  indices_ok=idx_ok, ok=good))
+    cases = [(shape, dtype, mv) for shape in SHAPES for dtype in (torch.float32, torch.bfloat16, torch.float16)
+             for mv in (False, True)]
+    for (N, M, D), dtype, mv in ctx.within(cases, "loss correctness"):
+        err, idx_ok = _check_case(N, M, D, dtype, mv, device)
+        good = err <= TOL[dtype] and idx_ok
+        ok &= good
+        result["correctness"].append(dict(dtype=str(dtype), vsepp=mv, N=N, M=M, D=D, rel_err=err,
+                                          indices_ok=idx_ok, ok=good))
     bad = [c for c in result["correctness"] if not c["ok"]]
     print(f"loss correctness: {len(result['correctness']) - len(bad)}/{len(result['correctness'])} ok; "
-          f"worst rel err {max(c['rel_err'] for c in result['correctness']):.2e}", flush=True)
+          f"worst rel err {max((c['rel_err'] for c in result['correctness']), default=float('nan')):.2e}", flush=True)
     for c in bad:
         print("  FAIL", c, flush=True)
     try:
@@ -180,6 +186,36 @@ def run(ctx) -> dict:
     result["ties_first_index_ok"] = _check_ties(device)
     ok &= result["ties_first_index_ok"]
     print(f"loss ties -> first index: {result['ties_first_index_ok']}", flush=True)
+
+    floors = {}
+    result["cublas_two_bf16_matmuls_ms"] = floors
+    head = (f"{'B':>6} {'dtype':>8} {'mode':>5} {'ours ms':>9} {'pub ms':>9} {'speedup':>8} {'x floor':>8} "
+            f"{'ours MiB':>8} {'pub MiB':>8}")
+    print(head, flush=True)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    plan = [(B, bf16, mv) for B in (128, 4096, 32768, 16384) for mv in (False, True)]  # the targets' cases first
+    plan += [(B, fp32, mv) for B in (128, 4096, 16384) for mv in (False, True)]
+    for B, dtype, mv in ctx.within(plan, "loss timing"):
+        if dtype == bf16 and B >= 4096 and B not in floors:
+            floors[B] = _matmul_floor(ctx, B)
+        ours_ms, ours_mem = _time(ctx, B, dtype, mv, published=False)
+        pub_ms = pub_mem = None
+        if B <= 16384:
+            pub_ms, pub_mem = _time(ctx, B, dtype, mv, published=True)
+        row = dict(B=B, dtype=str(dtype).replace("torch.", ""), mode="vsepp" if mv else "vse0", ours_ms=ours_ms,
+                   published_ms=pub_ms, speedup=(pub_ms / ours_ms) if pub_ms else None,
+                   ours_peak_extra_bytes=ours_mem, published_peak_extra_bytes=pub_mem,
+                   x_two_bf16_matmuls=(ours_ms / floors[B]) if (B in floors and dtype == bf16) else None)
+        result["timings"].append(row)
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"{B:>6} {row['dtype']:>8} {row['mode']:>5} {ours_ms:>9.3f} {fmt(pub_ms, '9.3f'):>9} "
+              f"{fmt(row['speedup'], '8.2f'):>8} {fmt(row['x_two_bf16_matmuls'], '8.2f'):>8} "
+              f"{ours_mem / 2**20:>8.0f} {fmt(pub_mem and pub_mem / 2**20, '8.0f'):>8}", flush=True)
+    big = [r for r in result["timings"] if r["B"] == 32768]
+    result["memory_32768_bf16_under_1GB"] = bool(big) and all(r["ours_peak_extra_bytes"] < 2**30 for r in big)
+    result["ok"] = bool(ok)
+    if not ctx.has_time("loss diagnostics (launch counts, B=128 forward only, profile)"):
+        return result
     launches = {}
     for B in (128, 129):  # the "small" path and the smallest "fused" one, bf16
         im = torch.randn(B, D_BENCH, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -195,28 +231,6 @@ def run(ctx) -> dict:
     result["launches_per_fwd_bwd"] = launches
     print("loss kernels per fwd+bwd: " + ", ".join(
         f"{k} {v.get('device_ops_per_call', v.get('error'))}" for k, v in launches.items()), flush=True)
-
-    floors = {B: _matmul_floor(ctx, B) for B in (4096, 16384, 32768)}
-    result["cublas_two_bf16_matmuls_ms"] = floors
-    head = (f"{'B':>6} {'dtype':>8} {'mode':>5} {'ours ms':>9} {'pub ms':>9} {'speedup':>8} {'x floor':>8} "
-            f"{'ours MiB':>8} {'pub MiB':>8}")
-    print(head, flush=True)
-    plan = [(B, dt, mv) for B in (128, 4096, 16384) for dt in (torch.bfloat16, torch.float32) for mv in (False, True)]
-    plan += [(32768, torch.bfloat16, mv) for mv in (False, True)]
-    for B, dtype, mv in plan:
-        ours_ms, ours_mem = _time(ctx, B, dtype, mv, published=False)
-        pub_ms = pub_mem = None
-        if B <= 16384:
-            pub_ms, pub_mem = _time(ctx, B, dtype, mv, published=True)
-        row = dict(B=B, dtype=str(dtype).replace("torch.", ""), mode="vsepp" if mv else "vse0", ours_ms=ours_ms,
-                   published_ms=pub_ms, speedup=(pub_ms / ours_ms) if pub_ms else None,
-                   ours_peak_extra_bytes=ours_mem, published_peak_extra_bytes=pub_mem,
-                   x_two_bf16_matmuls=(ours_ms / floors[B]) if (B in floors and dtype == torch.bfloat16) else None)
-        result["timings"].append(row)
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{B:>6} {row['dtype']:>8} {row['mode']:>5} {ours_ms:>9.3f} {fmt(pub_ms, '9.3f'):>9} "
-              f"{fmt(row['speedup'], '8.2f'):>8} {fmt(row['x_two_bf16_matmuls'], '8.2f'):>8} "
-              f"{ours_mem / 2**20:>8.0f} {fmt(pub_mem and pub_mem / 2**20, '8.0f'):>8}", flush=True)
     # Host-bound regime (B = 128): forward alone, and one tiny torch op for the host's per-launch cost.
     im = torch.randn(128, D_BENCH, device=device, dtype=torch.bfloat16, requires_grad=True)
     s = torch.randn(128, D_BENCH, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -227,7 +241,4 @@ def run(ctx) -> dict:
     result["profile_b128_vsepp_bf16"] = ctx.profile(lambda: contrastive_loss(im, s, 0.2, True).backward())
     print(f"B=128 bf16 forward only: {result['b128_forward_only_ms']}; one tiny torch op "
           f"{result['one_tiny_torch_op_ms']:.4f} ms", flush=True)
-    big = [r for r in result["timings"] if r["B"] == 32768]
-    result["memory_32768_bf16_under_1GB"] = all(r["ours_peak_extra_bytes"] < 2**30 for r in big)
-    result["ok"] = bool(ok)
     return result

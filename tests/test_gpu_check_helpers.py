@@ -1,4 +1,5 @@
 """The one-shot GPU check's host-side helpers (bench/gpu_check.py), on the CPU."""
+import json
 import os
 import sys
 import time
@@ -67,3 +68,115 @@ def test_gradient_differences_compare_every_parameter_with_the_published_model()
     published.img_enc.fc.weight.requires_grad_(False)
     with pytest.raises(ValueError, match=r"img_enc.fc.weight: a gradient in one model only"):
         bench_train.gradient_differences(ours, published, batch)
+
+
+class _FakeClock:
+    """time.monotonic and time.time that advance only when a fake case says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def time(self):
+        return self.now
+
+
+class _Section:
+    def __init__(self, run):
+        self.run = run
+
+
+def test_sections_share_the_budget_and_list_every_case_they_skip(monkeypatch, tmp_path):
+    """The check must end in about five minutes whatever the card: a section gets its share of the time
+    left (what one leaves unused passes on), skips the cases past its deadline, and names each of them in
+    the JSON, whose "ok" then says that not everything ran."""
+    clock = _FakeClock()
+    monkeypatch.setattr(gpu_check, "time", clock)
+
+    def gpo(ctx):  # ten cases of 10 s: its deadline is 100 * 0.36 / (0.36 + 0.24 + 0.18) = 46.2 s away
+        ran = []
+        for case in ctx.within([("bf16", k) for k in range(10)], "pool timing"):
+            ran.append(case)
+            clock.now += 10.0
+        return {"ok": True, "ran": len(ran)}
+
+    def loss(ctx):  # 50 s were left: 50 * 0.24 / (0.24 + 0.18) = 28.6 s, none used
+        return {"ok": True, "left": round(ctx.time_left(), 1)}
+
+    def compile_(ctx):  # all 50 s are left to the last section
+        if not ctx.has_time("compile section", 60.0):
+            return {"ok": True, "skipped": "not enough time", "left": round(ctx.time_left(), 1)}
+        return {"ok": True}
+
+    sections = {"gpo": _Section(gpo), "loss": _Section(loss), "compile": _Section(compile_)}
+    ctx = gpu_check.SectionBudget()
+    report = {"sections": {}}
+    path = str(tmp_path / "check.json")
+    saves = []
+
+    def save(failed, complete=False):
+        saves.append(complete)
+        gpu_check._write(report, path, clock.now, failed, complete)
+
+    failed = gpu_check.run_sections(ctx, ["gpo", "loss", "compile"], 100.0, report, save, load=sections.get)
+    got = report["sections"]
+    assert failed == [] and saves == [False, False, False, True]
+    assert got["gpo"]["ran"] == 5 and got["gpo"]["seconds"] == 50.0
+    assert got["gpo"]["skipped_for_time"] == [{"what": "pool timing", "cases": [f"bf16-{k}" for k in range(5, 10)]}]
+    assert got["loss"]["left"] == 28.6 and got["loss"]["skipped_for_time"] == []
+    assert got["compile"]["left"] == 50.0
+    assert got["compile"]["skipped_for_time"] == [{"what": "compile section", "cases": [], "needs_s": 60.0}]
+    with open(path) as f:
+        written = json.load(f)
+    assert written["complete"] and not written["all_cases_ran"] and not written["ok"]
+
+    report = {"sections": {}}
+    ctx = gpu_check.SectionBudget()
+    failed = gpu_check.run_sections(ctx, ["loss"], 100.0, report, save, load=sections.get)
+    gpu_check._write(report, path, clock.now, failed, complete=True)
+    with open(path) as f:
+        written = json.load(f)
+    assert written["all_cases_ran"] and written["ok"]  # nothing skipped, nothing failed
+
+
+def test_a_cut_section_keeps_its_skipped_cases_and_the_cut_propagates(monkeypatch, tmp_path):
+    """gpu_run.sh's hard cut (SIGINT) records the section as cut, with what it had skipped, and stops."""
+    clock = _FakeClock()
+    monkeypatch.setattr(gpu_check, "time", clock)
+
+    def cut(ctx):
+        for _ in ctx.within([1, 2], "cases"):
+            clock.now += 100.0
+        raise KeyboardInterrupt
+
+    report = {"sections": {}}
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run_sections(gpu_check.SectionBudget(), ["train"], 50.0, report,
+                               lambda failed, complete=False: saved.append((list(failed), complete)),
+                               load=lambda name: _Section(cut))
+    assert report["sections"]["train"]["error"] == "cut off (time limit)"
+    assert report["sections"]["train"]["skipped_for_time"] == [{"what": "cases", "cases": ["2"]}]
+    assert saved == [(["train"], False)]
+
+
+def test_gpo_section_runs_on_cpu_and_lists_what_a_spent_budget_skips():
+    """The GPO section's logic, on the CPU under the Triton interpreter (tiny shapes), so a GPU lease is
+    not spent on a broken script: with time it checks every case; with none it skips each one by name."""
+    import gpucheck_gpo
+
+    ctx = gpucheck_gpo._CPUContext()
+    result = gpucheck_gpo.run(ctx, smoke=True)
+    cases = gpucheck_gpo._cases(gpucheck_gpo.SMOKE_SHAPES)
+    assert result["ok"] and ctx.skipped == []
+    assert len(result["correctness"]) == len(cases) and len(result["table_correctness"]) == 2
+    assert {r["impl"] for r in result["pool_timing"]} == {"triton", "triton-net", "triton-rank", "torch", "published"}
+
+    ctx.start_section(0.0)
+    result = gpucheck_gpo.run(ctx, smoke=True)
+    assert result["correctness"] == result["pool_timing"] == result["module_timing"] == []
+    skipped = {s["what"]: s["cases"] for s in ctx.skipped}
+    assert len(skipped["pool correctness (core shapes)"]) + len(skipped["pool correctness (other shapes)"]) == len(cases)
+    assert skipped["table correctness K"] == ["1", "5"] and len(skipped["pool timing [2, 5, 3]"]) == 10
