@@ -562,3 +562,106 @@ def test_encoder_takes_a_read_only_memory_map_without_a_warning(dataset, tmp_pat
         warnings.simplefilter("error")
         from_map = enc.encode_images(feats, lengths=[feats.shape[1]] * feats.shape[0])
     torch.testing.assert_close(from_map, enc.encode_images(np.array(feats), lengths=[feats.shape[1]] * feats.shape[0]))
+
+
+def _gru_model(dataset):
+    vocab = data.Vocabulary.build((dataset / "train_caps.txt").read_text().splitlines(), threshold=1)
+    model = build_model(dict(embed_size=16, img_dim=IMG_DIM, text_encoder="gru", vocab_size=len(vocab), word_dim=8),
+                        gpo_backend="torch").eval()
+    return model, vocab
+
+
+def test_a_tokenizer_passed_in_must_fit_the_model(dataset, tmp_path):
+    """A tokenizer given to Encoder or evaluate() directly gets the checks the CLI's does: the wrong kind
+    embedded other words silently (a Vocabulary on a BERT model), too many word pieces failed deep in
+    torch with an IndexError."""
+    bert = bert_model()
+    gru, vocab = _gru_model(dataset)
+    tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+    big = tmp_path / "big_vocab.txt"
+    big.write_text("\n".join(VOCAB + ["zebra"]) + "\n")
+    smaller_vocab = data.Vocabulary.build(["a red dog"], threshold=1)
+    cases = [(bert, vocab, TypeError, "text encoder is BERT but the tokenizer is a BiGRU Vocabulary"),
+             (gru, tok, TypeError, "BiGRU, which takes a vse_fast.data.Vocabulary, got BertTokenizer"),
+             (bert, data.load_tokenizer(vocab_file=str(big)), ValueError,
+              f"has {len(VOCAB) + 1} word pieces but the model's word-embedding table has {len(VOCAB)} rows"),
+             (gru, smaller_vocab, ValueError,
+              f"has {len(smaller_vocab)} words but the model's word embedding has {len(vocab)}")]
+    for model, tokenizer, error, message in cases:
+        with pytest.raises(error, match=message):
+            Encoder(model, tokenizer)
+        with pytest.raises(error, match=message):
+            evaluate(model, str(dataset), "test", tokenizer=tokenizer)
+    Encoder(bert, tok), Encoder(gru, vocab)  # the right ones pass
+
+
+def test_the_encoder_encodes_in_eval_mode_and_leaves_the_models_mode_alone(dataset):
+    """Encoder once switched the caller's model to eval for good, and encoded in train mode (dropout on)
+    once the caller switched it back."""
+    model = bert_model(2)
+    tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+    captions = (dataset / "test_caps.txt").read_text().splitlines()[:6]
+    sets = [np.random.default_rng(0).standard_normal((4, IMG_DIM)).astype(np.float32) for _ in range(3)]
+    expected = Encoder(model, tok).encode_captions(captions), Encoder(model, tok).encode_images(sets)
+    model.train()
+    enc = Encoder(model, tok)
+    assert model.training
+    for _ in range(2):
+        torch.testing.assert_close(enc.encode_captions(captions), expected[0])
+        torch.testing.assert_close(enc.encode_images(sets), expected[1])
+        assert model.training
+
+
+def test_cli_text_model_that_cannot_apply_is_refused_or_warned(dataset, tmp_path, capsys):
+    """--text_model names a BERT tokenizer: with a BiGRU checkpoint it was accepted and ignored; with a
+    --vocab_file that differs from it, the vocab file won silently."""
+    gru, vocab = _gru_model(dataset)
+    vocab.save(str(tmp_path / "vocab.json"))
+    gru_path = save_ours(gru, tmp_path / "gru.pth", vocab_file=str(tmp_path / "vocab.json"))
+    folder = tmp_path / "tokenizer"
+    data.load_tokenizer(vocab_file=str(dataset / "vocab.txt")).save_pretrained(str(folder))
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", gru_path, "--data_path", str(dataset), "--text_model", str(folder)])
+    assert "names a BERT directory, but this model's text encoder is the BiGRU" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="text encoder is the BiGRU"):
+        Encoder.from_checkpoint(gru_path, text_model=str(folder))
+    bert_path = save_ours(bert_model(), tmp_path / "bert.pth")
+    with pytest.warns(UserWarning, match=r"--text_model does not apply to ensemble member .*gru.pth"):
+        both = main(["--checkpoint", bert_path, "--checkpoint", gru_path, "--data_path", str(dataset),
+                     "--text_model", str(folder)])
+    assert both["rsum"] > 0
+    other = tmp_path / "other_vocab.txt"
+    other.write_text("\n".join(VOCAB[:5] + WORDS[::-1] + [".", ","]) + "\n")  # same size, other ids
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", bert_path, "--data_path", str(dataset), "--text_model", str(folder),
+              "--vocab_file", str(other)])
+    assert "hold different vocabularies" in capsys.readouterr().err
+    same = main(["--checkpoint", bert_path, "--data_path", str(dataset), "--text_model", str(folder),
+                 "--vocab_file", str(dataset / "vocab.txt")])  # the same vocabulary twice: fine
+    assert same["rsum"] > 0
+
+
+@pytest.mark.parametrize("case", ["same-checkpoint-twice", "negative-workers"])
+def test_cli_refuses_a_repeated_checkpoint_and_negative_workers(dataset, tmp_path, capsys, case):
+    path = save_ours(bert_model(), tmp_path / "m.pth")
+    args = ["--checkpoint", path, "--data_path", str(dataset)]
+    args += {"same-checkpoint-twice": ["--checkpoint", str(tmp_path / "." / "m.pth")],
+             "negative-workers": ["--workers", "-1"]}[case]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert {"same-checkpoint-twice": "is the same file as", "negative-workers": "--workers must be >= 0"}[case] in err
+    assert "encoded" not in err
+
+
+def test_search_and_encoder_take_numpy_integers_and_name_float32_overflow(dataset):
+    model = bert_model()
+    tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
+    enc = Encoder(model, tok, batch_size=np.int64(2))
+    gallery = enc.encode_captions(["a red dog", "a blue cat", "the man"])
+    scores, index = search(gallery, gallery, k=np.int64(2), block=np.int32(1))
+    assert index[:, 0].tolist() == [0, 1, 2]
+    big = np.full((1, gallery.shape[1]), 1e39)  # finite in float64, inf in float32 where it is scored
+    with pytest.raises(ValueError, match=r"query_emb row 0 contains NaN or inf \(or values beyond float32's range\)"):
+        search(big, gallery.numpy().astype(np.float64), k=1)

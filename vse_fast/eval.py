@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import numbers
 import os
 import sys
 import tempfile
@@ -85,6 +86,34 @@ def caption_position_limit(model):
     return getattr(getattr(bert, "config", None), "max_position_embeddings", None)
 
 
+def check_tokenizer(model, tokenizer) -> None:
+    """The tokenizer against the model's text encoder: a transformers BERT tokenizer whose word pieces
+    fit the BERT word-embedding table, or a vse_fast.data.Vocabulary of the BiGRU embedding's size.
+    TypeError for the wrong kind, ValueError for the wrong size: either would index past the table or
+    silently embed other words."""
+    from vse_fast.data import Vocabulary
+
+    txt_enc = getattr(model, "txt_enc", None)
+    bert = getattr(txt_enc, "bert", None)
+    embed = getattr(txt_enc, "embed", None)
+    if bert is not None:
+        if isinstance(tokenizer, Vocabulary):
+            raise TypeError("the model's text encoder is BERT but the tokenizer is a BiGRU Vocabulary: pass the "
+                            "model's BERT tokenizer (vse_fast.data.load_tokenizer)")
+        rows = bert.get_input_embeddings().num_embeddings
+        size = getattr(tokenizer, "vocab_size", None)
+        if isinstance(size, int) and size > rows:
+            raise ValueError(f"the BERT tokenizer has {size} word pieces but the model's word-embedding table has "
+                             f"{rows} rows: it is not the model's tokenizer")
+    elif isinstance(embed, torch.nn.Embedding):
+        if not isinstance(tokenizer, Vocabulary):
+            raise TypeError(f"the model's text encoder is the BiGRU, which takes a vse_fast.data.Vocabulary, got "
+                            f"{type(tokenizer).__name__}")
+        if len(tokenizer) != embed.num_embeddings:
+            raise ValueError(f"the vocabulary has {len(tokenizer)} words but the model's word embedding has "
+                             f"{embed.num_embeddings}: it is not the model's vocabulary")
+
+
 def _device_index(device: torch.device) -> int:
     """The index a device stands for: "cuda" without one is the current CUDA device."""
     if device.index is not None:
@@ -101,8 +130,9 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
 
     from vse_fast import data
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = int(batch_size)
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     param_device = next(model.parameters()).device
@@ -110,6 +140,7 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
     if (device.type, _device_index(device)) != (param_device.type, _device_index(param_device)):
         raise ValueError(f"device {device} differs from the model's device {param_device}: move the model "
                          "there first (model.to(device))")
+    check_tokenizer(model, tokenizer)
     info = data.check_split(data_path, split)
     caps = info.caps_per_item
     limit = _resolve_limit(split, caps, caption_limit)
@@ -204,9 +235,14 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
     from vse_fast import data
 
     bert = model_opt.get("text_encoder", "bert") == "bert"
-    explicit_bert_dir = bert and bool(text_model)
+    if text_model and not bert:
+        raise ValueError(f"text_model {text_model!r} names a BERT directory, but this model's text encoder is the "
+                         "BiGRU: its vocabulary comes from --vocab_file, the checkpoint, or the data's captions")
+    explicit_bert_dir = bool(text_model)
     if explicit_bert_dir and not os.path.isdir(text_model):
         raise ValueError(f"text_model {text_model!r} is not a directory (the BERT directory with its tokenizer)")
+    if explicit_bert_dir and vocab_file:
+        _check_same_bert_vocab(text_model, vocab_file)
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
     if not vocab_file and not explicit_bert_dir and config.get("vocab_file"):
         vocab_file = config["vocab_file"]
@@ -231,6 +267,20 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
         raise ValueError(f"the vocabulary has {len(vocab)} words but the model was trained with "
                          f"vocab_size={model_opt['vocab_size']}: pass the model's --vocab_file")
     return vocab
+
+
+def _check_same_bert_vocab(text_model: str, vocab_file: str) -> None:
+    """Both a BERT directory and a vocab file name the tokenizer: the vocab file is used, so it must hold
+    the directory's word pieces where the directory has a tokenizer (else one flag would be dropped)."""
+    from vse_fast import data
+
+    try:
+        in_dir = data.load_tokenizer(text_model_dir=text_model)
+    except data.DataError:  # a directory with the BERT config only: the vocab file is the tokenizer
+        return
+    if in_dir.get_vocab() != data.load_tokenizer(vocab_file=vocab_file).get_vocab():
+        raise ValueError(f"--text_model {text_model} and --vocab_file {vocab_file} hold different vocabularies: "
+                         "pass the one the model was trained with")
 
 
 def _find_bert_tokenizer(data_path, text_model, vocab_file):
@@ -311,7 +361,12 @@ def _encode_checkpoint(path, args, device, limit):
                                         text_model=args.text_model, map_location="cpu",
                                         gpo_backend=args.gpo_backend)
     model.to(device)
-    tokenizer = resolve_tokenizer(model.opt, config, args.data_path, text_model=args.text_model,
+    text_model = args.text_model
+    if text_model and model.opt.get("text_encoder", "bert") != "bert" and len(args.checkpoint) > 1:
+        warnings.warn(f"--text_model does not apply to ensemble member {path}: its text encoder is the BiGRU",
+                      stacklevel=2)
+        text_model = None  # it names the BERT members' tokenizer
+    tokenizer = resolve_tokenizer(model.opt, config, args.data_path, text_model=text_model,
                                   vocab_file=args.vocab_file, checkpoint_path=path)
     return encode_split(model, args.data_path, args.split, tokenizer, batch_size=args.batch_size, device=device,
                         caption_limit=limit, precision=args.precision, num_workers=args.workers)
@@ -357,7 +412,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 tempfile.TemporaryFile(dir=os.path.dirname(target)).close()
         except OSError as err:
             parser.error(f"--json {args.json!r} cannot be written: {err.strerror or err}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0 (data loader worker processes), got {args.workers}")
+    seen = {}
     for path in args.checkpoint:
+        if os.path.realpath(path) in seen:
+            parser.error(f"--checkpoint {path!r} is the same file as {seen[os.path.realpath(path)]!r}: an ensemble "
+                         "of one model twice is that model")
+        seen[os.path.realpath(path)] = path
         if os.path.isdir(path):
             parser.error(f"--checkpoint {path!r} is a directory, not a checkpoint file")
         if not os.path.isfile(path):

@@ -410,8 +410,9 @@ def retrieval_metrics(img_emb, cap_emb=None, caps_per_item=None, *, block=1024, 
     """
     pairs = _embedding_pairs(img_emb, cap_emb)
     caps = _resolve_caption_count(pairs[0][0].shape[0], pairs[0][1].shape[0], caps_per_item)
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
+    block = int(block)
     _check_finite(pairs)
     with torch.no_grad():
         rank_i2t, rank_t2i = _retrieval_ranks(pairs, caps, block, dtype)

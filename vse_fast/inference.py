@@ -16,6 +16,7 @@ scores are cosine similarities.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -54,8 +55,19 @@ def _set_lengths(lengths, sets: list) -> list:
     return lengths.tolist()
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class Encoder:
-    """A trained VSEModel with its caption tokenizer, in eval mode on one device.
+    """A trained VSEModel with its caption tokenizer, on one device. Each encode call runs the model in
+    eval mode (no dropout, BatchNorm running statistics) and gives it back in the mode it had.
 
     Args:
         model: a VSEModel; tokenizer: its BERT tokenizer / BiGRU Vocabulary (vse_fast.data);
@@ -64,17 +76,20 @@ class Encoder:
     """
 
     def __init__(self, model, tokenizer, *, device=None, batch_size: int = 128, precision: str = "fp32"):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
         from vse_fast.data import CaptionEncoder  # the evaluation pipeline's caption -> ids (no augmentation)
+        from vse_fast.eval import check_tokenizer
+
+        check_tokenizer(model, tokenizer)
 
         self.tokenizer = tokenizer
         self._text = CaptionEncoder(tokenizer, position_limit=caption_position_limit(model))
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.precision = precision
         self.img_dim = model.opt["img_dim"]
 
@@ -125,16 +140,17 @@ class Encoder:
         sets = [_as_feature_set(x, i, self.img_dim) for i, x in enumerate(feature_sets)]
         if not sets:
             raise ValueError("no feature sets to encode")
-        out = []
         dtype = next(self.model.parameters()).dtype  # float32, or a float64 model's own dtype
-        for a in range(0, len(sets), self.batch_size):
-            batch = collate([{"features": x.to(dtype)} for x in sets[a:a + self.batch_size]])
-            with _autocast(self.device, self.precision):
-                out.append(self.model.encode_images(batch["images"].to(self.device),
-                                                    batch["img_lengths"].to(self.device)).float())
+        with _eval_mode(self.model):
+            out = []
+            for a in range(0, len(sets), self.batch_size):
+                batch = collate([{"features": x.to(dtype)} for x in sets[a:a + self.batch_size]])
+                with _autocast(self.device, self.precision):
+                    out.append(self.model.encode_images(batch["images"].to(self.device),
+                                                        batch["img_lengths"].to(self.device)).float())
         emb = torch.cat(out)
         _check_finite(emb, "the embeddings of feature sets",
-                      "their features hold NaN or inf, or the model's weights do")
+                      f"their features hold NaN or inf (or values beyond {dtype}'s range), or the model's weights do")
         return emb
 
     @torch.inference_mode()
@@ -152,12 +168,13 @@ class Encoder:
                 raise type(err)(f"caption {index}: {err}") from None
         if not tokens:
             raise ValueError("no captions to encode")
-        out = []
-        for a in range(0, len(tokens), self.batch_size):
-            batch = collate([{"tokens": torch.tensor(t, dtype=torch.long)} for t in tokens[a:a + self.batch_size]])
-            with _autocast(self.device, self.precision):
-                out.append(self.model.encode_captions(batch["captions"].to(self.device),
-                                                      batch["cap_lengths"].to(self.device)).float())
+        with _eval_mode(self.model):
+            out = []
+            for a in range(0, len(tokens), self.batch_size):
+                batch = collate([{"tokens": torch.tensor(t, dtype=torch.long)} for t in tokens[a:a + self.batch_size]])
+                with _autocast(self.device, self.precision):
+                    out.append(self.model.encode_captions(batch["captions"].to(self.device),
+                                                          batch["cap_lengths"].to(self.device)).float())
         emb = torch.cat(out)
         _check_finite(emb, "the embeddings of captions", "the model's weights hold NaN or inf (or fp16 overflowed)")
         return emb
@@ -187,17 +204,20 @@ def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, b
         raise ValueError("gallery_emb is empty (0 rows): there is nothing to search")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= gallery_emb.shape[0]:
         raise ValueError(f"k must be an int in [1, {gallery_emb.shape[0]}] (gallery size), got {k!r}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
-    for name, x in (("query_emb", query_emb), ("gallery_emb", gallery_emb)):
+    block = int(block)
+    for name, given in (("query_emb", query_emb), ("gallery_emb", gallery_emb)):
+        x = given.float()  # scored in float32
         bad = torch.nonzero(~torch.isfinite(x).all(dim=1))
         if bad.numel():
-            raise ValueError(f"{name} row {int(bad[0])} contains NaN or inf ({bad.numel()} such rows)")
+            beyond = " (or values beyond float32's range)" if given.dtype == torch.float64 else ""
+            raise ValueError(f"{name} row {int(bad[0])} contains NaN or inf{beyond} ({bad.numel()} such rows)")
     k = int(k)
-    gallery = gallery_emb.float()
+    query_emb, gallery = query_emb.float(), gallery_emb.float()
     scores, indices = [], []
     for a in range(0, query_emb.shape[0], block):
-        s, i = (query_emb[a:a + block].float() @ gallery.T).topk(k, dim=1)
+        s, i = (query_emb[a:a + block] @ gallery.T).topk(k, dim=1)
         scores.append(s)
         indices.append(i)
     if not scores:
