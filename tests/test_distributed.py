@@ -393,3 +393,35 @@ def test_the_finite_weights_check_is_rank_0s_verdict_on_every_rank(tmp_path):
     mp.spawn(_finite_weights_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     outcomes = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in range(2)]
     assert outcomes == [["ok", "raised"], ["ok", "raised"]]
+
+
+def test_device_choice_checks_the_gpu_exists_and_is_not_shared(monkeypatch):
+    """The default device under torchrun skipped the GPU-count check (a raw CUDA error from set_device
+    when more processes than GPUs were launched), and --device cuda:K put every rank on GPU K."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for device in (None, "auto", "cuda"):
+        with pytest.raises(ValueError, match=r"'cuda:1' does not exist: 1 CUDA device\(s\) visible \(LOCAL_RANK=1"):
+            vdist._pick_device(device, local_rank=1, distributed=True, local_world_size=2)
+        assert vdist._pick_device(device, local_rank=0, distributed=True, local_world_size=2) == torch.device("cuda:0")
+    assert vdist._pick_device(None, local_rank=0, distributed=False) == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="'cuda:0' names one GPU for all 2 processes of this node: pass --device cuda"):
+        vdist._pick_device("cuda:0", local_rank=1, distributed=True, local_world_size=2)
+    assert vdist._pick_device("cuda:0", local_rank=0, distributed=True, local_world_size=1) == torch.device("cuda:0")
+    assert vdist._pick_device("cpu", local_rank=1, distributed=True, local_world_size=2) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert vdist._pick_device("auto", local_rank=1, distributed=True, local_world_size=2) == torch.device("cpu")
+
+
+def test_only_rank_0_logs_warnings(capsys):
+    """A run-wide warning (a collapse, an overridden option) printed once per process under torchrun."""
+    from vse_fast.train import _setup_logging, logger
+
+    for rank, printed in ((0, True), (1, False)):
+        _setup_logging(None, vdist.DistContext(rank=rank, world_size=2, is_main=rank == 0))
+        logger.warning("the run has collapsed")
+        logger.error("rank %d cannot read its shard", rank)
+        out = capsys.readouterr().out
+        assert ("the run has collapsed" in out) == printed and f"rank {rank} cannot read its shard" in out
+    _setup_logging(None, vdist.DistContext())

@@ -71,17 +71,24 @@ def _env_int(name: str, default: Optional[int]) -> Optional[int]:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _pick_device(device, local_rank: int, distributed: bool) -> torch.device:
+def _pick_device(device, local_rank: int, distributed: bool, local_world_size: Optional[int] = None) -> torch.device:
+    """The process's device: "auto"/None is cuda:LOCAL_RANK under torchrun (the current CUDA device
+    alone), else cpu; "cuda" is cuda:LOCAL_RANK under torchrun. ValueError for a GPU that is not there,
+    and for one numbered GPU that several processes of a node would share (NCCL refuses that)."""
     if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = "cuda" if distributed else f"cuda:{torch.cuda.current_device()}"
+    explicit_index = torch.device(device).index is not None
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
         if distributed and device.index is None:
             device = torch.device("cuda", local_rank)
+        elif distributed and explicit_index and (local_world_size or 1) > 1:
+            raise ValueError(f"device {str(device)!r} names one GPU for all {local_world_size} processes of this node: "
+                             "pass --device cuda (each process takes cuda:LOCAL_RANK)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(
                 f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
@@ -110,7 +117,7 @@ def init_distributed(device=None, backend: Optional[str] = None, timeout_minutes
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid RANK={rank} / WORLD_SIZE={world_size} in the environment")
     distributed = world_size > 1
-    dev = _pick_device(device, local_rank, distributed)
+    dev = _pick_device(device, local_rank, distributed, _env_int("LOCAL_WORLD_SIZE", None))
     if not distributed:
         return DistContext(0, 1, 0, dev, True, False)
     if not dist.is_available():

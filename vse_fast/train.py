@@ -527,7 +527,8 @@ class _Progress:
 
 
 def _setup_logging(run_dir: Optional[str], ctx: vdist.DistContext) -> None:
-    logger.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
+    # Other ranks print errors only: every warning here is about the run as a whole, which rank 0 says once.
+    logger.setLevel(logging.INFO if ctx.is_main else logging.ERROR)
     logger.propagate = False
     for h in list(logger.handlers):
         logger.removeHandler(h)
