@@ -117,13 +117,14 @@ def test_dropin_matches_published(B, D, max_violation):
     (dict(margin=float("nan")), ValueError, "margin must be finite and within the float32 range, got nan"),
     (dict(margin=float("inf")), ValueError, "margin must be finite and within the float32 range, got inf"),
     (dict(margin=10**400), ValueError, r"within the float32 range, got 1000.*\(401 digits\)"),
+    (dict(margin=torch.tensor(0.2, requires_grad=True)), ValueError, "margin is a tensor that requires grad"),
     (dict(max_violation="False"), TypeError, "max_violation must be a bool, got str 'False'"),
     (dict(max_violation=1), TypeError, "max_violation must be a bool, got int 1"),
     (dict(max_violation=None), TypeError, "max_violation must be a bool"),
     (dict(reduction="avg"), ValueError, "reduction must be one of .*'avg'"),
     (dict(backend="cuda"), ValueError, "backend must be one of .*'cuda'"),
-], ids=["margin-str", "margin-None", "margin-bool", "margin-vector", "margin-nan", "margin-inf", "margin-huge", "mv-str",
-        "mv-int", "mv-None", "reduction", "backend"])
+], ids=["margin-str", "margin-None", "margin-bool", "margin-vector", "margin-nan", "margin-inf", "margin-huge",
+        "margin-requires-grad", "mv-str", "mv-int", "mv-None", "reduction", "backend"])
 def test_dropin_constructor_validates(kw, exc, match):
     """Checked at construction: a string max_violation is not read as truthy, "0.2" is no margin."""
     with pytest.raises(exc, match=match):
@@ -883,3 +884,18 @@ def test_triton_interpreter_vse0_backward_with_few_row_programs_per_launch(posit
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False, positives=pos)
     _assert_grad_close(got[1], ref[1], torch.float32, s)
     _assert_grad_close(got[2], ref[2], torch.float32, im)
+
+
+@interpreter_only
+@pytest.mark.parametrize("max_violation", MODES)
+def test_triton_backward_refuses_create_graph(max_violation):
+    """A gradient penalty on the Triton loss once trained without its gradient: under create_graph=True
+    the kernel backward (differentiable once) returned gradients cut from the graph, since the loss's
+    incoming gradient is a constant. It raises now; the torch backend is differentiable twice."""
+    im, s, _ = _inputs(5, 5, 8, torch.float32)
+    im.requires_grad_(), s.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"contrastive_loss\(backend='triton'\) .* use backend='torch'"):
+        torch.autograd.grad(contrastive_loss(im, s, 0.2, max_violation, backend="triton"), (im, s), create_graph=True)
+    gim, _ = torch.autograd.grad(contrastive_loss(im, s, 0.2, max_violation, backend="torch"), (im, s),
+                                 create_graph=True)
+    assert gim.requires_grad

@@ -548,3 +548,19 @@ def test_lengths_of_dtypes_without_reductions_are_a_type_error(dtype):
     for module in (GPO(), AvgPool()):
         with pytest.raises(TypeError, match="lengths must be an integer or float tensor"):
             module(torch.randn(2, 4, 3), lengths)
+
+
+@pytest.mark.parametrize("pool", [GPO(4, 4), AvgPool(), MaxPool()], ids=["gpo", "avg", "max"])
+@pytest.mark.parametrize("lengths, match", [
+    ([2.5, 3.0], r"finite whole numbers, got \[2.5\]"),
+    ([float("nan"), 3.0], r"finite whole numbers, got \[nan\]"),
+    ([0, 3], r"every length must be in \[1, K=3\], got min 0"),
+    ([-3, 3], r"got min -3"),
+    ([4, 3], r"got min 3, max 4"),
+])
+def test_pool_checks_lengths_on_the_cpu(pool, lengths, match):
+    """The no-sync pool trusts its lengths on a GPU (a check would read them on the host), but on the
+    CPU, where the torch path reads them there anyway, 2.5 was cut to 2 and 0, NaN, negative or > K
+    lengths gave a zero or a clamped row, silently."""
+    with pytest.raises(ValueError, match=match):
+        pool.pool(torch.randn(2, 3, 5), torch.tensor(lengths))

@@ -491,13 +491,19 @@ def test_backend_errors():
 
 @requires_interpreter
 def test_triton_double_backward_raises():
-    """The kernel backward is not differentiable: a double backward raises instead of returning
-    second-order gradients with terms missing (the torch backend gives them)."""
+    """The kernel backward is not differentiable: a backward with create_graph=True raises instead of
+    returning second-order gradients with terms missing (the torch backend gives them). Under
+    ``pooled.sum()`` (a constant incoming gradient) it once returned a gradient cut from the graph: a
+    penalty built on it trained without its gradient, silently."""
     x, n, w = _valid()
     x.requires_grad_(), w.requires_grad_()
-    (gx,) = torch.autograd.grad(gpo_pool(x, n, w, backend="triton").pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
-        gx.sum().backward()
+    for reduce in (lambda p: p.pow(2).sum(), lambda p: p.sum()):
+        with pytest.raises(RuntimeError, match=r"gpo_pool\(backend='triton'\) .* use backend='torch'"):
+            torch.autograd.grad(reduce(gpo_pool(x, n, w, backend="triton")), x, create_graph=True)
+    (gx,) = torch.autograd.grad(gpo_pool(x, n, w, backend="torch").sum(), x, create_graph=True)
+    assert gx.requires_grad  # the torch backend is differentiable twice
+    (gx,) = torch.autograd.grad(gpo_pool(x, n, w, backend="triton").sum(), x)  # first order: as before
+    torch.testing.assert_close(gx, torch.autograd.grad(gpo_pool(x, n, w, backend="torch").sum(), x)[0])
 
 
 def test_validate_false_skips_only_value_checks():

@@ -129,3 +129,16 @@ def test_cuda_table_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(p.grad is not None for p in fused.parameters())
+
+
+@interpreter_only
+def test_interpreter_table_refuses_create_graph():
+    """The table's kernel backward is differentiable once: under create_graph=True it raises rather
+    than hand back parameter gradients cut from the graph (the torch table is differentiable twice)."""
+    torch.manual_seed(5)
+    reference, fused = make_pair(8, 16, "cpu")
+    with pytest.raises(RuntimeError, match=r"coefficient table \(table_backend='triton'\) .* backend='torch'"):
+        torch.autograd.grad(fused._table_over_all_sizes(3).sum(), list(fused.parameters()), create_graph=True)
+    grads = torch.autograd.grad(reference._table_over_all_sizes(3).pow(2).sum(), list(reference.parameters()),
+                                create_graph=True)
+    assert all(g.requires_grad for g in grads)

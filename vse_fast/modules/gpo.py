@@ -32,6 +32,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import vse_fast.ops.gpo_pool as _pool_ops
 from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, check_length_values, check_lengths_tensor, gpo_pool
 from vse_fast.ops.gpo_table import triton_coefficient_table, torch_coefficient_table, use_triton_table
 
@@ -119,8 +120,9 @@ class _SortedPool(nn.Module):
 
     def pool(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """No-sync path: features (B, K, D), lengths (B,) on the features' device -> pooled (B, D).
-        Lengths are trusted (not range-checked: that would read them on the host)."""
-        check_gpo_pool_inputs(features, lengths, validate=False)
+        On a GPU the lengths are trusted (not range-checked: that would read them on the host); on the
+        CPU, where the torch path reads them on the host anyway, they are checked as in forward."""
+        check_gpo_pool_inputs(features, lengths, validate=_pool_ops._sorts_by_length(features))
         n = _lengths_as_long(lengths)
         return gpo_pool(features, n, self.coefficients(n, features.shape[1], self._weights_dtype(features)),
                         validate=False)

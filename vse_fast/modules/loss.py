@@ -10,11 +10,15 @@ from vse_fast.ops.contrastive import _short, _type_name, check_loss_options, con
 
 def _as_margin(margin) -> float:
     """margin as a Python float: a real number (int, float, numpy scalar) or a 0-d real tensor (read on
-    the host). Strings, None, bools and other tensors raise TypeError."""
+    the host). Strings, None, bools and other tensors raise TypeError; a tensor that requires grad
+    raises ValueError (no gradient would reach it)."""
     if isinstance(margin, torch.Tensor):
         if margin.dim() != 0 or margin.dtype == torch.bool or margin.is_complex():
             raise TypeError(f"margin must be a real number, got a tensor of shape {tuple(margin.shape)} "
                             f"and dtype {margin.dtype}")
+        if margin.requires_grad:  # read as a number, it would get no gradient: a learnt margin, silently fixed
+            raise ValueError("margin is a tensor that requires grad: the margin is a fixed number here, not "
+                             "learnt (pass margin.item() to fix it)")
         return float(margin.item())
     if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
         raise TypeError(f"margin must be a real number (e.g. 0.2), got {_type_name(margin)} {margin!r}")

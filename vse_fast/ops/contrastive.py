@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 import vse_fast.kernels as _kernel_package
 from vse_fast.kernels import triton_interpreting
+from vse_fast.ops._autograd import refuse_create_graph
 
 _REDUCTIONS = ("sum", "mean")
 _TERMS = {"both": ("i2t", "t2i"), "i2t": ("i2t",), "t2i": ("t2i",)}
@@ -294,7 +295,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
     two cuBLAS matmuls and an epilogue kernel.
     "terms" (positives or one term): a tile kernel per term and the combine kernel; backward VSE++ as
     above, VSE0 a mask recompute and two cuBLAS matmuls per term. Differentiable once (kernels in the
-    backward): a double backward raises; the torch backend supports it."""
+    backward): a backward with create_graph=True raises; the torch backend supports it."""
 
     @staticmethod
     def forward(ctx, im, s, labels, margin, max_violation, terms, scale):
@@ -325,8 +326,13 @@ class ContrastiveLossFunction(torch.autograd.Function):
         return loss, aux
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_aux):
+        refuse_create_graph("contrastive_loss(backend='triton')")
+        return ContrastiveLossFunction._backward(ctx, grad_loss, _grad_aux)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, grad_loss, _grad_aux):
         if grad_loss is None:
             return None, None, None, None, None, None, None
         K = _kernels()

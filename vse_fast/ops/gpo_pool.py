@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import vse_fast.kernels as _kernel_package
+from vse_fast.ops._autograd import refuse_create_graph
 from vse_fast.kernels import triton_interpreting
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -251,8 +252,13 @@ class TritonGPOPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        refuse_create_graph("gpo_pool(backend='triton')")
+        return TritonGPOPoolFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, grad_out):
         from vse_fast.kernels.gpo_pool import gpo_pool_bwd
 
         features, n32, w32 = ctx.saved_tensors
@@ -277,7 +283,7 @@ def gpo_pool(features, lengths, weights, *, backend="auto", validate=True):
 
     Returns:
         (B, D) tensor, differentiable w.r.t. features and weights: twice on the torch backend (a
-        gradient penalty), once on the Triton backend (a kernel backward: a double backward raises).
+        gradient penalty), once on the Triton backend (a kernel backward: a backward with create_graph=True raises).
 
     Example:
         >>> x = torch.tensor([[[1.0], [3.0], [2.0]]])          # B=1, K=3, D=1

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import vse_fast.kernels as _kernel_package
 from vse_fast.kernels import triton_interpreting
+from vse_fast.ops._autograd import refuse_create_graph
 
 PAD_SCORE = -10000.0
 TEMPERATURE = 0.1
@@ -68,7 +69,7 @@ class GRUPrefixStatesFunction(torch.autograd.Function):
     """out (K + 1, K, H) = the forward states (row 0) and the reverse states of every prefix size
     (row 1 + r: size r + 1) of a bidirectional GRU, from gi (2, K, 3H), whh (2, 3H, H), bhh (2, 3H),
     all fp32. The backward math is in the docstring of vse_fast.kernels.gpo_table. Differentiable
-    once (a kernel backward): a double backward raises."""
+    once (a kernel backward): a backward with create_graph=True raises."""
 
     @staticmethod
     def forward(ctx, gi, whh, bhh):
@@ -83,8 +84,13 @@ class GRUPrefixStatesFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        refuse_create_graph("GPO's coefficient table (table_backend='triton')")
+        return GRUPrefixStatesFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, grad_out):
         from vse_fast.kernels import gpo_table as kernels
 
         gi, whh, bhh, out = ctx.saved_tensors
