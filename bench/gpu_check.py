@@ -3,8 +3,10 @@
     python bench/gpu_check.py [--out bench/results] [--only gpo,loss,train,ddp,compile] [--budget 270]
 
 Ends in about five minutes: the sections share a time budget (--budget seconds, 270 by default, beside
-a few seconds of CUDA start-up and the copy-bandwidth probe). Each section gets a share of the time left
-when it starts (SHARES; what one leaves unused passes on) and runs its cases in order of priority
+a few seconds of CUDA start-up and the copy-bandwidth probe). A section that cannot be cut short
+(compile; ddp on two or more GPUs) has the seconds it needs set aside (its module's `reserve_s(ctx)`);
+the others each get a share of the rest of the time left when they start (SHARES; what one leaves
+unused passes on) and run their cases in order of priority
 (correctness on the core shapes, then the timings the README's targets name, then diagnostics and the
 wider correctness sweep); a case that would start after the section's deadline is skipped and listed by
 name under "skipped_for_time", never dropped silently. A case already running is not interrupted, so
@@ -14,8 +16,8 @@ float64 reference on fresh random inputs and times them against the published re
 CUDA events (triton.testing.do_bench, median). The card's copy bandwidth is measured in the same run so
 memory-bound kernels can be reported as a fraction of it. Prints a table and writes JSON to
 <out>/<date>-<gpu>.json, or to <out>/<date>-<gpu>-<sections>.json when --only names a subset (so two
-partial runs do not overwrite each other). "ok" in the JSON: every section ran, every case ran, and every
-check passed.
+partial runs do not overwrite each other). In the JSON, "checks_passed": every check that ran passed
+("failed_sections" names the others); "all_cases_ran": nothing was skipped for time or cut; "ok": both.
 """
 import argparse
 import datetime
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 SECTIONS = ("gpo", "loss", "train", "ddp", "compile")
 # A section's share of the time left when it starts, against the sections still to run.
-SHARES = {"gpo": 0.36, "loss": 0.24, "train": 0.18, "ddp": 0.04, "compile": 0.18}
+SHARES = {"gpo": 0.45, "loss": 0.30, "train": 0.25, "ddp": 0.0, "compile": 0.0}  # ddp, compile: reserve_s
 DEFAULT_BUDGET_S = 270.0
 
 
@@ -225,23 +227,36 @@ def main(argv=None):
     return 1 if failed else 0
 
 
+def section_seconds(name, later, left, reserves):
+    """A section's time: what it reserved, or its share of the time left less what the sections after
+    it (``later``) reserved, whichever is more; never past the end of the budget (``left``)."""
+    shares = sum(SHARES[n] for n in [name, *later])
+    rest = left - sum(reserves[n] for n in later)
+    share = SHARES[name] / shares if shares else 1.0
+    return min(left, max(reserves[name], share * rest))
+
+
 def run_sections(ctx, names, budget_s, report, save, load=None):
-    """Run the sections in order, each under its share of the budget left (SHARES), into
+    """Run the sections in order, each under the time section_seconds gives it, into
     report["sections"]; save(failed, complete=...) after each. Returns the names of the sections that
-    failed (an error, ok false). A SIGINT (gpu_run.sh's hard cut) records the section as cut and re-raises."""
+    failed (an error, ok false). A SIGINT (gpu_run.sh's hard cut) records the section as cut, and those
+    not started as such, and re-raises."""
     load = load or (lambda name: importlib.import_module(f"gpucheck_{name}"))
     end = time.monotonic() + budget_s
+    reserves = {n: float(getattr(load(n), "reserve_s", lambda ctx: 0.0)(ctx)) for n in names}
     failed = []
     for i, name in enumerate(names):
-        share = SHARES[name] / sum(SHARES[n] for n in names[i:])
-        ctx.start_section(share * (end - time.monotonic()))
+        ctx.start_section(section_seconds(name, names[i + 1:], end - time.monotonic(), reserves))
         start = time.time()
         try:
             result = load(name).run(ctx)
         except KeyboardInterrupt:  # gpu_run.sh's timeout sends SIGINT: record the cut, keep the rest
             report["sections"][name] = {"error": "cut off (time limit)", "seconds": round(time.time() - start, 1),
                                         "skipped_for_time": ctx.skipped}
-            save(failed + [name])
+            for later in names[i + 1:]:
+                report["sections"][later] = {"error": "not started (cut off)", "skipped_for_time": [
+                    {"what": f"section {later}", "cases": []}]}
+            save(failed + list(names[i:]))
             raise
         except Exception as exc:  # a broken section is reported, the others still run
             traceback.print_exc()
@@ -261,8 +276,10 @@ def run_sections(ctx, names, budget_s, report, save, load=None):
 def _write(report, path, t0, failed, complete=False):
     report["total_seconds"] = round(time.time() - t0, 1)
     report["complete"] = complete
+    report["failed_sections"] = list(failed)
+    report["checks_passed"] = complete and not failed
     report["all_cases_ran"] = complete and not any(r.get("skipped_for_time") for r in report["sections"].values())
-    report["ok"] = report["all_cases_ran"] and not failed
+    report["ok"] = report["all_cases_ran"] and report["checks_passed"]
     tmp = path + ".tmp"  # a kill mid-write keeps the last complete file
     with open(tmp, "w") as f:
         json.dump(_json_safe(report), f, indent=2, default=str, allow_nan=False)

@@ -89,60 +89,74 @@ class _Section:
 
 
 def test_sections_share_the_budget_and_list_every_case_they_skip(monkeypatch, tmp_path):
-    """The check must end in about five minutes whatever the card: a section gets its share of the time
-    left (what one leaves unused passes on), skips the cases past its deadline, and names each of them in
-    the JSON, whose "ok" then says that not everything ran."""
+    """The check must end in about five minutes whatever the card: a section that cannot be cut short
+    (compile) has its seconds set aside; the others get their share of the rest (what one leaves unused
+    passes on), skip the cases past their deadline, and name each of them in the JSON, whose
+    "all_cases_ran" and "ok" then say that not everything ran, apart from "checks_passed"."""
     clock = _FakeClock()
     monkeypatch.setattr(gpu_check, "time", clock)
+    case_s = {"gpo": 10.0}
 
-    def gpo(ctx):  # ten cases of 10 s: its deadline is 100 * 0.36 / (0.36 + 0.24 + 0.18) = 46.2 s away
+    def gpo(ctx):  # its deadline: 0.45 / (0.45 + 0.30) of (100 - 60 reserved) = 24 s away
         ran = []
         for case in ctx.within([("bf16", k) for k in range(10)], "pool timing"):
             ran.append(case)
-            clock.now += 10.0
+            clock.now += case_s["gpo"]
         return {"ok": True, "ran": len(ran)}
 
-    def loss(ctx):  # 50 s were left: 50 * 0.24 / (0.24 + 0.18) = 28.6 s, none used
+    def loss(ctx):  # what is left, less the 60 s reserved
         return {"ok": True, "left": round(ctx.time_left(), 1)}
 
-    def compile_(ctx):  # all 50 s are left to the last section
+    def compile_(ctx):
         if not ctx.has_time("compile section", 60.0):
             return {"ok": True, "skipped": "not enough time", "left": round(ctx.time_left(), 1)}
-        return {"ok": True}
+        return {"ok": True, "left": round(ctx.time_left(), 1)}
 
     sections = {"gpo": _Section(gpo), "loss": _Section(loss), "compile": _Section(compile_)}
-    ctx = gpu_check.SectionBudget()
-    report = {"sections": {}}
+    sections["compile"].reserve_s = lambda ctx: 60.0
     path = str(tmp_path / "check.json")
-    saves = []
 
-    def save(failed, complete=False):
-        saves.append(complete)
-        gpu_check._write(report, path, clock.now, failed, complete)
+    def run():
+        report, saves = {"sections": {}}, []
 
-    failed = gpu_check.run_sections(ctx, ["gpo", "loss", "compile"], 100.0, report, save, load=sections.get)
-    got = report["sections"]
+        def save(failed, complete=False):
+            saves.append(complete)
+            gpu_check._write(report, path, clock.now, failed, complete)
+
+        failed = gpu_check.run_sections(gpu_check.SectionBudget(), ["gpo", "loss", "compile"], 100.0, report, save,
+                                        load=sections.get)
+        with open(path) as f:
+            return failed, report["sections"], json.load(f), saves
+
+    failed, got, written, saves = run()
     assert failed == [] and saves == [False, False, False, True]
-    assert got["gpo"]["ran"] == 5 and got["gpo"]["seconds"] == 50.0
-    assert got["gpo"]["skipped_for_time"] == [{"what": "pool timing", "cases": [f"bf16-{k}" for k in range(5, 10)]}]
-    assert got["loss"]["left"] == 28.6 and got["loss"]["skipped_for_time"] == []
-    assert got["compile"]["left"] == 50.0
-    assert got["compile"]["skipped_for_time"] == [{"what": "compile section", "cases": [], "needs_s": 60.0}]
-    with open(path) as f:
-        written = json.load(f)
-    assert written["complete"] and not written["all_cases_ran"] and not written["ok"]
+    assert got["gpo"]["ran"] == 3 and got["gpo"]["seconds"] == 30.0
+    assert got["gpo"]["skipped_for_time"] == [{"what": "pool timing", "cases": [f"bf16-{k}" for k in range(3, 10)]}]
+    assert got["loss"]["left"] == 10.0 and got["loss"]["skipped_for_time"] == []
+    assert got["compile"]["left"] == 70.0 and got["compile"]["skipped_for_time"] == []  # it got its 60 s
+    assert written["complete"] and written["checks_passed"] and written["failed_sections"] == []
+    assert not written["all_cases_ran"] and not written["ok"]
 
+    case_s["gpo"] = 50.0  # a case that overruns the deadline by far eats into the reserve: compile is skipped
+    failed, got, written, _ = run()
+    assert got["gpo"]["ran"] == 1 and got["loss"]["left"] == 0.0 and got["compile"]["left"] == 50.0
+    assert got["compile"]["skipped_for_time"] == [{"what": "compile section", "cases": [], "needs_s": 60.0}]
+    assert written["checks_passed"] and not written["all_cases_ran"]
+
+    sections["loss"] = _Section(lambda ctx: {"ok": False})
     report = {"sections": {}}
-    ctx = gpu_check.SectionBudget()
-    failed = gpu_check.run_sections(ctx, ["loss"], 100.0, report, save, load=sections.get)
+    failed = gpu_check.run_sections(gpu_check.SectionBudget(), ["loss"], 100.0, report, lambda *a, **k: None,
+                                    load=sections.get)
     gpu_check._write(report, path, clock.now, failed, complete=True)
     with open(path) as f:
         written = json.load(f)
-    assert written["all_cases_ran"] and written["ok"]  # nothing skipped, nothing failed
+    assert written["all_cases_ran"] and not written["checks_passed"] and written["failed_sections"] == ["loss"]
+    assert not written["ok"]
 
 
 def test_a_cut_section_keeps_its_skipped_cases_and_the_cut_propagates(monkeypatch, tmp_path):
-    """gpu_run.sh's hard cut (SIGINT) records the section as cut, with what it had skipped, and stops."""
+    """gpu_run.sh's hard cut (SIGINT) records the section as cut, with what it had skipped, and the
+    sections after it as not started, and stops."""
     clock = _FakeClock()
     monkeypatch.setattr(gpu_check, "time", clock)
 
@@ -154,12 +168,13 @@ def test_a_cut_section_keeps_its_skipped_cases_and_the_cut_propagates(monkeypatc
     report = {"sections": {}}
     saved = []
     with pytest.raises(KeyboardInterrupt):
-        gpu_check.run_sections(gpu_check.SectionBudget(), ["train"], 50.0, report,
+        gpu_check.run_sections(gpu_check.SectionBudget(), ["train", "compile"], 50.0, report,
                                lambda failed, complete=False: saved.append((list(failed), complete)),
                                load=lambda name: _Section(cut))
     assert report["sections"]["train"]["error"] == "cut off (time limit)"
     assert report["sections"]["train"]["skipped_for_time"] == [{"what": "cases", "cases": ["2"]}]
-    assert saved == [(["train"], False)]
+    assert report["sections"]["compile"]["error"] == "not started (cut off)"  # named, not missing
+    assert saved == [(["train", "compile"], False)]
 
 
 def test_gpo_section_runs_on_cpu_and_lists_what_a_spent_budget_skips():
