@@ -89,6 +89,7 @@ backward multiplies G by fp32 operands in cuBLAS fp32 (TF32 as torch's matmul se
 bf16/fp16 operands as they are with an fp32 result (`_mm_fp32`): a 16-bit G @ s would be rounded
 before the threshold terms are subtracted, which cancels most of it when the embeddings cluster.
 """
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -1022,18 +1023,26 @@ def _launch_mask(X, Y, lab, d, G, r0, n, R, C, margin, mode, both_terms, setting
     )
 
 
-# torch >= 2.8 on CUDA: fp16/bf16 matmuls with an fp32 result (cuBLAS keeps its fp32 accumulator)
-_CUDA_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+# torch >= 2.8 on CUDA: fp16/bf16 matmuls with an fp32 result (cuBLAS keeps its fp32 accumulator).
+# The device types it is tried on; emptied after a first failure (then fp32 copies are multiplied).
+_MM_OUT_DTYPE_DEVICES = {"cuda"} if hasattr(torch.ops.aten.mm, "dtype") else set()
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in float32. 16-bit operands are multiplied as they are, and the product is not rounded
     to 16 bits: the VSE0 backward subtracts threshold terms of similar size from it (cancellation).
-    On CUDA through cuBLAS with an fp32 output; elsewhere (CPU, torch < 2.8) on fp32 copies."""
+    On CUDA through cuBLAS with an fp32 output; elsewhere (CPU, torch < 2.8), or should that call
+    fail (a warning says so, once), on fp32 copies."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and _CUDA_MM_OUT_DTYPE:
-        return torch.mm(a, b, out_dtype=torch.float32)
+    if a.device.type in _MM_OUT_DTYPE_DEVICES and a.dtype == b.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError) as err:
+            _MM_OUT_DTYPE_DEVICES.discard(a.device.type)
+            warnings.warn(f"torch.mm(..., out_dtype=torch.float32) failed for {a.dtype} on {a.device.type} "
+                          f"({str(err).splitlines()[0][:200]}): the VSE0 backward multiplies float32 copies "
+                          "instead", RuntimeWarning, stacklevel=2)
     return a.float() @ b.float()
 
 

@@ -899,3 +899,25 @@ def test_triton_backward_refuses_create_graph(max_violation):
     gim, _ = torch.autograd.grad(contrastive_loss(im, s, 0.2, max_violation, backend="torch"), (im, s),
                                  create_graph=True)
     assert gim.requires_grad
+
+
+def test_mm_fp32_falls_back_to_float32_copies_once_the_out_dtype_matmul_fails(monkeypatch):
+    """The VSE0 backward's 16-bit matmuls with an fp32 result (torch.mm(..., out_dtype=float32), cuBLAS)
+    have not run on a GPU here: should that call fail there, the backward warns once and multiplies
+    float32 copies, the CPU's path, rather than crash a training run or the GPU check."""
+    from vse_fast.kernels import contrastive as kernels
+
+    a, b = torch.randn(6, 5).bfloat16(), torch.randn(5, 3).bfloat16()
+    expected = a.float() @ b.float()
+    meta = torch.mm(a.to("meta"), b.to("meta"), out_dtype=torch.float32)  # the call as made on CUDA
+    assert meta.dtype == torch.float32 and meta.shape == (6, 3)
+    devices = {"cpu"}  # the CPU has no such kernel: the call fails as it might on a GPU
+    monkeypatch.setattr(kernels, "_MM_OUT_DTYPE_DEVICES", devices)
+    with pytest.warns(RuntimeWarning, match="out_dtype=torch.float32\\) failed for torch.bfloat16 on cpu"):
+        got = kernels._mm_fp32(a, b)
+    assert got.dtype == torch.float32 and torch.equal(got, expected) and devices == set()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later calls take the copies without trying again
+        assert torch.equal(kernels._mm_fp32(a, b), expected)
