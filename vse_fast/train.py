@@ -35,8 +35,9 @@ from vse_fast.kernels import triton_interpreting
 
 logger = logging.getLogger("vse_fast.train")
 
-# Options the published scripts train with (train.py/arguments.py of the published code, lr 5e-4 and
-# one VSE0 warm-up epoch from its training commands).
+# Options the published code trains with: its training commands (train_region.sh / train_grid.sh:
+# lr 5e-4, 25 epochs, lr update at 15, one VSE0 warm-up epoch), arguments.py for the rest (its own
+# defaults differ: lr 2e-4, 30 epochs, no warm-up).
 PUBLISHED_DEFAULTS = dict(
     embed_size=1024, margin=0.2, batch_size=128, learning_rate=5e-4, bert_lr_factor=0.1,
     weight_decay=1e-4, num_epochs=25, lr_update=15, grad_clip=2.0, vse_mean_warmup_epochs=1,
