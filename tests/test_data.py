@@ -926,3 +926,17 @@ def test_a_wordpiece_vocab_given_as_the_bigru_vocabulary_is_named(tmp_path):
     with pytest.raises(DataError, match=r"unreadable vocabulary json") as err:
         data.Vocabulary.load(str(tmp_path / "bad.json"))
     assert "WordPiece" not in str(err.value)
+
+
+def test_a_cased_wordpiece_vocabulary_keeps_the_case(tmp_path):
+    """A bert-base-cased vocab.txt given as --vocab_file was lowercased as an uncased one: "A Dog" became
+    "a [UNK]". An uncased vocabulary (no capital letters) still lowercases, as bert-base-uncased does."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    cased, uncased = tmp_path / "cased.txt", tmp_path / "uncased.txt"
+    cased.write_text("\n".join(specials + ["A", "a", "Dog", "dog", "runs", "."]) + "\n")
+    uncased.write_text("\n".join(specials + ["a", "dog", "runs", "."]) + "\n")
+    tok = data.load_tokenizer(vocab_file=str(cased))
+    assert data.CaptionEncoder(tok)("A Dog runs.").tolist() == [2, 5, 7, 9, 10, 3]
+    assert data.CaptionEncoder(tok)("a dog runs.").tolist() == [2, 6, 8, 9, 10, 3]
+    tok = data.load_tokenizer(vocab_file=str(uncased))
+    assert data.CaptionEncoder(tok)("A Dog runs.").tolist() == [2, 5, 6, 7, 8, 3]

@@ -866,3 +866,76 @@ def test_kmax_with_k_at_least_every_set_says_it_is_mean_pooling(tiny, tmp_path):
     assert "--pool_k 1000 is not below the largest training set" in log and "is mean pooling" in log
     train.main(_args(tiny, tmp_path / "j", "--pooling", "kmax", "--pool_k", "2", "--max_steps", "1"))
     assert "is not below the largest training set" not in (tmp_path / "j" / "train.log").read_text()
+
+
+def test_a_run_dir_holding_another_runs_records_is_refused(tiny, tmp_path, capsys):
+    """Only another run's last.pth used to protect a --run_dir: a fresh run appended its metrics to an
+    earlier run's metrics.jsonl, and a run resumed into a directory holding another run's best.pth kept
+    that file and reported its test figures from those weights."""
+    run = tmp_path / "r"
+    train.main(_args(tiny, run, "--max_steps", "6"))  # one whole epoch: best.pth, metrics.jsonl, last.pth
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copyfile(run / "metrics.jsonl", stale / "metrics.jsonl")
+    err = _error(capsys, _args(tiny, stale))
+    assert f"--run_dir '{stale}' holds metrics.jsonl of another run (and no last.pth to continue it)" in err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copyfile(run / "best.pth", foreign / "best.pth")
+    err = _error(capsys, ["--resume", str(run / "last.pth"), "--run_dir", str(foreign), "--progress", "off"])
+    assert "holds best.pth of another run" in err
+    assert (stale / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()  # left as it was
+
+
+def test_default_run_dirs_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.time, "strftime", lambda fmt: "20261129-120000")
+    first, second = train._new_default_run_dir(), train._new_default_run_dir()
+    assert (first, second) == (os.path.join("runs", "20261129-120000"), os.path.join("runs", "20261129-120000-2"))
+    assert os.path.isdir(first) and os.path.isdir(second)
+
+
+def test_resume_on_another_dataset_says_so_and_chooses_the_best_anew(tiny, tmp_path):
+    """A changed --data_path was taken silently, and the best rsum of the old data compared with the new."""
+    data, bert_config = tiny
+    other = tmp_path / "other"
+    shutil.copytree(data, other)  # another dataset (here a copy, at another path that still has the old one)
+    run = tmp_path / "r"
+    train.main(_args(tiny, run, "--batch_size", "80", "--num_epochs", "1"))
+    best = _final_state(run)["best_rsum"]
+    result = train.main(["--resume", str(run / "last.pth"), "--num_epochs", "2", "--data_path", str(other),
+                         "--progress", "off"])
+    assert result["best_rsum"] == result["val"]["rsum"] and math.isfinite(best)
+    log = (run / "train.log").read_text()
+    assert (f"--data_path {other}: the resumed run trained on {data}; its best rsum {best:.2f} was measured "
+            "there, so the best checkpoint is chosen anew") in log
+
+
+def test_a_bigru_run_resumed_into_another_directory_takes_its_vocabulary_along(tiny, tmp_path):
+    """The vocabulary built from the captions is written beside the run's checkpoints: resumed into
+    --run_dir NEW, the new checkpoints named the old directory's vocab.json, and evaluation and resume
+    failed once that directory was removed."""
+    from vse_fast.eval import main as eval_main
+
+    data, _ = tiny
+    old, new = tmp_path / "old", tmp_path / "new"
+    args = ["--data_path", data, "--text_encoder", "gru", "--embed_size", "16", "--batch_size", "40",
+            "--num_epochs", "1", "--lr_update", "1", "--max_steps", "2", "--workers", "0", "--progress", "off"]
+    train.main(args + ["--run_dir", str(old)])
+    train.main(["--resume", str(old / "last.pth"), "--run_dir", str(new), "--max_steps", "3", "--progress", "off"])
+    assert _final_state(new)["config"]["vocab_file"] == str(new / "vocab.json")
+    assert (new / "vocab.json").read_bytes() == (old / "vocab.json").read_bytes()
+    shutil.rmtree(old)
+    assert eval_main(["--checkpoint", str(new / "last.pth"), "--data_path", data, "--split", "test"])["rsum"] > 0
+
+
+def test_options_that_would_have_no_effect_are_refused_or_warned(tiny, tmp_path, capsys):
+    err = _error(capsys, _args(tiny, tmp_path / "a", "--max_violation", "--vse_mean_warmup_epochs", "2"))
+    assert "--max_violation takes hardest negatives from the first epoch, so --vse_mean_warmup_epochs 2" in err
+    run = tmp_path / "r"
+    train.main(_args(tiny, run, "--max_steps", "2", "--num_epochs", "1", "--local_negatives"))
+    log = (run / "train.log").read_text()
+    assert "--local_negatives has no effect in a single process" in log
+    assert "--lr_update 1 is not below --num_epochs 1: the learning rate is never decayed" in log
+    err = _error(capsys, ["--resume", str(run / "last.pth"), "--max_steps", "1", "--progress", "off"])
+    assert "--max_steps 1: the resumed run has made 2 steps already" in err

@@ -333,7 +333,8 @@ def check_split(data_path, split):
 
 def load_tokenizer(text_model_dir=None, vocab_file=None):
     """A transformers BERT tokenizer (fast, tokenizers-backed), offline, from a local BERT directory
-    (``text_model_dir``, as saved by save_pretrained) or from a WordPiece ``vocab.txt``."""
+    (``text_model_dir``, as saved by save_pretrained) or from a WordPiece ``vocab.txt`` (lowercasing,
+    as bert-base-uncased, unless the vocabulary holds capital letters: a cased one keeps the case)."""
     from transformers import BertTokenizerFast
 
     if (text_model_dir is None) == (vocab_file is None):
@@ -363,11 +364,17 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
             raise DataError(f"{vocab_file}: vocabulary lacks the special token {token}")
     import inspect
 
+    # A cased vocabulary (bert-base-cased: "The", "A") keeps the case; lowercasing, the default, would
+    # turn its capitalised words into [UNK] or other ids. Uncased vocabularies hold no capital letters.
+    lower = not any(_ASCII_CAPITAL.search(t) for t in vocab if not (t.startswith("[") and t.endswith("]")))
     if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4.x
         if bom:  # it reads the file itself, the mark included
             raise DataError(f"{vocab_file}:1: a byte-order mark (U+FEFF) opens the file: remove it")
-        return BertTokenizerFast(vocab_file=vocab_file)
-    return BertTokenizerFast(vocab=vocab)
+        return BertTokenizerFast(vocab_file=vocab_file, do_lower_case=lower)
+    return BertTokenizerFast(vocab=vocab, do_lower_case=lower)
+
+
+_ASCII_CAPITAL = re.compile("[A-Z]")
 
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

@@ -19,10 +19,12 @@ different number of processes: the same data order, dropout streams re-seeded).
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Optional
@@ -205,6 +207,9 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
             this = "the BiGRU (--text_encoder gru)" if text_encoder == "gru" else "BERT (--text_encoder bert)"
             parser.error(f"--{key} configures the {which} text encoder; this run's text encoder is {this}, "
                          "which would ignore it")
+    if explicit.get("max_violation") and explicit.get("vse_mean_warmup_epochs"):
+        parser.error(f"--max_violation takes hardest negatives from the first epoch, so --vse_mean_warmup_epochs "
+                     f"{explicit['vse_mean_warmup_epochs']} would have no effect: pass one of them")
     if saved is not None:
         cfg = dict(saved)
         explicit = _absolute_paths(explicit)
@@ -681,6 +686,13 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.epoch_step, self.step = state["epoch"], state.get("epoch_step", 0), state["step"]
         self.best_rsum = state.get("best_rsum", -math.inf)
+        saved_data = state["config"].get("data_path_used")
+        if saved_data and os.path.isdir(saved_data) and not _same_path(saved_data, self.data_path):
+            # another dataset, not a moved copy of the same one (the old path would be gone)
+            logger.warning("--data_path %s: the resumed run trained on %s%s", self.data_path, saved_data,
+                           f"; its best rsum {self.best_rsum:.2f} was measured there, so the best checkpoint is "
+                           "chosen anew" if math.isfinite(self.best_rsum) else "")
+            self.best_rsum = -math.inf
         saved_val = state["config"].get("val_split", PUBLISHED_DEFAULTS["val_split"])
         if saved_val != self.cfg["val_split"] and math.isfinite(self.best_rsum):
             logger.warning("--val_split %s: the resumed run's best rsum %.2f was measured on %s; the best "
@@ -991,6 +1003,9 @@ def _check_resume(cfg: dict, saved_state: dict, parser) -> None:
     saved_batch, epoch_step = saved_state["config"].get("batch_size"), saved_state.get("epoch_step", 0)
     saved_seed = saved_state["config"].get("seed")
     saved_epoch = saved_state.get("epoch", 0)
+    if cfg.get("max_steps") is not None and cfg["max_steps"] < saved_state.get("step", 0):
+        parser.error(f"--max_steps {cfg['max_steps']}: the resumed run has made {saved_state.get('step', 0)} steps "
+                     "already; pass a larger --max_steps (a total count of steps) to continue it")
     if cfg["num_epochs"] < saved_epoch or (cfg["num_epochs"] == saved_epoch and epoch_step):
         parser.error(f"--num_epochs {cfg['num_epochs']}: the resumed run is at epoch {saved_epoch}"
                      + (f" (after {epoch_step} steps of it)" if epoch_step else "")
@@ -1005,6 +1020,20 @@ def _check_resume(cfg: dict, saved_state: dict, parser) -> None:
                      f"stopped inside epoch {saved_state.get('epoch')} (after {epoch_step} steps): the rest of the "
                      f"epoch would repeat or skip training pairs. Resume with --batch_size {saved_batch}, or "
                      "change it at an epoch boundary (the last.pth written at the end of an epoch)")
+
+
+def _new_default_run_dir() -> str:
+    """runs/<date>-<time>, created here, with -2, -3, ... when a run started in the same second has it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    os.makedirs("runs", exist_ok=True)
+    for n in range(1, 1000):
+        path = os.path.join("runs", stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"runs/{stamp}-* are all taken")
 
 
 def _claim_run_dir(run_dir: str, saved_state: Optional[dict], resume: Optional[str]) -> tuple:
@@ -1022,6 +1051,11 @@ def _claim_run_dir(run_dir: str, saved_state: Optional[dict], resume: Optional[s
                else "it belongs to another run")
         return False, (f"--run_dir {run_dir!r} already holds last.pth ({why}): continue it with --resume "
                        f"{last} or choose another --run_dir")
+    records = [name for name in ("best.pth", "metrics.jsonl") if os.path.exists(os.path.join(run_dir, name))]
+    if not continues and records:  # a run's records without its last.pth: they would mix with this run's
+        return False, (f"--run_dir {run_dir!r} holds {' and '.join(records)} of another run (and no last.pth to "
+                       "continue it): this run's best checkpoint and metrics would mix with them; choose another "
+                       "--run_dir, or remove them")
     return continues, None
 
 
@@ -1083,6 +1117,27 @@ def _carry_best_checkpoint(resume: str, run_dir: str, saved_state: dict) -> None
                    run_dir, best_rsum, resume, best_rsum)
 
 
+def _carry_vocabulary(resume: str, run_dir: str, cfg: dict) -> Optional[str]:
+    """A BiGRU run resumed into another directory gets a copy of the vocabulary the resumed run built
+    (its run directory's vocab.json), as it has its best.pth: the new run's checkpoints then name a file
+    of their own directory. Returns the copy's path, or None (nothing to carry)."""
+    source = cfg.get("vocab_file")
+    old_dir = os.path.dirname(os.path.abspath(resume))
+    if cfg.get("text_encoder") != "gru" or not source or _same_path(run_dir, old_dir):
+        return None
+    if os.path.basename(source) != "vocab.json" or not _same_path(os.path.dirname(source), old_dir):
+        return None  # a vocabulary of the user's (--vocab_file), referenced where it is
+    target = os.path.abspath(os.path.join(run_dir, "vocab.json"))
+    if os.path.exists(target):
+        if filecmp.cmp(source, target, shallow=False):
+            return target
+        logger.warning("%s holds another vocab.json: the resumed run's vocabulary stays at %s", run_dir, source)
+        return None
+    shutil.copyfile(source, target)
+    logger.info("copied the resumed run's vocabulary from %s", source)
+    return target
+
+
 def _run(cfg, args, ctx, saved_state, parser) -> dict:
     for key in ("gpo_backend", "loss_backend"):
         if cfg[key] == "triton" and ctx.device.type != "cuda" and not triton_interpreting():
@@ -1108,8 +1163,16 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
             cfg["vocab_file"] = cfg.get("vocab_file") or os.path.join(data_path, "vocab.json")
     cfg["data_path_used"] = data_path
     if not cfg.get("run_dir"):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        cfg["run_dir"] = vdist.all_gather_object(os.path.join("runs", stamp), ctx)[0]
+        run_dir, error = None, None
+        if ctx.is_main:
+            try:
+                run_dir = _new_default_run_dir()
+            except OSError as err:
+                error = f"the run directory cannot be created under runs/: {err.strerror or err} (pass --run_dir)"
+        run_dir, error = vdist.all_gather_object((run_dir, error), ctx)[0]
+        if error:
+            parser.error(error)
+        cfg["run_dir"] = run_dir
     run_dir = cfg["run_dir"]
     continues, error = False, None
     if ctx.is_main:
@@ -1122,6 +1185,11 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
         _tidy_run_dir(run_dir, saved_state["epoch"] if continues else None)
         if saved_state is not None:
             _carry_best_checkpoint(args.resume, run_dir, saved_state)
+    if saved_state is not None:  # gathered: the copy is made before any rank reads the vocabulary
+        vocab_copy = _carry_vocabulary(args.resume, run_dir, cfg) if ctx.is_main else None
+        vocab_copy = vdist.all_gather_object(vocab_copy, ctx)[0]
+        if vocab_copy:
+            cfg["vocab_file"] = vocab_copy
     if saved_state is not None:  # logged here, so that train.log keeps them too
         saved = saved_state["config"]
         # a key absent from an older checkpoint: that run had the default
@@ -1152,6 +1220,13 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
         if trainer.epoch >= cfg["num_epochs"]:
             logger.info("the resumed run has trained its %d epochs: nothing to train (raise --num_epochs to "
                         "continue it)", cfg["num_epochs"])
+    if cfg.get("local_negatives") and ctx.world_size == 1:
+        logger.warning("--local_negatives has no effect in a single process: its batch is the whole batch")
+    if cfg["lr_update"] >= cfg["num_epochs"]:
+        logger.warning("--lr_update %d is not below --num_epochs %d: the learning rate is never decayed",
+                       cfg["lr_update"], cfg["num_epochs"])
+    elif cfg["lr_update"] == 0:
+        logger.warning("--lr_update 0: every epoch runs at 0.1 x --learning_rate")
     for key in ("val_split", "test_split"):
         if cfg.get(key) == cfg["train_split"]:
             logger.warning("--%s %s is the training split: its recall is measured on the training pairs",
