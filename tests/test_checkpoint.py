@@ -432,3 +432,61 @@ def test_published_state_dict_entries_are_checked(tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="both become 'embed.weight'"):
         load_published_checkpoint(path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_truncation_of_a_legacy_format_checkpoint_is_named(tmp_path):
+    """The legacy (non-zip) format's unpickler raises struct.error, AssertionError or LookupError on some
+    truncations and flipped bytes: they escaped as raw tracebacks that do not name the file."""
+    good = tmp_path / "legacy.pth"
+    torch.save({"model": {"w": torch.arange(6.0)}, "epoch": 3}, good, _use_new_zipfile_serialization=False)
+    raw = good.read_bytes()
+    bad = tmp_path / "bad.pth"
+    for cut in range(1, len(raw)):
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError, match="bad.pth"):
+            load_checkpoint(str(bad))
+
+
+def test_published_opt_that_disagrees_with_the_weights_structure_is_named(tmp_path):
+    """opt says region features (an MLP) or two GRU layers, but the weights hold none, or one: it loaded
+    as a smaller model, silently."""
+    pub = build_published(16, 13, vocab_size=57, word_dim=7).eval()
+    ckpt = published_checkpoint(pub, published_opt(embed_size=16, img_dim=13, vocab_size=57, word_dim=7))
+    ckpt["model"][0] = {k: v for k, v in ckpt["model"][0].items() if not k.startswith("mlp.")}
+    path = str(tmp_path / "x.pth")
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"x.pth.*opt.precomp_enc_type='basic' but the image encoder's "
+                                              r"weights lack the region MLP"):
+        load_published_checkpoint(path)
+    ckpt = published_checkpoint(pub, published_opt(embed_size=16, img_dim=13, vocab_size=57, word_dim=7,
+                                                   num_layers=2))
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="opt.num_layers=2 but the weights say 1"):
+        load_published_checkpoint(path)
+
+
+def test_a_copied_checkpoint_is_written_durably(tmp_path, monkeypatch):
+    """A resumed run's best.pth copied into its new directory was renamed into place unsynced: a crash
+    could leave an empty best.pth. It is written as save_checkpoint writes."""
+    from vse_fast import checkpoint
+
+    source = tmp_path / "best.pth"
+    save_checkpoint(str(source), {"format": FORMAT, "epoch": 1})
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    checkpoint.copy_checkpoint(str(source), str(tmp_path / "c.pth"))
+    assert (tmp_path / "c.pth").read_bytes() == source.read_bytes()
+    assert len(synced) == 2  # the file before its rename, then the directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "c.pth"]  # no temporary file left
+
+
+def test_an_unknown_model_option_override_is_an_error(tmp_path):
+    model = build_model(dict(embed_size=8, img_dim=5, text_encoder="gru", vocab_size=11, word_dim=4),
+                        gpo_backend="torch")
+    path = str(tmp_path / "m.pth")
+    save_checkpoint(path, {"format": FORMAT, "model": model.state_dict(), "config": {"model": model.opt}})
+    with pytest.raises(TypeError, match=r"unknown model option\(s\) \['gpo_backnd'\]"):
+        load_model_checkpoint(path, gpo_backnd="torch")
+    assert load_model_checkpoint(path, no_txtnorm=True)[0].opt["no_txtnorm"] is True

@@ -27,6 +27,7 @@ import os
 import pickle
 import random
 import re
+import struct
 import uuid
 import warnings
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vse_fast.model import VSEModel, build_model, resolve_model_options
+from vse_fast.model import VSEModel, build_model, model_defaults, resolve_model_options
 
 FORMAT = "vse_fast/1"
 
@@ -124,17 +125,34 @@ def remove_stale_temporaries(path: str) -> list:
 
 
 def copy_checkpoint(source: str, target: str) -> None:
-    """Copy ``source`` to ``target`` through a temporary file and os.replace, as save_checkpoint writes."""
+    """Copy ``source`` to ``target`` as save_checkpoint writes: a temporary file, fsync, os.replace,
+    then the directory's fsync."""
     import shutil
 
     tmp = _temporary_path(target)
     try:
-        shutil.copyfile(source, tmp)
+        with open(source, "rb") as src, open(tmp, "xb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_directory(os.path.dirname(os.path.abspath(target)))
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (best effort; not possible on every platform)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -158,14 +176,7 @@ def save_checkpoint(path: str, state: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    try:  # make the rename itself durable (best effort; not possible on every platform)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    _fsync_directory(directory)
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
@@ -194,7 +205,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
     except (RuntimeError, EOFError, OSError) as err:
         detail = str(err) or ("empty or truncated file" if isinstance(err, EOFError) else type(err).__name__)
         raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint: {detail}") from err
-    except (IndexError, KeyError, ValueError, TypeError, AttributeError) as err:  # e.g. a text file
+    # e.g. a text file; struct.error, AssertionError, LookupError: a corrupt legacy (non-zip) checkpoint
+    except (IndexError, KeyError, ValueError, TypeError, AttributeError, struct.error, AssertionError,
+            LookupError) as err:
         raise CheckpointError(f"checkpoint {path!r} is not a readable torch checkpoint "
                               f"({type(err).__name__}: {err})") from err
 
@@ -337,6 +350,9 @@ def _model_from_state(state: Any, path: str, **option_overrides) -> tuple[VSEMod
         raise CheckpointError(f"checkpoint {path!r} has no 'config' dict with the model options")
     if "model" not in state:
         raise CheckpointError(f"checkpoint {path!r} has no 'model' state dict (keys: {list(state)})")
+    unknown = sorted(set(option_overrides) - set(model_defaults()))
+    if unknown:
+        raise TypeError(f"unknown model option(s) {unknown}: the options are {sorted(model_defaults())}")
     weights = strip_prefixes(_check_state_dict(state["model"], path, "'model'"), path=path)
     options = model_options_from_config(config)
     options.update(option_overrides)
@@ -463,6 +479,12 @@ def _published_from_state(ckpt: Any, path: str, text_model: str | None, bert_con
                               f"(keys: {sorted(txt_sd)[:6]})")
     # precomp_enc_type 'backbone' in opt names the end-to-end model; the fc-only part is what we load.
     _check_against_opt({k: v for k, v in inferred.items() if k != "precomp_enc_type"}, opt, path)
+    opt_enc = opt.get("precomp_enc_type")
+    if opt_enc is not None and (opt_enc == "basic") != (inferred["precomp_enc_type"] == "basic"):
+        raise CheckpointError(f"checkpoint {path!r}: opt.precomp_enc_type={opt_enc!r} but the image encoder's "
+                              f"weights {'lack' if opt_enc == 'basic' else 'hold'} the region MLP (mlp.*)")
+    if options["text_encoder"] == "gru":
+        _check_against_opt({"num_layers": options["num_layers"]}, opt, path)
     options.update(inferred)
     try:
         model = build_model(resolve_model_options(options), load_pretrained=False)
