@@ -33,8 +33,10 @@ echo "gpu_check exit: ${PIPESTATUS[0]}"
 
 # CUDA tests (the interpreter tests skip themselves when a GPU is present): the quick files first, the
 # GPO pool file (hundreds of cases, one build per shape specialization) last.
-# In tests/test_gpo_pool.py the packed-network and no-sync tests come before the big sweep.
+# In tests/test_gpo_pool.py the packed-network and no-sync tests come before the big sweep, whose cases
+# are ordered to cover every kernel family and K first.
 tests=$(( budget - 10 - (SECONDS - start) ))
 timeout -s INT -k 10 $tests python -m pytest -q -p no:cacheprovider tests/test_gpo_table.py tests/test_contrastive.py \
-  tests/test_gpo_module.py tests/test_gpo_pool.py -k "cuda or sync" 2>&1 | tee "$out/gpu_tests.log" | tail -n 40
+  tests/test_gpo_module.py tests/test_model.py tests/test_evaluation.py tests/test_gpo_pool.py -k "cuda or sync" 2>&1 \
+  | tee "$out/gpu_tests.log" | tail -n 40
 echo "cuda tests exit: ${PIPESTATUS[0]}"
