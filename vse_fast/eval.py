@@ -86,6 +86,17 @@ def caption_position_limit(model):
     return getattr(getattr(bert, "config", None), "max_position_embeddings", None)
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode inside the block, then back in the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def check_tokenizer(model, tokenizer) -> None:
     """The tokenizer against the model's text encoder: a transformers BERT tokenizer whose word pieces
     fit the BERT word-embedding table, or a vse_fast.data.Vocabulary of the BiGRU embedding's size.
@@ -151,17 +162,13 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
     if len(captions) != n_images * caps:
         raise RuntimeError(f"{len(captions)} captions for {n_images} items x {caps}")
     loader_args = dict(shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
-    try:  # a batch larger than the split is the whole split (DataLoader takes no size beyond sys.maxsize)
+    with eval_mode(model):  # a batch larger than the split is the whole split (DataLoader: no size > sys.maxsize)
         img_emb = _encode(DataLoader(images, batch_size=min(batch_size, n_images), collate_fn=data.collate_images,
                                      **loader_args), model.encode_images, n_images, ("images", "img_lengths"),
                           device, precision)
         cap_emb = _encode(DataLoader(captions, batch_size=min(batch_size, len(captions)),
                                      collate_fn=data.collate_captions, **loader_args),
                           model.encode_captions, n_images * caps, ("captions", "cap_lengths"), device, precision)
-    finally:
-        model.train(was_training)
     _check_finite(img_emb, f"{split}: the image embeddings of items",
                   f"non-finite features in {info.paths['ims']}, or a model with non-finite weights")
     _check_finite(cap_emb, f"{split}: the caption embeddings of captions", "a model with non-finite weights")

@@ -16,14 +16,13 @@ scores are cosine similarities.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from vse_fast.data import collate, is_blank_caption
-from vse_fast.eval import _autocast, _check_finite, caption_position_limit
+from vse_fast.eval import _autocast, _check_finite, caption_position_limit, check_tokenizer, eval_mode
 from vse_fast.evaluation import numpy_to_torch
 
 
@@ -55,16 +54,6 @@ def _set_lengths(lengths, sets: list) -> list:
     return lengths.tolist()
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 class Encoder:
     """A trained VSEModel with its caption tokenizer, on one device. Each encode call runs the model in
     eval mode (no dropout, BatchNorm running statistics) and gives it back in the mode it had.
@@ -83,7 +72,6 @@ class Encoder:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         from vse_fast.data import CaptionEncoder  # the evaluation pipeline's caption -> ids (no augmentation)
-        from vse_fast.eval import check_tokenizer
 
         check_tokenizer(model, tokenizer)
 
@@ -141,7 +129,7 @@ class Encoder:
         if not sets:
             raise ValueError("no feature sets to encode")
         dtype = next(self.model.parameters()).dtype  # float32, or a float64 model's own dtype
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             out = []
             for a in range(0, len(sets), self.batch_size):
                 batch = collate([{"features": x.to(dtype)} for x in sets[a:a + self.batch_size]])
@@ -168,7 +156,7 @@ class Encoder:
                 raise type(err)(f"caption {index}: {err}") from None
         if not tokens:
             raise ValueError("no captions to encode")
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             out = []
             for a in range(0, len(tokens), self.batch_size):
                 batch = collate([{"tokens": torch.tensor(t, dtype=torch.long)} for t in tokens[a:a + self.batch_size]])
