@@ -79,14 +79,13 @@ def _pick_device(device, local_rank: int, distributed: bool, local_world_size: O
         if not torch.cuda.is_available():
             return torch.device("cpu")
         device = "cuda" if distributed else f"cuda:{torch.cuda.current_device()}"
-    explicit_index = torch.device(device).index is not None
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
         if distributed and device.index is None:
             device = torch.device("cuda", local_rank)
-        elif distributed and explicit_index and (local_world_size or 1) > 1:
+        elif distributed and (local_world_size or 1) > 1:
             raise ValueError(f"device {str(device)!r} names one GPU for all {local_world_size} processes of this node: "
                              "pass --device cuda (each process takes cuda:LOCAL_RANK)")
         if device.index is not None and device.index >= torch.cuda.device_count():
