@@ -195,17 +195,16 @@ def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, b
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     block = int(block)
-    for name, given in (("query_emb", query_emb), ("gallery_emb", gallery_emb)):
-        x = given.float()  # scored in float32
+    queries, gallery = query_emb.float(), gallery_emb.float()  # scored in float32
+    for name, given, x in (("query_emb", query_emb, queries), ("gallery_emb", gallery_emb, gallery)):
         bad = torch.nonzero(~torch.isfinite(x).all(dim=1))
         if bad.numel():
             beyond = " (or values beyond float32's range)" if given.dtype == torch.float64 else ""
             raise ValueError(f"{name} row {int(bad[0])} contains NaN or inf{beyond} ({bad.numel()} such rows)")
     k = int(k)
-    query_emb, gallery = query_emb.float(), gallery_emb.float()
     scores, indices = [], []
     for a in range(0, query_emb.shape[0], block):
-        s, i = (query_emb[a:a + block] @ gallery.T).topk(k, dim=1)
+        s, i = (queries[a:a + block] @ gallery.T).topk(k, dim=1)
         scores.append(s)
         indices.append(i)
     if not scores:
