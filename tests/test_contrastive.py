@@ -299,6 +299,7 @@ NONFINITE = [
     pytest.param("s", 4, float("inf"), False, id="inf-s"),
     pytest.param("s", 0, float("-inf"), True, id="neginf-s-pos"),
     pytest.param("im", 5, float("-inf"), True, id="neginf-unused-image"),  # image 5 is no positive
+    pytest.param("im", 5, float("nan"), True, id="nan-unused-image"),
 ]
 
 
@@ -311,10 +312,14 @@ def _nonfinite_case(where, row, value, positives, device="cpu", B=6):
 
 
 def _assert_nonfinite(im, s, pos, backend):
+    """The loss and a gradient are non-finite (a GradScaler then skips the step), in every mode."""
     for mv in (False, True):
         for terms in ("both", "i2t", "t2i"):
-            loss = contrastive_loss(im, s, 0.2, mv, positives=pos, terms=terms, backend=backend)
+            im_, s_ = im.detach().requires_grad_(), s.detach().requires_grad_()
+            loss = contrastive_loss(im_, s_, 0.2, mv, positives=pos, terms=terms, backend=backend)
             assert not torch.isfinite(loss), (mv, terms, loss)
+            loss.backward()
+            assert not (torch.isfinite(im_.grad).all() and torch.isfinite(s_.grad).all()), (mv, terms)
 
 
 @pytest.mark.parametrize("where,row,value,positives", NONFINITE)
@@ -355,6 +360,7 @@ def _error_cases():
         ("backend", dict(backend="cuda"), ValueError, "'cuda'"),
         ("margin", dict(margin=torch.tensor(0.2)), TypeError, "margin"),
         ("margin-nan", dict(margin=float("nan")), ValueError, "finite"),
+        ("margin-numpy-bool", dict(margin=np.bool_(True)), TypeError, "margin must be a real number"),
         ("margin-huge-int", dict(margin=10**400), ValueError, r"within the float32 range, got 1000.*401 digits"),
         ("margin-past-fp32", dict(margin=1e39), ValueError, "within the float32 range, got 1e[+]39"),
         ("terms-list", dict(terms=["i2t"]), ValueError, r"terms must be one of .*\['i2t'\]"),
@@ -365,6 +371,15 @@ def _error_cases():
         ("indices-vse0", dict(return_indices=True), ValueError, "max_violation=True"),
         ("triton-fp64", dict(im=im.double(), s=s.double(), backend="triton"), TypeError, "float64"),
     ]
+
+
+def test_functional_margin_takes_numpy_numbers():
+    im, s, _ = _inputs(5, 5, 4, torch.float64)
+    want = contrastive_loss(im, s, 0.25, True, backend="torch")
+    for margin in (np.float32(0.25), np.float64(0.25), np.float16(0.25)):
+        torch.testing.assert_close(contrastive_loss(im, s, margin, True, backend="torch"), want)
+    torch.testing.assert_close(contrastive_loss(im, s, np.int64(1), True, backend="torch"),
+                               contrastive_loss(im, s, 1, True, backend="torch"))
 
 
 @pytest.mark.parametrize("case", _error_cases(), ids=lambda c: c[0])

@@ -16,8 +16,10 @@ The loss is fp32 for fp32/bf16/fp16 inputs (fp64 for fp64, torch backend only). 
 (create_graph=True): exact on the torch backend; the Triton backend raises (once differentiable).
 """
 
+import numbers
 import warnings
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -77,11 +79,11 @@ _FP32_MAX = torch.finfo(torch.float32).max
 
 
 def check_loss_options(margin, max_violation, reduction="sum", backend="auto"):
-    """Raise TypeError/ValueError unless margin is a Python int/float within the float32 range (the
-    loss is computed in fp32), max_violation a bool, reduction in ("sum", "mean") and backend in
-    ("auto", "torch", "triton")."""
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise TypeError(f"margin must be a Python float, got {_type_name(margin)}")
+    """Raise TypeError/ValueError unless margin is a real number (Python or numpy int/float, not a
+    bool or tensor) within the float32 range (the loss is computed in fp32), max_violation a bool,
+    reduction in ("sum", "mean") and backend in ("auto", "torch", "triton")."""
+    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin must be a real number (a Python or numpy int/float), got {_type_name(margin)}")
     if not (margin == margin and -_FP32_MAX <= margin <= _FP32_MAX):  # inf, NaN, or beyond fp32 (ints too)
         raise ValueError(f"margin must be finite and within the float32 range, got {_short(margin)}")
     if not isinstance(max_violation, bool):
@@ -351,6 +353,29 @@ class ContrastiveLossFunction(torch.autograd.Function):
         return dim, ds, None, None, None, None, None
 
 
+class _NonFiniteInputsGiveNaN(torch.autograd.Function):
+    """loss + (0 if im and s are finite else NaN); the same term reaches the gradients of im and s, so
+    that a non-finite input also makes a gradient non-finite (a GradScaler then skips the step). With
+    positives, an image that is no caption's positive may hold a NaN that neither the loss's other terms
+    nor the backward touch (a hardest negative drops NaN scores)."""
+
+    @staticmethod
+    def forward(ctx, loss, im, s):
+        flag = torch.where(torch.isfinite(im).all() & torch.isfinite(s).all(), 0.0, float("nan"))
+        ctx.save_for_backward(flag)
+        ctx.dtypes = (im.dtype, s.dtype)
+        ctx.shapes = (im.shape, s.shape)
+        return loss + flag.to(loss.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flag,) = ctx.saved_tensors
+        poison = grad * flag.to(grad.dtype)
+        grads = [poison.to(dtype).expand(shape) if needed else None
+                 for needed, dtype, shape in zip(ctx.needs_input_grad[1:], ctx.dtypes, ctx.shapes)]
+        return grad, *grads
+
+
 # ---------------------------------------------------------------------------------------------------
 # public API
 
@@ -363,7 +388,7 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
         im: (N, D) image embeddings; s: (M, D) caption embeddings. fp32/bf16/fp16 (fp64: torch only),
             same device, any strides; two dtypes are promoted to the wider (as autocast's mixed
             outputs reach the published loss).
-        margin: hinge margin (Python float). max_violation: False = VSE0, True = VSE++.
+        margin: hinge margin (a real number). max_violation: False = VSE0, True = VSE++.
         positives: (M,) int64, the image row of each caption (captions of one image are not negatives
             of each other); None means the diagonal and needs N == M. Range-checked without a host
             sync on CUDA (device-side assert), with a ValueError on CPU.
@@ -380,7 +405,8 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
             raises (warns with warn_only).
 
     Returns:
-        The 0-dim loss (fp32; fp64 for fp64 inputs), non-finite if im or s holds a NaN/inf; and
+        The 0-dim loss (fp32; fp64 for fp64 inputs), non-finite if im or s holds a NaN/inf (and so is
+        the gradient of im or s, so that a GradScaler skips the step); and
         the indices dict when return_indices.
 
     Example::
@@ -401,7 +427,7 @@ def contrastive_loss(im, s, margin=0.2, max_violation=False, *, positives=None, 
         loss, aux = fn.apply(im, s, labels, float(margin), max_violation, term_tuple, scale)
     if labels is not None:
         # Images that are no caption's positive are not covered by the in-kernel 0 * d_j check.
-        loss = torch.where(torch.isfinite(im).all(), loss, torch.full_like(loss, float("nan")))
+        loss = _NonFiniteInputsGiveNaN.apply(loss, im, s)
     if return_indices:
         return loss, {term: aux[t].long() for t, term in enumerate(term_tuple)}
     return loss
