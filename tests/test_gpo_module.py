@@ -442,6 +442,38 @@ def test_fixed_pools_match_direct_definitions():
         assert module.coefficients(lengths, K).dtype == torch.float32  # the default
 
 
+def test_fixed_pools_with_infinite_values():
+    """The max of [5, -inf, 1] is 5 and the top-2 mean 3: a weighted sum over every rank gave NaN
+    (0 * -inf at the zero-weight ranks), and so did two fp16 values that overflowed to inf."""
+    inf = float("inf")
+    columns = [[5.0, -inf, 1.0], [inf, inf, 0.0], [1.0, 0.0, -inf]]  # one feature's set of 3 each
+    x = torch.tensor(columns).T.reshape(1, 3, 3)
+    n = torch.tensor([3])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        xd = x.to(dtype)
+        for module, want in ((MaxPool(), [5.0, inf, 1.0]), (KMaxPool(2), [3.0, inf, 0.5])):
+            expected = torch.tensor([want], dtype=dtype)
+            torch.testing.assert_close(module(xd, n)[0], expected)
+            torch.testing.assert_close(module.pool(xd, n), expected)
+    nan_set = torch.tensor([[[1.0], [float("nan")], [inf]]])
+    for module in (MaxPool(), KMaxPool(2), KMaxPool(5)):
+        assert torch.isnan(module(nan_set, n)[0]).all()  # a NaN is not hidden
+
+
+def test_fixed_pools_keep_padding_out_of_the_gradient():
+    """A set whose valid values are all -inf: the padding (also -inf once masked) ranks after them."""
+    x = torch.full((2, 4, 3), -float("inf"))
+    x[1, 3] = 7.0  # padding of set 0 holds a large value; set 1 is full
+    x.requires_grad_()
+    n = torch.tensor([2, 4])
+    for module in (MaxPool(), KMaxPool(3)):
+        pooled, _ = module(x, n)
+        (grad,) = torch.autograd.grad(pooled.sum(), x)
+        assert (grad[0, 2:] == 0).all() and pooled[0].eq(-float("inf")).all()
+        assert grad[0, :2].sum() == 3  # one per feature
+        torch.testing.assert_close(pooled[1], torch.full((3,), 7.0 if isinstance(module, MaxPool) else -float("inf")))
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_parity_with_published(dtype, monkeypatch):

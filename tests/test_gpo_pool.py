@@ -464,7 +464,8 @@ def _valid():
     (lambda x, n, w: (x, torch.tensor([float("inf"), 2.0]), w), ValueError, r"lengths must hold finite.*\[inf\]"),
     (lambda x, n, w: (x, torch.tensor([2.0, -float("inf")]), w), ValueError, r"lengths must hold finite.*\[-inf\]"),
     (lambda x, n, w: (x, n, w[:, :3]), ValueError, "Kw=3.*longest set 4"),
-    (lambda x, n, w: (x.long(), n, w), TypeError, "features must be a floating-point.*torch.int64"),
+    (lambda x, n, w: (x.long(), n, w), TypeError, "features must be a float16/bfloat16/float32/float64.*torch.int64"),
+    (lambda x, n, w: (x.to(torch.float8_e4m3fn), n, w), TypeError, "features must be a float16/.*float8_e4m3fn"),
     (lambda x, n, w: (x, n, w.long()), TypeError, "weights must be a floating-point"),
     (lambda x, n, w: (x, n.bool(), w), TypeError, "lengths must be an integer or float"),
     (lambda x, n, w: (x, n.tolist(), w), TypeError, "lengths must be a torch.Tensor, got list"),
@@ -472,7 +473,7 @@ def _valid():
     (lambda x, n, w: (x[:, :0], n, w), ValueError, "empty set axis"),
     (lambda x, n, w: (x.to("meta"), n, w), ValueError, "one device.*features on meta"),
 ], ids=["features-rank", "lengths-rank", "weights-rank", "B-lengths", "B-weights", "length-0", "length-gt-K",
-        "fractional-length", "nan-length", "inf-length", "neg-inf-length", "Kw-short", "int-features", "int-weights", "bool-lengths", "list-lengths",
+        "fractional-length", "nan-length", "inf-length", "neg-inf-length", "Kw-short", "int-features", "fp8-features", "int-weights", "bool-lengths", "list-lengths",
         "no-weights", "K-0", "devices"])
 def test_validation_errors(mutate, error, match):
     with pytest.raises(error, match=match):

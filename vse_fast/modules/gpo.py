@@ -115,8 +115,11 @@ class _SortedPool(nn.Module):
         n = _lengths_as_long(lengths)
         longest = _longest(n)
         weights = self.coefficients(n, longest, self._weights_dtype(features))
-        pooled = gpo_pool(features, n, weights, validate=False)
-        return pooled, weights.unsqueeze(-1)
+        return self._pool_checked(features, n, weights), weights.unsqueeze(-1)
+
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """pooled (B, D) of checked inputs: n (B,) long, weights (B, >= max(n)) from ``coefficients``."""
+        return gpo_pool(features, n, weights, validate=False)
 
     def pool(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """No-sync path: features (B, K, D), lengths (B,) on the features' device -> pooled (B, D).
@@ -124,8 +127,7 @@ class _SortedPool(nn.Module):
         CPU, where the torch path reads them on the host anyway, they are checked as in forward."""
         check_gpo_pool_inputs(features, lengths, validate=_pool_ops._sorts_by_length(features))
         n = _lengths_as_long(lengths)
-        return gpo_pool(features, n, self.coefficients(n, features.shape[1], self._weights_dtype(features)),
-                        validate=False)
+        return self._pool_checked(features, n, self.coefficients(n, features.shape[1], self._weights_dtype(features)))
 
 
 
@@ -314,16 +316,37 @@ class AvgPool(_SortedPool):
         return (ranks < n).to(dtype) / n.clamp(min=1).to(dtype)
 
 
+def _mean_of_top(features: torch.Tensor, n: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, D) mean of the top min(k, n_b) of the n_b valid values of each feature of set b, accumulated
+    in float32 (float64 for float64 features), returned in features.dtype. Unlike a weighted sum over
+    every rank (gpo_pool), the ranks past min(k, n_b) are left out, not multiplied by 0: 0 * inf would
+    make the max of [5, -inf, 1] NaN. A NaN among the valid values gives NaN (sorted first); padding
+    never reaches the result or the gradient (a stable sort keeps valid -inf ahead of the padding)."""
+    ranks = torch.arange(features.shape[1], device=features.device)
+    padding = (ranks >= n.unsqueeze(1)).unsqueeze(-1)
+    k = min(k, features.shape[1])
+    top = features.masked_fill(padding, float("-inf")).sort(dim=1, descending=True, stable=True).values[:, :k]
+    count = n.clamp(max=k)
+    accumulate = torch.float64 if features.dtype == torch.float64 else torch.float32
+    kept = torch.where((ranks[:k] < count.unsqueeze(1)).unsqueeze(-1), top.to(accumulate), 0)
+    return (kept.sum(1) / count.unsqueeze(1).to(accumulate)).to(features.dtype)
+
+
 class MaxPool(_SortedPool):
-    """Maximum over the n valid set elements per feature (weight 1 at rank 0)."""
+    """Maximum over the n valid set elements per feature (weight 1 at rank 0). Pooled without the
+    zero-weight ranks, so that an inf among the values gives the maximum, not 0 * inf = NaN."""
 
     def coefficients(self, lengths: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         ranks = torch.arange(K, device=lengths.device)
         return (ranks == 0).to(dtype).expand(lengths.shape[0], K)
 
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return _mean_of_top(features, n, 1)
+
 
 class KMaxPool(_SortedPool):
-    """Mean of the top min(k, n) values per feature (weight 1/min(k, n) at ranks < min(k, n))."""
+    """Mean of the top min(k, n) values per feature (weight 1/min(k, n) at ranks < min(k, n)). Pooled
+    without the zero-weight ranks, as MaxPool."""
 
     def __init__(self, k: int):
         super().__init__()
@@ -335,6 +358,9 @@ class KMaxPool(_SortedPool):
         top = _lengths_as_long(lengths).clamp(min=1, max=self.k).unsqueeze(1)
         ranks = torch.arange(K, device=lengths.device)
         return (ranks < top).to(dtype) / top.to(dtype)
+
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return _mean_of_top(features, n, self.k)
 
     def extra_repr(self) -> str:
         return f"k={self.k}"
