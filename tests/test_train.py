@@ -549,6 +549,38 @@ def test_loss_switches_can_be_turned_off_on_resume_and_are_logged(tiny, tmp_path
     assert "--dedupe_items True overrides the resumed run's False" in (tmp_path / "old" / "train.log").read_text()
 
 
+def test_a_warmup_given_on_resume_of_a_max_violation_run_is_an_error(tiny, tmp_path, capsys):
+    """The resumed --max_violation overrode it: the log said the new warm-up took effect, and it did not."""
+    train.main(_args(tiny, tmp_path / "mv", "--max_steps", "1", "--max_violation"))
+    resume = ["--resume", str(tmp_path / "mv" / "last.pth"), "--max_steps", "2", "--progress", "off"]
+    err = _error(capsys, resume + ["--vse_mean_warmup_epochs", "2"])
+    assert "started with --max_violation" in err and "--vse_mean_warmup_epochs 2 would have no effect" in err
+    train.main(resume + ["--vse_mean_warmup_epochs", "2", "--no-max_violation"])
+    assert "VSE0 (sum) loss" in (tmp_path / "mv" / "train.log").read_text()
+
+
+def test_a_warmup_over_every_epoch_is_warned_about(tiny, tmp_path):
+    train.main(_args(tiny, tmp_path / "w", "--max_steps", "1", "--vse_mean_warmup_epochs", "2"))
+    assert "--vse_mean_warmup_epochs 2 is not below --num_epochs 2" in (tmp_path / "w" / "train.log").read_text()
+
+
+def test_the_pairs_left_out_of_each_epoch_are_logged(tiny, tmp_path):
+    train.main(_args(tiny, tmp_path / "p", "--max_steps", "1", "--batch_size", "50"))
+    log = (tmp_path / "p" / "train.log").read_text()
+    assert "240 training pairs, 4 steps/epoch (40 pairs per epoch left out" in log
+
+
+def test_fp16_steps_skipped_by_the_scaler_are_logged(tiny, tmp_path):
+    """The loss is a sum over the batch, so the first fp16 steps overflow at the initial scale 2**16
+    and the GradScaler skips their updates: the log said nothing, and --max_steps counts them."""
+    train.main(_args(tiny, tmp_path / "f", "--precision", "fp16", "--max_steps", "6", "--log_step", "3"))
+    state = _final_state(tmp_path / "f")
+    applied = int(next(s["step"] for s in state["optimizer"]["state"].values()))
+    log = (tmp_path / "f" / "train.log").read_text()
+    assert applied < 6  # the premise: some steps were skipped
+    assert f"{6 - applied} of 6 steps in all" in log
+
+
 def test_learning_rate_and_weight_decay_given_on_resume_take_effect(tiny, tmp_path, capsys):
     """The optimizer state restores AdamW's moments, not the resumed run's lr or decay: those follow
     --learning_rate / --weight_decay given with --resume (and are kept when not given)."""

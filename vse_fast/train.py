@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--run_dir", help="output directory [runs/<date-time>]")
     g.add_argument("--resume", help="checkpoint (last.pth) to continue from; its options are reused")
-    g.add_argument("--max_steps", type=int, help="stop (and write last.pth) after this many optimizer steps in total")
+    g.add_argument("--max_steps", type=int,
+                   help="stop (and write last.pth) after this many training steps (batches) in total, fp16 steps "
+                   "that the GradScaler skipped included")
     g.add_argument("--save_steps", type=int,
                    help=f"also write last.pth every N steps, 0 = only at epoch ends {d('save_steps')}")
     g.add_argument("--log_step", type=int, help=f"log every N steps {d('log_step')}")
@@ -238,6 +240,10 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
         # not to the directory recorded when it was written.
         if getattr(args, "resume", None):
             cfg["run_dir"] = os.path.dirname(os.path.abspath(args.resume))
+        if cfg.get("max_violation") and explicit.get("vse_mean_warmup_epochs") and "max_violation" not in explicit:
+            parser.error(f"the resumed run was started with --max_violation (hardest negatives from the first "
+                         f"epoch), so --vse_mean_warmup_epochs {explicit['vse_mean_warmup_epochs']} would have no "
+                         "effect: add --no-max_violation to warm up with VSE0")
         cfg.update(explicit)
         return cfg
     base = PUBLISHED_DEFAULTS if args.data_path else (
@@ -647,6 +653,7 @@ class Trainer:
             self._restore(saved_state)
         else:
             torch.manual_seed(cfg["seed"] * 1000 + ctx.rank + 1)  # per-rank dropout streams
+        self._skipped_logged = self._skipped_steps_in_total()
         self.ddp_model = self.model
         if ctx.enabled:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -847,6 +854,14 @@ class Trainer:
         fresh = (self._first_bad_step < 0) & ~torch.isfinite(loss.detach())
         self._first_bad_step = torch.where(fresh, self.step, self._first_bad_step)
 
+    def _skipped_steps_in_total(self) -> int:
+        """Training steps whose update the fp16 GradScaler skipped (inf/NaN gradients), from the start of
+        the run: steps taken minus the optimizer's own count (a host read of a device tensor on CUDA)."""
+        if not self.scaler.is_enabled():
+            return 0
+        applied = next((int(s["step"]) for s in self.optimizer.state.values() if "step" in s), 0)
+        return self.step - applied
+
     def _log_step(self, loss, img_emb, cap_emb, items, max_violation, steps_per_s, bar) -> None:
         """The only host synchronisation of the loop: at the logging cadence."""
         cfg, ctx = self.cfg, self.ctx
@@ -863,6 +878,12 @@ class Trainer:
                     self.epoch_step, self.steps_per_epoch, self.step, loss_v, lr, throughput,
                     "" if self.precision == "fp32" else f" ({self.precision})",
                     extra={"file_only": bar.bar is not None})  # the bar shows these numbers
+        skipped_total = self._skipped_steps_in_total()
+        if skipped_total > self._skipped_logged:
+            logger.info("%d step(s) since the last log skipped by the fp16 GradScaler (inf/NaN gradients; it "
+                        "lowers its scale, now %g): %d of %d steps in all", skipped_total - self._skipped_logged,
+                        self.scaler.get_scale(), skipped_total, self.step)
+        self._skipped_logged = skipped_total
         # Every precision: the loss is computed in fp32 from l2-normalised embeddings, so a NaN/inf loss
         # means a NaN/inf forward (features, or fp16 overflow), which no GradScaler step can undo.
         if bad_ranks > 0 or not math.isfinite(loss_v):
@@ -1211,15 +1232,21 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
                      "process: with --local_negatives a process's own pairs are its only negatives, so it would "
                      "train nothing (use at least 2 pairs per process, or global negatives)")
     trainer = Trainer(cfg, ctx, data_path, saved_state)
-    logger.info("data %s; %d training pairs, %d steps/epoch; %d process(es) on %s, %s; run dir %s",
-                data_path, len(trainer.train_set), trainer.steps_per_epoch, ctx.world_size, ctx.device,
-                trainer.precision, run_dir)
+    unused = len(trainer.train_set) - trainer.steps_per_epoch * cfg["batch_size"]
+    logger.info("data %s; %d training pairs, %d steps/epoch%s; %d process(es) on %s, %s; run dir %s",
+                data_path, len(trainer.train_set), trainer.steps_per_epoch,
+                f" ({unused} pairs per epoch left out: the batches are full, the order new each epoch)"
+                if unused else "", ctx.world_size, ctx.device, trainer.precision, run_dir)
     if saved_state is not None:
         logger.info("resumed %s at epoch %d, step %d of the epoch (total %d)", args.resume, trainer.epoch,
                     trainer.epoch_step, trainer.step)
         if trainer.epoch >= cfg["num_epochs"]:
             logger.info("the resumed run has trained its %d epochs: nothing to train (raise --num_epochs to "
                         "continue it)", cfg["num_epochs"])
+    if not cfg["max_violation"] and cfg["vse_mean_warmup_epochs"] >= cfg["num_epochs"] \
+            and args.vse_mean_warmup_epochs is not None:
+        logger.warning("--vse_mean_warmup_epochs %d is not below --num_epochs %d: every epoch trains VSE0 (no "
+                       "hardest negatives)", cfg["vse_mean_warmup_epochs"], cfg["num_epochs"])
     if cfg.get("local_negatives") and ctx.world_size == 1:
         logger.warning("--local_negatives has no effect in a single process: its batch is the whole batch")
     if cfg["lr_update"] >= cfg["num_epochs"]:
