@@ -7,13 +7,19 @@
 * gpo-pool-*: the sort-and-weighted-sum alone, forward + backward (to features and weights). Ours is
   `gpo_pool` (backend "auto": torch on CPU, Triton on CUDA); the published-style pool is
   masked_fill / sort / masked_fill / mul / sum.
-On CPU the float32 torch paths run (big cases with few rounds); on a GPU float32 and bfloat16.
+On CPU the float32 torch paths run (big cases with few rounds); on a GPU float32 and bfloat16. In
+bfloat16 the published side returns float32 (its float32 weights promote the features: a float32 (B, K, D)
+product), ours bfloat16; extra_info "out_dtype" records it. Before timing ours, each case checks its
+output and gradients once (untimed) against the published computation on float64 features.
 Lengths are random in 1..K with K present (padding exercised); the module also runs at B=128 K=36
 with every set full (sets "full": 36 BUTD regions per image, the usual COCO case).
 """
+import copy
+
 import pytest
 import torch
 
+from reference_check import assert_matches_reference
 from tests.published.gpo import PublishedGPO, published_pool
 from vse_fast.modules.gpo import GPO
 from vse_fast.ops.gpo_pool import gpo_pool
@@ -22,6 +28,7 @@ SHAPES = [(128, 36, 1024), (128, 64, 1024), (512, 64, 1024)]
 ON_GPU = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative error against float64, before timing
 
 
 def _rounds(B, K, D):
@@ -52,6 +59,36 @@ def _fwd_bwd(fn, inputs):
     return step
 
 
+def _outputs_and_grads(out, named_inputs):
+    """{"out": out, "grad_<name>": d(sum of out * a fixed upstream)/d(input)} for named_inputs."""
+    upstream = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=torch.float64).view_as(out)
+    grads = torch.autograd.grad(out, list(named_inputs.values()), upstream.to(out.dtype))
+    return {"out": out, **{f"grad_{name}": g for name, g in zip(named_inputs, grads)}}
+
+
+def _check_module(module, published, features, lengths):
+    """Ours (GPO.pool) against the published module on the same weights, given float64 features (its
+    coefficients stay float32: it builds its position encodings in float32)."""
+    reference = copy.deepcopy(published)
+    x64 = features.detach().double().requires_grad_()
+    ours = _outputs_and_grads(module.pool(features, lengths),
+                              {"features": features, **dict(module.named_parameters())})
+    expected = _outputs_and_grads(reference(x64, lengths)[0], {"features": x64, **dict(reference.named_parameters())})
+    pooling = ("out", "grad_features")
+    assert_matches_reference({k: ours.pop(k) for k in pooling}, {k: expected.pop(k) for k in pooling},
+                             TOLERANCE[features.dtype])
+    # the parameters' gradients cancel (softmax over ranks): float32 sums of 128 sets reach ~3e-3
+    assert_matches_reference(ours, expected, max(TOLERANCE[features.dtype], 2e-2))
+
+
+def _check_pool(fn, features, lengths, weights):
+    """Ours against the published-style pool in float64 on the same inputs."""
+    x64, w64 = features.detach().double().requires_grad_(), weights.detach().double().requires_grad_()
+    ours = _outputs_and_grads(fn(), {"features": features, "weights": weights})
+    expected = _outputs_and_grads(published_pool(x64, lengths, w64), {"features": x64, "weights": w64})
+    assert_matches_reference(ours, expected, TOLERANCE[features.dtype])
+
+
 MODULE_CASES = [(*shape, "random") for shape in SHAPES] + [(128, 36, 1024, "full")]
 
 
@@ -67,13 +104,14 @@ def test_gpo_module_fwd_bwd(run_bench, bench_device, impl, B, K, D, sets, dtype)
         module = GPO(32, 32).to(bench_device)
         module.load_state_dict(published.state_dict())
         fn = lambda: module.pool(features, lengths)  # noqa: E731
+        _check_module(module, published, features, lengths)
     else:
         module = published
         fn = lambda: module(features, lengths)[0]  # noqa: E731
     step = _fwd_bwd(fn, [features, *module.parameters()])
     full = "-full" if sets == "full" else ""
     run_bench(step, group=f"gpo-module-B{B}-K{K}-D{D}{full}-{DTYPE_NAMES[dtype]}", impl=impl,
-              rounds=_rounds(B, K, D), shape=[B, K, D], dtype=str(dtype), sets=sets)
+              rounds=_rounds(B, K, D), shape=[B, K, D], dtype=str(dtype), sets=sets, out_dtype=str(fn().dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_NAMES[d] for d in DTYPES])
@@ -86,6 +124,7 @@ def test_gpo_pool_fwd_bwd(run_bench, bench_device, impl, B, K, D, dtype):
     weights = weights.masked_fill(torch.arange(K, device=bench_device) >= lengths[:, None], 0).requires_grad_()
     if impl == "ours":
         fn = lambda: gpo_pool(features, lengths, weights, validate=False)  # noqa: E731
+        _check_pool(fn, features, lengths, weights)
     else:
         fn = lambda: published_pool(features, lengths, weights)  # noqa: E731
     step = _fwd_bwd(fn, [features, weights])
@@ -93,4 +132,5 @@ def test_gpo_pool_fwd_bwd(run_bench, bench_device, impl, B, K, D, dtype):
     elem = features.element_size()
     min_bytes = elem * (2 * B * K * D + B * D) + elem * (B * K * D + B * D)
     run_bench(step, group=f"gpo-pool-B{B}-K{K}-D{D}-{DTYPE_NAMES[dtype]}", impl=impl,
-              rounds=_rounds(B, K, D), shape=[B, K, D], dtype=str(dtype), min_bytes=min_bytes)
+              rounds=_rounds(B, K, D), shape=[B, K, D], dtype=str(dtype), min_bytes=min_bytes,
+              out_dtype=str(fn().dtype))

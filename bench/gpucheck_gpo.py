@@ -188,7 +188,8 @@ def _time_one(ctx, impl, fn, features, weights, dtype_name, shape, min_bytes):
     step = _fwd_bwd(fn, [features, weights])
     ms = ctx.bench(step)
     row = {"what": "pool fwd+bwd", "impl": impl, "dtype": dtype_name, "shape": shape, "ms": ms,
-           "gbs": min_bytes / (ms * 1e-3) / 1e9}
+           "gbs": min_bytes / (ms * 1e-3) / 1e9,
+           "out_dtype": str(fn().dtype)}  # float32 weights: the published pool promotes bf16 to float32
     row["frac_copy_bw"] = row["gbs"] / ctx.copy_gbs if ctx.copy_gbs else None
     row["peak_extra_mb"] = ctx.peak_extra_memory(step) / 2**20
     if impl.startswith("triton"):
@@ -208,13 +209,16 @@ def time_module(ctx, shapes):
         ours_torch_table = GPO(32, 32, table_backend="torch").to(ctx.device)
         ours_torch_table.load_state_dict(published.state_dict())
         features, lengths, _ = _inputs(B, K, D, DTYPES[name], ctx.device)
-        ms = {}
+        ms, out_dtypes = {}, {}
         for impl, module, fn in (("ours", ours, lambda: ours.pool(features, lengths)),
                                  ("ours_torch_table", ours_torch_table,
                                   lambda: ours_torch_table.pool(features, lengths)),
                                  ("published", published, lambda: published(features, lengths)[0])):
             ms[impl] = ctx.bench(_fwd_bwd(fn, [features, *module.parameters()]))
+            out_dtypes[impl] = str(fn().dtype)
+        # the published module promotes bf16 features to float32 (its weights); GPO.pool keeps bf16
         rows.append({"what": "GPO fwd+bwd", "dtype": name, "shape": [B, K, D], "ours_ms": ms["ours"],
+                     "ours_out_dtype": out_dtypes["ours"], "published_out_dtype": out_dtypes["published"],
                      "ours_torch_table_ms": ms["ours_torch_table"],
                      "published_ms": ms["published"], "speedup": ms["published"] / ms["ours"]})
     return rows
