@@ -442,6 +442,28 @@ def test_fixed_pools_match_direct_definitions():
         assert module.coefficients(lengths, K).dtype == torch.float32  # the default
 
 
+@pytest.mark.parametrize("K", [64, 65, 300])
+def test_large_sets_on_the_cpu_build_only_the_sizes_present(K, monkeypatch):
+    """A table over every size 1..K runs the GRU over K (K + 1) / 2 positions: a 1000-word caption took
+    14 s (the published module 0.2 s), 4000 words 10 GB. Above ALL_SIZES_MAX_K the CPU builds the sizes
+    present; the coefficients are the published ones either way, in train and eval mode."""
+    import vse_fast.modules.gpo as gpo_module
+
+    published, ours = make_pair()
+    lengths = torch.tensor([K, 5, K - 17, 1])
+    features = tie_free_features(4, K, 6)
+    want = published(features, lengths)[0]
+    all_sizes = gpo_module.GPO._table_over_all_sizes
+    calls = []
+    monkeypatch.setattr(gpo_module.GPO, "_table_over_all_sizes",
+                        lambda self, size: calls.append(size) or all_sizes(self, size))
+    for mode in (True, False):
+        ours.train(mode)
+        torch.testing.assert_close(ours.pool(features, lengths), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours(features, lengths)[0], want, rtol=1e-5, atol=1e-6)
+    assert bool(calls) == (K <= gpo_module.ALL_SIZES_MAX_K)
+
+
 def test_fixed_pools_with_infinite_values():
     """The max of [5, -inf, 1] is 5 and the top-2 mean 3: a weighted sum over every rank gave NaN
     (0 * -inf at the zero-weight ranks), and so did two fp16 values that overflowed to inf."""
@@ -454,7 +476,8 @@ def test_fixed_pools_with_infinite_values():
         for module, want in ((MaxPool(), [5.0, inf, 1.0]), (KMaxPool(2), [3.0, inf, 0.5])):
             expected = torch.tensor([want], dtype=dtype)
             torch.testing.assert_close(module(xd, n)[0], expected)
-            torch.testing.assert_close(module.pool(xd, n), expected)
+            for backend in ("auto", "torch"):  # the encoders pass their gpo_backend
+                torch.testing.assert_close(module.pool(xd, n, backend=backend), expected)
     nan_set = torch.tensor([[[1.0], [float("nan")], [inf]]])
     for module in (MaxPool(), KMaxPool(2), KMaxPool(5)):
         assert torch.isnan(module(nan_set, n)[0]).all()  # a NaN is not hidden

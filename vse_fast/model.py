@@ -161,13 +161,7 @@ def _make_pool(pooling: str = "gpo", pool_k: int | None = None, gpo_backend: str
 
 def _gpo_pool(gpool: nn.Module, features: torch.Tensor, lengths: torch.Tensor, backend: str) -> torch.Tensor:
     """GPO.pool (no host sync), with the sort-and-weight backend chosen ("auto": Triton on CUDA)."""
-    if backend == "auto":
-        return gpool.pool(features, lengths)
-    from vse_fast.ops.gpo_pool import gpo_pool
-
-    n = lengths.detach().long()
-    weights = gpool.coefficients(n, features.shape[1], gpool._weights_dtype(features))
-    return gpo_pool(features, n, weights, backend=backend, validate=False)
+    return gpool.pool(features, lengths, backend=backend)
 
 
 def _check_on_host(t: torch.Tensor) -> bool:

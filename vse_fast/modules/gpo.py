@@ -16,7 +16,9 @@ computed once per size, never per sample, by one of two table backends (`table_b
 * ``forward`` (drop-in, may sync with the host): the torch backend builds the distinct lengths of the
   batch, the Triton one every size up to max(lengths).
 * ``coefficients`` / ``pool`` (no host sync; used by our encoders): a table over every size 1..K
-  (K = features.shape[1], a Python int), gathered by length on the device.
+  (K = features.shape[1], a Python int), gathered by length on the device. It runs the GRU over
+  K (K + 1) / 2 positions: on the CPU, for K > ALL_SIZES_MAX_K (64), the sizes present are built
+  instead (the lengths are read on the host there anyway).
 
 In eval mode, when no gradient to the parameters is needed, the table is cached (see GPO for what
 invalidates it; `GPO.clear_cache()` drops it). Tables are computed with autocast disabled (in the
@@ -37,6 +39,8 @@ from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, check_length_values, ch
 from vse_fast.ops.gpo_table import triton_coefficient_table, torch_coefficient_table, use_triton_table
 
 TABLE_BACKENDS = ("auto", "triton", "torch")
+# Above this set size, GPO on the CPU builds the coefficients of the sizes present, not of every size 1..K
+ALL_SIZES_MAX_K = 64
 
 # Steps of every torch.optim optimizer in this process, part of the eval-cache key: fused optimizers
 # (AdamW(fused=True), the trainer's choice on CUDA) update parameters without bumping their versions.
@@ -117,17 +121,21 @@ class _SortedPool(nn.Module):
         weights = self.coefficients(n, longest, self._weights_dtype(features))
         return self._pool_checked(features, n, weights), weights.unsqueeze(-1)
 
-    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """pooled (B, D) of checked inputs: n (B,) long, weights (B, >= max(n)) from ``coefficients``."""
-        return gpo_pool(features, n, weights, validate=False)
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor,
+                      backend: str = "auto") -> torch.Tensor:
+        """pooled (B, D) of checked inputs: n (B,) long, weights (B, >= max(n)) from ``coefficients``;
+        ``backend`` that of gpo_pool."""
+        return gpo_pool(features, n, weights, backend=backend, validate=False)
 
-    def pool(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def pool(self, features: torch.Tensor, lengths: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         """No-sync path: features (B, K, D), lengths (B,) on the features' device -> pooled (B, D).
         On a GPU the lengths are trusted (not range-checked: that would read them on the host); on the
-        CPU, where the torch path reads them on the host anyway, they are checked as in forward."""
+        CPU, where the torch path reads them on the host anyway, they are checked as in forward.
+        ``backend``: gpo_pool's, for the sort-and-weighted-sum (MaxPool and KMaxPool use torch ops)."""
         check_gpo_pool_inputs(features, lengths, validate=_pool_ops._sorts_by_length(features))
         n = _lengths_as_long(lengths)
-        return self._pool_checked(features, n, self.coefficients(n, features.shape[1], self._weights_dtype(features)))
+        weights = self.coefficients(n, features.shape[1], self._weights_dtype(features))
+        return self._pool_checked(features, n, weights, backend)
 
 
 
@@ -260,10 +268,30 @@ class GPO(_SortedPool):
     def coefficients(self, lengths: torch.Tensor, K: int, dtype: torch.dtype = None) -> torch.Tensor:
         """No-sync coefficients (B, K) for lengths (B,) (int or float, trusted to be in 1..K):
         row b = the GPO weights of a set of size lengths[b], zero at positions >= lengths[b]; in the
-        parameters' dtype (``dtype`` is not used)."""
+        parameters' dtype (``dtype`` is not used). Gathered from a table over every size 1..K, except
+        on the CPU above K = ALL_SIZES_MAX_K, where the sizes present are built (see _only_sizes_present)."""
+        n = _lengths_as_long(lengths)
+        if self._only_sizes_present(n, K):  # lengths on the CPU: reading them costs no sync
+            longest = _longest(n)
+            return nn.functional.pad(self._table_of_sizes_present(n, longest), (0, K - longest))
         table = self._full_table(K)
-        rows = (_lengths_as_long(lengths) - 1).clamp(0, K - 1)
-        return table.index_select(0, rows)[:, :K]
+        return table.index_select(0, (n - 1).clamp(0, K - 1))[:, :K]
+
+    def _only_sizes_present(self, n: torch.Tensor, K: int) -> bool:
+        """Whether to build the coefficients of the sizes in n only, not of every size 1..K: for K above
+        ALL_SIZES_MAX_K with the lengths and the torch table on the CPU. A table over every size runs
+        the GRU over K (K + 1) / 2 positions: at K = 512 with gradients about 90 s on a 2-core CPU
+        against 2 s for 128 sets of random sizes; at K = 1000 (a long caption) 14 s where the published
+        module takes 0.2 s. The sizes present cost at most what the published per-set GRU costs."""
+        return K > ALL_SIZES_MAX_K and n.device.type == "cpu" and not self._use_triton_table()
+
+    def _table_of_sizes_present(self, n: torch.Tensor, longest: int) -> torch.Tensor:
+        """(B, longest): row b = the coefficients of a set of size n[b], from one packed GRU call over the
+        distinct sizes of n (read on the host)."""
+        sizes, inverse = torch.unique(n.cpu(), return_inverse=True)  # ascending
+        sizes = sizes.flip(0)
+        table = self._coefficient_table(sizes, longest, sizes.to(self._param_device_dtype()[0]))  # descending size
+        return table[(sizes.shape[0] - 1 - inverse).to(table.device)]
 
     def compute_pool_weights(self, lengths: torch.Tensor, features: torch.Tensor = None):
         """Published API: (weights (B, L, 1), mask (B, L, 1) bool), L = max(lengths) (0 when B = 0),
@@ -280,15 +308,12 @@ class GPO(_SortedPool):
         if n.numel() == 0:  # empty batch: no table to build
             device, dtype = self._param_device_dtype()
             weights = torch.zeros((0, 0), device=device, dtype=dtype)
-        elif self._cache_usable():
+        elif self._cache_usable() and not self._only_sizes_present(n, longest):
             weights = self._full_table(longest).index_select(0, n - 1)[:, :longest]
         elif self._use_triton_table():  # every size 1..longest in one kernel
             weights = self._table_over_all_sizes(longest).index_select(0, n - 1)
         else:  # once per distinct length (reads the lengths on the host; allowed here)
-            sizes, inverse = torch.unique(n.cpu(), return_inverse=True)  # ascending
-            sizes = sizes.flip(0)
-            table = self._coefficient_table(sizes, longest, sizes.to(self._param_device_dtype()[0]))  # descending size
-            weights = table[(sizes.shape[0] - 1 - inverse).to(table.device)]
+            weights = self._table_of_sizes_present(n, longest)
         mask = torch.arange(longest, device=n.device) < n.unsqueeze(1)
         return weights.unsqueeze(-1), mask.unsqueeze(-1)
 
@@ -340,7 +365,8 @@ class MaxPool(_SortedPool):
         ranks = torch.arange(K, device=lengths.device)
         return (ranks == 0).to(dtype).expand(lengths.shape[0], K)
 
-    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor,
+                      backend: str = "auto") -> torch.Tensor:
         return _mean_of_top(features, n, 1)
 
 
@@ -359,7 +385,8 @@ class KMaxPool(_SortedPool):
         ranks = torch.arange(K, device=lengths.device)
         return (ranks < top).to(dtype) / top.to(dtype)
 
-    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor,
+                      backend: str = "auto") -> torch.Tensor:
         return _mean_of_top(features, n, self.k)
 
     def extra_repr(self) -> str:
