@@ -720,6 +720,18 @@ def test_a_bert_directory_whose_vocabulary_lacks_mask_is_named(tmp_path):
         data.CaptionEncoder(added)
 
 
+def test_a_vocabulary_whose_pad_is_not_id_0_is_an_error(tmp_path):
+    """Captions are padded with id 0 and BERT's attention leaves id 0 out: with [PAD] elsewhere, the word
+    on the first line ("a red dog" -> [CLS] 0 ...) was hidden from BERT as padding."""
+    words = [v for v in VOCAB if v != "[PAD]"]
+    moved = tmp_path / "vocab.txt"
+    moved.write_text("\n".join(words[5:6] + words[:5] + ["[PAD]"] + words[6:]) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{moved}: [PAD] has id 6, not 0")):
+        data.load_tokenizer(vocab_file=str(moved))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: [PAD] has id 6, not 0")):
+        data.load_tokenizer(text_model_dir=str(tmp_path))
+
+
 def test_a_bert_directory_without_a_tokenizer_is_named(tmp_path, tokenizer):
     """transformers builds a tokenizer of the special tokens alone from a directory holding only the
     model (config.json and weights): every caption word would become [UNK]."""

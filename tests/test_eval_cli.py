@@ -412,6 +412,12 @@ def test_inference_encoder_and_search(dataset, tmp_path):
             enc.encode_captions([blank])
     with pytest.raises(ValueError, match="the tokenizer keeps none of"):
         enc.encode_captions(["\u0301"])  # a lone combining accent: BERT strips accents
+    cut_emoji = json.loads('"a dog \\ud83d"')  # was a TypeError "TextInputSequence must be str" from the tokenizer
+    with pytest.raises(ValueError, match=r"caption 1: the caption holds a lone surrogate '\\ud83d' at character 6"):
+        enc.encode_captions(["a dog", cut_emoji])
+    for unordered in ({"a dog", "a cat"}, {"a dog": 0}):
+        with pytest.raises(TypeError, match=f"got a {type(unordered).__name__}, whose order"):
+            enc.encode_captions(unordered)
 
 
 def test_inference_rejects_captions_longer_than_bert_positions(dataset, tmp_path):
@@ -464,6 +470,24 @@ def test_inference_nan_features_raise_naming_the_set(dataset, tmp_path):
         enc.encode_images(sets)
 
 
+def test_search_orders_equal_scores_by_index_whatever_k():
+    """torch.topk left tied rows in no set order, and which of them filled the last places changed with
+    k (3000 equal rows: k=5 began with row 3, k=100 with row 2002)."""
+    torch.manual_seed(0)
+    assert search(torch.ones(2, 4), torch.ones(3000, 4), k=100)[1][:, :5].tolist() == [[0, 1, 2, 3, 4]] * 2
+    for _ in range(100):
+        G = int(torch.randint(1, 40, ()))
+        gallery = torch.randint(-2, 3, (G, 3)).float()  # many equal scores, -0.0 among them
+        queries = torch.randint(-2, 3, (4, 3)).float()
+        k = int(torch.randint(1, G + 1, ()))
+        scores, indices = search(queries, gallery, k=k, block=3)
+        full = queries @ gallery.T
+        for row in range(4):
+            expected = sorted(range(G), key=lambda j: (-float(full[row, j]), j))[:k]
+            assert indices[row].tolist() == expected
+            torch.testing.assert_close(scores[row], full[row, expected], rtol=0, atol=0)
+
+
 def test_search_input_errors():
     queries, gallery = torch.randn(3, 8), torch.randn(5, 8)
     scores, index = search(queries, gallery, k=np.int64(2))  # numpy integers work as k
@@ -481,17 +505,34 @@ def test_search_input_errors():
         search(queries, gallery[:0], k=1)
 
 
-def test_bert_tokenizer_smaller_than_the_embedding_table_warns():
-    """A model may pad its embedding table past the vocabulary (vocab_size a multiple of 8): fewer word
-    pieces than rows is a warning that names both sizes; more is the error of the CLI test above."""
+def test_bert_tokenizer_larger_than_the_embedding_table_is_an_error_naming_the_options():
     from vse_fast.eval import _check_bert_vocab
 
     tokenizer = list(range(30522))  # only len() is read
     assert _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30522}}) is tokenizer
-    with pytest.warns(UserWarning, match="has 30522 word pieces but the model was trained with vocab_size=30528"):
-        assert _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30528}}) is tokenizer
+    assert _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30528}}) is tokenizer  # check_tokenizer warns
     with pytest.raises(ValueError, match="vocab_size=30000: pass the model's --vocab_file"):
         _check_bert_vocab(tokenizer, {"bert_config_dict": {"vocab_size": 30000}})
+
+
+def test_a_bert_tokenizer_smaller_than_the_model_warns_once_and_one_of_special_tokens_only_is_an_error(
+        dataset, tmp_path):
+    """A model may pad its embedding table past the vocabulary (vocab_size a multiple of 8): fewer word
+    pieces than rows is a warning naming both sizes, also for a tokenizer passed in directly (it was
+    accepted silently there). A tokenizer of special tokens only (transformers 5 ignores
+    BertTokenizer(vocab_file=...)) made every caption [UNK]: an error."""
+    import transformers
+
+    model = bert_model()
+    small = tmp_path / "small_vocab.txt"
+    small.write_text("\n".join(VOCAB[:-1]) + "\n")
+    with pytest.warns(UserWarning, match=f"has {len(VOCAB) - 1} word pieces but the model's word-embedding table "
+                                         f"has {len(VOCAB)} rows: fine if the model padded") as record:
+        Encoder(model, data.load_tokenizer(vocab_file=str(small)))
+    assert len([w for w in record if "word pieces" in str(w.message)]) == 1
+    specials = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB[:5])}, unk_token="[UNK]")
+    with pytest.raises(ValueError, match="holds its 5 special tokens only, no words"):
+        Encoder(model, specials)
 
 
 @pytest.mark.parametrize("n_items, caps, expected", [

@@ -331,6 +331,14 @@ def check_split(data_path, split):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_pad_id(source: str, pad_id: int) -> None:
+    """The text encoder pads captions with id 0 and masks id 0 from BERT's attention (as published):
+    a word at id 0 would be hidden as padding."""
+    if pad_id != 0:
+        raise DataError(f"{source}: [PAD] has id {pad_id}, not 0: captions are padded with id 0 and BERT's "
+                        "attention leaves id 0 out, so the word at id 0 would be hidden as padding")
+
+
 def load_tokenizer(text_model_dir=None, vocab_file=None):
     """A transformers BERT tokenizer (fast, tokenizers-backed), offline, from a local BERT directory
     (``text_model_dir``, as saved by save_pretrained) or from a WordPiece ``vocab.txt`` (lowercasing,
@@ -355,6 +363,7 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
         if missing:  # transformers appends an absent special token past the vocabulary: no embedding row
             raise DataError(f"{text_model_dir}: the tokenizer's vocabulary lacks the special token(s) "
                             f"{', '.join(missing)}")
+        _check_pad_id(text_model_dir, tok.convert_tokens_to_ids("[PAD]"))
         return tok
     if not os.path.isfile(vocab_file):
         raise DataError(f"{vocab_file}: vocabulary file does not exist")
@@ -362,6 +371,7 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
     for token in BERT_SPECIAL_TOKENS:
         if token not in vocab:
             raise DataError(f"{vocab_file}: vocabulary lacks the special token {token}")
+    _check_pad_id(vocab_file, vocab["[PAD]"])
     import inspect
 
     # A cased vocabulary (bert-base-cased: "The", "A") keeps the case; lowercasing, the default, would

@@ -116,6 +116,16 @@ def check_tokenizer(model, tokenizer) -> None:
         if isinstance(size, int) and size > rows:
             raise ValueError(f"the BERT tokenizer has {size} word pieces but the model's word-embedding table has "
                              f"{rows} rows: it is not the model's tokenizer")
+        vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else None
+        special = set(getattr(tokenizer, "all_special_ids", None) or ())
+        if vocab and set(vocab.values()) <= special:
+            raise ValueError(f"the BERT tokenizer holds its {len(vocab)} special tokens only, no words: every caption "
+                             "would be [UNK]. (transformers 5 ignores BertTokenizer(vocab_file=...); load it with "
+                             "vse_fast.data.load_tokenizer)")
+        if isinstance(size, int) and size < rows:
+            warnings.warn(f"the BERT tokenizer has {size} word pieces but the model's word-embedding table has {rows} "
+                          "rows: fine if the model padded its embedding table, wrong if this is another vocabulary "
+                          "(check --vocab_file / --text_model)", stacklevel=3)
     elif isinstance(embed, torch.nn.Embedding):
         if not isinstance(tokenizer, Vocabulary):
             raise TypeError(f"the model's text encoder is the BiGRU, which takes a vse_fast.data.Vocabulary, got "
@@ -311,17 +321,13 @@ def _find_bert_tokenizer(data_path, text_model, vocab_file):
 
 def _check_bert_vocab(tokenizer, model_opt: dict):
     """The tokenizer against the model's word-embedding rows (BERT config vocab_size): more word pieces
-    than rows is an error (ids past the table); fewer is a warning, as some checkpoints pad the table
-    (e.g. to a multiple of 8) while a different vocabulary (cased for uncased) is also smaller."""
+    than rows is an error (ids past the table), naming the CLI options. Fewer is warned about by
+    check_tokenizer, which every encoding runs (some checkpoints pad the table, e.g. to a multiple of
+    8, while a different vocabulary, cased for uncased, is also smaller)."""
     vocab_size = (model_opt.get("bert_config_dict") or {}).get("vocab_size")
-    if vocab_size is None or len(tokenizer) == vocab_size:
-        return tokenizer
-    message = (f"the BERT tokenizer has {len(tokenizer)} word pieces but the model was trained with "
-               f"vocab_size={vocab_size}")
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"{message}: pass the model's --vocab_file or --text_model")
-    warnings.warn(f"{message}: fine if the model padded its embedding table, wrong if this is another "
-                  "vocabulary (check --vocab_file / --text_model)")
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"the BERT tokenizer has {len(tokenizer)} word pieces but the model was trained with "
+                         f"vocab_size={vocab_size}: pass the model's --vocab_file or --text_model")
     return tokenizer
 
 

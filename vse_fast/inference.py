@@ -105,6 +105,12 @@ class Encoder:
             raise TypeError(f"captions must be strings, got {type(caption).__name__}")
         if is_blank_caption(caption):
             raise ValueError(f"cannot encode an empty caption {caption!r} (whitespace or invisible characters only)")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate: a cut emoji, or bytes decoded with surrogateescape
+            raise ValueError(f"the caption holds a lone surrogate {caption[err.start]!r} at character {err.start}, "
+                             "which is no Unicode text (a cut-off emoji, or bytes decoded with "
+                             "errors='surrogateescape')") from None
         ids = self._text(caption).tolist()
         if len(ids) <= 2:  # start and end only
             raise ValueError(f"cannot encode the caption {caption!r}: the tokenizer keeps none of its characters")
@@ -148,6 +154,9 @@ class Encoder:
         embeddings are not finite."""
         if isinstance(captions, str):
             raise TypeError("captions must be a list of strings, got one string")
+        if isinstance(captions, (set, frozenset, dict)):  # rows would come in no defined order (a dict: its keys)
+            raise TypeError(f"captions must be a sequence of strings (a list, tuple or array), got a "
+                            f"{type(captions).__name__}, whose order is not the rows' order")
         tokens = []
         for index, caption in enumerate(captions):
             try:
@@ -168,6 +177,25 @@ class Encoder:
         return emb
 
 
+def _top_k_lower_index_first(scores: torch.Tensor, k: int):
+    """torch.topk over dim 1 of finite float32 scores (Q, G), with equal scores in index order: topk
+    leaves both their order and which of them fill the last places unspecified (it changed with k)."""
+    values, indices = scores.topk(k, dim=1)
+    kth = values[:, -1:]
+    straddling = torch.nonzero((scores == kth).sum(1) > (values == kth).sum(1)).squeeze(1)
+    if straddling.numel():  # more rows tie with the k-th score than topk kept: take the first ones
+        bits = (scores[straddling] + 0.0).view(torch.int32)  # + 0.0: -0.0 as 0.0
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order as integers
+        position = torch.arange(scores.shape[1], device=scores.device)
+        keys = ordered * 2**32 + (2**32 - 1 - position)  # higher score first, then the lower index
+        indices[straddling] = keys.topk(k, dim=1).indices
+        values[straddling] = scores[straddling].gather(1, indices[straddling])
+    by_index = indices.argsort(dim=1)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    by_score = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, by_score), indices.gather(1, by_score)
+
+
 @torch.no_grad()
 def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, block: int = 4096):
     """Top-k gallery rows for each query by inner product (cosine for normalised embeddings), in
@@ -175,8 +203,8 @@ def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, b
 
     Args: query_emb (Q, E), gallery_emb (G >= 1, E) finite float tensors or arrays on one device;
         1 <= k <= G (int or numpy integer); block: queries scored per matmul (peak extra memory block * G).
-    Returns: (scores (Q, k) float32, indices (Q, k) int64), best first; ties keep the lower index first
-        only as far as torch.topk does (unspecified).
+    Returns: (scores (Q, k) float32, indices (Q, k) int64), best first; equal scores in gallery order
+        (the lower index first, also where ties straddle the k-th place: the result does not depend on k).
     """
     query_emb, gallery_emb = (numpy_to_torch(x) if isinstance(x, np.ndarray) else torch.as_tensor(x)
                               for x in (query_emb, gallery_emb))
@@ -204,7 +232,7 @@ def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, b
     k = int(k)
     scores, indices = [], []
     for a in range(0, query_emb.shape[0], block):
-        s, i = (queries[a:a + block] @ gallery.T).topk(k, dim=1)
+        s, i = _top_k_lower_index_first(queries[a:a + block] @ gallery.T, k)
         scores.append(s)
         indices.append(i)
     if not scores:
