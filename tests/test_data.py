@@ -129,7 +129,7 @@ def test_empty_caption_names_its_line(split):
         f.write("\n".join(captions) + "\n")
     with pytest.raises(DataError, match=r"train_caps\.txt:3: empty caption"):
         data.check_split(folder, "train")
-    captions[2] = "\u200b \u00ad\x00"  # zero-width space, soft hyphen, NUL: tokenizers keep no word
+    captions[2] = "\u200b \u00ad\x7f"  # zero-width space, soft hyphen, DEL: tokenizers keep no word
     with open(os.path.join(folder, "train_caps.txt"), "w") as f:
         f.write("\n".join(captions) + "\n")
     with pytest.raises(DataError, match=r"train_caps\.txt:3: empty caption \(invisible characters only\)"):
@@ -195,6 +195,30 @@ def test_optional_files_that_are_no_file_are_named(split, name, kind):
         data.check_split(folder, "train")
 
 
+def test_arrays_appended_into_one_file_are_named(split):
+    """np.load reads the first of several arrays appended with np.save: the rest of the items were
+    ignored and the captions paired with the wrong items, silently."""
+    folder, feats, lens, _ = split
+    for name, arrays in (("ims", (feats[:3], feats[3:])), ("lens", (lens[:3], lens[3:]))):
+        np.save(os.path.join(folder, f"train_{name}.npy"), np.concatenate(arrays))
+        with open(os.path.join(folder, f"train_{name}.npy"), "ab") as f:
+            np.save(f, arrays[1])
+        with pytest.raises(DataError, match=rf"train_{name}\.npy: .*after the array.*several arrays appended"):
+            data.check_split(folder, "train")
+        np.save(os.path.join(folder, f"train_{name}.npy"), np.concatenate(arrays))
+    data.check_split(folder, "train")
+
+
+def test_utf16_text_without_its_mark_is_named(split):
+    """UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after each ASCII letter: the file
+    passed, and a BiGRU vocabulary mapped almost every word to <unk>."""
+    folder, _, _, captions = split
+    with open(os.path.join(folder, "train_caps.txt"), "wb") as f:
+        f.write("\n".join(captions).encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"train_caps\.txt:1: a NUL byte \(UTF-16 text\?\): save the file as UTF-8"):
+        data.check_split(folder, "train")
+
+
 def test_lens_archive_instead_of_array_is_named(split):
     folder = split[0]
     with open(os.path.join(folder, "train_lens.npy"), "wb") as f:
@@ -250,6 +274,17 @@ def test_per_caption_ids_must_follow_the_caption_grouping(split):
             f.write("\n".join(ids) + "\n")
         with pytest.raises(DataError, match=r"train_ids\.txt" + match + ": items need distinct ids"):
             data.check_split(folder, "train")
+
+
+def test_a_repeated_caption_id_names_both_lines(split):
+    """30 caption ids of which the last repeats the first: the error named line 2 ('c1' differs from
+    'c0'), which is right; the repeat is on line 30."""
+    folder = split[0]
+    with open(os.path.join(folder, "train_ids.txt"), "w") as f:
+        f.write("\n".join([f"c{i}" for i in range(29)] + ["c0"]) + "\n")
+    with pytest.raises(DataError, match=r"train_ids\.txt:30: id 'c0' repeats line 1: .* caption ids, which must "
+                                        "all differ"):
+        data.check_split(folder, "train")
 
 
 @pytest.mark.parametrize("content,match", [
@@ -908,6 +943,19 @@ def test_a_lens_file_beside_2d_features_says_why_it_does_not_fit(tmp_path):
     with pytest.raises(DataError, match=r"outside 1\.\.1 \(2 bad entries\): .*train_ims\.npy holds one row per item "
                                         r"\(2-D, or K = 1\), so every length is 1; remove this file"):
         data.check_split(folder, "train")
+
+
+def test_a_training_item_with_nan_in_its_valid_rows_is_named_when_read(split):
+    """Training splits are not scanned before training (check_finite_features is for the evaluated
+    splits): a NaN stopped the run at the next logged step, naming neither the file nor the item."""
+    folder, feats, lens, _ = split
+    feats = feats.copy()
+    feats[3, lens[3] - 1, 0] = np.nan
+    np.save(os.path.join(folder, "train_ims.npy"), feats)
+    images = data.ImageSetDataset(folder, "train")
+    images[2]  # NaN padding (the fixture's) is never read
+    with pytest.raises(DataError, match=r"train_ims\.npy: item 3 holds NaN or inf in its valid rows"):
+        images[3]
 
 
 def test_float64_features_beyond_the_float32_range_are_named(tmp_path):

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -124,6 +125,39 @@ def test_ensure_synthetic_caches_by_parameters(tmp_path, monkeypatch):
     from_env = synthetic.ensure_synthetic(seed=1, **SMALL)
     assert from_env.startswith(str(tmp_path / "env")) and _digest(from_env) == _digest(first)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".synthetic")]  # no temporary left over
+
+
+@pytest.mark.parametrize("damage", ["deleted-lens", "edited-caption", "truncated-features"])
+def test_a_damaged_cache_is_regenerated_not_used(tmp_path, damage):
+    """The cache was reused on its manifest alone: without train_lens.npy every item counted its zero
+    padding as regions, and an edited caption was trained on, silently."""
+    folder = synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL)
+    clean = _digest(folder)
+    if damage == "deleted-lens":
+        os.remove(os.path.join(folder, "train_lens.npy"))
+    elif damage == "edited-caption":
+        path = os.path.join(folder, "train_caps.txt")
+        text = open(path).read()
+        open(path, "w").write("x" + text)
+    else:
+        path = os.path.join(folder, "train_ims.npy")
+        os.truncate(path, os.path.getsize(path) - 4)
+    assert synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL) == folder
+    assert _digest(folder) == clean
+
+
+def test_an_abandoned_generation_is_cleared_and_the_cache_is_not_private(tmp_path):
+    """A generation killed before its clean-up (SIGKILL, out of memory) left its temporary folder for
+    good; mkdtemp's mode 0700 hid a shared cache from its other users."""
+    abandoned, recent = tmp_path / ".synthetic-image-killed", tmp_path / ".synthetic-image-running"
+    abandoned.mkdir(), recent.mkdir()
+    old = time.time() - synthetic.ABANDONED_AFTER_S - 10
+    os.utime(abandoned, (old, old))
+    folder = synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL)
+    assert not abandoned.exists() and recent.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
 
 
 def _concept_probe(folder, split="test"):

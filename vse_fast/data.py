@@ -136,6 +136,10 @@ def _open_features(path):
         raise DataError(f"{path}: unreadable feature array ({err})") from None
     if not isinstance(features, np.ndarray):
         raise DataError(f"{path}: expected one .npy array, got {type(features).__name__}")
+    extra = os.path.getsize(path) - (features.offset + features.nbytes)
+    if extra:  # np.load reads the first array only: the rest would be ignored silently
+        raise DataError(f"{path}: {extra} bytes after the array of shape {features.shape} (several arrays "
+                        "appended with np.save?): save one (N, K, D) array")
     if features.ndim == 2:
         features = features[:, None, :]
     if features.ndim != 3:
@@ -172,6 +176,8 @@ def _decode_line(path, number, raw):
     if "\ufeff" in line:
         raise DataError(f"{path}:{number}: a byte-order mark (U+FEFF) inside the file (files joined with "
                         "their marks?): remove it")
+    if "\x00" in line:  # UTF-16 text without its mark decodes as UTF-8 with a NUL after each ASCII letter
+        raise DataError(f"{path}:{number}: a NUL byte (UTF-16 text?): save the file as UTF-8")
     return line
 
 
@@ -197,11 +203,16 @@ def _read_captions(path):
 
 def _read_lens(path, n_items, max_set, ims_path=None):
     try:
-        lens = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            lens = np.load(f, allow_pickle=False)
+            extra = f.read(1) if isinstance(lens, np.ndarray) else b""
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"{path}: unreadable lengths array ({err})") from None
     if not isinstance(lens, np.ndarray):
         raise DataError(f"{path}: expected one .npy array, got {type(lens).__name__}")
+    if extra:
+        raise DataError(f"{path}: data after the array of shape {lens.shape} (several arrays appended with "
+                        "np.save?): save one array of lengths")
     if lens.shape != (n_items,):
         raise DataError(f"{path}: lengths must have shape ({n_items},) (one per row of the features), "
                         f"got {lens.shape}")
@@ -233,6 +244,14 @@ def _check_ids(path, n_items, n_captions):
     if count not in (n_items, n_captions):
         raise DataError(f"{path}: {count} ids, expected {n_items} (one per item) or {n_captions} (per caption)")
     caps = n_captions // n_items
+    if count == n_captions and caps > 1 and len(set(ids)) < count and len(set(ids[:caps])) == caps:
+        first_line = {}  # the first run differs throughout: caption ids, which must all differ
+        for j, caption_id in enumerate(ids):
+            earlier = first_line.setdefault(caption_id, j)
+            if earlier != j:
+                raise DataError(f"{path}:{j + 1}: id {caption_id!r} repeats line {earlier + 1}: the ids of the "
+                                f"first item's {caps} captions all differ, so these are caption ids, which must "
+                                "all differ (or repeat their item's id over each run of captions)")
     if count == n_captions and caps > 1 and len(set(ids)) < count:
         for j, item_id in enumerate(ids):
             if item_id != ids[j - j % caps]:
@@ -789,15 +808,16 @@ class _SplitData:
         return self._as_float32(rows, item)
 
     def _as_float32(self, rows, item):
-        """float32 tensor of rows; a float64 value beyond float32's range (which would become inf) raises
-        DataError naming the item."""
-        if rows.dtype.itemsize <= 4:
-            return torch.from_numpy(np.array(rows, dtype=np.float32))
+        """float32 tensor of an item's valid rows; NaN or inf raises DataError naming the item (else a
+        training run stopped at the next logged step, naming neither file nor item), as does a float64
+        value beyond float32's range (which would become inf)."""
         with np.errstate(over="ignore"):
             out = np.array(rows, dtype=np.float32)
-        if np.isinf(out).any() and not np.isinf(rows[np.isinf(out)]).all():
-            raise DataError(f"{self.info.paths['ims']}: item {item} holds values beyond float32's range "
-                            f"(+-{np.finfo(np.float32).max:.3g}), which the model takes")
+        if not np.isfinite(out).all():
+            if rows.dtype.itemsize > 4 and np.isfinite(rows[~np.isfinite(out)]).any():
+                raise DataError(f"{self.info.paths['ims']}: item {item} holds values beyond float32's range "
+                                f"(+-{np.finfo(np.float32).max:.3g}), which the model takes")
+            raise DataError(f"{self.info.paths['ims']}: item {item} holds NaN or inf in its valid rows")
         return torch.from_numpy(out)
 
 

@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 
@@ -269,16 +270,53 @@ def generate(out_dir, *, flavour="image", seed=0, **sizes):
         json.dump(_bert_config(len(vocab)), f, indent=1)
     Vocabulary.build(captions["train"] + captions["dev"], threshold=4).save(os.path.join(out_dir, "vocab.json"))
     with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(params, f, indent=1, sort_keys=True)
+        json.dump({**params, "files": _file_digests(out_dir)}, f, indent=1, sort_keys=True)
     return out_dir
 
 
+def _file_digests(folder) -> dict:
+    """{name: sha256} of every file in folder but the manifest (about 0.1 s for the demo's 40 MB)."""
+    digests = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name != "manifest.json" and os.path.isfile(path):
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            digests[name] = sha.hexdigest()
+    return digests
+
+
 def _read_manifest(folder):
+    """The generation parameters of a cached dataset, or None when it is absent, unreadable, or its
+    files are not those it was written with (deleted, edited or truncated)."""
     try:
         with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            manifest = json.load(f)
+        files = manifest.pop("files")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return None
+    try:
+        return manifest if _file_digests(folder) == files else None
+    except OSError:
+        return None
+
+
+ABANDONED_AFTER_S = 3600
+
+
+def _remove_abandoned_generations(cache) -> None:
+    """Delete the temporary folders of generations killed before they finished (SIGKILL, out of memory:
+    their own clean-up never ran), once untouched for an hour; a running generation writes for seconds."""
+    now = time.time()
+    for name in os.listdir(cache):
+        path = os.path.join(cache, name)
+        try:
+            if name.startswith(".synthetic-") and os.path.isdir(path) and now - os.path.getmtime(path) > ABANDONED_AFTER_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # removed meanwhile by another process
+            pass
 
 
 def ensure_synthetic(cache_dir=None, *, flavour="image", seed=0, **sizes):
@@ -287,7 +325,8 @@ def ensure_synthetic(cache_dir=None, *, flavour="image", seed=0, **sizes):
     Lives in ``<cache>/synthetic-<flavour>-<hash of the parameters>``, cache = cache_dir, else
     $VSE_FAST_CACHE, else ~/.cache/vse_fast. Reused when its manifest.json equals the parameters
     (which include the generator's source fingerprint, `GENERATOR`: data from another version of
-    this module is regenerated, not reused);
+    this module is regenerated, not reused) and its files their recorded sha256 (a deleted, edited
+    or truncated file is regenerated, not used);
     otherwise (re)generated into a temporary folder that is renamed into place, so concurrent
     processes (DDP ranks) never see a half-written dataset.
     """
@@ -298,9 +337,13 @@ def ensure_synthetic(cache_dir=None, *, flavour="image", seed=0, **sizes):
     if _read_manifest(target) == params:
         return target
     os.makedirs(cache, exist_ok=True)
+    _remove_abandoned_generations(cache)
     tmp = tempfile.mkdtemp(prefix=f".synthetic-{flavour}-", dir=cache)
     try:
         generate(tmp, flavour=flavour, seed=seed, **sizes)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the cache from the other users of a shared one
         if os.path.isdir(target):  # stale or broken: replace
             if _read_manifest(target) == params:
                 return target
