@@ -103,7 +103,7 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 _DOT_BLOCK_D = 64  # D-block of the pair dot products d_j (fixed: the same bits in every kernel)
 _MASK_CHUNK_BYTES = 256 * 1024**2  # VSE0 backward: largest chunk of G held at once
 _SAVED_MASK_CHUNK_BYTES = 128 * 1024**2  # the same when the forward saved the packed mask (it takes memory too)
-SAVED_MASK_MAX_BYTES = 512 * 1024**2  # "fused" VSE0: largest packed mask the forward saves (B <= 46340)
+SAVED_MASK_MAX_BYTES = 512 * 1024**2  # "fused" VSE0: largest packed mask the forward saves (B <= 46336)
 
 # Label modes of the per-term row-reduction kernels (which side is gathered, where column labels come from).
 NO_LABELS, I2T_LABELS, T2I_LABELS = 0, 1, 2
@@ -1010,15 +1010,16 @@ def _chunk_rows(settings: LossSettings, R: int, C: int, itemsize: int, max_bytes
 _GRID_AXIS1_MAX = 65535  # CUDA's limit on grid axes 1 and 2
 
 
-def _launch_mask(X, Y, lab, d, G, r0, n, R, C, margin, mode, both_terms, settings):
-    grid = (triton.cdiv(C, settings.BLOCK_C), triton.cdiv(n, settings.BLOCK_R))
+def _launch_mask(X, Y, lab, d, G, r0, n, R, C, margin, mode, both_terms, settings, block_c=None):
+    block_c = block_c or settings.BLOCK_C
+    grid = (triton.cdiv(C, block_c), triton.cdiv(n, settings.BLOCK_R))
     _contrastive_vse0_mask_kernel[grid](
         X, Y, lab, d, G,
         r0, n, R, C, X.shape[1],
         X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), G.stride(0),
         margin,
         LABEL_MODE=mode, BOTH_TERMS=both_terms, TF32X3=settings.tf32x3, INTERP_BF16=settings.interp_bf16,
-        BLOCK_R=settings.BLOCK_R, BLOCK_C=settings.BLOCK_C, BLOCK_D=settings.BLOCK_D,
+        BLOCK_R=settings.BLOCK_R, BLOCK_C=block_c, BLOCK_D=settings.BLOCK_D,
         num_warps=settings.num_warps, num_stages=settings.num_stages,
     )
 
@@ -1055,7 +1056,9 @@ def _fused_vse0_bwd(grad_loss, im, s, cnt, d, margin, scale, settings, mask=None
 
     def fill(G, r0, n):
         if mask is None:
-            _launch_mask(im, s, lab, d, G, r0, n, B, B, margin, NO_LABELS, True, settings)
+            # the forward's tile width: its hinge counts and this mask then come from the same products
+            _launch_mask(im, s, lab, d, G, r0, n, B, B, margin, NO_LABELS, True, settings,
+                         block_c=_fused_block_c(settings, False, False))
         else:
             grid = (triton.cdiv(B, settings.BLOCK_DB), triton.cdiv(n, settings.BLOCK_M))
             _contrastive_vse0_unpack_kernel[grid](mask, G, r0, n, B, mask.shape[1], G.stride(0),
@@ -1172,6 +1175,8 @@ def compile_specializations() -> list:
                        "TF32X3": "constexpr", "INTERP_BF16": "constexpr", "BLOCK_R": "constexpr",
                        "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
                 consts = {"stride_xd": 1, "stride_yd": 1, "LABEL_MODE": mode, "BOTH_TERMS": both, **prec, **blocks}
+                if both:  # the fused backward's recompute, at the fused forward's tile width
+                    consts["BLOCK_C"] = _fused_block_c(st, False, False)
                 specs.append(_spec(f"contrastive_vse0_mask-{tdt}-L{mode}{'-both' if both else ''}",
                                    _contrastive_vse0_mask_kernel, sig, consts, st.num_warps, st.num_stages, tc))
         for mv, save_mask in ((True, False), (False, False), (False, True)):

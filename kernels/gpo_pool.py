@@ -326,6 +326,16 @@ def _check_launch(x, lengths, w):
         raise TypeError(f"launcher wants int32 lengths and float32 weights, got {lengths.dtype} and {w.dtype}")
 
 
+GRID_AXIS1_MAX = 65535  # CUDA's limit on grid axes 1 and 2: the D-blocks run on axis 1
+
+
+def _check_grid(D: int, settings: PoolSettings) -> None:
+    blocks = triton.cdiv(D, settings.BLOCK_D)
+    if blocks > GRID_AXIS1_MAX:
+        raise ValueError(f"features: D={D} makes {blocks} column blocks of {settings.BLOCK_D}, more than CUDA's "
+                         f"grid limit {GRID_AXIS1_MAX}; use backend='torch' (or 'auto', which falls back to it)")
+
+
 def _int32_row_offsets(t: torch.Tensor, name: str) -> torch.Tensor:
     """t, or its contiguous copy when an element offset within one batch row (the kernels compute the
     row's offset in int64, the rest in int32) would pass 2**31 - 1: strided views of huge tensors."""
@@ -380,7 +390,8 @@ def gpo_pool_fwd(x: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor, settin
     out = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B == 0 or D == 0:
         return out, settings
-    x = _int32_row_offsets(x, "features")
+    _check_grid(D, settings)
+    x, w, lengths = _int32_row_offsets(x, "features"), _int32_row_offsets(w, "weights"), lengths.contiguous()
     if settings.impl == "net" and x.element_size() == 2 and D > 1 and x.stride(2) != 1:
         # the 16-bit network forward loads columns 2t, 2t+1 as one 32-bit word (a contiguity hint that
         # holds only for unit feature stride): copy a tensor strided along D
@@ -406,8 +417,10 @@ def gpo_pool_bwd(x, lengths, w, grad_out, settings: PoolSettings):
     Kw = w.shape[1]
     n_d_blocks = triton.cdiv(D, settings.BLOCK_D)
     x, grad_out = _int32_row_offsets(x, "features"), _int32_row_offsets(grad_out, "grad_out")
+    w, lengths = _int32_row_offsets(w, "weights"), lengths.contiguous()
     if K * D >= 2**31:  # grad_x is contiguous even where x is a broadcast view
         raise ValueError(f"features: rows of {K * D} elements, more than the kernels' int32 offsets reach")
+    _check_grid(D, settings)
     grad_x = torch.empty((B, K, D), dtype=x.dtype, device=x.device)
     gw_part = torch.empty((B, n_d_blocks, settings.BLOCK_K), dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:

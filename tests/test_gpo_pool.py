@@ -8,7 +8,7 @@ CUDA (skipped without a GPU): the Triton kernels over realistic shapes and the n
 import pytest
 import torch
 
-from tests.conftest import DTYPE_TOLERANCES, requires_cuda
+from tests.conftest import DTYPE_TOLERANCES, HAS_CUDA, requires_cuda
 from vse_fast.kernels import triton_interpreting
 from vse_fast.ops.gpo_pool import gpo_pool
 
@@ -66,7 +66,8 @@ def assert_close_scaled(actual, expected, dtype, what):
 def check_against_reference(features, lengths, weights, backend):
     out = gpo_pool(features, lengths, weights, backend=backend)
     assert out.dtype == features.dtype and out.shape == (features.shape[0], features.shape[2])
-    grad_out = torch.randn(out.shape, device=out.device).to(out.dtype)
+    # a transposed (non-contiguous) upstream gradient: the backward takes grad_out's strides
+    grad_out = torch.randn(out.shape[::-1], device=out.device).to(out.dtype).t()
     grad_x, grad_w = torch.autograd.grad(out, (features, weights), grad_out)
 
     x_ref = features.detach().double().cpu().requires_grad_()
@@ -160,9 +161,14 @@ def test_torch_path_gradcheck_fp64():
     assert torch.autograd.gradgradcheck(lambda x, w: gpo_pool(x, lengths, w, backend="torch"), (features, weights))
 
 
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # the compiled kernels, else the interpreter
+requires_triton = pytest.mark.skipif(not (HAS_CUDA or INTERPRETING), reason="needs a GPU or the Triton interpreter")
+
+
 @pytest.mark.parametrize("impl", ["sort", "rank", "net"])
 def test_padding_never_leaks(monkeypatch, impl):
-    """Huge or NaN values at padding positions and NaN weights beyond n change nothing."""
+    """Huge or NaN values at padding positions and NaN weights beyond n change nothing. The Triton
+    backend runs on the GPU where there is one (it ran under the interpreter only)."""
     monkeypatch.setenv(KERNEL_ENV, impl)
     features, lengths, weights = make_inputs(4, 7, 6, torch.float32)
     lengths = torch.tensor([3, 7, 1, 5])
@@ -170,9 +176,10 @@ def test_padding_never_leaks(monkeypatch, impl):
     for b, n in enumerate(lengths.tolist()):
         dirty_x[b, n:] = float("nan") if b % 2 else 1e30
         dirty_w[b, n:] = float("nan")
-    dirty_x.requires_grad_()
-    dirty_w.requires_grad_()
-    for backend in ("torch",) + (("triton",) if INTERPRETING else ()):
+    for backend in ("torch",) + (("triton",) if INTERPRETING or HAS_CUDA else ()):
+        device = TRITON_DEVICE if backend == "triton" else "cpu"
+        features, lengths, weights = (t.detach().to(device) for t in (features, lengths, weights))
+        dirty_x, dirty_w = (t.detach().to(device).requires_grad_() for t in (dirty_x, dirty_w))
         clean = gpo_pool(features, lengths, weights, backend=backend)
         dirty = gpo_pool(dirty_x, lengths, dirty_w, backend=backend)
         torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
@@ -191,21 +198,26 @@ def _nan_and_tie_inputs(dtype):
     return x.requires_grad_(), torch.tensor([3, 3]), w.requires_grad_()
 
 
-@pytest.mark.parametrize("backend,impl", [("torch", "sort"), pytest.param("triton", "sort", marks=requires_interpreter),
-                                          pytest.param("triton", "rank", marks=requires_interpreter),
-                                          pytest.param("triton", "net", marks=requires_interpreter)],
+@pytest.mark.parametrize("backend,impl", [("torch", "sort"), pytest.param("triton", "sort", marks=requires_triton),
+                                          pytest.param("triton", "rank", marks=requires_triton),
+                                          pytest.param("triton", "net", marks=requires_triton)],
                          ids=["torch", "triton-sort", "triton-rank", "triton-net"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_nan_propagates_and_ties_are_stable(monkeypatch, backend, impl, dtype):
     """NaN sorts first (as in torch.sort) and propagates; tied values take ranks in their original
-    order (stable), so each receives the weight of its own rank, as with torch.sort(stable=True)."""
+    order (stable), so each receives the weight of its own rank, as with torch.sort(stable=True).
+    The Triton cases run on the GPU where there is one."""
     monkeypatch.setenv(KERNEL_ENV, impl)
     x, n, w = _nan_and_tie_inputs(dtype)
+    if backend == "triton":
+        x, n, w = (t.detach().to(TRITON_DEVICE) for t in (x, n, w))
+        x.requires_grad_(), w.requires_grad_()
     out = gpo_pool(x, n, w, backend=backend)
     assert torch.isnan(out[0, 0]) and not torch.isnan(out[0, 1]) and not torch.isnan(out[1]).any()
     g = torch.ones_like(out)
     gx, _ = torch.autograd.grad(out, (x, w), g)
     # NaN ranks first: weight 0.5; then 2.0 (0.3), 0.5 (0.2)
+    gx = gx.cpu()
     torch.testing.assert_close(gx[0, :, 0].float(), torch.tensor([0.5, 0.3, 0.2]), rtol=1e-2, atol=1e-3)
     # column 0 of sample 1: 1.0 (pos 0) rank 0, 1.0 (pos 1) rank 1, -inf rank 2
     torch.testing.assert_close(gx[1, :, 0].float(), torch.tensor([0.6, 0.3, 0.1]), rtol=1e-2, atol=1e-3)
@@ -400,6 +412,40 @@ def test_launch_copies_views_whose_row_offsets_pass_int32():
     assert fixed.stride() == (12, 4, 1)
     with pytest.raises(ValueError, match="more than the kernels' int32 offsets reach"):
         _int32_row_offsets(torch.empty_strided((1, 512, 2**23), (1, 1, 512), device="meta"), "features")
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_launchers_guard_the_weights_offsets_and_the_grid(direction, monkeypatch):
+    """The weights' offsets are int32 in the kernels too (a transposed view of a (Kw, B) tensor with
+    B > 4.2M passes 2**31 at K = 512), and D-blocks run on grid axis 1, which CUDA caps at 65535:
+    both were unchecked (meta tensors: shapes and strides, no memory)."""
+    import vse_fast.kernels.gpo_pool as gp
+
+    B, K = 2, 4
+    settings = gp.pool_settings(K, 8, impl="sort")
+    lengths = torch.full((B,), K, dtype=torch.int32, device="meta")
+
+    def launch(D):
+        x = torch.empty((B, K, D), device="meta")
+        w = torch.empty((B, K), device="meta")
+        if direction == "fwd":
+            return gp.gpo_pool_fwd(x, lengths, w, settings)
+        return gp.gpo_pool_bwd(x, lengths, w, torch.empty((B, D), device="meta"), settings)
+
+    with pytest.raises(ValueError, match=r"column blocks of .*more than CUDA's grid limit 65535"):
+        launch(settings.BLOCK_D * gp.GRID_AXIS1_MAX + 1)
+    guarded = []
+
+    def spy(t, name):
+        guarded.append(name)
+        if name == "weights":
+            raise RuntimeError("weights guarded")
+        return t
+
+    monkeypatch.setattr(gp, "_int32_row_offsets", spy)
+    with pytest.raises(RuntimeError, match="weights guarded"):
+        launch(8)
+    assert "features" in guarded
 
 
 def test_backward_refuses_grad_rows_past_int32_of_a_broadcast_view():

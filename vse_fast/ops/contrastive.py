@@ -24,7 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import vse_fast.kernels as _kernel_package
-from vse_fast.kernels import triton_interpreting
+from vse_fast.kernels import require_triton, triton_for_auto, triton_interpreting
 from vse_fast.ops._autograd import refuse_create_graph
 
 _REDUCTIONS = ("sum", "mean")
@@ -145,6 +145,7 @@ def _pick_backend(backend, im, max_violation):
     if backend == "torch":
         return "torch"
     if backend == "triton":
+        require_triton("contrastive_loss(backend='triton')")
         if im.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes float32/bfloat16/float16, got {im.dtype} (use backend='torch')")
         if not im.is_cuda and not triton_interpreting():
@@ -152,7 +153,7 @@ def _pick_backend(backend, im, max_violation):
         return "triton"
     if max_violation and torch.are_deterministic_algorithms_enabled():
         return "torch"  # the Triton VSE++ backward adds with fp32 atomics (run-to-run last-bit differences)
-    return "triton" if im.is_cuda and im.dtype in _TRITON_DTYPES else "torch"
+    return "triton" if im.is_cuda and im.dtype in _TRITON_DTYPES and triton_for_auto() else "torch"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 
 Backends: "triton" (vse_fast.kernels.gpo_pool; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the
 reference and the CPU path, with a hand-written backward) and "auto" (Triton for CUDA tensors of
-float32/bfloat16/float16 with K <= 512, torch otherwise: float64, larger K, CPU).
+float32/bfloat16/float16 with K <= 512 and D <= 524280, torch otherwise: float64, larger K or D, CPU).
 
 Difference from the published VSE-infinity pool: the published code fills positions >= n with -10000
 before sorting, so a valid feature below -10000 would sort after the padding; here only the n valid
@@ -16,11 +16,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import vse_fast.kernels as _kernel_package
+from vse_fast.kernels import require_triton, triton_for_auto, triton_interpreting
 from vse_fast.ops._autograd import refuse_create_graph
-from vse_fast.kernels import triton_interpreting
 
 _BACKENDS = ("auto", "triton", "torch")
 _TRITON_MAX_K = 512
+_TRITON_MAX_D = 65535 * 8  # "auto": D-blocks within CUDA's grid axis at the narrowest tile (K > 256: 8 columns)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -97,6 +98,7 @@ def _use_triton(features, backend):
     if backend == "torch":
         return False
     if backend == "triton":
+        require_triton("gpo_pool(backend='triton')")
         if features.dtype not in _TRITON_DTYPES:
             raise TypeError(f"the Triton GPO pool takes float32/bfloat16/float16 features, got {features.dtype}")
         if not features.is_cuda and not triton_interpreting():
@@ -106,7 +108,8 @@ def _use_triton(features, backend):
             raise ValueError(f"the Triton GPO pool takes K <= {_TRITON_MAX_K}, got K={features.shape[1]}; "
                              "use backend='torch' (or 'auto', which falls back to it)")
         return True
-    return features.is_cuda and features.dtype in _TRITON_DTYPES and features.shape[1] <= _TRITON_MAX_K
+    return (features.is_cuda and features.dtype in _TRITON_DTYPES and features.shape[1] <= _TRITON_MAX_K
+            and features.shape[2] <= _TRITON_MAX_D and triton_for_auto())
 
 
 def _sorts_by_length(features) -> bool:

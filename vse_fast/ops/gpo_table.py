@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import vse_fast.kernels as _kernel_package
-from vse_fast.kernels import triton_interpreting
+from vse_fast.kernels import require_triton, triton_for_auto, triton_interpreting
 from vse_fast.ops._autograd import refuse_create_graph
 
 PAD_SCORE = -10000.0
@@ -38,6 +38,7 @@ def check_table_backend(gru: torch.nn.GRU, backend: str) -> None:
         raise ValueError(f"unknown table backend {backend!r}; choose one of {_BACKENDS}")
     if backend != "triton":
         return
+    require_triton("table_backend='triton'")
     from vse_fast.kernels.gpo_table import MAX_HIDDEN
 
     if gru.hidden_size > MAX_HIDDEN:
@@ -58,7 +59,7 @@ def use_triton_table(gru: torch.nn.GRU, backend: str) -> bool:
         check_table_backend(gru, backend)
         return True
     weight = gru.weight_ih_l0
-    if not (weight.is_cuda and weight.dtype in _TRITON_PARAM_DTYPES):
+    if not (weight.is_cuda and weight.dtype in _TRITON_PARAM_DTYPES and triton_for_auto()):
         return False
     from vse_fast.kernels.gpo_table import MAX_HIDDEN
 
