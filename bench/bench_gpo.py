@@ -10,7 +10,7 @@
 On CPU the float32 torch paths run (big cases with few rounds); on a GPU float32 and bfloat16. In
 bfloat16 the published side returns float32 (its float32 weights promote the features: a float32 (B, K, D)
 product), ours bfloat16; extra_info "out_dtype" records it. Before timing ours, each case checks its
-output and gradients once (untimed) against the published computation on float64 features.
+output and gradients once (untimed) against the published computation in float64 (stable ties).
 Lengths are random in 1..K with K present (padding exercised); the module also runs at B=128 K=36
 with every set full (sets "full": 36 BUTD regions per image, the usual COCO case).
 """
@@ -66,14 +66,32 @@ def _outputs_and_grads(out, named_inputs):
     return {"out": out, **{f"grad_{name}": g for name, g in zip(named_inputs, grads)}}
 
 
+def _stable_pool(features, lengths, weights):
+    """The published pooling in float64 with a stable sort: ties (many in bf16) take ranks in set
+    order, as ours do; the published sort may order them otherwise (CPU torch.sort does), which gives
+    each tied element another rank's weight: an equally valid gradient that would not compare."""
+    longest = weights.shape[1]
+    valid = (torch.arange(longest, device=features.device) < lengths.long().unsqueeze(1)).unsqueeze(-1)
+    ordered = features[:, :longest].double().masked_fill(~valid, float("-inf"))
+    ordered = ordered.sort(dim=1, descending=True, stable=True).values.masked_fill(~valid, 0)
+    return (ordered * weights.double().unsqueeze(-1)).sum(1)
+
+
 def _check_module(module, published, features, lengths):
-    """Ours (GPO.pool) against the published module on the same weights, given float64 features (its
-    coefficients stay float32: it builds its position encodings in float32)."""
+    """Ours (GPO.pool) against the published module's coefficients (its float32 GRU, cuDNN without
+    TF32) pooled in float64 by _stable_pool, on the same weights and inputs."""
     reference = copy.deepcopy(published)
     x64 = features.detach().double().requires_grad_()
     ours = _outputs_and_grads(module.pool(features, lengths),
                               {"features": features, **dict(module.named_parameters())})
-    expected = _outputs_and_grads(reference(x64, lengths)[0], {"features": x64, **dict(reference.named_parameters())})
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the GRU in true float32 (TF32 alone is ~2e-4 off)
+    try:
+        weights = reference.compute_pool_weights(lengths, x64)[0].squeeze(-1)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    expected = _outputs_and_grads(_stable_pool(x64, lengths, weights),
+                                  {"features": x64, **dict(reference.named_parameters())})
     pooling = ("out", "grad_features")
     assert_matches_reference({k: ours.pop(k) for k in pooling}, {k: expected.pop(k) for k in pooling},
                              TOLERANCE[features.dtype])
@@ -82,10 +100,11 @@ def _check_module(module, published, features, lengths):
 
 
 def _check_pool(fn, features, lengths, weights):
-    """Ours against the published-style pool in float64 on the same inputs."""
+    """Ours against the published pooling in float64 (stable sort: _stable_pool) on the same inputs."""
     x64, w64 = features.detach().double().requires_grad_(), weights.detach().double().requires_grad_()
     ours = _outputs_and_grads(fn(), {"features": features, "weights": weights})
-    expected = _outputs_and_grads(published_pool(x64, lengths, w64), {"features": x64, "weights": w64})
+    longest = int(lengths.max())
+    expected = _outputs_and_grads(_stable_pool(x64, lengths, w64[:, :longest]), {"features": x64, "weights": w64})
     assert_matches_reference(ours, expected, TOLERANCE[features.dtype])
 
 

@@ -7,8 +7,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.detach().double(), expected.detach().double()
     if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
         return float("inf")
-    diff = float((a - e).norm())
-    return diff / float(e.norm()) if diff else 0.0
+    diff, norm = float((a - e).norm()), float(e.norm())
+    if not diff:
+        return 0.0
+    return diff / norm if norm else float("inf")
 
 
 def assert_matches_reference(ours: dict, reference: dict, tol: float) -> None:

@@ -4,6 +4,7 @@ embeddings against an independent per-item encoding, metrics against the publish
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -305,8 +306,8 @@ def test_cli_caption_longer_than_bert_positions(dataset, tmp_path, capsys):
 
 
 def test_cli_nan_features_name_the_items_and_file(dataset, tmp_path, capsys):
-    """NaN in an item's valid features gives non-finite embeddings: the error names the split's feature
-    file and the items, not an anonymous 'ensemble member 0'. NaN in padding beyond the lengths is unused."""
+    """NaN in an item's valid features: the error names the split's feature file and the item (when the
+    item is read), not an anonymous 'ensemble member 0'. NaN in padding beyond the lengths is unused."""
     root = tmp_path / "nan"
     root.mkdir()
     write_split(root, "test", 5, 2, np.random.default_rng(2))
@@ -320,7 +321,7 @@ def test_cli_nan_features_name_the_items_and_file(dataset, tmp_path, capsys):
         main(["--checkpoint", path, "--data_path", str(root), "--vocab_file", str(dataset / "vocab.txt")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "image embeddings of items [3] (1 in all) are NaN or inf" in err and "test_ims.npy" in err
+    assert "test_ims.npy: item 3 holds NaN or inf in its valid rows" in err
 
 
 def test_cli_rows_repeated_per_caption_evaluate_as_one_row_per_item(dataset, tmp_path, capsys):
@@ -533,6 +534,14 @@ def test_a_bert_tokenizer_smaller_than_the_model_warns_once_and_one_of_special_t
     specials = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB[:5])}, unk_token="[UNK]")
     with pytest.raises(ValueError, match="holds its 5 special tokens only, no words"):
         Encoder(model, specials)
+    added = data.load_tokenizer(vocab_file=str(small))
+    added.add_tokens(["zebra"])  # id len(VOCAB) - 1: the size is len(), added tokens included
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Encoder(model, added)
+    added.add_tokens(["okapi"])  # id len(VOCAB): past the table
+    with pytest.raises(ValueError, match=f"has {len(VOCAB) + 1} word pieces but the model's word-embedding table"):
+        Encoder(model, added)
 
 
 @pytest.mark.parametrize("n_items, caps, expected", [
@@ -593,8 +602,6 @@ def test_cli_ensemble_errors_name_the_member(dataset, tmp_path, capsys):
 def test_encoder_takes_a_read_only_memory_map_without_a_warning(dataset, tmp_path):
     """The README's input (a split's features, np.load(..., mmap_mode="r"), and its lengths): torch
     warned that the array is not writable; it is only read (copied into the padded batch)."""
-    import warnings
-
     model = bert_model()
     tok = data.load_tokenizer(vocab_file=str(dataset / "vocab.txt"))
     feats = np.load(dataset / "test_ims.npy", mmap_mode="r")

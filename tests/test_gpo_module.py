@@ -457,11 +457,32 @@ def test_large_sets_on_the_cpu_build_only_the_sizes_present(K, monkeypatch):
     calls = []
     monkeypatch.setattr(gpo_module.GPO, "_table_over_all_sizes",
                         lambda self, size: calls.append(size) or all_sizes(self, size))
+    close = dict(rtol=1e-5, atol=1e-6 * float(features.abs().max()))  # sums of up to K terms near 0
     for mode in (True, False):
         ours.train(mode)
-        torch.testing.assert_close(ours.pool(features, lengths), want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours(features, lengths)[0], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.pool(features, lengths), want, **close)
+        torch.testing.assert_close(ours(features, lengths)[0], want, **close)
     assert bool(calls) == (K <= gpo_module.ALL_SIZES_MAX_K)
+    assert ours.pool(features[:0], lengths[:0]).shape == (0, 6)  # an empty batch (no sizes to build)
+
+
+@pytest.mark.parametrize("K", [300, 600])
+def test_the_eval_cache_keeps_a_table_over_every_size_up_to_512(K, monkeypatch):
+    """In eval mode without gradients the table is built once and kept: cheaper than the sizes present
+    batch after batch, up to CACHED_ALL_SIZES_MAX_K (0.7 s at K = 512); beyond, the sizes present."""
+    import vse_fast.modules.gpo as gpo_module
+
+    published, ours = make_pair()
+    ours.eval()
+    lengths = torch.tensor([K, 5, K - 17, 1])
+    features = tie_free_features(4, K, 6)
+    builds = ours.table_builds
+    with torch.no_grad():
+        want = published(features, lengths)[0]
+        for _ in range(3):
+            torch.testing.assert_close(ours.pool(features, lengths), want, rtol=1e-5,
+                                       atol=1e-6 * float(features.abs().max()))
+    assert ours.table_builds - builds == (1 if K <= gpo_module.CACHED_ALL_SIZES_MAX_K else 3)
 
 
 def test_fixed_pools_with_infinite_values():
@@ -486,7 +507,8 @@ def test_fixed_pools_with_infinite_values():
 def test_fixed_pools_keep_padding_out_of_the_gradient():
     """A set whose valid values are all -inf: the padding (also -inf once masked) ranks after them."""
     x = torch.full((2, 4, 3), -float("inf"))
-    x[1, 3] = 7.0  # padding of set 0 holds a large value; set 1 is full
+    x[0, 3] = 7.0  # padding of set 0 holds a large value
+    x[1, 3] = 7.0  # set 1 is full
     x.requires_grad_()
     n = torch.tensor([2, 4])
     for module in (MaxPool(), KMaxPool(3)):

@@ -146,6 +146,18 @@ def test_a_damaged_cache_is_regenerated_not_used(tmp_path, damage):
     assert _digest(folder) == clean
 
 
+def test_files_a_user_adds_beside_the_cache_are_kept(tmp_path):
+    """Only the files the manifest records are checked: an added file made the cache look damaged, and
+    its regeneration deleted the user's run directory along with the folder."""
+    folder = synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL)
+    os.makedirs(os.path.join(folder, "my_run"))
+    open(os.path.join(folder, "my_run", "last.pth"), "w").write("weights")
+    open(os.path.join(folder, "results.json"), "w").write("{}")
+    assert synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL) == folder
+    assert os.path.isfile(os.path.join(folder, "my_run", "last.pth"))
+    assert os.path.isfile(os.path.join(folder, "results.json"))
+
+
 def test_an_abandoned_generation_is_cleared_and_the_cache_is_not_private(tmp_path):
     """A generation killed before its clean-up (SIGKILL, out of memory) left its temporary folder for
     good; mkdtemp's mode 0700 hid a shared cache from its other users."""

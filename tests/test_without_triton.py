@@ -28,7 +28,9 @@ def test_an_explicit_triton_backend_names_the_missing_package(no_triton):
         GPO(8, 8, table_backend="triton").pool(x, n)
 
 
-def test_auto_falls_back_to_torch_and_warns_once(no_triton):
+def test_auto_is_told_to_take_torch_and_warns_once(no_triton):
+    """triton_for_auto is what "auto" asks before it takes a kernel for CUDA tensors (not runnable here:
+    CPU tensors take torch whatever is installed, as the last lines check)."""
     with pytest.warns(UserWarning, match="triton package is not installed: CUDA tensors take vse_fast's torch"):
         assert vse_fast.kernels.triton_for_auto() is False
     with warnings.catch_warnings():

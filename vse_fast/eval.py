@@ -112,8 +112,8 @@ def check_tokenizer(model, tokenizer) -> None:
             raise TypeError("the model's text encoder is BERT but the tokenizer is a BiGRU Vocabulary: pass the "
                             "model's BERT tokenizer (vse_fast.data.load_tokenizer)")
         rows = bert.get_input_embeddings().num_embeddings
-        size = getattr(tokenizer, "vocab_size", None)
-        if isinstance(size, int) and size > rows:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+        if isinstance(size, int) and size > rows:  # len(): added tokens included (their ids follow the vocabulary)
             raise ValueError(f"the BERT tokenizer has {size} word pieces but the model's word-embedding table has "
                              f"{rows} rows: it is not the model's tokenizer")
         vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else None

@@ -17,8 +17,8 @@ computed once per size, never per sample, by one of two table backends (`table_b
   batch, the Triton one every size up to max(lengths).
 * ``coefficients`` / ``pool`` (no host sync; used by our encoders): a table over every size 1..K
   (K = features.shape[1], a Python int), gathered by length on the device. It runs the GRU over
-  K (K + 1) / 2 positions: on the CPU, for K > ALL_SIZES_MAX_K (64), the sizes present are built
-  instead (the lengths are read on the host there anyway).
+  K (K + 1) / 2 positions: on the CPU, for K > ALL_SIZES_MAX_K (64; 512 when the eval cache keeps
+  the table), the sizes present are built instead (the lengths are read on the host there anyway).
 
 In eval mode, when no gradient to the parameters is needed, the table is cached (see GPO for what
 invalidates it; `GPO.clear_cache()` drops it). Tables are computed with autocast disabled (in the
@@ -39,8 +39,10 @@ from vse_fast.ops.gpo_pool import check_gpo_pool_inputs, check_length_values, ch
 from vse_fast.ops.gpo_table import triton_coefficient_table, torch_coefficient_table, use_triton_table
 
 TABLE_BACKENDS = ("auto", "triton", "torch")
-# Above this set size, GPO on the CPU builds the coefficients of the sizes present, not of every size 1..K
+# Above this set size, GPO on the CPU builds the coefficients of the sizes present, not of every size 1..K;
+# in eval mode without gradients (the table then cached) above the second
 ALL_SIZES_MAX_K = 64
+CACHED_ALL_SIZES_MAX_K = 512
 
 # Steps of every torch.optim optimizer in this process, part of the eval-cache key: fused optimizers
 # (AdamW(fused=True), the trainer's choice on CUDA) update parameters without bumping their versions.
@@ -121,10 +123,12 @@ class _SortedPool(nn.Module):
         weights = self.coefficients(n, longest, self._weights_dtype(features))
         return self._pool_checked(features, n, weights), weights.unsqueeze(-1)
 
-    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor,
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor = None,
                       backend: str = "auto") -> torch.Tensor:
-        """pooled (B, D) of checked inputs: n (B,) long, weights (B, >= max(n)) from ``coefficients``;
-        ``backend`` that of gpo_pool."""
+        """pooled (B, D) of checked inputs: n (B,) long, weights (B, >= max(n)) from ``coefficients``
+        (None: computed here); ``backend`` that of gpo_pool."""
+        if weights is None:
+            weights = self.coefficients(n, features.shape[1], self._weights_dtype(features))
         return gpo_pool(features, n, weights, backend=backend, validate=False)
 
     def pool(self, features: torch.Tensor, lengths: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -132,10 +136,8 @@ class _SortedPool(nn.Module):
         On a GPU the lengths are trusted (not range-checked: that would read them on the host); on the
         CPU, where the torch path reads them on the host anyway, they are checked as in forward.
         ``backend``: gpo_pool's, for the sort-and-weighted-sum (MaxPool and KMaxPool use torch ops)."""
-        check_gpo_pool_inputs(features, lengths, validate=_pool_ops._sorts_by_length(features))
-        n = _lengths_as_long(lengths)
-        weights = self.coefficients(n, features.shape[1], self._weights_dtype(features))
-        return self._pool_checked(features, n, weights, backend)
+        check_gpo_pool_inputs(features, lengths, backend=backend, validate=_pool_ops._sorts_by_length(features))
+        return self._pool_checked(features, _lengths_as_long(lengths), backend=backend)
 
 
 
@@ -279,11 +281,14 @@ class GPO(_SortedPool):
 
     def _only_sizes_present(self, n: torch.Tensor, K: int) -> bool:
         """Whether to build the coefficients of the sizes in n only, not of every size 1..K: for K above
-        ALL_SIZES_MAX_K with the lengths and the torch table on the CPU. A table over every size runs
+        ALL_SIZES_MAX_K with the lengths and the torch table on the CPU (above CACHED_ALL_SIZES_MAX_K
+        when the eval cache keeps the table, built once: 0.7 s at K = 512). A table over every size runs
         the GRU over K (K + 1) / 2 positions: at K = 512 with gradients about 90 s on a 2-core CPU
         against 2 s for 128 sets of random sizes; at K = 1000 (a long caption) 14 s where the published
         module takes 0.2 s. The sizes present cost at most what the published per-set GRU costs."""
-        return K > ALL_SIZES_MAX_K and n.device.type == "cpu" and not self._use_triton_table()
+        if not (K > ALL_SIZES_MAX_K and n.numel() and n.device.type == "cpu") or self._use_triton_table():
+            return False
+        return K > CACHED_ALL_SIZES_MAX_K or not self._cache_usable()  # a cached table is built once
 
     def _table_of_sizes_present(self, n: torch.Tensor, longest: int) -> torch.Tensor:
         """(B, longest): row b = the coefficients of a set of size n[b], from one packed GRU call over the
@@ -365,7 +370,7 @@ class MaxPool(_SortedPool):
         ranks = torch.arange(K, device=lengths.device)
         return (ranks == 0).to(dtype).expand(lengths.shape[0], K)
 
-    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor,
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor = None,
                       backend: str = "auto") -> torch.Tensor:
         return _mean_of_top(features, n, 1)
 
@@ -385,7 +390,7 @@ class KMaxPool(_SortedPool):
         ranks = torch.arange(K, device=lengths.device)
         return (ranks < top).to(dtype) / top.to(dtype)
 
-    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor,
+    def _pool_checked(self, features: torch.Tensor, n: torch.Tensor, weights: torch.Tensor = None,
                       backend: str = "auto") -> torch.Tensor:
         return _mean_of_top(features, n, self.k)
 
