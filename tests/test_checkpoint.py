@@ -272,6 +272,8 @@ def test_malformed_checkpoint_names_the_file(tmp_path, case):
 def test_strip_prefixes_refuses_colliding_keys():
     value = torch.zeros(1)
     assert strip_prefixes({"module._orig_mod.a": value, "b": value}) == {"a": value, "b": value}
+    # a compiled submodule (model.txt_enc.bert = torch.compile(...)): its key did not load
+    assert strip_prefixes({"txt_enc.bert._orig_mod.w": value}) == {"txt_enc.bert.w": value}
     with pytest.raises(CheckpointError, match="keys 'a' and '_orig_mod.module.a' both become 'a'"):
         strip_prefixes({"a": value, "_orig_mod.module.a": value})
 

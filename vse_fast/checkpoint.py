@@ -278,8 +278,10 @@ def _cuda_index(device) -> int | None:
 # ----------------------------------------------------------------------------- our checkpoints
 
 def strip_prefixes(state_dict: dict, prefixes=("module.", "_orig_mod."), *, path: str | None = None) -> dict:
-    """Remove DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") key prefixes. Two keys
-    that become one (e.g. "X" and "module.X") raise CheckpointError naming both (and ``path``)."""
+    """Remove DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") key prefixes, and the
+    "_orig_mod" of a compiled submodule inside a key ("txt_enc.bert._orig_mod.x" from
+    ``model.txt_enc.bert = torch.compile(model.txt_enc.bert)``). Two keys that become one (e.g. "X"
+    and "module.X") raise CheckpointError naming both (and ``path``)."""
     out, original = {}, {}
     for raw_key, value in state_dict.items():
         key, changed = raw_key, True
@@ -288,6 +290,8 @@ def strip_prefixes(state_dict: dict, prefixes=("module.", "_orig_mod."), *, path
             for prefix in prefixes:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
+        if "_orig_mod." in prefixes:
+            key = ".".join(part for part in key.split(".") if part != "_orig_mod")
         if key in out:
             where = f"checkpoint {path!r}: " if path else ""
             raise CheckpointError(f"{where}keys {original[key]!r} and {raw_key!r} both become {key!r} without "
