@@ -23,6 +23,7 @@ _BACKENDS = ("auto", "triton", "torch")
 _TRITON_MAX_K = 512
 _TRITON_MAX_D = 65535 * 8  # "auto": D-blocks within CUDA's grid axis at the narrowest tile (K > 256: 8 columns)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FEATURE_DTYPES = (*_TRITON_DTYPES, torch.float64)  # float8 is floating point too, but has no sort
 
 
 def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", validate=True):
@@ -37,7 +38,7 @@ def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", valid
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if features.dim() != 3:
         raise ValueError(f"features must be (B, K, D), got shape {tuple(features.shape)}")
-    if features.dtype not in _FEATURE_DTYPES:  # float8 is floating point, but has no sort
+    if features.dtype not in _FEATURE_DTYPES:
         raise TypeError(f"features must be a float16/bfloat16/float32/float64 tensor, got {features.dtype}")
     check_lengths_tensor(lengths)
     B, K, D = features.shape
@@ -62,7 +63,6 @@ def check_gpo_pool_inputs(features, lengths, weights=None, backend="auto", valid
             raise ValueError(f"weights has Kw={weights.shape[1]} positions, fewer than the longest set {n_max}")
 
 
-_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # the wider unsigned and float8 dtypes lack the reductions the checks use (min, isfinite)
 _LENGTH_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                   torch.float16, torch.bfloat16, torch.float32, torch.float64)
