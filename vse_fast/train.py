@@ -209,9 +209,14 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
             this = "the BiGRU (--text_encoder gru)" if text_encoder == "gru" else "BERT (--text_encoder bert)"
             parser.error(f"--{key} configures the {which} text encoder; this run's text encoder is {this}, "
                          "which would ignore it")
-    if explicit.get("max_violation") and explicit.get("vse_mean_warmup_epochs"):
-        parser.error(f"--max_violation takes hardest negatives from the first epoch, so --vse_mean_warmup_epochs "
-                     f"{explicit['vse_mean_warmup_epochs']} would have no effect: pass one of them")
+    warmup = explicit.get("vse_mean_warmup_epochs")
+    if warmup and explicit.get("max_violation", (saved or {}).get("max_violation")):
+        if "max_violation" in explicit:
+            parser.error(f"--max_violation takes hardest negatives from the first epoch, so --vse_mean_warmup_epochs "
+                         f"{warmup} would have no effect: pass one of them")
+        parser.error(f"the resumed run was started with --max_violation (hardest negatives from the first epoch), "
+                     f"so --vse_mean_warmup_epochs {warmup} would have no effect: add --no-max_violation to warm "
+                     "up with VSE0")
     if saved is not None:
         cfg = dict(saved)
         explicit = _absolute_paths(explicit)
@@ -240,10 +245,6 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
         # not to the directory recorded when it was written.
         if getattr(args, "resume", None):
             cfg["run_dir"] = os.path.dirname(os.path.abspath(args.resume))
-        if cfg.get("max_violation") and explicit.get("vse_mean_warmup_epochs") and "max_violation" not in explicit:
-            parser.error(f"the resumed run was started with --max_violation (hardest negatives from the first "
-                         f"epoch), so --vse_mean_warmup_epochs {explicit['vse_mean_warmup_epochs']} would have no "
-                         "effect: add --no-max_violation to warm up with VSE0")
         cfg.update(explicit)
         return cfg
     base = PUBLISHED_DEFAULTS if args.data_path else (
