@@ -237,15 +237,14 @@ def test_fixed_poolings_replace_gpo_in_both_encoders(kind, pooling, pool_k, monk
     fixed.load_state_dict(state, strict=True)
     images, img_len, captions, cap_len = make_batch(5, 4, 13, 6, 57)
     captured = {}  # the features each encoder of the GPO model pools (same weights before the pooling)
-    real = vse_model._gpo_pool
-    names = {id(gpo_model.img_enc.gpool): "img_enc", id(gpo_model.txt_enc.gpool): "txt_enc"}
+    for name in ("img_enc", "txt_enc"):
+        gpool = getattr(gpo_model, name).gpool
 
-    def spy(gpool, features, lengths, backend):
-        if id(gpool) in names:
-            captured[names[id(gpool)]] = (features.detach(), lengths)
-        return real(gpool, features, lengths, backend)
+        def spy(features, lengths, *, backend="auto", name=name, real=gpool.pool):
+            captured[name] = (features.detach(), lengths)
+            return real(features, lengths, backend=backend)
 
-    monkeypatch.setattr(vse_model, "_gpo_pool", spy)
+        monkeypatch.setattr(gpool, "pool", spy)
     with torch.no_grad():
         gpo_model.eval()(images, img_len, captions, cap_len)
 

@@ -159,11 +159,6 @@ def _make_pool(pooling: str = "gpo", pool_k: int | None = None, gpo_backend: str
     return AvgPool() if pooling == "mean" else MaxPool()
 
 
-def _gpo_pool(gpool: nn.Module, features: torch.Tensor, lengths: torch.Tensor, backend: str) -> torch.Tensor:
-    """GPO.pool (no host sync), with the sort-and-weight backend chosen ("auto": Triton on CUDA)."""
-    return gpool.pool(features, lengths, backend=backend)
-
-
 def _check_on_host(t: torch.Tensor) -> bool:
     """Whether values of `t` may be read on the host: CPU tensors yes (no sync), CUDA tensors no."""
     return not t.is_cuda
@@ -269,7 +264,7 @@ class ImageEncoder(nn.Module):
         features = self.fc(images)
         if self.mlp is not None:
             features = self.mlp(images) + features
-        pooled = _gpo_pool(self.gpool, features, lengths, self.gpo_backend)
+        pooled = self.gpool.pool(features, lengths, backend=self.gpo_backend)
         return pooled.float() if self.no_imgnorm else l2norm(pooled)
 
 
@@ -307,7 +302,7 @@ class BertTextEncoder(nn.Module):
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         _check_captions(captions, lengths)
         hidden = self.bert(input_ids=captions, attention_mask=_bert_attention_mask(captions, self.bert))[0]
-        pooled = _gpo_pool(self.gpool, self.linear(hidden), lengths, self.gpo_backend)
+        pooled = self.gpool.pool(self.linear(hidden), lengths, backend=self.gpo_backend)
         return pooled.float() if self.no_txtnorm else l2norm(pooled)
 
 
@@ -370,7 +365,7 @@ class GRUTextEncoder(nn.Module):
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         _check_captions(captions, lengths)
         hidden = self.run_rnn(self.embed(captions), lengths)
-        pooled = _gpo_pool(self.gpool, hidden, lengths, self.gpo_backend)
+        pooled = self.gpool.pool(hidden, lengths, backend=self.gpo_backend)
         return pooled.float() if self.no_txtnorm else l2norm(pooled)
 
 
