@@ -13,7 +13,6 @@ import torch
 from tests.published.evaluation import compute_sim, ensemble_sims, evaluate_sims, fold5
 from tests.published.model import build_published, published_checkpoint, published_opt
 from vse_fast import data
-import vse_fast.model
 from vse_fast.checkpoint import (FORMAT, load_any_checkpoint, load_model_checkpoint, load_published_checkpoint,
                                  save_checkpoint)
 from vse_fast.eval import encode_split, evaluate, main
@@ -437,9 +436,12 @@ def test_gpo_backend_is_chosen_at_load_not_taken_from_training(dataset, tmp_path
     model = bert_model(4)
     model.opt["gpo_backend"] = "triton"
     path = save_ours(model, tmp_path / "triton_run.pth", gpo_backend="triton")
+    from vse_fast.modules.gpo import GPO
+
     used = []
-    pool = vse_fast.model._gpo_pool
-    monkeypatch.setattr(vse_fast.model, "_gpo_pool", lambda *a: used.append(a[3]) or pool(*a))
+    pool = GPO.pool
+    monkeypatch.setattr(GPO, "pool", lambda self, *a, backend="auto": used.append(backend) or pool(self, *a,
+                                                                                                 backend=backend))
     loaded, _ = load_any_checkpoint(path)
     assert {loaded.img_enc.gpo_backend, loaded.txt_enc.gpo_backend} == {"auto"}
     loaded, _ = load_model_checkpoint(path)
