@@ -834,6 +834,35 @@ def test_vocabulary_load_requires_the_special_words(tmp_path):
         data.Vocabulary.load(str(path))
 
 
+@pytest.mark.parametrize("text, message", [
+    ('[["<pad>", 0]]', r'holds an object with "word2idx" .*; a list at the top'),
+    ('{"words": {}}', r"no such key \(keys: \['words'\]\)"),
+    ('{"word2idx": ["<pad>"]}', "word2idx is a list"),
+    ('{"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4.7}}',
+     r"word indices must be integers, got \[\('dog', 4\.7\)\]"),
+    ('{"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": true}}', "must be integers"),
+    ('{"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": "4"}}', "must be integers"),
+    ('{"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "dog": 5}}',
+     "the key 'dog' appears twice in one object"),
+    ('{"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4}, '
+     '"idx2word": {"0": "<pad>", "1": "<start>", "2": "<end>", "3": "<unk>", "4": "cat"}}',
+     r"idx2word disagrees with word2idx \(index 4: 'cat' against 'dog'\)"),
+    ('{"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4}, "idx": 11353}',
+     "idx is 11353 but word2idx holds 5 words"),
+], ids=["list", "no-word2idx", "word2idx-list", "float-id", "bool-id", "str-id", "repeated-word", "idx2word",
+        "idx"])
+def test_vocabulary_load_names_what_is_wrong_with_the_file(tmp_path, text, message):
+    """Each would otherwise load as something else: 4.7 truncated to 4, the first of two ids dropped,
+    or ids that the file's own idx2word/idx (which the published Vocabulary uses) contradict."""
+    path = tmp_path / "vocab.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=re.escape(str(path)) + ": .*" + message):
+        data.Vocabulary.load(str(path))
+    path.write_text('{"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4}, '
+                    '"idx2word": {"0": "<pad>", "1": "<start>", "2": "<end>", "3": "<unk>", "4": "dog"}, "idx": 5}')
+    assert len(data.Vocabulary.load(str(path))) == 6  # the published layout, '<mask>' appended
+
+
 def test_vocabulary_words_are_nltk_word_tokenize_of_the_lowercased_caption():
     """As the published BiGRU pipeline (nltk.word_tokenize(caption.lower())): clitics split off,
     decimals kept, double quotes as `` and '', a sentence-final period split off."""
