@@ -406,6 +406,7 @@ def test_cuda_error_on_different_devices():
 INTERP_CASES = [
     pytest.param(37, 37, 40, False, False, id="N37-D40"),
     pytest.param(13, 29, 19, True, False, id="N13-M29-D19-pos"),
+    pytest.param(13, 29, 19, True, True, id="N13-M29-D19-pos-noncontig"),  # the terms path (DDP, dedupe)
     pytest.param(20, 20, 17, False, True, id="N20-D17-noncontig"),
     pytest.param(1, 1, 5, False, False, id="N1"),
     pytest.param(1, 6, 5, True, False, id="N1-M6-pos"),
@@ -567,16 +568,17 @@ def test_triton_interpreter_gpu_tile_sizes(B, D, dtype, max_violation, monkeypat
 
 
 @interpreter_only
-@pytest.mark.parametrize("saved_mask", [True, False], ids=["saved-mask", "recompute"])
+@pytest.mark.parametrize("saved_mask,noncontig", [(True, False), (False, False), (False, True)],
+                         ids=["saved-mask", "recompute", "recompute-noncontig"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_interpreter_vse0_backward_in_chunks(dtype, saved_mask, monkeypatch, poison_empty):
+def test_triton_interpreter_vse0_backward_in_chunks(dtype, saved_mask, noncontig, monkeypatch, poison_empty):
     """The "fused" VSE0 backward with G split into row chunks (fp32 accumulation of ds) gives the
     one-chunk gradients, with G unpacked from the forward's mask or recomputed from S."""
     K = _kernels()
     B = 37
     if not saved_mask:
         monkeypatch.setattr(K, "SAVED_MASK_MAX_BYTES", 0)
-    im, s, _ = _inputs(B, B, 24, dtype)
+    im, s, _ = _inputs(B, B, 24, dtype, noncontig=noncontig)
     upstream = torch.randn(())
     one = _loss_and_grads(lambda a, b: contrastive_loss(a, b, 0.2, False, backend="triton"), im, s, upstream)
     monkeypatch.setattr(K, "_MASK_CHUNK_BYTES", 16 * B * im.element_size())  # chunks of 16 image rows
@@ -736,7 +738,7 @@ def test_cuda_triton_noncontiguous_and_terms(max_violation):
     _check_against_reference(257, 257, 96, torch.bfloat16, max_violation, noncontig=True, backend="triton",
                              device="cuda")
     _check_against_reference(100, 333, 65, torch.float32, max_violation, positives=True, terms="t2i",
-                             reduction="mean", backend="triton", device="cuda")
+                             reduction="mean", backend="triton", device="cuda", noncontig=True)
 
 
 @requires_cuda

@@ -230,6 +230,8 @@ INTERP_CASES = [  # (B, K, D, kw_extra, strided, lengths): 1-4 programs each
     (1, 1, 1, 0, False, None),
     (2, 5, 3, 2, False, [1, 5]),
     (2, 9, 20, 3, True, [9, 4]),  # two D-blocks, Kw > K, non-contiguous features and weights
+    (2, 4, 5, 1, True, [4, 3]),  # the 4-input network
+    (2, 23, 20, 1, True, [23, 1]),  # K in 17..32 (caption lengths): the 32-wide blocks and network
 ]
 KERNEL_IMPLS = ["sort", "rank", "net"]  # values of VSE_FAST_GPO_POOL_KERNEL
 
@@ -577,8 +579,10 @@ def _by_coverage(cases):
 
 
 # (impl, B, K, D): the sort kernels on every shape, the rank and net kernels on the shapes with K <= 64
-CUDA_CASES = _by_coverage([("sort", *shape) for shape in CUDA_SHAPES + [(3, 512, 65), (2, 300, 1024)]]
-                          + [(impl, B, K, D) for impl in ("rank", "net") for B, K, D in CUDA_SHAPES if K <= 64])
+# plus K = 23 and 200: the 32- and 256-wide blocks (and the 16/32-input networks) no other shape compiles
+CUDA_CASES = _by_coverage([("sort", *shape) for shape in CUDA_SHAPES + [(3, 512, 65), (2, 300, 1024), (3, 200, 65)]]
+                          + [(impl, B, K, D) for impl in ("rank", "net") for B, K, D in CUDA_SHAPES if K <= 64]
+                          + [(impl, 7, 23, 33) for impl in ("sort", "rank", "net")])
 
 
 @requires_cuda
