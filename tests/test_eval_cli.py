@@ -250,7 +250,7 @@ def test_cli_published_checkpoint(dataset, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing-checkpoint", "missing-data-path", "missing-split", "bad-limit",
                                   "not-a-checkpoint", "limit-not-multiple", "json-dir-missing", "json-is-dir",
-                                  "vocab-size", "text-model-missing", "checkpoint-is-dir", "device-meta",
+                                  "vocab-size", "text-model-missing", "checkpoint-is-dir", "device-meta", "device-cpu1",
                                   "json-unwritable"])
 def test_cli_errors_name_the_problem(dataset, tmp_path, capsys, case):
     path = save_ours(bert_model(), tmp_path / "ok.pth")
@@ -270,6 +270,7 @@ def test_cli_errors_name_the_problem(dataset, tmp_path, capsys, case):
                                    "--text_model", str(tmp_path / "no_bert")],
             "checkpoint-is-dir": ["--checkpoint", str(tmp_path), "--data_path", str(dataset)],
             "device-meta": ["--checkpoint", path, "--data_path", str(dataset), "--device", "meta"],
+            "device-cpu1": ["--checkpoint", path, "--data_path", str(dataset), "--device", "cpu:1"],
             "json-unwritable": ["--checkpoint", path, "--data_path", str(dataset), "--json", "/proc/m.json"]}[case]
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -284,6 +285,7 @@ def test_cli_errors_name_the_problem(dataset, tmp_path, capsys, case):
                 "text-model-missing": "no_bert' is not a directory",
                 "checkpoint-is-dir": "is a directory, not a checkpoint file",
                 "device-meta": "--device 'meta': evaluation runs on cpu or cuda devices",
+                "device-cpu1": "--device 'cpu:1': the CPU has no device index but 0",
                 "json-unwritable": "--json '/proc/m.json'"}[case]
     assert expected in err and "Traceback" not in err
     if case.startswith("json"):
@@ -689,6 +691,10 @@ def test_cli_text_model_that_cannot_apply_is_refused_or_warned(dataset, tmp_path
     same = main(["--checkpoint", bert_path, "--data_path", str(dataset), "--text_model", str(folder),
                  "--vocab_file", str(dataset / "vocab.txt")])  # the same vocabulary twice: fine
     assert same["rsum"] > 0
+    recorded = save_ours(bert_model(), tmp_path / "bert_other.pth", vocab_file=str(other))
+    with pytest.raises(SystemExit):  # the checkpoint's own vocabulary against an explicit --text_model
+        main(["--checkpoint", recorded, "--data_path", str(dataset), "--text_model", str(folder)])
+    assert "(the checkpoint's, which the model was trained with) hold different" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["same-checkpoint-twice", "negative-workers"])

@@ -185,12 +185,17 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "--embed_size must be >= 2 with --precomp_enc_type basic" in _error(
         capsys, _args(tiny, tmp_path / "r", "--embed_size", "1"))
     assert "--val_split must name a split, got ''" in _error(capsys, _args(tiny, tmp_path / "r", "--val_split", ""))
+    assert "--test_split must name a split, got ''" in _error(capsys, _args(tiny, tmp_path / "r", "--test_split", ""))
+    assert "--run_dir must name a directory, got ''" in _error(capsys, _args(tiny, tmp_path / "r", "--run_dir", ""))
+    assert "--synthetic_dir must name a directory, got ''" in _error(capsys, ["--synthetic_dir", ""])
     assert "--grad_clip must be a number" in _error(capsys, _args(tiny, tmp_path / "r", "--grad_clip", "nan"))
     assert "--feature_drop must be in [0, 1)" in _error(capsys, _args(tiny, tmp_path / "r", "--feature_drop", "1.5"))
     assert "invalid choice: 'fp8'" in _error(capsys, _args(tiny, tmp_path / "r", "--precision", "fp8"))
     assert "--seed must be in [0, 2**32), got -1" in _error(capsys, _args(tiny, tmp_path / "r", "--seed", "-1"))
     assert "--device 'meta': training runs on cpu or cuda devices" in _error(
         capsys, _args(tiny, tmp_path / "r", "--device", "meta"))
+    assert "--device 'cpu:1': the CPU has no device index but 0" in _error(
+        capsys, _args(tiny, tmp_path / "r", "--device", "cpu:1"))
     assert "--bert_config" in _error(capsys, _args(tiny, tmp_path / "r", "--bert_config", missing))
     assert "not both" in _error(capsys, ["--data_path", data, "--text_model", str(tmp_path), "--bert_config", bert_config])
     assert f"--run_dir {str(a_file / 'run')!r} cannot be created: Not a directory" in _error(
@@ -238,6 +243,27 @@ def test_data_that_would_fail_later_is_named_before_training(tiny, tmp_path, cap
     del args[args.index("--bert_config"):args.index("--bert_config") + 2]
     err = _error(capsys, args)
     assert f"--text_model {no_weights}: " in err and "Traceback" not in err
+    other = tmp_path / "bert_other_vocab"  # a tokenizer of other ids than --vocab_file's: refused
+    other.mkdir()
+    shutil.copyfile(small, other / "config.json")
+    words = open(os.path.join(data, "vocab.txt")).read().splitlines()
+    (other / "vocab.txt").write_text("\n".join(words[:5] + words[5:][::-1]) + "\n")
+    args[args.index(str(no_weights))] = str(other)
+    assert "hold different vocabularies" in _error(capsys, args)
+    from transformers import BertConfig, BertModel
+
+    broken = tmp_path / "bert_truncated"  # an interrupted copy: half a weights file
+    BertModel(BertConfig.from_json_file(small)).save_pretrained(str(broken))
+    shutil.copyfile(os.path.join(data, "vocab.txt"), broken / "vocab.txt")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    args[args.index(str(other))] = str(broken)
+    err = _error(capsys, args)
+    assert f"--text_model {broken}: " in err and "Traceback" not in err
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    err = _error(capsys, _args(tiny, tmp_path / "r4", "--bert_config", str(listed)))
+    assert f"--bert_config {listed}: " in err and "Traceback" not in err
 
 
 def test_data_errors_exit_cleanly_and_resume_keeps_the_synthetic_flavour(tiny, tmp_path, capsys):
@@ -469,6 +495,17 @@ def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, t
     assert _final_state(tmp_path / "r")["step"] == 3
     log = (tmp_path / "r" / "train.log").read_text()  # an override is logged to the run's log, once
     assert log.count("--margin 0.25 overrides the resumed run's 0.2") == 1 and "vocab_file" not in log
+    other = vdata.Vocabulary.load(saved["vocab_file"])  # the same words under other ids: refused
+    swapped = {w: (i if i < 4 else len(other.word2idx) + 3 - i) for w, i in other.word2idx.items()}
+    other.word2idx, other.idx2word = swapped, {i: w for w, i in swapped.items()}
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "4", "--progress", "off",
+                    "--vocab_file", str(tmp_path / "other.json")])
+    shutil.copyfile(saved["vocab_file"], tmp_path / "same.json")  # a copy of the run's: fine
+    parser = train.build_parser()
+    args = parser.parse_args(["--resume", str(tmp_path / "r" / "last.pth"), "--vocab_file", str(tmp_path / "same.json")])
+    assert train.resolve_config(args, parser, saved)["vocab_file"] == str(tmp_path / "same.json")
     metrics = eval_main(["--checkpoint", str(tmp_path / "r" / "last.pth"), "--data_path", str(copy), "--split", "test"])
     assert metrics["rsum"] > 0
     moved = tmp_path / "moved"  # the run directory moved: its vocab.json is found beside the checkpoint
@@ -968,9 +1005,10 @@ def test_options_that_would_have_no_effect_are_refused_or_warned(tiny, tmp_path,
     err = _error(capsys, _args(tiny, tmp_path / "a", "--max_violation", "--vse_mean_warmup_epochs", "2"))
     assert "--max_violation takes hardest negatives from the first epoch, so --vse_mean_warmup_epochs 2" in err
     run = tmp_path / "r"
-    train.main(_args(tiny, run, "--max_steps", "2", "--num_epochs", "1", "--local_negatives"))
+    train.main(_args(tiny, run, "--max_steps", "2", "--num_epochs", "1", "--local_negatives", "--chunk_size", "40"))
     log = (run / "train.log").read_text()
     assert "--local_negatives has no effect in a single process" in log
+    assert "--chunk_size 40 is not below the per-process batch of 40 pairs" in log
     assert "--lr_update 1 is not below --num_epochs 1: the learning rate is never decayed" in log
     err = _error(capsys, ["--resume", str(run / "last.pth"), "--max_steps", "1", "--progress", "off"])
     assert "--max_steps 1: the resumed run has made 2 steps already" in err

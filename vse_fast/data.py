@@ -49,7 +49,7 @@ from vse_fast.word_tokenize import word_tokenize
 
 __all__ = [
     "DataError", "CaptionTooLongError", "EmptyCaptionError", "SplitInfo", "check_split", "published_caption_limit",
-    "DEV_CAPTION_LIMIT", "load_tokenizer", "Vocabulary", "CaptionEncoder", "PrecomputedDataset", "ImageSetDataset", "CaptionDataset",
+    "DEV_CAPTION_LIMIT", "load_tokenizer", "check_same_bert_vocab", "Vocabulary", "CaptionEncoder", "PrecomputedDataset", "ImageSetDataset", "CaptionDataset",
     "collate", "collate_images", "collate_captions",
 ]
 
@@ -407,6 +407,17 @@ _ASCII_CAPITAL = re.compile("[A-Z]")
 
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def check_same_bert_vocab(text_model_dir, vocab_file, what="hold different vocabularies: pass one of them"):
+    """DataError when a BERT directory's tokenizer and a vocab.txt differ. Both name the tokenizer and
+    the vocab file is the one used, so a different one would index the directory's pretrained word
+    embeddings by other words. A directory without a tokenizer (the BERT config only) passes."""
+    if not any(os.path.isfile(os.path.join(text_model_dir, name)) for name in ("tokenizer.json", "vocab.txt")):
+        return
+    in_dir = load_tokenizer(text_model_dir=text_model_dir)
+    if in_dir.get_vocab() != load_tokenizer(vocab_file=vocab_file).get_vocab():
+        raise DataError(f"the BERT directory {text_model_dir} and the vocabulary {vocab_file} {what}")
 
 
 def _read_wordpiece_vocab(vocab_file):

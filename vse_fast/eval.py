@@ -259,7 +259,12 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
     if explicit_bert_dir and not os.path.isdir(text_model):
         raise ValueError(f"text_model {text_model!r} is not a directory (the BERT directory with its tokenizer)")
     if explicit_bert_dir and vocab_file:
-        _check_same_bert_vocab(text_model, vocab_file)
+        data.check_same_bert_vocab(text_model, vocab_file, "hold different vocabularies: pass the one the "
+                                                           "model was trained with")
+    recorded = config.get("vocab_file")
+    if explicit_bert_dir and not vocab_file and bert and recorded and os.path.isfile(recorded):
+        data.check_same_bert_vocab(text_model, recorded, "(the checkpoint's, which the model was trained with) "
+                                                         "hold different vocabularies: pass --vocab_file")
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
     if not vocab_file and not explicit_bert_dir and config.get("vocab_file"):
         vocab_file = config["vocab_file"]
@@ -284,20 +289,6 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
         raise ValueError(f"the vocabulary has {len(vocab)} words but the model was trained with "
                          f"vocab_size={model_opt['vocab_size']}: pass the model's --vocab_file")
     return vocab
-
-
-def _check_same_bert_vocab(text_model: str, vocab_file: str) -> None:
-    """Both a BERT directory and a vocab file name the tokenizer: the vocab file is used, so it must hold
-    the directory's word pieces where the directory has a tokenizer (else one flag would be dropped)."""
-    from vse_fast import data
-
-    try:
-        in_dir = data.load_tokenizer(text_model_dir=text_model)
-    except data.DataError:  # a directory with the BERT config only: the vocab file is the tokenizer
-        return
-    if in_dir.get_vocab() != data.load_tokenizer(vocab_file=vocab_file).get_vocab():
-        raise ValueError(f"--text_model {text_model} and --vocab_file {vocab_file} hold different vocabularies: "
-                         "pass the one the model was trained with")
 
 
 def _find_bert_tokenizer(data_path, text_model, vocab_file):
@@ -443,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"--device {args.device!r}: {err}")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device!r}: evaluation runs on cpu or cuda devices")
+    if device.type == "cpu" and device.index not in (None, 0):
+        parser.error(f"--device {args.device!r}: the CPU has no device index but 0 (pass cpu)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device!r} requested but CUDA is not available")
     try:

@@ -246,6 +246,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
         if getattr(args, "resume", None):
             cfg["run_dir"] = os.path.dirname(os.path.abspath(args.resume))
         cfg.update(explicit)
+        _check_resumed_vocabulary(saved, cfg, explicit, parser)
         return cfg
     base = PUBLISHED_DEFAULTS if args.data_path else (
         SYNTHETIC_VIDEO_DEFAULTS if args.synthetic == "video" else SYNTHETIC_DEFAULTS)
@@ -255,6 +256,34 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
         cfg["weight_decay"] = GRU_REGION_WEIGHT_DECAY
     _validate(cfg, parser)
     return _absolute_paths(cfg)
+
+
+def _check_resumed_vocabulary(saved: dict, cfg: dict, explicit: dict, parser) -> None:
+    """A resumed model's word embeddings are indexed by its run's word ids: --vocab_file / --text_model
+    may name the vocabulary's new location, or a file of the same words and ids, not another vocabulary."""
+    import warnings
+
+    from vse_fast.data import DataError
+
+    changed = [key for key in ("vocab_file", "text_model") if key in explicit and saved.get(key)
+               and os.path.exists(saved[key]) and not _same_path(saved[key], explicit[key])]
+    if not changed:
+        return
+
+    def word_ids(c):
+        vocab = load_text_vocab(c, c.get("data_path"))
+        return vocab.word2idx if hasattr(vocab, "word2idx") else vocab.get_vocab()
+
+    try:
+        with warnings.catch_warnings():  # said again when the run loads it
+            warnings.simplefilter("ignore")
+            before, after = word_ids(saved), word_ids(cfg)
+    except DataError:
+        return  # an unreadable vocabulary is reported when the run loads it
+    if before != after:
+        key = changed[0]
+        parser.error(f"--{key} {explicit[key]!r} holds another vocabulary than the resumed run's {saved[key]!r}: "
+                     "the model's word embeddings are indexed by the run's word ids; pass its vocabulary")
 
 
 def _absolute_paths(cfg: dict) -> dict:
@@ -294,6 +323,11 @@ def _validate(cfg: dict, parser) -> None:
     for key in ("train_split", "val_split"):
         if not cfg.get(key):
             parser.error(f"--{key} must name a split, got {cfg.get(key)!r}")
+    if cfg.get("test_split") == "":
+        parser.error("--test_split must name a split, got ''")
+    for key in ("run_dir", "synthetic_dir"):
+        if cfg.get(key) == "":
+            parser.error(f"--{key} must name a directory, got ''")
     if math.isnan(cfg["grad_clip"]):
         parser.error("--grad_clip must be a number (<= 0 disables clipping), got nan")
     for key in ("margin", "weight_decay", "bert_lr_factor"):
@@ -309,6 +343,8 @@ def _validate(cfg: dict, parser) -> None:
             parser.error(f"--device {cfg['device']!r}: {err}")
         if device_type not in ("cpu", "cuda"):
             parser.error(f"--device {cfg['device']!r}: training runs on cpu or cuda devices")
+        if device_type == "cpu" and torch.device(cfg["device"]).index not in (None, 0):
+            parser.error(f"--device {cfg['device']!r}: the CPU has no device index but 0 (pass cpu)")
     if not 0 <= cfg.get("seed", 0) < 2**32:
         parser.error(f"--seed must be in [0, 2**32), got {cfg['seed']}")
     if cfg.get("max_steps") is not None and cfg["max_steps"] < 0:
@@ -368,6 +404,10 @@ def load_text_vocab(cfg: dict, data_path: str):
     from vse_fast import data
 
     if cfg["text_encoder"] == "bert":
+        if cfg.get("text_model") and cfg.get("vocab_file"):
+            data.check_same_bert_vocab(cfg["text_model"], cfg["vocab_file"],
+                                       "hold different vocabularies: the directory's pretrained word embeddings "
+                                       "are indexed by its own; pass one of them")
         return data.load_tokenizer(text_model_dir=cfg.get("text_model") if not cfg.get("vocab_file") else None,
                                    vocab_file=cfg.get("vocab_file"))
     if cfg.get("vocab_file"):
@@ -616,12 +656,13 @@ class Trainer:
         else:
             try:
                 self.model = build_model(model_options(cfg))
-            except (OSError, ValueError) as err:  # transformers: no weights (or config), a bad config json
+            except Exception as err:  # transformers: no weights (or config), a truncated weights file, bad json
                 option = "--text_model" if cfg.get("text_model") else "--bert_config"
                 source = cfg.get("text_model") or cfg.get("bert_config")
                 if cfg["text_encoder"] != "bert" or not source:
                     raise
-                raise data.DataError(f"{option} {source}: {err}") from None
+                what = "" if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: "
+                raise data.DataError(f"{option} {source}: {what}{err}") from None
         _check_token_ids_fit(self.vocab, self.model.opt, cfg)
         self.model.to(self.device)
         if cfg.get("compile"):
@@ -1250,6 +1291,9 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
                        "hardest negatives)", cfg["vse_mean_warmup_epochs"], cfg["num_epochs"])
     if cfg.get("local_negatives") and ctx.world_size == 1:
         logger.warning("--local_negatives has no effect in a single process: its batch is the whole batch")
+    if cfg.get("chunk_size") and cfg["chunk_size"] >= cfg["batch_size"] // ctx.world_size:
+        logger.warning("--chunk_size %d is not below the per-process batch of %d pairs: the batch is encoded in "
+                       "one piece, as without it", cfg["chunk_size"], cfg["batch_size"] // ctx.world_size)
     if cfg["lr_update"] >= cfg["num_epochs"]:
         logger.warning("--lr_update %d is not below --num_epochs %d: the learning rate is never decayed",
                        cfg["lr_update"], cfg["num_epochs"])
