@@ -456,7 +456,7 @@ class Vocabulary:
     """Word <-> index map for the BiGRU text encoder, as the published lib/vocab.py (plus '<mask>',
     which the published train.py appends).
 
-    Words come from ``word_tokenize(caption.lower())`` (vse_fast.word_tokenize: nltk's
+    Words come from ``word_tokenize(caption.lower())`` (vse_fast.word_tokenize: nltk 3.5's
     word_tokenize, as published, without the nltk dependency: "don't" -> "do", "n't").
     ``encode(caption)`` = [<start>] + word ids (<unk> when unknown) + [<end>].
     """

@@ -1,40 +1,44 @@
 """NLTK-compatible word tokenizer for captions, without the nltk dependency.
 
-The published VSE∞ BiGRU pipeline tokenizes with ``nltk.tokenize.word_tokenize(caption.lower())``.
-:func:`word_tokenize` reproduces that function (behaviour reference: nltk 3.10, ``sent_tokenize``
-with the English punkt model, then ``NLTKWordTokenizer`` on each sentence). Independent code;
-the rules are nltk's, applied in nltk's order.
+The published VSE∞ BiGRU pipeline tokenizes with ``nltk.tokenize.word_tokenize(caption.lower())`` and
+its requirements.txt pins ``nltk==3.5``. :func:`word_tokenize` reproduces that function as nltk 3.5
+has it: ``sent_tokenize`` with the English punkt model, then ``NLTKWordTokenizer`` on each sentence.
+Independent code; the rules are nltk 3.5's, applied in its order.
 
-Sentence step (punkt). A candidate is a ``.``/``?``/``!`` followed by whitespace and a token, or by
-closing/opening punctuation. It ends a sentence when ``?``/``!`` is involved or when the word
-ending in ``.`` is not an abbreviation (punkt's English list below), an ellipsis, or an initial /
-number followed by a lower-case word or by ``;:,.!?``. Quotes and brackets that follow a break
+Sentence step (punkt). A candidate is the last ``.``/``?``/``!`` of a run of non-space characters that
+is followed by whitespace and a token, or by one of ``?!)";}]*:@'({[``. It ends a sentence when
+``?``/``!`` is involved or when the word ending in ``.`` is not an abbreviation (punkt's English list
+below), an ellipsis, or an initial / number followed by ``;:,.!?`` or by a lower-case word (except
+four that the model saw only sentence-initially). Quotes and brackets ``"')]}`` that follow a break
 are moved back onto the sentence they close. This matters because the word step splits off only a
-sentence-final period: nltk turns ``"a dog. a cat."`` into ``dog . a cat .``, ``"mr. smith"``
-keeps ``mr.``. Known gap: the English model's orthographic statistics, collocations and
-sentence-starter list are not included (nltk's model data is not available offline). They only
-matter when the word after the period is capitalised (or, rarely, a lower-case word that punkt's
-training text showed only sentence-initially in lower case and never capitalised), so the result
-matches nltk on lower-cased captions such as the published pipeline's; on mixed-case text a
-capital after an abbreviation/initial/number may break differently.
+sentence-final period: nltk turns ``"a dog. a cat."`` into ``dog . a cat .``, ``"mr. smith"`` keeps
+``mr.``. Known gap: the rest of the English model's orthographic statistics, its collocations and
+sentence-starter list are not included; they only matter when the word after the period is
+capitalised, so the result matches nltk on lower-cased captions such as the published pipeline's;
+on mixed-case text a capital after an abbreviation/initial/number may break differently.
 
 Word step (improved Treebank rules), in order:
   1. opening quotes: a double quote at the start or after a space/bracket becomes two backticks,
-     curly/low/guillemet opening quotes and backtick runs are split off, a leading ``'`` is split
-     off a word unless it begins a clitic;
+     curly/low/guillemet opening quotes and backtick runs are split off, a ``'`` before a
+     one-character word other than m/t/s/d is split off it, also inside a word (``y'c`` -> ``y ' c``,
+     ``rock'n'roll`` -> ``rock ' n'roll``); ``'em`` stays whole;
   2. punctuation: the sentence-final period, ``:``/``,`` not followed by a digit, ``...``, ``; @ #
-     $ % &``, figure/en/em dashes, ``? !``, a ``'`` before a space, ``*``; then brackets ``()[]{}<>``
-     and ``--``;
-  3. closing quotes: other double quotes become ``''``, ``” ’ »`` are split off, then the clitics
-     ``'s 'm 'd 'll 're 've n't`` (and a bare ``'``) are split off the word before;
-  4. split words: cannot, d'ye, gimme, gonna, gotta, lemme, more'n, wanna, 'tis, 'twas.
+     $ % &``, ``? !``, a ``'`` before a space, ``*``; then brackets ``()[]{}<>`` and ``--``;
+  3. closing quotes: ``” ’ »`` are split off, other double quotes become ``''``, a ``''`` is split
+     off the character before it; then the clitics ``'s 'm 'd 'll 're 've n't`` (and a bare ``'``)
+     are split off the word before when an ASCII space follows (``it's`` before a tab or a
+     non-breaking space stays whole);
+  4. split words: cannot, d'ye, gimme, gonna, gotta, lemme, wanna, 'tis, 'twas (nltk's list also has
+     mor'n, whose ``'n`` step 1 has already split off).
 
-Differences from nltk that remain (exotic input only): nltk 3.10 runs the rules through the
-third-party ``regex`` engine, this module through ``re``; they disagree on what ``\\w``/``\\s``
-match for combining marks, connector punctuation other than ``_``, a few other symbols
-(``²``, ``ⓐ``) and the control characters U+001C..U+001F. nltk 3.9 differs from 3.10 in two
-rules (it splits a leading ``'`` only off a one-letter word and does not split off U+2012..U+2015
-dashes); 3.10 is followed here.
+nltk 3.10 differs (measured on generated lower-cased strings): a leading ``'`` is split off any word
+unless it begins a clitic (``'em`` -> ``' em``), never inside a word (``y'c``, ``rock'n'roll`` stay
+whole); ``more'n`` -> ``more 'n``; U+2012..U+2015 dashes are split off; ``''`` is split off wherever
+it is; whitespace becomes a space before the clitic rules (``it's\\xa0a`` -> ``it 's a``); in punkt,
+curly quotes and guillemets end words and close sentences (``a dog.» a cat`` breaks), and the word
+before a candidate is found by ASCII whitespace, several candidates in one run of non-space
+characters judged apart; and the word rules run on the third-party ``regex`` engine (other
+``\\w``/``\\s`` sets for combining marks, a few symbols, U+001C..U+001F).
 """
 
 import re
@@ -56,11 +60,14 @@ _ABBREVIATIONS = frozenset(
     """.split()
 )
 
-_ASCII_SPACE = " \t\n\r\x0b\x0c"  # punkt looks for the start of the word before a break with these
-_NON_WORD = "[)\";}\\]*:@'({\\[\u2018\u2019\u201c\u201d\xab\xbb?!]"  # chars that end a punkt word
+# Lower-case words that punkt's training text showed only sentence-initially, never capitalised
+# (the only orthographic data that matters on lower-cased text): after an initial or number they break.
+_LOWER_STARTERS = frozenset(["administrators", "b-week", "r-revised", "z-holiday"])
+
+_NON_WORD = "[?!)\";}\\]*:@'({\\[]"  # chars that end a punkt word
 _MULTI = r"(?:-{2,}|\.{2,}|(?:\.\s){2,}\.)"
-# A possible break: the end character, then (1) what follows it, (2) the next token if it is a word.
-_CANDIDATE = re.compile(rf"[.?!](?=({_NON_WORD}|\s+(\S+)))")
+# A possible break: the word up to its last end character, then (1) what follows, (2) the next token.
+_PERIOD_CONTEXT = re.compile(rf"\S*[.?!](?=({_NON_WORD}|\s+(\S+)))")
 _PUNKT_TOKEN = re.compile(
     rf"{_MULTI}"
     rf"|(?=[^(\"`{{\[:;&#*@)}}\]\-,])\S+?(?=\s|$|{_NON_WORD}|{_MULTI}|,(?=$|\s|{_NON_WORD}|{_MULTI}))"
@@ -68,11 +75,11 @@ _PUNKT_TOKEN = re.compile(
 )
 _NUMBER = re.compile(r"-?[.,]?\d[\d,.-]*\.?")
 _INITIAL = re.compile(r"[^\W\d]\.")
-_CLOSERS = re.compile(r"[\"')\]}\u2018\u2019\u201c\u201d\xab\xbb]+?(?:\s+|(?=--)|$)", re.MULTILINE)
+_CLOSERS = re.compile(r"[\"')\]}]+?(?:\s+|(?=--)|$)", re.MULTILINE)
 
 
 def _breaks_after(token, following):
-    """Punkt's verdict (first and second pass, no orthographic data) on ``token`` ending a sentence."""
+    """Punkt's verdict (first and second pass, see module doc) on ``token`` ending a sentence."""
     if token in ("?", "!"):
         return True
     if not token.endswith(".") or token.endswith(".."):
@@ -83,7 +90,9 @@ def _breaks_after(token, following):
     is_initial = _INITIAL.fullmatch(token) is not None
     if is_initial or _NUMBER.fullmatch(token.lower()):
         head = following[0]
-        if following in (";", ":", ",", ".", "!", "?") or head.islower() or (is_initial and head.isupper()):
+        if following in (";", ":", ",", ".", "!", "?") or (is_initial and head.isupper()):
+            return False
+        if head.islower() and following.lower().removesuffix(".") not in _LOWER_STARTERS:
             return False
     return True
 
@@ -94,20 +103,9 @@ def _has_break(context):
 
 
 def _sentence_slices(text):
-    # Of a run of candidates inside one word only the last is judged. As in punkt, the word starts
-    # after the last space since the previous candidate, else where the previous candidate's did.
-    kept, previous, previous_end, previous_word = [], None, 0, 0
-    for match in _CANDIDATE.finditer(text):
-        space = max(text.rfind(ch, previous_end, match.start()) for ch in _ASCII_SPACE)
-        word_start = space + 1 if space > previous_end else previous_word
-        if previous is not None and previous_end <= word_start:
-            kept.append((previous, previous_word))
-        previous, previous_end, previous_word = match, match.start(), word_start
-    if previous is not None:
-        kept.append((previous, previous_word))
     start = 0
-    for match, word_start in kept:
-        if _has_break(text[word_start : match.end()] + match.group(1)):
+    for match in _PERIOD_CONTEXT.finditer(text):
+        if _has_break(match.group() + match.group(1)):
             yield start, match.end()
             start = match.start(2) if match.group(2) else match.end()
     yield start, len(text.rstrip())
@@ -141,15 +139,14 @@ _OPENING_QUOTES = _rules(
     (r'^"', "``"),
     (r"(``)", r" \1 "),
     (r"([ (\[{<])(\"|'')", r"\1 `` "),
-    (r"(?i)(?<!\w)(')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 "),
+    (r"(?i)(')(?!re|ve|ll|m|t|s|d)(\w)\b", r"\1 \2"),
 )
 _PUNCTUATION = _rules(
-    (r"([^.])(\.)([\])}>\"'»”’ ]*+)\s*$", r"\1 \2 \3 "),  # sentence-final period
+    (r"([^.])(\.)([\])}>\"'»”’ ]*)\s*$", r"\1 \2 \3 "),  # sentence-final period
     (r"([:,])([^\d])", r" \1 \2"),
     (r"([:,])$", r" \1 "),
     (r"\.{2,}", r" \g<0> "),
     (r"[;@#$%&]", r" \g<0> "),
-    (r"[\u2012-\u2015]", r" \g<0> "),
     (r"([^.])(\.)([\])}>\"']*)\s*$", r"\1 \2\3 "),
     (r"[?!]", r" \g<0> "),
     (r"([^'])' ", r"\1 ' "),
@@ -159,17 +156,16 @@ _PUNCTUATION = _rules(
 )
 _CLOSING_QUOTES = _rules(
     (r"([»”’])", r" \1 "),
-    (r"''", " '' "),
     (r'"', " '' "),
-    (r"\s+", " "),
+    (r"(\S)('')", r"\1 \2 "),
     (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 "),
     (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 "),
 )
 # Words split in two (case-insensitive); "wanna" only before whitespace, 'tis/'twas after a space.
 _SPLIT_WORDS = _rules(
     *[(rf"(?i)\b({a})({b})\b", r" \1 \2 ") for a, b in
-      [("can", "not"), ("d", "'ye"), ("gim", "me"), ("gon", "na"), ("got", "ta"), ("lem", "me"), ("more", "'n")]],
-    (r"(?i)\b(wan)(na)(?=\s)", r" \1 \2 "),
+      [("can", "not"), ("d", "'ye"), ("gim", "me"), ("gon", "na"), ("got", "ta"), ("lem", "me"), ("mor", "'n")]],
+    (r"(?i)\b(wan)(na)\s", r" \1 \2 "),
     (r"(?i) ('t)(is)\b", r" \1 \2 "),
     (r"(?i) ('t)(was)\b", r" \1 \2 "),
 )
