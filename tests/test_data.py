@@ -1029,3 +1029,23 @@ def test_a_cased_wordpiece_vocabulary_keeps_the_case(tmp_path):
     assert data.CaptionEncoder(tok)("a dog runs.").tolist() == [2, 6, 8, 9, 10, 3]
     tok = data.load_tokenizer(vocab_file=str(uncased))
     assert data.CaptionEncoder(tok)("A Dog runs.").tolist() == [2, 5, 6, 7, 8, 3]
+
+
+def test_check_same_bert_vocab_compares_a_directory_tokenizer_with_a_vocab_file(tmp_path):
+    """The vocab file is the tokenizer when both are given: another vocabulary in the directory is an
+    error; a directory without a readable tokenizer (config only, or files this transformers cannot
+    read) leaves the vocab file to stand alone, as before the check existed."""
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    same, other, config_only, unreadable = (tmp_path / name for name in ("same", "other", "config", "unreadable"))
+    for folder in (same, other, config_only, unreadable):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    (same / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (other / "vocab.txt").write_text("\n".join(VOCAB[:7] + VOCAB[7:][::-1]) + "\n")
+    (unreadable / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    for folder in (same, config_only, unreadable):
+        data.check_same_bert_vocab(str(folder), str(vocab))
+    with pytest.raises(DataError, match=re.escape(f"the BERT directory {other} and the vocabulary {vocab} hold "
+                                                  "different vocabularies")):
+        data.check_same_bert_vocab(str(other), str(vocab))

@@ -263,7 +263,7 @@ def test_data_that_would_fail_later_is_named_before_training(tiny, tmp_path, cap
     listed = tmp_path / "list.json"
     listed.write_text("[1, 2]")
     err = _error(capsys, _args(tiny, tmp_path / "r4", "--bert_config", str(listed)))
-    assert f"--bert_config {listed}: " in err and "Traceback" not in err
+    assert f"--bert_config {listed}: holds a list, not a json object" in err and "Traceback" not in err
 
 
 def test_data_errors_exit_cleanly_and_resume_keeps_the_synthetic_flavour(tiny, tmp_path, capsys):
@@ -468,7 +468,7 @@ def test_a_bigru_vocabulary_is_built_from_the_captions_of_a_precomp_folder(tiny,
     assert rebuilt.word2idx == built.word2idx
 
 
-def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, tmp_path):
+def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, tmp_path, capsys):
     """Without --vocab_file the BiGRU's vocabulary is built from the training captions. It is written to
     the run directory and named in the checkpoint, so a resumed run and vse_fast.eval map words to the
     ids the model learned, even if the captions file changes later."""
@@ -502,6 +502,7 @@ def test_a_bigru_vocabulary_built_from_the_captions_is_kept_with_the_run(tiny, t
     with pytest.raises(SystemExit):
         train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "4", "--progress", "off",
                     "--vocab_file", str(tmp_path / "other.json")])
+    assert "other.json' holds another vocabulary than the resumed run's" in capsys.readouterr().err
     shutil.copyfile(saved["vocab_file"], tmp_path / "same.json")  # a copy of the run's: fine
     parser = train.build_parser()
     args = parser.parse_args(["--resume", str(tmp_path / "r" / "last.pth"), "--vocab_file", str(tmp_path / "same.json")])
@@ -1005,10 +1006,31 @@ def test_options_that_would_have_no_effect_are_refused_or_warned(tiny, tmp_path,
     err = _error(capsys, _args(tiny, tmp_path / "a", "--max_violation", "--vse_mean_warmup_epochs", "2"))
     assert "--max_violation takes hardest negatives from the first epoch, so --vse_mean_warmup_epochs 2" in err
     run = tmp_path / "r"
-    train.main(_args(tiny, run, "--max_steps", "2", "--num_epochs", "1", "--local_negatives", "--chunk_size", "40"))
+    train.main(_args(tiny, run, "--max_steps", "2", "--num_epochs", "1", "--local_negatives", "--chunk_size", "39"))
     log = (run / "train.log").read_text()
     assert "--local_negatives has no effect in a single process" in log
-    assert "--chunk_size 40 is not below the per-process batch of 40 pairs" in log
+    assert "--chunk_size 39 leaves the per-process batch of 40 pairs in one piece" in log
     assert "--lr_update 1 is not below --num_epochs 1: the learning rate is never decayed" in log
     err = _error(capsys, ["--resume", str(run / "last.pth"), "--max_steps", "1", "--progress", "off"])
     assert "--max_steps 1: the resumed run has made 2 steps already" in err
+
+
+def test_a_bert_directory_and_vocab_file_must_agree_on_a_fresh_run_only(tiny, tmp_path, capsys):
+    """--text_model DIR --vocab_file V with another vocabulary in DIR would index DIR's pretrained word
+    embeddings by V's ids: refused on a fresh run. A resumed run's embeddings come from its checkpoint,
+    trained with V's ids, so it continues (runs started before the check existed)."""
+    from transformers import BertConfig, BertModel
+
+    data, bert_config = tiny
+    bert_dir = tmp_path / "bert"
+    BertModel(BertConfig.from_json_file(bert_config)).save_pretrained(str(bert_dir))
+    words = open(os.path.join(data, "vocab.txt")).read().splitlines()
+    (bert_dir / "vocab.txt").write_text("\n".join(words[:5] + words[5:][::-1]) + "\n")
+    args = _args(tiny, tmp_path / "r", "--text_model", str(bert_dir), "--max_steps", "2")
+    del args[args.index("--bert_config"):args.index("--bert_config") + 2]
+    assert "hold different vocabularies" in _error(capsys, args)
+    shutil.copyfile(os.path.join(data, "vocab.txt"), bert_dir / "vocab.txt")  # agreeing: trains
+    train.main(args)
+    (bert_dir / "vocab.txt").write_text("\n".join(words[:5] + words[5:][::-1]) + "\n")  # as an older run
+    train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "3", "--progress", "off"])
+    assert _final_state(tmp_path / "r")["step"] == 3

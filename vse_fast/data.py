@@ -412,10 +412,12 @@ BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 def check_same_bert_vocab(text_model_dir, vocab_file, what="hold different vocabularies: pass one of them"):
     """DataError when a BERT directory's tokenizer and a vocab.txt differ. Both name the tokenizer and
     the vocab file is the one used, so a different one would index the directory's pretrained word
-    embeddings by other words. A directory without a tokenizer (the BERT config only) passes."""
-    if not any(os.path.isfile(os.path.join(text_model_dir, name)) for name in ("tokenizer.json", "vocab.txt")):
+    embeddings by other words. A directory without a readable tokenizer (the BERT config only, or
+    tokenizer files this transformers cannot read) passes: the vocab file is its tokenizer."""
+    try:
+        in_dir = load_tokenizer(text_model_dir=text_model_dir)
+    except DataError:
         return
-    in_dir = load_tokenizer(text_model_dir=text_model_dir)
     if in_dir.get_vocab() != load_tokenizer(vocab_file=vocab_file).get_vocab():
         raise DataError(f"the BERT directory {text_model_dir} and the vocabulary {vocab_file} {what}")
 
@@ -462,7 +464,7 @@ class Vocabulary:
     """
 
     SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
-    TOKENIZER = "nltk.word_tokenize(caption.lower())"  # recorded in saved json files
+    TOKENIZER = "nltk 3.5 word_tokenize(caption.lower())"  # recorded in saved json files
 
     def __init__(self):
         self.word2idx, self.idx2word = {}, {}

@@ -258,16 +258,24 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
     return _absolute_paths(cfg)
 
 
+def _weights_file_errors() -> tuple:
+    """What reading a damaged model.safetensors raises (not an OSError)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
+
+
 def _check_resumed_vocabulary(saved: dict, cfg: dict, explicit: dict, parser) -> None:
-    """A resumed model's word embeddings are indexed by its run's word ids: --vocab_file / --text_model
-    may name the vocabulary's new location, or a file of the same words and ids, not another vocabulary."""
+    """A resumed model's word embeddings are indexed by its run's word ids: --vocab_file may name the
+    vocabulary's new location, or a file of the same words and ids, not another vocabulary."""
     import warnings
 
     from vse_fast.data import DataError
 
-    changed = [key for key in ("vocab_file", "text_model") if key in explicit and saved.get(key)
-               and os.path.exists(saved[key]) and not _same_path(saved[key], explicit[key])]
-    if not changed:
+    given, before = explicit.get("vocab_file"), saved.get("vocab_file")
+    if not (given and before and os.path.exists(before)) or _same_path(given, before):
         return
 
     def word_ids(c):
@@ -277,13 +285,12 @@ def _check_resumed_vocabulary(saved: dict, cfg: dict, explicit: dict, parser) ->
     try:
         with warnings.catch_warnings():  # said again when the run loads it
             warnings.simplefilter("ignore")
-            before, after = word_ids(saved), word_ids(cfg)
+            ids_before, ids_after = word_ids(saved), word_ids(cfg)
     except DataError:
         return  # an unreadable vocabulary is reported when the run loads it
-    if before != after:
-        key = changed[0]
-        parser.error(f"--{key} {explicit[key]!r} holds another vocabulary than the resumed run's {saved[key]!r}: "
-                     "the model's word embeddings are indexed by the run's word ids; pass its vocabulary")
+    if ids_before != ids_after:
+        parser.error(f"--vocab_file {given!r} holds another vocabulary than the resumed run's {before!r}: the "
+                     "model's word embeddings are indexed by the run's word ids; pass its vocabulary")
 
 
 def _absolute_paths(cfg: dict) -> dict:
@@ -360,6 +367,15 @@ def _validate(cfg: dict, parser) -> None:
             parser.error(f"--{key} {path!r} is not a directory")
         if key in ("bert_config", "vocab_file") and not os.path.isfile(path):
             parser.error(f"--{key} {path!r} is not a file")
+    if cfg.get("bert_config"):
+        try:
+            with open(cfg["bert_config"], encoding="utf-8") as f:
+                bert_config = json.load(f)
+        except (OSError, ValueError) as err:
+            parser.error(f"--bert_config {cfg['bert_config']}: unreadable json ({err})")
+        if not isinstance(bert_config, dict):
+            parser.error(f"--bert_config {cfg['bert_config']}: holds a {type(bert_config).__name__}, not a json "
+                         "object of BertConfig fields")
     if cfg.get("text_model") and cfg.get("bert_config"):
         parser.error("give --text_model (pretrained BERT weights) or --bert_config (a randomly initialised "
                      "BERT), not both: with both, the pretrained weights would not be loaded")
@@ -404,10 +420,6 @@ def load_text_vocab(cfg: dict, data_path: str):
     from vse_fast import data
 
     if cfg["text_encoder"] == "bert":
-        if cfg.get("text_model") and cfg.get("vocab_file"):
-            data.check_same_bert_vocab(cfg["text_model"], cfg["vocab_file"],
-                                       "hold different vocabularies: the directory's pretrained word embeddings "
-                                       "are indexed by its own; pass one of them")
         return data.load_tokenizer(text_model_dir=cfg.get("text_model") if not cfg.get("vocab_file") else None,
                                    vocab_file=cfg.get("vocab_file"))
     if cfg.get("vocab_file"):
@@ -640,6 +652,10 @@ class Trainer:
         if info.n_captions < cfg["batch_size"]:
             raise data.DataError(f"{info.paths['caps']}: {info.n_captions} training pairs (captions), fewer than "
                                  f"one batch of {cfg['batch_size']}: lower --batch_size")
+        if saved_state is None and cfg["text_encoder"] == "bert" and cfg.get("text_model") and cfg.get("vocab_file"):
+            data.check_same_bert_vocab(cfg["text_model"], cfg["vocab_file"],
+                                       "hold different vocabularies: the directory's pretrained word embeddings "
+                                       "are indexed by its own; pass one of them")
         self.vocab = load_text_vocab(cfg, data_path)
         if cfg["text_encoder"] == "gru":
             cfg["vocab_size"] = len(self.vocab)
@@ -656,7 +672,7 @@ class Trainer:
         else:
             try:
                 self.model = build_model(model_options(cfg))
-            except Exception as err:  # transformers: no weights (or config), a truncated weights file, bad json
+            except (OSError, ValueError, *_weights_file_errors()) as err:  # no weights, a truncated file, bad json
                 option = "--text_model" if cfg.get("text_model") else "--bert_config"
                 source = cfg.get("text_model") or cfg.get("bert_config")
                 if cfg["text_encoder"] != "bert" or not source:
@@ -1291,9 +1307,10 @@ def _run(cfg, args, ctx, saved_state, parser) -> dict:
                        "hardest negatives)", cfg["vse_mean_warmup_epochs"], cfg["num_epochs"])
     if cfg.get("local_negatives") and ctx.world_size == 1:
         logger.warning("--local_negatives has no effect in a single process: its batch is the whole batch")
-    if cfg.get("chunk_size") and cfg["chunk_size"] >= cfg["batch_size"] // ctx.world_size:
-        logger.warning("--chunk_size %d is not below the per-process batch of %d pairs: the batch is encoded in "
-                       "one piece, as without it", cfg["chunk_size"], cfg["batch_size"] // ctx.world_size)
+    if cfg.get("chunk_size") and cfg["chunk_size"] >= cfg["batch_size"] // ctx.world_size - 1:
+        logger.warning("--chunk_size %d leaves the per-process batch of %d pairs in one piece (a last chunk of one "
+                       "pair joins the one before): it is encoded as without it", cfg["chunk_size"],
+                       cfg["batch_size"] // ctx.world_size)
     if cfg["lr_update"] >= cfg["num_epochs"]:
         logger.warning("--lr_update %d is not below --num_epochs %d: the learning rate is never decayed",
                        cfg["lr_update"], cfg["num_epochs"])
