@@ -515,45 +515,9 @@ class Vocabulary:
         """From a published-format json ({"word2idx", "idx2word", "idx"}); adds '<mask>' if absent.
         DataError when the file is not one: word2idx not an object of integer ids 0..N-1 (each once),
         a repeated word, special words missing, or idx2word / idx that contradict word2idx."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f, object_pairs_hook=_pairs_without_repeats)
-        except _RepeatedKey as err:
-            raise DataError(f"{path}: {err}") from None
-        except (OSError, ValueError) as err:
-            hint = ""
-            if isinstance(err, json.JSONDecodeError) and _looks_like_wordpiece_vocab(path):
-                hint = ("; it looks like a BERT WordPiece vocab.txt (one token per line): the BiGRU text encoder "
-                        "takes a word vocabulary json (Vocabulary.save, or built from the training captions)")
-            raise DataError(f"{path}: unreadable vocabulary json ({err!r}){hint}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
-            if not isinstance(data, dict):
-                got = f"a {type(data).__name__} at the top"
-            elif "word2idx" not in data:
-                got = f"no such key (keys: {sorted(data)[:5]})"
-            else:
-                got = f"word2idx is a {type(data['word2idx']).__name__}"
-            raise DataError(f'{path}: a vocabulary json holds an object with "word2idx" (an object word -> '
-                            f"index), as the published vocabulary files; {got}")
-        word2idx = data["word2idx"]
-        not_ints = [(w, i) for w, i in word2idx.items() if type(i) is not int]
-        if not_ints:
-            raise DataError(f"{path}: word indices must be integers, got {not_ints[:3]}")
-        if sorted(word2idx.values()) != list(range(len(word2idx))):
-            raise DataError(f"{path}: word indices must be 0..{len(word2idx) - 1}, each once")
-        missing = [word for word in cls.SPECIALS if word not in word2idx]
-        if missing:
-            raise DataError(f"{path}: vocabulary lacks the special words {missing} (needs all of {list(cls.SPECIALS)})")
-        idx2word = {str(i): w for w, i in word2idx.items()}
-        if "idx2word" in data and data["idx2word"] != idx2word:
-            wrong = next((k for k in idx2word if data["idx2word"].get(k) != idx2word[k]), None) \
-                if isinstance(data["idx2word"], dict) else None
-            raise DataError(f"{path}: idx2word disagrees with word2idx" + (
-                f" (index {wrong}: {data['idx2word'].get(wrong)!r} against {idx2word[wrong]!r})" if wrong else ""))
-        if "idx" in data and data["idx"] != len(word2idx):
-            raise DataError(f"{path}: idx is {data['idx']!r} but word2idx holds {len(word2idx)} words (the "
-                            "published Vocabulary gives the next word the id idx)")
-        tokenizer = data.get("tokenizer")
+        content = _read_vocabulary_json(path)
+        word2idx = _checked_word_ids(path, content, cls.SPECIALS)
+        tokenizer = content.get("tokenizer")
         if tokenizer not in (None, cls.TOKENIZER):
             warnings.warn(f"{path}: vocabulary built with the tokenizer {tokenizer!r}, but captions are tokenized "
                           f"with {cls.TOKENIZER}: words may map to <unk>", stacklevel=2)
@@ -569,6 +533,55 @@ class Vocabulary:
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"word2idx": self.word2idx, "idx2word": self.idx2word, "idx": len(self),
                        "tokenizer": self.TOKENIZER}, f)
+
+
+def _read_vocabulary_json(path) -> dict:
+    """The json object of a vocabulary file, with a "word2idx" object; DataError naming what it is not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f, object_pairs_hook=_pairs_without_repeats)
+    except _RepeatedKey as err:
+        raise DataError(f"{path}: {err}") from None
+    except (OSError, ValueError) as err:
+        hint = ""
+        if isinstance(err, json.JSONDecodeError) and _looks_like_wordpiece_vocab(path):
+            hint = ("; it looks like a BERT WordPiece vocab.txt (one token per line): the BiGRU text encoder "
+                    "takes a word vocabulary json (Vocabulary.save, or built from the training captions)")
+        raise DataError(f"{path}: unreadable vocabulary json ({err!r}){hint}") from None
+    if isinstance(content, dict) and isinstance(content.get("word2idx"), dict):
+        return content
+    if not isinstance(content, dict):
+        got = f"a {type(content).__name__} at the top"
+    elif "word2idx" not in content:
+        got = f"no such key (keys: {sorted(content)[:5]})"
+    else:
+        got = f"word2idx is a {type(content['word2idx']).__name__}"
+    raise DataError(f'{path}: a vocabulary json holds an object with "word2idx" (an object word -> index), as '
+                    f"the published vocabulary files; {got}")
+
+
+def _checked_word_ids(path, content: dict, specials) -> dict:
+    """content["word2idx"] once its ids are 0..N-1, each once, the special words are in it, and the
+    file's idx2word and idx (which the published Vocabulary reads) agree with it."""
+    word2idx = content["word2idx"]
+    not_ints = [(w, i) for w, i in word2idx.items() if type(i) is not int]
+    if not_ints:
+        raise DataError(f"{path}: word indices must be integers, got {not_ints[:3]}")
+    if sorted(word2idx.values()) != list(range(len(word2idx))):
+        raise DataError(f"{path}: word indices must be 0..{len(word2idx) - 1}, each once")
+    missing = [word for word in specials if word not in word2idx]
+    if missing:
+        raise DataError(f"{path}: vocabulary lacks the special words {missing} (needs all of {list(specials)})")
+    idx2word = {str(i): w for w, i in word2idx.items()}
+    given = content.get("idx2word", idx2word)
+    if given != idx2word:
+        wrong = next((k for k in idx2word if given.get(k) != idx2word[k]), None) if isinstance(given, dict) else None
+        raise DataError(f"{path}: idx2word disagrees with word2idx" + (
+            f" (index {wrong}: {given.get(wrong)!r} against {idx2word[wrong]!r})" if wrong else ""))
+    if content.get("idx", len(word2idx)) != len(word2idx):
+        raise DataError(f"{path}: idx is {content['idx']!r} but word2idx holds {len(word2idx)} words (the "
+                        "published Vocabulary gives the next word the id idx)")
+    return word2idx
 
 
 class _RepeatedKey(ValueError):
