@@ -4,6 +4,8 @@ indices), positives with duplicates, rectangular and single-row batches, NaN/inf
 Triton runs under the interpreter on CPU (tiny shapes) and compiled on CUDA; its three paths ("small":
 one program, "fused": both terms from one pass over S, "terms": per term) against the reference, each
 other, exact ties (integer inputs) and the VSE0 backward in row chunks."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -53,16 +55,37 @@ def _assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected, atol=atol * scale, rtol=rtol)
 
 
-def _assert_grad_close(actual, expected, dtype, other):
+def _unstable_rows(im, s, upstream, kw):
+    """(rows of d im, rows of d s) whose float64 reference gradient jumps when the margin moves by
+    1e-5 or the inputs by 1e-5 of their size: a hinge within float32 rounding of 0 (VSE0) or two
+    near-equal hardest negatives (VSE++), which fp32 may decide the other way. Seeded noise."""
+    base = _reference(im, s, upstream, **kw)[1:3]
+    generator = torch.Generator().manual_seed(0)
+    moved = [torch.zeros(g.shape[0], dtype=torch.bool) for g in base]
+    variants = [(im, s, dict(kw, margin=kw["margin"] + d)) for d in (-1e-5, 1e-5)]
+    for _ in range(4):
+        noise = [1e-5 * float(x.detach().abs().max()) * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+                 for x in (im, s)]
+        variants.append((im.detach().double() + noise[0], s.detach().double() + noise[1], kw))
+    for a, b, kwv in variants:
+        for rows, g, g0 in zip(moved, _reference(a, b, upstream, **kwv)[1:3], base):
+            rows |= ((g - g0).abs() > 1e-3 * max(1.0, float(g0.abs().max()))).any(1)
+    return moved
+
+
+def _assert_grad_close(actual, expected, dtype, other, unstable=None):
     """Gradients: a hinge within rounding of 0 (VSE0) or two near-equal top similarities (VSE++)
     can decide differently in fp32 than in fp64; such a flip moves at most two rows of a gradient by
-    at most 2 * max|other input|. With >= 100 rows, allow 2 + rows // 100 such rows; else none."""
+    at most 2 * max|other input|. With >= 100 rows, allow 2 + rows // 100 such rows; with fewer, only
+    the rows that ``unstable()`` (a bool row mask, computed when needed) finds at such a decision."""
     atol, rtol = DTYPE_TOLERANCES.get(dtype, (1e-9, 1e-9))
     scale = max(1.0, float(expected.abs().max()))
     assert torch.isfinite(actual).all(), "a non-finite gradient (an unwritten, poisoned element?)"
     err = (actual.double() - expected).abs()
     bad = (~(err <= atol * scale + rtol * expected.abs())).any(1)  # ~(<=): a NaN error is bad
     allowed = 2 + expected.shape[0] // 100 if expected.shape[0] >= 100 else 0
+    if int(bad.sum()) > allowed and unstable is not None:
+        bad &= ~unstable().to(bad.device)
     if int(bad.sum()) > allowed:
         _assert_close(actual, expected, dtype)  # fails with torch's report
     if bad.any():
@@ -81,14 +104,20 @@ def _check_against_reference(N, M, D, dtype, max_violation, *, positives=False, 
     assert dim.dtype == dtype and ds.dtype == dtype and dim.shape == im.shape and ds.shape == s.shape
     # the loss is float32 from the same 16-bit values the reference reads: float32 accuracy for every dtype
     _assert_close(loss, ref_loss, torch.float64 if dtype == torch.float64 else torch.float32)
-    _assert_grad_close(dim, ref_dim, dtype, s)
-    _assert_grad_close(ds, ref_ds, dtype, im)
+    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, kw))
+    _assert_grad_close(dim, ref_dim, dtype, s, lambda: unstable()[0])
+    _assert_grad_close(ds, ref_ds, dtype, im, lambda: unstable()[1])
     if max_violation:
         assert set(idx) == set(ref_idx) and all(idx[t].dtype == torch.int64 for t in idx)
     if max_violation:  # S is float32 from the inputs' values in every dtype, so 16-bit inputs tie as fp32 do
-        for term in idx:  # a near-tie may pick the other index (as in the gradient check)
-            mismatches = int((idx[term] != ref_idx[term]).sum())
-            assert mismatches <= (0 if M < 100 else 1 + M // 100), (term, mismatches)
+        image_of = (pos if pos is not None else torch.arange(M, device=idx["i2t" if "i2t" in idx else "t2i"].device))
+        for term in idx:  # a near-tie may pick the other index (as in the gradient check), per caption
+            mismatches = idx[term] != ref_idx[term]
+            limit = 0 if M < 100 else 1 + M // 100
+            if int(mismatches.sum()) > limit:
+                rows = unstable()[0][image_of.cpu()] if term == "i2t" else unstable()[1]
+                mismatches &= ~rows.to(mismatches.device)
+            assert int(mismatches.sum()) <= limit, (term, int(mismatches.sum()))
 
 
 # ------------------------------------------------------------------------------------- drop-in parity
@@ -590,8 +619,9 @@ def test_triton_interpreter_vse0_backward_in_chunks(dtype, saved_mask, noncontig
         atol, rtol = DTYPE_TOLERANCES[dtype]
         torch.testing.assert_close(a, b, atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False)
-    _assert_grad_close(chunked[1], ref[1], dtype, s)
-    _assert_grad_close(chunked[2], ref[2], dtype, im)
+    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=False)))
+    _assert_grad_close(chunked[1], ref[1], dtype, s, lambda: unstable()[0])
+    _assert_grad_close(chunked[2], ref[2], dtype, im, lambda: unstable()[1])
 
 
 @interpreter_only
@@ -619,8 +649,9 @@ def test_triton_interpreter_vse0_terms_backward_in_chunks(dtype, monkeypatch, po
         atol, rtol = DTYPE_TOLERANCES[dtype]
         torch.testing.assert_close(a, b, atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False, positives=pos)
-    _assert_grad_close(chunked[1], ref[1], dtype, s)
-    _assert_grad_close(chunked[2], ref[2], dtype, im)
+    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=False, positives=pos)))
+    _assert_grad_close(chunked[1], ref[1], dtype, s, lambda: unstable()[0])
+    _assert_grad_close(chunked[2], ref[2], dtype, im, lambda: unstable()[1])
 
 
 @interpreter_only
@@ -728,8 +759,9 @@ def test_cuda_vse0_backward_in_chunks(saved_mask, monkeypatch):
     assert len(matmuls) == 8
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False)
     torch.testing.assert_close(chunked[0], one[0], rtol=0, atol=0)
-    _assert_grad_close(chunked[1], ref[1], torch.bfloat16, s)
-    _assert_grad_close(chunked[2], ref[2], torch.bfloat16, im)
+    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=False)))
+    _assert_grad_close(chunked[1], ref[1], torch.bfloat16, s, lambda: unstable()[0])
+    _assert_grad_close(chunked[2], ref[2], torch.bfloat16, im, lambda: unstable()[1])
 
 
 @requires_cuda
@@ -873,8 +905,9 @@ def test_the_triton_loss_gets_row_major_copies_of_inputs_past_int32_feature_offs
     assert seen[0][0].is_contiguous() and seen[0][1] is s
     ref = _reference(im, s, upstream, margin=0.2, max_violation=True)
     _assert_close(got[0], ref[0], torch.float32)
-    _assert_grad_close(got[1], ref[1], torch.float32, s)
-    _assert_grad_close(got[2], ref[2], torch.float32, im)
+    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=True)))
+    _assert_grad_close(got[1], ref[1], torch.float32, s, lambda: unstable()[0])
+    _assert_grad_close(got[2], ref[2], torch.float32, im, lambda: unstable()[1])
 
 
 def test_backward_chunks_keep_grid_axis_1_within_cuda_limits():
@@ -917,8 +950,9 @@ def test_triton_interpreter_vse0_backward_with_few_row_programs_per_launch(posit
     assert grids and all(g[1] <= 2 for g in grids)
     assert {g[0] for g in grids} <= {-(-45 // st.BLOCK_C), -(-45 // st.BLOCK_DB)}  # column blocks on axis 0
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False, positives=pos)
-    _assert_grad_close(got[1], ref[1], torch.float32, s)
-    _assert_grad_close(got[2], ref[2], torch.float32, im)
+    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=False, positives=pos)))
+    _assert_grad_close(got[1], ref[1], torch.float32, s, lambda: unstable()[0])
+    _assert_grad_close(got[2], ref[2], torch.float32, im, lambda: unstable()[1])
 
 
 @interpreter_only

@@ -27,7 +27,7 @@ def check_table_and_grads(reference, fused, K, value_tol, grad_tol):
     expected = reference._table_over_all_sizes(K)
     assert table.shape == (K, K) and table.dtype == next(fused.parameters()).dtype
     assert rel_err(table.cpu(), expected) < value_tol
-    upstream = torch.randn(K, K, dtype=torch.float64)
+    upstream = torch.randn(K, K).to(table.dtype).double()  # the values both sides multiply by
     grads = torch.autograd.grad((table * upstream.to(table)).sum(), list(fused.parameters()))
     expected_grads = torch.autograd.grad((expected * upstream).sum(), list(reference.parameters()))
     for (name, _), grad, exp in zip(fused.named_parameters(), grads, expected_grads):
