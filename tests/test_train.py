@@ -263,7 +263,7 @@ def test_data_that_would_fail_later_is_named_before_training(tiny, tmp_path, cap
     listed = tmp_path / "list.json"
     listed.write_text("[1, 2]")
     err = _error(capsys, _args(tiny, tmp_path / "r4", "--bert_config", str(listed)))
-    assert f"--bert_config {listed}: holds a list, not a json object" in err and "Traceback" not in err
+    assert f"--bert_config {listed}: bert_config {str(listed)!r} holds a list, not a json object" in err and "Traceback" not in err
 
 
 def test_data_errors_exit_cleanly_and_resume_keeps_the_synthetic_flavour(tiny, tmp_path, capsys):

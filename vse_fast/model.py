@@ -377,7 +377,12 @@ def _bert_config(options: dict, transformers_module):
         path = options["bert_config"]
         if not os.path.isfile(path):
             raise ValueError(f"bert_config {path!r} is not a file (expected a BertConfig json)")
-        return BertConfig.from_json_file(path)
+        with open(path, encoding="utf-8") as f:
+            fields = json.load(f)
+        if not isinstance(fields, dict):
+            raise ValueError(f"bert_config {path!r} holds a {type(fields).__name__}, not a json object of "
+                             "BertConfig fields")
+        return BertConfig.from_dict(fields)
     path = options["text_model"]
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"text_model {path!r} has no config.json (expected a local BERT directory)")

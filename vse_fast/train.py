@@ -367,15 +367,6 @@ def _validate(cfg: dict, parser) -> None:
             parser.error(f"--{key} {path!r} is not a directory")
         if key in ("bert_config", "vocab_file") and not os.path.isfile(path):
             parser.error(f"--{key} {path!r} is not a file")
-    if cfg.get("bert_config"):
-        try:
-            with open(cfg["bert_config"], encoding="utf-8") as f:
-                bert_config = json.load(f)
-        except (OSError, ValueError) as err:
-            parser.error(f"--bert_config {cfg['bert_config']}: unreadable json ({err})")
-        if not isinstance(bert_config, dict):
-            parser.error(f"--bert_config {cfg['bert_config']}: holds a {type(bert_config).__name__}, not a json "
-                         "object of BertConfig fields")
     if cfg.get("text_model") and cfg.get("bert_config"):
         parser.error("give --text_model (pretrained BERT weights) or --bert_config (a randomly initialised "
                      "BERT), not both: with both, the pretrained weights would not be loaded")
