@@ -92,6 +92,14 @@ def _assert_grad_close(actual, expected, dtype, other, unstable=None):
         assert float(err[bad].max()) <= 2.5 * float(other.detach().abs().max()) + atol * scale
 
 
+def _assert_grads_close(got, ref, dtype, im, s, upstream, kw):
+    """_assert_grad_close on (loss, d im, d s, ...) against the float64 reference's, each allowed the
+    rows _unstable_rows finds (computed once, on a mismatch only)."""
+    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, kw))
+    _assert_grad_close(got[1], ref[1], dtype, s, lambda: unstable()[0])
+    _assert_grad_close(got[2], ref[2], dtype, im, lambda: unstable()[1])
+
+
 def _check_against_reference(N, M, D, dtype, max_violation, *, positives=False, terms="both", reduction="sum",
                              backend="torch", device="cpu", noncontig=False, margin=0.2):
     im, s, pos = _inputs(N, M, D, dtype, device, positives, noncontig)
@@ -619,9 +627,7 @@ def test_triton_interpreter_vse0_backward_in_chunks(dtype, saved_mask, noncontig
         atol, rtol = DTYPE_TOLERANCES[dtype]
         torch.testing.assert_close(a, b, atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False)
-    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=False)))
-    _assert_grad_close(chunked[1], ref[1], dtype, s, lambda: unstable()[0])
-    _assert_grad_close(chunked[2], ref[2], dtype, im, lambda: unstable()[1])
+    _assert_grads_close(chunked, ref, dtype, im, s, upstream, dict(margin=0.2, max_violation=False))
 
 
 @interpreter_only
@@ -649,9 +655,7 @@ def test_triton_interpreter_vse0_terms_backward_in_chunks(dtype, monkeypatch, po
         atol, rtol = DTYPE_TOLERANCES[dtype]
         torch.testing.assert_close(a, b, atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False, positives=pos)
-    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=False, positives=pos)))
-    _assert_grad_close(chunked[1], ref[1], dtype, s, lambda: unstable()[0])
-    _assert_grad_close(chunked[2], ref[2], dtype, im, lambda: unstable()[1])
+    _assert_grads_close(chunked, ref, dtype, im, s, upstream, dict(margin=0.2, max_violation=False, positives=pos))
 
 
 @interpreter_only
@@ -759,9 +763,7 @@ def test_cuda_vse0_backward_in_chunks(saved_mask, monkeypatch):
     assert len(matmuls) == 8
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False)
     torch.testing.assert_close(chunked[0], one[0], rtol=0, atol=0)
-    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=False)))
-    _assert_grad_close(chunked[1], ref[1], torch.bfloat16, s, lambda: unstable()[0])
-    _assert_grad_close(chunked[2], ref[2], torch.bfloat16, im, lambda: unstable()[1])
+    _assert_grads_close(chunked, ref, torch.bfloat16, im, s, upstream, dict(margin=0.2, max_violation=False))
 
 
 @requires_cuda
@@ -905,9 +907,7 @@ def test_the_triton_loss_gets_row_major_copies_of_inputs_past_int32_feature_offs
     assert seen[0][0].is_contiguous() and seen[0][1] is s
     ref = _reference(im, s, upstream, margin=0.2, max_violation=True)
     _assert_close(got[0], ref[0], torch.float32)
-    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=True)))
-    _assert_grad_close(got[1], ref[1], torch.float32, s, lambda: unstable()[0])
-    _assert_grad_close(got[2], ref[2], torch.float32, im, lambda: unstable()[1])
+    _assert_grads_close(got, ref, torch.float32, im, s, upstream, dict(margin=0.2, max_violation=True))
 
 
 def test_backward_chunks_keep_grid_axis_1_within_cuda_limits():
@@ -950,9 +950,7 @@ def test_triton_interpreter_vse0_backward_with_few_row_programs_per_launch(posit
     assert grids and all(g[1] <= 2 for g in grids)
     assert {g[0] for g in grids} <= {-(-45 // st.BLOCK_C), -(-45 // st.BLOCK_DB)}  # column blocks on axis 0
     ref = _reference(im, s, upstream, margin=0.2, max_violation=False, positives=pos)
-    unstable = functools.lru_cache(None)(lambda: _unstable_rows(im, s, upstream, dict(margin=0.2, max_violation=False, positives=pos)))
-    _assert_grad_close(got[1], ref[1], torch.float32, s, lambda: unstable()[0])
-    _assert_grad_close(got[2], ref[2], torch.float32, im, lambda: unstable()[1])
+    _assert_grads_close(got, ref, torch.float32, im, s, upstream, dict(margin=0.2, max_violation=False, positives=pos))
 
 
 @interpreter_only
