@@ -160,6 +160,29 @@ def test_collapse_criterion_at_a_large_margin_does_not_take_a_fresh_model():
     assert train.is_collapsed(loss, 0.0, b, b, margin, True)
 
 
+def _overcommit_refuses_huge_allocations():
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() in ("0", "2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _overcommit_refuses_huge_allocations(),
+                    reason="needs Linux overcommit mode 0 or 2, where a 4 PB allocation fails at once")
+def test_a_model_too_large_for_memory_is_an_error_naming_its_size(tiny, tmp_path, capsys):
+    """--embed_size 2**40 ended in the CPU allocator's traceback (DefaultCPUAllocator: can't allocate)."""
+    err = _error(capsys, _args(tiny, tmp_path / "r", "--embed_size", str(2 ** 40)))
+    assert f"the model does not fit in cpu memory (--embed_size {2 ** 40}, features of dimension" in err
+    assert "can't allocate memory" in err and "Traceback" not in err
+
+
+def test_only_allocation_failures_count_as_out_of_memory():
+    assert train._out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"))
+    assert train._out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"))
+    assert not train._out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
 def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     data, bert_config = tiny
     missing = str(tmp_path / "nope")

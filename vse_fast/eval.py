@@ -258,13 +258,12 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
     explicit_bert_dir = bool(text_model)
     if explicit_bert_dir and not os.path.isdir(text_model):
         raise ValueError(f"text_model {text_model!r} is not a directory (the BERT directory with its tokenizer)")
-    if explicit_bert_dir and vocab_file:
-        data.check_same_bert_vocab(text_model, vocab_file, "hold different vocabularies: pass the one the "
-                                                           "model was trained with")
     recorded = config.get("vocab_file")
-    if explicit_bert_dir and not vocab_file and bert and recorded and os.path.isfile(recorded):
-        data.check_same_bert_vocab(text_model, recorded, "(the checkpoint's, which the model was trained with) "
-                                                         "hold different vocabularies: pass --vocab_file")
+    against = vocab_file or (recorded if recorded and os.path.isfile(recorded) else None)
+    if explicit_bert_dir and against:
+        data.check_same_bert_vocab(text_model, against, "hold different vocabularies: pass the one the model was "
+                                   "trained with" if vocab_file else "(the checkpoint's, which the model was "
+                                   "trained with) hold different vocabularies: pass --vocab_file")
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
     if not vocab_file and not explicit_bert_dir and config.get("vocab_file"):
         vocab_file = config["vocab_file"]

@@ -267,6 +267,28 @@ def _weights_file_errors() -> tuple:
     return (SafetensorError,)
 
 
+def _build_new_model(cfg: dict):
+    """``build_model`` from the run options; a BERT directory or config it cannot read is a DataError
+    naming the option."""
+    from vse_fast.data import DataError
+    from vse_fast.model import build_model
+
+    try:
+        return build_model(model_options(cfg))
+    except (OSError, ValueError, *_weights_file_errors()) as err:  # no weights, a truncated file, bad json
+        option = "--text_model" if cfg.get("text_model") else "--bert_config"
+        source = cfg.get("text_model") or cfg.get("bert_config")
+        if cfg["text_encoder"] != "bert" or not source:
+            raise
+        what = "" if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: "
+        raise DataError(f"{option} {source}: {what}{err}") from None
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether an allocation failed: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
 def _check_resumed_vocabulary(saved: dict, cfg: dict, explicit: dict, parser) -> None:
     """A resumed model's word embeddings are indexed by its run's word ids: --vocab_file may name the
     vocabulary's new location, or a file of the same words and ids, not another vocabulary."""
@@ -657,21 +679,20 @@ class Trainer:
                 cfg["vocab_file"] = path
 
         torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-        if saved_state is not None and isinstance(cfg.get("model"), dict):
-            # the saved architecture (incl. the BERT config); the weights come from the checkpoint
-            self.model = build_model(cfg["model"], load_pretrained=False, gpo_backend=cfg["gpo_backend"])
-        else:
-            try:
-                self.model = build_model(model_options(cfg))
-            except (OSError, ValueError, *_weights_file_errors()) as err:  # no weights, a truncated file, bad json
-                option = "--text_model" if cfg.get("text_model") else "--bert_config"
-                source = cfg.get("text_model") or cfg.get("bert_config")
-                if cfg["text_encoder"] != "bert" or not source:
-                    raise
-                what = "" if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: "
-                raise data.DataError(f"{option} {source}: {what}{err}") from None
+        try:
+            if saved_state is not None and isinstance(cfg.get("model"), dict):
+                # the saved architecture (incl. the BERT config); the weights come from the checkpoint
+                self.model = build_model(cfg["model"], load_pretrained=False, gpo_backend=cfg["gpo_backend"])
+            else:
+                self.model = _build_new_model(cfg)
+            self.model.to(self.device)
+        except RuntimeError as err:
+            if not _out_of_memory(err):
+                raise
+            raise data.DataError(f"the model does not fit in {self.device} memory (--embed_size "
+                                 f"{cfg['embed_size']}, features of dimension {cfg['img_dim']}): "
+                                 f"{str(err).strip().splitlines()[-1]}") from None
         _check_token_ids_fit(self.vocab, self.model.opt, cfg)
-        self.model.to(self.device)
         if cfg.get("compile"):
             self.model.compile_text_backbone()
         self.train_set = data.PrecomputedDataset(
