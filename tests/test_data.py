@@ -1006,6 +1006,27 @@ def test_float64_features_beyond_the_float32_range_are_named(tmp_path):
             images[2]
 
 
+
+def test_float64_features_that_round_to_the_float32_maximum_pass_the_finite_check(tmp_path):
+    """A float64 value just above float32's largest rounds to it (finite) in the float32 the datasets
+    read, yet check_finite_features compared the float64 value and refused the split before training."""
+    folder = str(tmp_path)
+    feats, _, _ = _write_split(folder, n=4, k=3, caps=1, lens=True, ids=False)
+    edge = np.nan_to_num(feats).astype(np.float64)
+    top = float(np.finfo(np.float32).max)
+    edge[1, 0, 0] = top * (1 + 2**-26)  # a quarter float32 step above the largest: rounds down to it
+    edge[2, 0, 1] = -top * (1 + 2**-26)
+    np.save(os.path.join(folder, "train_ims.npy"), edge)
+    assert edge[1, 0, 0] > top
+    data.check_finite_features(folder, "train")
+    images = data.ImageSetDataset(folder, "train")
+    assert images[1]["features"][0, 0].item() == top and images[2]["features"][0, 1].item() == -top
+    edge[3, 0, 2] = top * (1 + 2**-23)  # a whole float32 step above: inf as float32
+    np.save(os.path.join(folder, "train_ims.npy"), edge)
+    with pytest.raises(DataError, match=r"items \[3\] \(1 in all\) hold NaN or inf \(or, float64, values beyond "
+                                        r"float32's range\)"):
+        data.check_finite_features(folder, "train", chunk_items=2)
+
 def test_a_wordpiece_vocab_given_as_the_bigru_vocabulary_is_named(tmp_path):
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(VOCAB) + "\n")
