@@ -130,6 +130,22 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_checkpoint(path, [1, 2])
 
 
+def test_a_saved_checkpoint_is_synced_before_its_rename_and_its_directory_after(tmp_path, monkeypatch):
+    """As for copies: the file's bytes reach the disk before it is renamed into place, and the rename
+    (the directory) after it; without either, a crash could leave an empty or missing checkpoint."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append("replace") or real_replace(src, dst))
+    save_checkpoint(str(tmp_path / "ckpt.pth"), {"step": 1})
+    assert events == ["file", "replace", "directory"]
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_saved_file_has_the_mode_of_a_plain_open(tmp_path, umask):
     old = os.umask(umask)
@@ -159,6 +175,9 @@ def test_loading_is_weights_only(tmp_path, monkeypatch):
     assert calls == [True]
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_checkpoint(str(tmp_path / "missing.pth"))
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder.pth' does not exist or is not a file"):
+        load_checkpoint(str(tmp_path / "folder.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth"):
         load_checkpoint(str(tmp_path / "junk.pth"))
@@ -245,7 +264,38 @@ def test_numpy_dtypes_that_would_read_bytes_as_objects_are_refused(tmp_path, dty
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("case", ["no-model", "model-list", "non-tensor", "prefix-collision"])
+class _ScalarWithExtraBytes:  # a numpy float64 scalar given 16 bytes
+    def __reduce__(self):
+        return np.core.multiarray.scalar if not hasattr(np, "_core") else np._core.multiarray.scalar, \
+            (np.dtype("f8"), np.float64(1.5).tobytes() + bytes(8))
+
+
+class _FloatWithSubarray:  # numpy.dtype('f8') whose pickled state gives it a numeric (f4, (2,)) subarray
+    def __reduce__(self):
+        return np.dtype, ("f8", False, True), (3, "|", (np.dtype("f4"), (2,)), None, None, -1, -1, 0)
+
+
+class _FloatWithFields:  # numpy.dtype('f8') whose pickled state gives it a field
+    def __reduce__(self):
+        return np.dtype, ("f8", False, True), (3, "|", None, ("x",), {"x": (np.dtype("f8"), 0)}, 8, 1, 16)
+
+
+@pytest.mark.parametrize("value,match", [
+    (_ScalarWithExtraBytes(), "numpy scalar of dtype float64 needs 8 bytes, got 16"),
+    (_FloatWithSubarray(), "refusing numpy dtype state"),
+    (_FloatWithFields(), "refusing numpy dtype state"),
+], ids=["scalar-extra-bytes", "dtype-subarray", "dtype-fields"])
+def test_numpy_pickles_the_loader_would_not_rebuild_as_saved_are_refused(tmp_path, value, match):
+    """Numeric, so no other check refuses them: a scalar with more bytes than its dtype came back as
+    its first 8 bytes, and a dtype with a subarray or fields as a plain f8, silently."""
+    path = str(tmp_path / "odd.pth")
+    torch.save({"value": value}, path)
+    with pytest.raises(CheckpointError, match="odd.pth") as exc:
+        load_checkpoint(path)
+    assert match in str(exc.value)
+
+
+@pytest.mark.parametrize("case", ["no-model", "model-list", "non-tensor", "prefix-collision", "wrong-shape"])
 def test_malformed_checkpoint_names_the_file(tmp_path, case):
     model = gru_model()
     weights = model.state_dict()
@@ -257,13 +307,16 @@ def test_malformed_checkpoint_names_the_file(tmp_path, case):
         state["model"] = [weights]
     elif case == "non-tensor":
         state["model"] = {**weights, key: 3}
-    else:
+    elif case == "prefix-collision":
         state["model"] = {**weights, "module." + key: torch.zeros_like(weights[key])}
+    else:  # load_state_dict's own RuntimeError did not name the file
+        state["model"] = {**weights, key: torch.zeros(weights[key].shape[0] + 1, *weights[key].shape[1:])}
     path = str(tmp_path / "bad.pth")
     torch.save(state, path)
     match = {"no-model": "has no 'model' state dict", "model-list": "'model' must be a state dict, got list",
              "non-tensor": f"'model' entry '{key}' is int, not a tensor",
-             "prefix-collision": f"keys '{key}' and 'module.{key}' both become '{key}'"}[case]
+             "prefix-collision": f"keys '{key}' and 'module.{key}' both become '{key}'",
+             "wrong-shape": f"shape mismatch (key, checkpoint, model) [('{key}', "}[case]
     with pytest.raises(CheckpointError, match="bad.pth") as exc:
         load_model_checkpoint(path)
     assert match in str(exc.value)

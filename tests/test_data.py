@@ -69,6 +69,17 @@ def test_check_split_finds_the_published_precomp_folder(tmp_path):
     assert info.n_items == 10 and not info.has_lens and not info.has_ids
 
 
+def test_a_split_directly_in_the_data_dir_wins_over_its_precomp_copy(tmp_path):
+    """With the split in both places, the files directly in the data directory are read, and
+    split_captions_file names the same captions file (else the captions checked were not those read)."""
+    folder = str(tmp_path / "coco")
+    _write_split(folder, "train", n=2, caps=5, lens=False, ids=False)
+    _write_split(os.path.join(folder, "precomp"), "train", n=3, caps=5, lens=False, ids=False)
+    info = data.check_split(folder, "train")
+    assert info.n_items == 2 and info.paths["caps"] == os.path.join(folder, "train_caps.txt")
+    assert data.split_captions_file(folder, "train") == info.paths["caps"]
+
+
 def test_check_split_accepts_one_vector_per_item(tmp_path):
     folder = str(tmp_path)
     _write_split(folder, n=4, caps=20, lens=False, ids=False)
@@ -368,9 +379,14 @@ def test_rows_repeated_once_per_caption_are_read_as_one_row_per_item(tmp_path, t
     assert (info.n_items, info.caps_per_item, info.row_repeat) == (7, 5, 5)
     np.save(os.path.join(folder, "test_ims.npy"), np.repeat(feats, 5, axis=0))
 
-    # one caption per item: distinct rows, a constant array, and runs whose lens differ stay as they are
+    # one caption per item: distinct rows, a constant array, runs whose lens differ, and runs of equal rows
+    # at both ends but distinct rows inside (the runs are checked inside the file, not at its ends only:
+    # read as 7 items of 5 captions, captions were paired with other items' features) stay as they are
+    inside = np.repeat(feats, 5, axis=0)
+    inside[15:20] = np.random.default_rng(2).standard_normal((5, 5, 4))
     for name, rows, row_lens in (("distinct", feats, lens), ("constant", np.zeros((10, 5, 4), np.float32), None),
-                                 ("lens differ", np.repeat(feats, 5, axis=0), np.arange(35) % 5 + 1)):
+                                 ("lens differ", np.repeat(feats, 5, axis=0), np.arange(35) % 5 + 1),
+                                 ("distinct inside", inside, None)):
         other = str(tmp_path / name.replace(" ", "_"))
         _write_split(other, "test", n=len(rows), k=5, caps=1, lens=False, ids=False)
         np.save(os.path.join(other, "test_ims.npy"), rows)
@@ -406,8 +422,11 @@ def test_pairs_and_eval_tokens(split, tokenizer):
         expected = torch.tensor(tokenizer(captions[j])["input_ids"])  # [CLS] pieces [SEP]
         assert torch.equal(item["tokens"], expected) and torch.equal(texts[i]["tokens"], expected)
         assert texts[i]["index"] == j
+    assert pairs[-30]["cap_index"] == texts[-30]["index"] == 0  # -len is the first item, as for a list
     with pytest.raises(IndexError):
         pairs[30]
+    with pytest.raises(IndexError):
+        texts[-31]
 
 
 def test_word_pieces_follow_basic_then_wordpiece_tokenization(tmp_path, tokenizer):
@@ -434,6 +453,8 @@ def test_caption_limit_caps_dev_as_published(tmp_path, tokenizer):
     _write_split(folder, "dev", n=1700, k=2, d=2, caps=3, lens=False, ids=False)  # 3 captions per item
     limit = data.published_caption_limit("dev", data.check_split(folder, "dev").caps_per_item)
     assert limit == 4998 and len(data.ImageSetDataset(folder, "dev", caption_limit=limit)) == 1666
+    with pytest.raises(ValueError, match="caps_per_item must be a positive int, got 0"):
+        data.published_caption_limit("dev", 0)  # not a ZeroDivisionError
 
 
 def test_augmentation_is_a_function_of_seed_epoch_index(split, tokenizer):
@@ -569,6 +590,27 @@ def test_grid_feature_drop_follows_the_published_grid_scheme(tmp_path, tokenizer
     assert data.feature_drop_scheme("basic") == data.feature_drop_scheme("none") == "row"
     with pytest.raises(ValueError, match="feature_drop_scheme"):
         data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop_scheme="cells")
+
+
+def test_row_feature_drop_keeps_the_rows_drawn_above_the_probability_else_the_largest_draw(tmp_path):
+    """Scheme "row" (published PrecompRegionDataset): a row is kept when its draw > 0.2, so a draw of
+    exactly 0.2 drops it; when every row is dropped, the row with the largest draw stays (not another)."""
+    folder = str(tmp_path)
+    feats, _, _ = _write_split(folder, n=2, k=4, d=3, caps=1, lens=False, ids=False)
+    split_data = data._SplitData(folder, "train")
+
+    class ScriptedRng:
+        def __init__(self, draws):
+            self.draws = np.asarray(draws)
+
+        def random(self, n):
+            assert n == len(self.draws)
+            return self.draws
+
+    kept = split_data.item_features(1, ScriptedRng([0.2, 0.3, 0.1, 0.21]), 0.2, "row")
+    torch.testing.assert_close(kept, torch.from_numpy(feats[1, [1, 3]]))
+    kept = split_data.item_features(1, ScriptedRng([0.05, 0.15, 0.01, 0.10]), 0.2, "row")  # all dropped
+    torch.testing.assert_close(kept, torch.from_numpy(feats[1, 1:2]))
 
 
 def test_feature_drop_keeps_at_least_one_region(split, tokenizer):
@@ -944,6 +986,10 @@ def test_the_construction_check_tokenizes_only_captions_that_can_fail(tokenizer,
     too_long = data.CaptionEncoder(tokenizer, position_limit=4).first_unusable(["a red dog"])
     assert too_long[0] == 0 and isinstance(too_long[1], data.CaptionTooLongError)
     assert data.CaptionEncoder(tokenizer, position_limit=5).first_unusable(["a red dog"]) is None  # exactly fits
+    # "a,a,a,a": 7 characters, 7 tokens, 9 with [CLS] and [SEP]: the quick filter counts those two as well
+    # (else it was skipped, passed the construction check and failed mid-epoch)
+    short = data.CaptionEncoder(tokenizer, position_limit=8).first_unusable(["a dog", "a,a,a,a"])
+    assert short[0] == 1 and isinstance(short[1], data.CaptionTooLongError)
     vocab = data.Vocabulary.build(["a red dog"], threshold=1)
     assert data.CaptionEncoder(vocab).first_unusable(["\ue000", "a"]) is None  # the BiGRU vocabulary: <unk>
     assert data.CaptionEncoder(vocab, position_limit=4).first_unusable(["a", "a red dog"])[0] == 1

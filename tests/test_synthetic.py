@@ -48,6 +48,7 @@ def test_layout_is_valid_real_data(tmp_path, flavour, caps, max_set):
         assert lens.min() >= 1 and len(set(lens.tolist())) > 1  # sets of varying size
         feats = np.load(os.path.join(folder, f"{split}_ims.npy"))
         assert feats.dtype == np.float32 and np.isfinite(feats).all()
+        assert (feats >= 0).all()  # the noise is followed by a ReLU, as the module doc says
         padding = np.arange(max_set)[None, :] >= lens[:, None]
         assert not feats[padding].any()
     tokenizer = data.load_tokenizer(vocab_file=os.path.join(folder, "vocab.txt"))
@@ -74,6 +75,8 @@ def test_bad_parameters_are_named(tmp_path):
         synthetic.generate(str(tmp_path), n_dev=0)
     with pytest.raises(ValueError, match="seed"):
         synthetic.generate(str(tmp_path), seed=-2)
+    with pytest.raises(ValueError, match="pattern_dims must be a positive int, got 0"):
+        synthetic.generate(str(tmp_path), pattern_dims=0)  # zero patterns: NaN features after normalising
     with pytest.raises(ValueError, match="max_set must be >= 14 for the image flavour, got 13"):
         synthetic.generate(str(tmp_path), max_set=13)  # would cut regions the captions name
     with pytest.raises(ValueError, match="max_set must be >= 8 for the video flavour, got 7"):
@@ -121,10 +124,62 @@ def test_ensure_synthetic_caches_by_parameters(tmp_path, monkeypatch):
         f.write("{}")  # damaged: regenerated in place
     assert synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL) == first
     assert json.load(open(os.path.join(first, "manifest.json")))["seed"] == 1
+    manifest = json.load(open(os.path.join(first, "manifest.json")))
+    with open(os.path.join(first, "manifest.json"), "w") as f:
+        json.dump({**manifest, "noise": 0.9}, f)  # files intact, other parameters: regenerated too
+    assert synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL) == first
+    assert json.load(open(os.path.join(first, "manifest.json")))["noise"] == synthetic.default_params()["noise"]
     monkeypatch.setenv("VSE_FAST_CACHE", str(tmp_path / "env"))
     from_env = synthetic.ensure_synthetic(seed=1, **SMALL)
     assert from_env.startswith(str(tmp_path / "env")) and _digest(from_env) == _digest(first)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".synthetic")]  # no temporary left over
+
+
+def test_video_lengths_run_from_8_to_max_set_frames(tmp_path):
+    """The module doc's 8..max_set frames, the largest included (an off-by-one never gave a video
+    max_set frames, which the layout test, reading max_set from the array's shape, did not see)."""
+    folder = synthetic.generate(str(tmp_path), flavour="video", seed=0, max_set=9, n_train=40, n_dev=2, n_test=2,
+                                caps_per_item=2)
+    lens = np.load(os.path.join(folder, "train_lens.npy"))
+    assert (lens.min(), lens.max()) == (8, 9)
+
+
+def test_dev_and_test_items_are_not_copies_of_training_items(tmp_path):
+    """Each split draws its own scenes: from one shared random stream, dev and test were copies of the
+    first training items, and the demo's recall measured memorisation."""
+    folder = synthetic.generate(str(tmp_path), seed=0, **SMALL)
+    train = np.load(os.path.join(folder, "train_ims.npy"))
+    for split in ("dev", "test"):
+        held_out = np.load(os.path.join(folder, f"{split}_ims.npy"))
+        assert not any(np.array_equal(item, seen) for item in held_out for seen in train), split
+
+
+def test_no_temporary_folder_is_left_when_generation_fails_or_another_process_wins(tmp_path, monkeypatch):
+    """The temporary folder is removed off the happy path too: when the generation raises (disk full),
+    and when another process (a DDP rank) renamed its copy into place first; each left a dataset-sized
+    .synthetic-* folder behind for an hour."""
+    import shutil
+
+    real_generate = synthetic.generate
+    winner = synthetic.ensure_synthetic(str(tmp_path / "other"), seed=1, **SMALL)
+    target = os.path.join(str(tmp_path), os.path.basename(winner))
+
+    def failing(out_dir, **kw):
+        real_generate(out_dir, **kw)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(synthetic, "generate", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".synthetic")]
+
+    def racing(out_dir, **kw):  # another rank's complete copy appears at the target meanwhile
+        real_generate(out_dir, **kw)
+        shutil.copytree(winner, target)
+
+    monkeypatch.setattr(synthetic, "generate", racing)
+    assert synthetic.ensure_synthetic(str(tmp_path), seed=1, **SMALL) == target
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".synthetic")]
 
 
 @pytest.mark.parametrize("damage", ["deleted-lens", "edited-caption", "truncated-features"])

@@ -1,7 +1,7 @@
 """Precomputed-feature datasets in the SCAN / VSE-infinity layout, validated before training.
 
 A split ``{split}`` of a data directory (files directly in it, or in its ``precomp/`` subfolder as
-the published loader expects) holds:
+the published loader expects; directly in it when both hold the split) holds:
 
 * ``{split}_ims.npy``: (N, K, D) floating features, K regions (or frames) per item. Opened
   memory-mapped: COCO train is ~33 GB. A 2-D (N, D) array means one vector per item (K = 1).
@@ -113,6 +113,9 @@ def published_caption_limit(split, caps_per_item=1):
 
 
 def _split_dir(data_path, split):
+    """The folder a split is read from: ``data_path`` itself when it holds ``{split}_caps.txt`` or
+    ``{split}_ims.npy``, else its ``precomp/`` folder when that does (so a split in both places is read
+    from ``data_path``), else ``data_path`` (where the missing files are then named)."""
     if not os.path.isdir(data_path):
         raise DataError(f"{data_path}: data directory does not exist")
     for folder in (data_path, os.path.join(data_path, "precomp")):
@@ -124,7 +127,8 @@ def _split_dir(data_path, split):
 
 
 def split_captions_file(data_path, split):
-    """Path of ``{split}_caps.txt`` in ``data_path`` or its ``precomp/`` folder (as the splits are read)."""
+    """Path of ``{split}_caps.txt`` in ``data_path`` or its ``precomp/`` folder, chosen as the splits are
+    read (see ``_split_dir``: ``data_path`` wins when both hold the split)."""
     return os.path.join(_split_dir(data_path, split), f"{split}_caps.txt")
 
 
