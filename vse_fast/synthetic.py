@@ -26,7 +26,8 @@ few CPU epochs: the README's demo and pooling tables give the trained figures.
 Files (as real data, see vse_fast.data): {train,dev,test}_ims.npy (N, K, D) float32 zero-padded,
 _lens.npy, _caps.txt, _ids.txt, plus vocab.txt (BERT WordPiece vocabulary, [PAD]=0 [UNK] [CLS]
 [SEP] [MASK] then the words), bert_config.json (2-layer, 2-head, hidden 64 BERT), vocab.json (word
-vocabulary for the BiGRU, published format) and manifest.json (all parameters, the format version
+vocabulary for the BiGRU, in the published format and, as the published vocab.py builds it,
+from the train and dev captions) and manifest.json (all parameters, the format version
 and the generator's source fingerprint).
 """
 from __future__ import annotations
