@@ -346,6 +346,24 @@ def test_retrieval_metrics_rejects_bad_input():
         evaluation.retrieval_metrics(img, bad, 5)
     with pytest.raises(ValueError, match="folds"):
         evaluation.coco_5fold(img, cap, 5)  # 6 images do not split into 5 folds
+    for n_folds in (0, True, 3.0, np.float64(3), np.bool_(True), "3"):
+        with pytest.raises(ValueError, match="n_folds must be a positive int"):
+            evaluation.coco_5fold(img, cap, 5, n_folds=n_folds)
+
+
+def test_integer_arguments_take_numpy_integers():
+    """npts, caps_per_item, block and n_folds take numpy integers (an np.int64 from shape arithmetic)
+    as the ints they equal. n_folds was checked with isinstance(n_folds, int) alone and refused
+    np.int64(5) with a "must be a positive int" error that the other three accepted."""
+    img, cap = _embeddings(10, 5)
+    sims = published.compute_sim(img.numpy(), cap.numpy())
+    for fn in (evaluation.i2t, evaluation.t2i):
+        assert fn(np.int64(10), sims, caps_per_item=np.int32(5)) == fn(10, sims, caps_per_item=5)
+    assert (evaluation.retrieval_metrics(img, cap, np.int64(5), block=np.int64(3))
+            == evaluation.retrieval_metrics(img, cap, 5, block=3))
+    folded = evaluation.coco_5fold(img, cap, np.int64(5), n_folds=np.int64(5), block=np.uint8(3))
+    assert folded == evaluation.coco_5fold(img, cap, 5, n_folds=5, block=3)
+    assert len(folded["folds"]) == 5
 
 
 def test_nan_embeddings_are_named_by_array_and_row():
