@@ -377,6 +377,24 @@ def test_nonfinite_inputs_give_nonfinite_loss_triton_fused(where, row, value):
     _assert_nonfinite(*_nonfinite_case(where, row, value, False, B=20), "triton")  # 20 > 16: "fused" path
 
 
+NO_ACTIVE_HINGE = [  # (im, s) whose NaN / inf reaches no hinge that stays above 0
+    pytest.param([[1.0, 2.0]], [[float("nan"), 1.0]], id="nan-s-one-pair"),
+    pytest.param([[float("nan"), 2.0]], [[1.0, 1.0]], id="nan-im-one-pair"),
+    pytest.param([[1.0, 2.0]], [[float("inf"), 1.0]], id="inf-s-one-pair"),
+    pytest.param([[1.0], [-1.0]], [[float("inf")], [1.0]], id="inf-s-hinges-clamped"),  # S = [[inf, 1], [-inf, -1]]
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter_only)])
+@pytest.mark.parametrize("im,s", NO_ACTIVE_HINGE)
+def test_nonfinite_inputs_that_reach_no_active_hinge_give_nonfinite_loss(im, s, backend):
+    """A batch of one pair has no negatives, and a hinge at -inf clamps to 0 (here every image's and
+    caption 0's): the NaN / inf reaches no hinge, and the loss must still be non-finite. In the torch
+    forward only the diagonal's `+ 0 * d` term carries it; without that term the loss was 0 (2.2 for
+    the two pairs: caption 1's finite hinge)."""
+    _assert_nonfinite(torch.tensor(im), torch.tensor(s), None, backend)
+
+
 # ------------------------------------------------------------------------------------- errors
 
 
@@ -388,6 +406,7 @@ def _error_cases():
         ("rank", dict(s=torch.randn(4, 3, 1)), ValueError, r"2-D .* \(4, 3, 1\)"),
         ("D", dict(s=torch.randn(4, 5)), ValueError, "same feature size"),
         ("empty", dict(im=torch.randn(0, 3), s=torch.randn(0, 3)), ValueError, "at least one row"),
+        ("no-features", dict(im=torch.randn(4, 0), s=torch.randn(4, 0)), ValueError, "one row and one feature"),
         ("NneM", dict(s=torch.randn(5, 3)), ValueError, "4 rows and s has 5"),
         ("pos-dtype", dict(positives=torch.arange(4, dtype=torch.int32)), TypeError, "int64"),
         ("pos-shape", dict(positives=torch.arange(3)), ValueError, r"shape \(4,\)"),
@@ -401,6 +420,7 @@ def _error_cases():
         ("margin-numpy-bool", dict(margin=np.bool_(True)), TypeError, "margin must be a real number"),
         ("margin-huge-int", dict(margin=10**400), ValueError, r"within the float32 range, got 1000.*401 digits"),
         ("margin-past-fp32", dict(margin=1e39), ValueError, "within the float32 range, got 1e[+]39"),
+        ("margin-below-fp32", dict(margin=-1e39), ValueError, "within the float32 range, got -1e[+]39"),
         ("terms-list", dict(terms=["i2t"]), ValueError, r"terms must be one of .*\['i2t'\]"),
         ("reduction-array", dict(reduction=np.array([1, 2])), ValueError, "reduction must be one of"),
         ("indices-str", dict(return_indices="no", max_violation=True), TypeError, "return_indices must be a bool"),
@@ -831,7 +851,9 @@ def test_triton_interpreter_vse0_16bit_gradients_of_clustered_embeddings(dtype, 
 
 def test_mixed_dtypes_are_promoted_as_autocast_outputs_reach_the_published_loss():
     """Under autocast an encoder's bf16 output can meet an fp32 one; the published loss takes them (its
-    matmul autocasts). Ours promotes to the wider dtype; the gradients keep each input's dtype."""
+    matmul autocasts). Ours promotes to the wider dtype; the gradients keep each input's dtype. On the
+    CPU bf16 + fp32 computes in fp32 with or without the promotion; fp32 + fp64 shows it (the loss was
+    computed in fp32 without it)."""
     torch.manual_seed(0)
     im, s = torch.randn(6, 8).bfloat16().requires_grad_(), torch.randn(6, 8).requires_grad_()
     for mv in (False, True):
@@ -841,6 +863,12 @@ def test_mixed_dtypes_are_promoted_as_autocast_outputs_reach_the_published_loss(
         im.grad = s.grad = None
         loss.backward()
         assert im.grad.dtype == torch.bfloat16 and s.grad.dtype == torch.float32
+    im32, s64 = torch.randn(6, 8), torch.randn(6, 8, dtype=torch.float64)
+    for mv in (False, True):
+        loss = contrastive_loss(im32, s64, 0.2, mv, backend="torch")
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, contrastive_loss(im32.double(), s64, 0.2, mv, backend="torch"),
+                                   rtol=1e-12, atol=1e-12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         published = PublishedContrastiveLoss(None, 0.2, True)(im.detach(), s.detach())
         ours = ContrastiveLoss(None, 0.2, True)(im.detach(), s.detach())

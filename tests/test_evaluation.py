@@ -142,6 +142,20 @@ def test_dropins_accept_half_precision_tensors(fn, dtype):
     np.testing.assert_array_equal(top1, ref_top1)
 
 
+@pytest.mark.parametrize("fn", [evaluation.i2t, evaluation.t2i], ids=["i2t", "t2i"])
+def test_dropins_read_a_tensor_that_requires_grad(fn):
+    """Similarities computed from model outputs still in the autograd graph are read detached: without
+    the detach, Tensor.numpy() raised on a tensor that requires grad."""
+    img, cap = torch.randn(4, 8, requires_grad=True), torch.randn(20, 8)
+    sims = img @ cap.T
+    assert sims.requires_grad
+    ours, (ranks, top1) = fn(4, sims, True)
+    ref, (ref_ranks, ref_top1) = fn(4, sims.detach().numpy(), True)
+    assert ours == ref
+    np.testing.assert_array_equal(ranks, ref_ranks)
+    np.testing.assert_array_equal(top1, ref_top1)
+
+
 def test_no_captions_is_named_as_such():
     """Zero captions used to be inferred as caps_per_item=0 and blamed on an argument never passed."""
     for fn in (lambda: evaluation.retrieval_metrics(torch.randn(3, 4), torch.randn(0, 4)),
@@ -165,6 +179,8 @@ def test_dropins_reject_bad_input(fn):
         fn(4, sims > 0)
     with pytest.raises(ValueError, match="caps_per_item"):
         fn(4, sims, caps_per_item=0)
+    with pytest.raises(ValueError, match="caps_per_item must be a positive int, got True"):
+        fn(4, sims[:, :4], caps_per_item=True)  # a bool is an int to Python, refused as npts=True is
     for where in [(1, 3), (2, 12)]:  # a negative and a positive entry
         bad = sims.copy()
         bad[where] = np.nan
@@ -262,14 +278,21 @@ def test_retrieval_metrics_accepts_numpy_and_low_precision():
         half_img.float(), half_cap.float(), 5)
 
 
-def test_float32_embeddings_are_scored_in_float64_as_published():
-    """The published evaluation keeps float32 model outputs in float64 arrays and scores them in
-    float64: the default gives its numbers bit for bit; dtype=torch.float32 scores in float32.
-    Near-ties (embeddings within ~3e-7 of one direction) make the two precisions rank differently."""
+def _near_ties():
+    """60 float64 images and their 300 captions within ~3e-7 of one direction: their scores are
+    near-ties, which float32 and float64 scoring rank differently."""
     g = torch.Generator().manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(48, generator=g, dtype=torch.float64), dim=0)
     img = base + 3e-7 * torch.randn(60, 48, generator=g, dtype=torch.float64)
     cap = img.repeat_interleave(5, 0) + 1.5e-7 * torch.randn(300, 48, generator=g, dtype=torch.float64)
+    return img, cap
+
+
+def test_float32_embeddings_are_scored_in_float64_as_published():
+    """The published evaluation keeps float32 model outputs in float64 arrays and scores them in
+    float64: the default gives its numbers bit for bit; dtype=torch.float32 scores in float32.
+    Near-ties (embeddings within ~3e-7 of one direction) make the two precisions rank differently."""
+    img, cap = _near_ties()
     img, cap = img.float(), cap.float()
     sims64 = published.compute_sim(img.numpy().astype(np.float64), cap.numpy().astype(np.float64))
     exact = evaluation.retrieval_metrics(img, cap, 5)
@@ -282,6 +305,16 @@ def test_float32_embeddings_are_scored_in_float64_as_published():
     assert _as_tuple(fast, "t2i") != _as_tuple(exact, "t2i")  # the default is float64, not float32 relabelled
     with pytest.raises(ValueError, match="dtype"):
         evaluation.retrieval_metrics(img, cap, 5, dtype=torch.float16)
+
+
+def test_float64_embeddings_are_scored_in_float64_even_with_dtype_float32():
+    """dtype is promoted with the embeddings' dtype, as documented: float64 embeddings are scored in
+    float64 whatever dtype says. Without the promotion dtype=torch.float32 rounded them to float32
+    and ranked their near-ties differently."""
+    img, cap = _near_ties()
+    exact = evaluation.retrieval_metrics(img, cap, 5)
+    assert evaluation.retrieval_metrics(img, cap, 5, dtype=torch.float32) == exact
+    assert evaluation.retrieval_metrics(img.float(), cap.float(), 5, dtype=torch.float32) != exact  # float32 shows
 
 
 def test_ensemble_averages_similarities():
@@ -326,6 +359,8 @@ def test_retrieval_metrics_rejects_bad_input():
     img, cap = _embeddings(6, 5, dtype=torch.float32)
     with pytest.raises(ValueError, match="expected caps_per_item"):
         evaluation.retrieval_metrics(img, cap, 4)
+    with pytest.raises(ValueError, match="caps_per_item must be a positive int, got True"):
+        evaluation.retrieval_metrics(img, cap[:6], True)
     with pytest.raises(ValueError, match="not a multiple"):
         evaluation.retrieval_metrics(img, cap[:-1])
     with pytest.raises(ValueError, match="dim"):

@@ -78,6 +78,30 @@ def test_parity_with_published(B, K, D, length_type):
         assert rel_err(p.grad, params_pub[name].grad) < 1e-5, name
 
 
+def test_a_large_score_layer_keeps_the_padding_weights_zero_as_published():
+    """Positions >= n are scored -10000 before the softmax, as published. At the default init the
+    scores stay within about 6, where any padding score below about -80 underflows alike; a score
+    layer with large weights (scores near -1200 here) shows it: with -100 the softmax mass went to
+    the padding positions."""
+    published = PublishedGPO(8, 8)
+    with torch.no_grad():
+        published.linear.weight.fill_(-150.0)
+        for name, p in published.gru.named_parameters():
+            if name.startswith("bias_ih"):  # gates (r, z, n): z ~ 0, n ~ tanh(6): every output ~ +1
+                p.copy_(torch.tensor([0.0, -6.0, 6.0]).repeat_interleave(8))  # scores ~ -150 * 8 = -1200
+    ours = GPO(8, 8, table_backend="torch")  # the Triton table has its own padding rule
+    ours.load_state_dict(published.state_dict())
+    features, lengths = tie_free_features(3, 5, 4), torch.tensor([5, 2, 3])
+    with torch.no_grad():
+        pooled, weights = ours(features, lengths)
+        expected_pooled, expected_weights = published(features, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert not weights[b, n:].any(), weights[b, :, 0]
+    # softmax exponents near -12000: float32 rounding of the scores moves a weight by up to ~5e-4
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-2)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-2)
+
+
 def test_pool_equals_forward_and_trains_parameters():
     _, ours = make_pair()
     features, lengths = torch.randn(6, 11, 7), random_lengths(6, 11)
@@ -126,6 +150,42 @@ def test_eval_cache_reused_and_invalidated():
         expected_pooled, expected_weights = other(features, lengths)
     assert ours.table_builds == builds + 1
     assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
+
+
+def test_eval_cache_serves_shorter_sets_from_a_longer_table():
+    """The cached table over sizes 1..K' serves every batch of sets up to K' long, with the published
+    weights: without that, each shorter batch rebuilt the table and replaced the longer one, which
+    the next long batch rebuilt again."""
+    published, ours = make_pair()
+    ours.eval()
+    features, lengths = torch.randn(2, 6, 4), torch.tensor([6, 2])
+    with torch.no_grad():
+        ours(torch.randn(3, 10, 4), torch.tensor([10, 4, 7]))
+        builds = ours.table_builds
+        pooled, weights = ours(features, lengths)
+        ours.pool(torch.randn(2, 5, 4), torch.tensor([5, 3]))
+        assert ours.table_builds == builds, "a shorter batch rebuilt the cached table"
+        ours(torch.randn(1, 10, 4), torch.tensor([10]))
+        assert ours.table_builds == builds, "the longer table was replaced by a shorter one"
+        expected_pooled, expected_weights = published(features, lengths)
+    assert weights.shape == expected_weights.shape == (2, 6, 1)
+    assert rel_err(weights, expected_weights) < 1e-5 and rel_err(pooled, expected_pooled) < 1e-5
+
+
+def test_coefficients_have_k_columns_when_the_cached_table_is_longer():
+    """coefficients(lengths, K) is (B, K), as documented, also when the eval cache holds a table over
+    more sizes than K: without the cut to K columns it returned the cached table's width."""
+    _, ours = make_pair()
+    ours.eval()
+    lengths = torch.tensor([6, 2, 4])
+    with torch.no_grad():
+        ours(torch.randn(2, 12, 4), torch.tensor([12, 5]))  # caches a table over the sizes 1..12
+        builds = ours.table_builds
+        coefficients = ours.coefficients(lengths, 6)
+        assert ours.table_builds == builds  # served from the cached table
+    assert coefficients.shape == (3, 6)
+    ours.train()  # no cache: a table over the sizes 1..6
+    torch.testing.assert_close(coefficients, ours.coefficients(lengths, 6))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
@@ -407,6 +467,20 @@ def test_compute_pool_weights_checks_lengths_as_forward_does(train, lengths, err
         gpo.compute_pool_weights(torch.tensor([4, 1]), torch.randn(2, 3, 5))
     weights, mask = gpo.compute_pool_weights(torch.tensor([3.0, 1.0]))
     assert weights.shape == mask.shape == (2, 3, 1)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compute_pool_weights_matches_published(train):
+    """The published public method returns (weights, mask) with mask[b, p] = p < lengths[b]: the mask
+    was compared with nothing, so a mask marking one padding position more went unseen."""
+    published, ours = make_pair()
+    ours.train(train)
+    lengths, features = torch.tensor([3, 5, 1, 4]), torch.randn(4, 5, 6)
+    with torch.no_grad():
+        weights, mask = ours.compute_pool_weights(lengths, features)
+        expected_weights, expected_mask = published.compute_pool_weights(lengths, features)
+    assert mask.dtype == torch.bool and torch.equal(mask, expected_mask)
+    assert weights.shape == expected_weights.shape and rel_err(weights, expected_weights) < 1e-5
 
 
 def _direct_pools(features, lengths, k):

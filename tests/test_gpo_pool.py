@@ -161,6 +161,24 @@ def test_torch_path_gradcheck_fp64():
     assert torch.autograd.gradgradcheck(lambda x, w: gpo_pool(x, lengths, w, backend="torch"), (features, weights))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_create_graph_backward_keeps_padding_gradients_zero_for_nonfinite_grad_out(dtype):
+    """The differentiable backward (create_graph=True, a gradient penalty) gives the padding ranks 0
+    where grad_out is inf or NaN, as the plain backward does: without its padding mask, grad_out times
+    a padding rank's zero weight made them NaN."""
+    x = torch.randn(2, 4, 3, dtype=dtype, requires_grad=True)
+    w = torch.rand(2, 4, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([2, 4])
+    grad_out = torch.ones(2, 3, dtype=dtype)
+    grad_out[0, 1], grad_out[1, 2] = float("inf"), float("nan")
+    plain = torch.autograd.grad(gpo_pool(x, lengths, w, backend="torch"), x, grad_out)[0]
+    twice = torch.autograd.grad(gpo_pool(x, lengths, w, backend="torch"), x, grad_out, create_graph=True)[0]
+    assert twice.requires_grad
+    assert not plain[0, 2:].any() and not plain[0, 2:].isnan().any()
+    assert not twice[0, 2:].any() and not twice[0, 2:].isnan().any(), twice[0, 2:]
+    torch.testing.assert_close(twice.detach(), plain, equal_nan=True)
+
+
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # the compiled kernels, else the interpreter
 requires_triton = pytest.mark.skipif(not (HAS_CUDA or INTERPRETING), reason="needs a GPU or the Triton interpreter")
 
@@ -560,6 +578,17 @@ def test_validate_false_skips_only_value_checks():
     gpo_pool(x, torch.tensor([4, 2]), w[:, :4], validate=False)
     with pytest.raises(ValueError, match="batch sizes differ"):
         gpo_pool(x, n[:1], w, validate=False)
+
+
+def test_validate_false_clamps_out_of_range_lengths_on_the_cpu():
+    """validate=False clamps out-of-range lengths to [0, K] (their rows' values are unspecified) and the
+    other rows stay right. Without the clamp the CPU torch path, which groups the sets by length with
+    torch.bincount, raised on a negative length."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    w = torch.rand(3, 4, dtype=torch.float64)
+    out = gpo_pool(x, torch.tensor([-3, 2, 7]), w, backend="torch", validate=False)
+    assert out.shape == (3, 5)
+    torch.testing.assert_close(out[1:2], gpo_pool(x[1:2], torch.tensor([2]), w[1:2], backend="torch"))
 
 
 # ------------------------------------------------------------------------------------------------- CUDA
