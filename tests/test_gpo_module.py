@@ -290,7 +290,10 @@ def test_a_wrapped_or_hooked_score_layer_is_called_as_published(wrapper):
 
 
 def test_gradient_penalty_through_gpo_matches_published():
-    """Double backward (d/dparams of |d pooled / d features|^2) on the CPU torch path, as published."""
+    """Double backward (d/dparams of |d pooled / d features|^2) on the CPU torch path, as published.
+    Second derivatives through the temperature-0.1 softmax amplify float32 rounding: over 1500 seeds
+    the parameter gradients differed by up to 3.5e-4 relative (our float32 from our float64 alike),
+    so 2e-3 (at 1e-4 it failed about 1 seed in 500); a wrong formula differs by O(1)."""
     published, ours = make_pair()
     features, lengths = tie_free_features(3, 5, 4), random_lengths(3, 5)
     grads = []
@@ -299,7 +302,7 @@ def test_gradient_penalty_through_gpo_matches_published():
         (gx,) = torch.autograd.grad(module(x, lengths)[0].pow(2).sum(), x, create_graph=True)
         grads.append(torch.autograd.grad(gx.pow(2).sum(), [x, *module.parameters()]))
     for ours_grad, published_grad in zip(grads[1], grads[0]):
-        assert rel_err(ours_grad, published_grad) < 1e-4
+        assert rel_err(ours_grad, published_grad) < 2e-3
 
 
 def test_table_backend_triton_refuses_a_hooked_score_layer():
