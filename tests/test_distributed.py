@@ -61,6 +61,10 @@ def test_batch_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch():
     sampler = EpochBatchSampler(50, 8, seed=1)
     sampler.set_epoch(0, start_step=4)
     assert list(sampler) == a[4:] and len(sampler) == len(a) - 4
+    sampler.set_epoch(0, start_step=6)  # at the epoch's end (6 steps): nothing left
+    assert list(sampler) == [] and len(sampler) == 0
+    with pytest.raises(ValueError, match=r"start_step=7 outside \[0, 6\]"):  # not a negative len()
+        sampler.set_epoch(0, start_step=7)
     assert torch.equal(epoch_permutation(50, 1, 0), epoch_permutation(50, 1, 0))
 
 
@@ -69,6 +73,7 @@ def test_batch_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch():
     (dict(n_items=3, global_batch=4), "fewer than one batch of 4"),
     (dict(n_items=10, global_batch=0), "positive multiple"),
     (dict(n_items=10, global_batch=4, rank=2, world_size=2), "invalid rank=2"),
+    (dict(n_items=20, global_batch=4, start_step=6), r"start_step=6 outside \[0, 5\]"),
 ])
 def test_sampler_errors_name_the_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

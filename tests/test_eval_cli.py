@@ -141,6 +141,8 @@ def test_evaluate_matches_published_protocol(dataset):
     assert_metrics_equal(folds["all"], metrics)
     limited = evaluate(model, str(dataset), "test", batch_size=4, tokenizer=tok, caption_limit=10)  # 2 items
     assert_metrics_equal(limited, as_dict(evaluate_sims(2, sims[:2, :10], caps=5)))
+    one = evaluate(model, str(dataset), "test", batch_size=4, tokenizer=tok, caption_limit=5)  # >= 1 item's: allowed
+    assert_metrics_equal(one, as_dict(evaluate_sims(1, sims[:1, :5], caps=5)))
     with pytest.raises(ValueError, match="caption_limit 12 is not a multiple of 5"):  # never rounded down
         evaluate(model, str(dataset), "test", tokenizer=tok, caption_limit=12)
 
@@ -579,14 +581,28 @@ def test_trivial_recall_note_names_the_recalls_fixed_by_the_gallery_size(n_items
             assert metrics[f"{direction}_r{k}"] == (100.0 if f"{name} R@{k}" in expected else 0.0), (direction, k)
 
 
-def test_cli_says_when_it_evaluates_part_of_a_split(dataset, tmp_path, capsys):
-    """The training log says when dev is cut; vse_fast.eval said nothing."""
+def test_cli_says_when_it_evaluates_part_of_a_split_and_caption_limit_none_keeps_all_of_dev(
+        dataset, tmp_path, capsys, monkeypatch):
+    """The training log says when dev is cut; vse_fast.eval said nothing. 'auto' cuts only "dev" (to the
+    published first DEV_CAPTION_LIMIT captions, patched to 10 here), so 'none' differs from it on dev only."""
     path = save_ours(bert_model(), tmp_path / "m.pth")
     main(["--checkpoint", path, "--data_path", str(dataset), "--caption_limit", "10"])
     err = capsys.readouterr().err
     assert "note: split test evaluated on its first 2 items (10 of 50 captions), --caption_limit" in err
     main(["--checkpoint", path, "--data_path", str(dataset)])
     assert "evaluated on its first" not in capsys.readouterr().err
+    copy = tmp_path / "data"  # the test split as dev
+    copy.mkdir()
+    for name in ("ims.npy", "lens.npy", "caps.txt"):
+        (copy / f"dev_{name}").write_bytes((dataset / f"test_{name}").read_bytes())
+    (copy / "vocab.txt").write_bytes((dataset / "vocab.txt").read_bytes())
+    monkeypatch.setattr(data, "DEV_CAPTION_LIMIT", 10)
+    dev = ["--checkpoint", path, "--data_path", str(copy), "--split", "dev"]
+    main(dev)
+    assert "note: split dev evaluated on its first 2 items (10 of 50 captions)" in capsys.readouterr().err
+    main(dev + ["--caption_limit", "none"])
+    err = capsys.readouterr().err
+    assert "encoded dev: 10 items, 50 captions" in err and "evaluated on its first" not in err
 
 
 def test_cli_ensemble_errors_name_the_member(dataset, tmp_path, capsys):

@@ -342,6 +342,15 @@ def test_coco_5fold_matches_published():
     assert ours["rsum"] == pytest.approx(mean[12], rel=1e-12)
     ensemble = evaluation.coco_5fold([(img, cap), (img, cap)], None, caps)
     assert ensemble["rsum"] == ours["rsum"]
+    # an ensemble of different members: each fold averages every member's similarities (the CLI test
+    # compares only an ensemble's 5K "all" entry)
+    members = [(img, cap), _embeddings(n_img, caps, dim=16)]
+    ensemble = evaluation.coco_5fold(members, None, caps, block=9)
+    size = n_img // 5
+    for f in range(5):
+        fold = [(i[f * size:(f + 1) * size], c[f * size * caps:(f + 1) * size * caps]) for i, c in members]
+        assert ensemble["folds"][f] == evaluation.retrieval_metrics(fold, None, caps)
+    assert [f["rsum"] for f in ensemble["folds"]] != [f["rsum"] for f in ours["folds"]]  # the members differ
 
 
 def test_coco_5fold_checks_the_caption_count():

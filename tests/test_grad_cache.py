@@ -1,6 +1,7 @@
 """Gradient caching (``--chunk_size``, vse_fast.grad_cache): chunked steps against their exact references.
 
-- BN-free, dropout-free model: the chunked step equals the unchunked step (loss, every gradient).
+- BN-free, dropout-free model: the chunked step equals the unchunked step (loss, every gradient), both
+  through an enabled GradScaler.
 - BatchNorm (train mode) and dropout on: the chunked gradients equal those of encoding the same chunks
   WITH autograd from the same RNG stream (same dropout masks, per-chunk BN statistics), and the BN
   running statistics are updated once per chunk, not twice.
@@ -42,8 +43,13 @@ def _assert_same_grads(actual, expected):
 def test_split_batch_rows_and_per_chunk_padding():
     batch = _batch(7, seed=1)
     batch["index"] = torch.arange(7)
+    # the second chunk's longest set and caption below the batch's (the seed's lengths put a full-length
+    # set and caption in both chunks, where the cut to each chunk's own longest is a no-op)
+    batch["img_lengths"] = torch.tensor([2, 6, 1, 3, 2, 2, 1])
+    batch["cap_lengths"] = torch.tensor([9, 4, 8, 3, 5, 7, 4])
     chunks = grad_cache.split_batch(batch, 3)
     assert [c["images"].shape[0] for c in chunks] == [3, 4]  # a last chunk of one pair joins the one before
+    assert [c["images"].shape[1] for c in chunks] == [6, 3] and [c["captions"].shape[1] for c in chunks] == [9, 7]
     assert [c["images"].shape[0] for c in grad_cache.split_batch(batch, 2)] == [2, 2, 3]
     assert [c["images"].shape[0] for c in grad_cache.split_batch(batch, 1)] == [1] * 7
     assert [c["images"].shape[0] for c in grad_cache.split_batch(batch, 6)] == [7]
@@ -58,12 +64,14 @@ def test_split_batch_rows_and_per_chunk_padding():
 
 
 @pytest.mark.parametrize("max_violation", [False, True])
-def test_chunked_step_equals_the_unchunked_step_without_dropout_and_bn(tmp_path, max_violation):
+def test_chunked_step_equals_the_unchunked_scaled_step_without_dropout_and_bn(tmp_path, max_violation):
+    """Under an enabled GradScaler (fp16) both backwards go through scaler.scale: a chunked backward
+    without it would leave gradients 1/scale of the unchunked ones once the scaler unscales them."""
     batch = _batch(8, seed=2)
     full, chunked = _model(tmp_path, "backbone", 0.0), _model(tmp_path, "backbone", 0.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
     loss, img_emb, _ = train.compute_loss(full, batch, DistContext(), margin=0.2, max_violation=max_violation)
-    loss.backward()
+    scaler.scale(loss).backward()
     c_loss, c_img, _ = grad_cache.cached_backward(chunked, grad_cache.split_batch(batch, 3), scaler, DistContext(),
                                                   margin=0.2, max_violation=max_violation)
     torch.testing.assert_close(c_loss, loss.detach(), rtol=1e-5, atol=1e-6)

@@ -134,6 +134,24 @@ def test_unused_published_parameters_are_frozen():
                       "txt_enc.bert.pooler.dense.bias", "txt_enc.bert.pooler.dense.weight"]
 
 
+def test_a_fresh_model_has_the_published_initialisation():
+    """What training starts from (the parity tests load published weights over it): the image fc
+    Xavier-uniform, bias 0 (published EncoderImageAggr.init_weights), the BiGRU word embedding
+    U(-0.1, 0.1) (published EncoderText.init_weights)."""
+    import math
+
+    torch.manual_seed(0)
+    img_dim, embed = 300, 200
+    model = build_model(dict(embed_size=embed, img_dim=img_dim, text_encoder="gru", vocab_size=500, word_dim=300))
+    bound = math.sqrt(6.0) / math.sqrt(img_dim + embed)
+    w = model.img_enc.fc.weight.detach()
+    assert 0.99 * bound < w.abs().max().item() <= bound
+    assert float(w.std()) == pytest.approx(bound / math.sqrt(3.0), rel=0.02)  # uniform, not clustered at 0
+    assert torch.count_nonzero(model.img_enc.fc.bias) == 0
+    e = model.txt_enc.embed.weight.detach()
+    assert 0.099 < e.abs().max().item() <= 0.1
+
+
 @pytest.mark.parametrize("kind", ["gru", "bert"])
 def test_no_norm_options(kind):
     pub, ours = make_pair(kind, no_imgnorm=True, no_txtnorm=True)

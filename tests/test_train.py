@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tests.tiny_data import tiny_synthetic, write_tiny_bert_config
+from tests.tiny_data import random_batch, tiny_synthetic, write_tiny_bert_config
 from vse_fast import train
 from vse_fast.distributed import DistContext
 
@@ -212,6 +212,14 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "--run_dir must name a directory, got ''" in _error(capsys, _args(tiny, tmp_path / "r", "--run_dir", ""))
     assert "--synthetic_dir must name a directory, got ''" in _error(capsys, ["--synthetic_dir", ""])
     assert "--grad_clip must be a number" in _error(capsys, _args(tiny, tmp_path / "r", "--grad_clip", "nan"))
+    for option, message in (("--margin=-0.1", "--margin must be a non-negative number, got -0.1"),
+                            ("--learning_rate=0", "--learning_rate must be a positive number, got 0.0"),
+                            ("--learning_rate=inf", "--learning_rate must be a positive number, got inf"),
+                            ("--weight_decay=-1e-4", "--weight_decay must be a non-negative number"),
+                            ("--bert_lr_factor=-1", "--bert_lr_factor must be a non-negative number"),
+                            ("--lr_update=-1", "--lr_update must be >= 0, got -1"),
+                            ("--vse_mean_warmup_epochs=-1", "--vse_mean_warmup_epochs must be >= 0, got -1")):
+        assert message in _error(capsys, _args(tiny, tmp_path / "r", option)), option
     assert "--feature_drop must be in [0, 1)" in _error(capsys, _args(tiny, tmp_path / "r", "--feature_drop", "1.5"))
     assert "invalid choice: 'fp8'" in _error(capsys, _args(tiny, tmp_path / "r", "--precision", "fp8"))
     assert "--seed must be in [0, 2**32), got -1" in _error(capsys, _args(tiny, tmp_path / "r", "--seed", "-1"))
@@ -632,15 +640,25 @@ def test_the_pairs_left_out_of_each_epoch_are_logged(tiny, tmp_path):
     assert "240 training pairs, 4 steps/epoch (40 pairs per epoch left out" in log
 
 
-def test_fp16_steps_skipped_by_the_scaler_are_logged(tiny, tmp_path):
+def test_fp16_steps_skipped_by_the_scaler_are_logged_and_its_scale_is_resumed(tiny, tmp_path):
     """The loss is a sum over the batch, so the first fp16 steps overflow at the initial scale 2**16
-    and the GradScaler skips their updates: the log said nothing, and --max_steps counts them."""
-    train.main(_args(tiny, tmp_path / "f", "--precision", "fp16", "--max_steps", "6", "--log_step", "3"))
+    and the GradScaler skips their updates: the log said nothing, and --max_steps counts them. The
+    scale those skips lowered is part of the resumed state: without it a resumed run restarts at 2**16,
+    skips the overflow steps again and ends elsewhere than the uninterrupted run."""
+    fast = ("--pooling", "mean", "--loss_backend", "torch")  # neither matters here; GPO's table dominates CPU time
+    train.main(_args(tiny, tmp_path / "f", "--precision", "fp16", "--max_steps", "6", "--log_step", "3", *fast))
     state = _final_state(tmp_path / "f")
     applied = int(next(s["step"] for s in state["optimizer"]["state"].values()))
     log = (tmp_path / "f" / "train.log").read_text()
     assert applied < 6  # the premise: some steps were skipped
     assert f"{6 - applied} of 6 steps in all" in log
+    train.main(_args(tiny, tmp_path / "g", "--precision", "fp16", "--max_steps", "3", "--log_step", "3", *fast))
+    assert _final_state(tmp_path / "g")["scaler"]["scale"] < 2.0 ** 16  # the premise: the stop lowered it
+    train.main(["--resume", str(tmp_path / "g" / "last.pth"), "--max_steps", "6", "--progress", "off"])
+    resumed = _final_state(tmp_path / "g")
+    assert resumed["step"] == state["step"] == 6 and resumed["scaler"] == state["scaler"]
+    for key in state["model"]:
+        assert torch.equal(resumed["model"][key], state["model"][key]), key
 
 
 def test_learning_rate_and_weight_decay_given_on_resume_take_effect(tiny, tmp_path, capsys):
@@ -744,7 +762,9 @@ def test_the_published_dev_cut_is_logged(tiny, tmp_path, monkeypatch):
     assert "split dev is evaluated on its first 5 items (25 of 60 captions)" in log
 
 
-def test_collapse_is_warned_in_the_training_loop(tiny, tmp_path, monkeypatch):
+def test_collapse_is_warned_in_the_training_loop_under_vse_plus_plus_only(tiny, tmp_path, monkeypatch):
+    """Under VSE0 the check would warn at every logged step of the warm-up (VSE0's loss of identical
+    embeddings is also within reach of a fresh model)."""
     real = train.compute_loss
 
     def collapsed(model, batch, ctx, **kw):  # every embedding identical (keeps the graph)
@@ -757,9 +777,13 @@ def test_collapse_is_warned_in_the_training_loop(tiny, tmp_path, monkeypatch):
         return loss, same, same
 
     monkeypatch.setattr(train, "compute_loss", collapsed)
-    train.main(_args(tiny, tmp_path / "c", "--max_steps", "2", "--max_violation"))
+    # epoch 0 (steps 1-6): the published VSE0 warm-up, where a fresh model sits near that loss too and
+    # no warning is due; epoch 1: VSE++, warned at its first logged step
+    train.main(_args(tiny, tmp_path / "c", "--max_steps", "8", "--pooling", "mean", "--loss_backend", "torch"))
     log = (tmp_path / "c" / "train.log").read_text()
-    assert "collapsed at step 2" in log and "2*B*margin" in log
+    assert "VSE0 (sum) loss" in log and "VSE++ (hardest negatives) loss" in log
+    assert log.count("training has collapsed") == 1
+    assert "collapsed at step 8" in log and "2*B*margin" in log
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -836,6 +860,28 @@ def test_an_epoch_end_writes_best_pth_before_last_pth(tiny, tmp_path, monkeypatc
     assert not list((tmp_path / "r").glob("*.tmp"))
 
 
+def test_best_pth_follows_the_best_rsum_so_far_and_a_tie_keeps_the_earlier_epoch(tmp_path):
+    """Published: is_best = rsum > best_rsum, best_rsum = max(rsum, best_rsum). Keeping the last epoch's
+    rsum let a worse epoch that beats the one before overwrite best.pth; >= let a tie (recalls are
+    multiples of 100/N) replace it. Trainer.fit on stubbed training, evaluation and saving."""
+    rsums = iter([10.0, 12.0, 11.0, 12.0, 9.0])
+    t = train.Trainer.__new__(train.Trainer)
+    t.cfg = dict(train.PUBLISHED_DEFAULTS, num_epochs=5, run_dir=str(tmp_path), lr_update=100)
+    t.ctx = DistContext()
+    t.optimizer = torch.optim.AdamW([dict(params=[torch.nn.Parameter(torch.zeros(1))], lr=1.0, base_lr=1.0)])
+    t.epoch = t.epoch_step = t.step = 0
+    t.steps_per_epoch = 1
+    t.best_rsum = -math.inf
+    t.train_epoch = lambda max_violation: True
+    t.evaluate = lambda split: {"rsum": next(rsums)}
+    saves = []
+    t.save = lambda *names: saves.append((t.epoch - 1, names, t.best_rsum))
+    result = t.fit()
+    assert [epoch for epoch, names, _ in saves if "best.pth" in names] == [0, 1]  # not 3, which ties 1
+    assert [best for _, _, best in saves] == [10.0, 12.0, 12.0, 12.0, 12.0]
+    assert result["best_rsum"] == 12.0
+
+
 def test_a_max_steps_stop_checks_the_loss_before_writing_last_pth(tiny, tmp_path, monkeypatch, capsys):
     """The --max_steps stop writes last.pth: its step is a logged one, so a NaN loss there is an error
     and no NaN model is saved (step 1 is not a --log_step 2 step)."""
@@ -851,6 +897,14 @@ def test_a_max_steps_stop_checks_the_loss_before_writing_last_pth(tiny, tmp_path
     assert not (tmp_path / "m" / "last.pth").exists()
 
 
+def test_the_default_precision_on_the_cpu_is_fp32():
+    """--precision help: bf16 by default only on CUDA GPUs that support it; a CPU default of bf16 would
+    autocast every CPU run silently (the bf16 run below passes --precision)."""
+    assert train._choose_precision({"precision": None}, torch.device("cpu")) == "fp32"
+    for precision in ("fp32", "bf16", "fp16"):  # an explicit choice is kept
+        assert train._choose_precision({"precision": precision}, torch.device("cpu")) == precision
+
+
 def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):
     result = train.main(_args(tiny, tmp_path / "bf", "--precision", "bf16", "--max_steps", "2"))
     assert result["step"] == 2
@@ -859,20 +913,25 @@ def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("enc_type, scheme", [("basic", "row"), ("backbone", "grid")])
-def test_training_set_drops_features_with_the_encoders_published_scheme(tiny, tmp_path, monkeypatch, enc_type,
-                                                                         scheme):
+@pytest.mark.parametrize("enc_type, scheme, extra, rates", [
+    ("basic", "row", [], (0.2, 0.2)),  # published size / caption augmentation
+    ("backbone", "grid", ["--feature_drop", "0.3", "--token_aug", "0.1"], (0.3, 0.1)),
+])
+def test_training_set_augments_with_the_options_and_the_encoders_published_scheme(tiny, tmp_path, monkeypatch,
+                                                                                  enc_type, scheme, extra, rates):
+    """--feature_drop / --token_aug reach the training set: passing 0 instead turned the published
+    augmentation off with nothing else changed."""
     from vse_fast import data
 
     real, seen = data.PrecomputedDataset, []
 
     def recording(*args, **kw):
-        seen.append(kw["feature_drop_scheme"])
+        seen.append((kw["feature_drop_scheme"], kw["feature_drop"], kw["token_aug"]))
         return real(*args, **kw)
 
     monkeypatch.setattr(data, "PrecomputedDataset", recording)
-    train.main(_args(tiny, tmp_path / enc_type, "--precomp_enc_type", enc_type, "--max_steps", "1"))
-    assert seen == [scheme]
+    train.main(_args(tiny, tmp_path / enc_type, "--precomp_enc_type", enc_type, "--max_steps", "1", *extra))
+    assert seen == [(scheme, *rates)]
 
 
 def test_validation_runs_in_fp32_whatever_the_training_precision(tiny, tmp_path, monkeypatch):
@@ -900,6 +959,34 @@ def test_compute_loss_single_process_is_the_batch_loss():
                  captions=torch.randint(1, 20, (5, 4)), cap_lengths=torch.tensor([4, 2, 3, 1, 4]))
     loss, img, cap = train.compute_loss(model, batch, DistContext(), margin=0.2, max_violation=True)
     torch.testing.assert_close(loss, contrastive_loss(img, cap, margin=0.2, max_violation=True))
+
+
+@pytest.mark.parametrize("scale", [None, 2.0 ** 4])  # fp32 (scaler off), fp16's GradScaler
+def test_train_step_clips_the_unscaled_gradient_norm_to_grad_clip(scale):
+    """The optimizer gets the gradients scaled down to norm grad_clip, direction kept. Nothing compared
+    train_step's gradients with anything but another train_step: a clip at another value, no clip, or
+    (fp16) a clip of the still-scaled gradients, which shrinks every step by the scale, all passed."""
+    from vse_fast.model import build_model
+
+    batch = random_batch(8, torch.Generator().manual_seed(5), max_set=5, max_caption=7)
+
+    def step(grad_clip):
+        torch.manual_seed(0)
+        model = build_model(dict(embed_size=16, img_dim=16, text_encoder="gru", vocab_size=40, word_dim=8,
+                                 precomp_enc_type="backbone", pooling="mean"))
+        scaler = torch.amp.GradScaler("cpu", enabled=scale is not None, init_scale=scale or 1.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: p.grad is what the step was given
+        train.train_step(model, batch, optimizer, scaler, DistContext(), margin=0.2, max_violation=False,
+                         grad_clip=grad_clip, loss_backend="torch")
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return grads, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item()
+
+    raw, raw_norm = step(0.0)  # no clipping
+    clip = raw_norm / 8
+    clipped, norm = step(clip)
+    assert norm == pytest.approx(clip, rel=1e-4)
+    for name, grad in raw.items():
+        torch.testing.assert_close(clipped[name], grad * (clip / raw_norm), rtol=1e-4, atol=1e-9)
 
 
 def test_resume_after_a_kill_mid_save_tidies_the_run_dir(tiny, tmp_path):
@@ -947,13 +1034,36 @@ def test_resume_with_another_val_split_chooses_the_best_anew(tiny, tmp_path):
     assert f"the resumed run's best rsum {dev_best:.2f} was measured on dev; the best checkpoint is chosen anew" in log
 
 
-def test_the_weights_are_checked_once_per_epoch_end(tiny, tmp_path, monkeypatch):
-    """The epoch's evaluation and its checkpoint see the same weights: one walk over them, not two."""
+def test_the_weights_are_checked_once_per_epoch_end_and_the_test_split_gets_best_pth(tiny, tmp_path, monkeypatch):
+    """The epoch's evaluation and its checkpoint see the same weights: one walk over them, not two.
+    Epoch 0 is made the best (dev rsum 100, then 50): the final test evaluation must load best.pth's
+    weights, not keep the last epoch's (in runs whose last epoch is also the best they agree)."""
+    import vse_fast.eval
+    from vse_fast.checkpoint import load_checkpoint
+
     walks = []
     real = train.Trainer._weights_finite
     monkeypatch.setattr(train.Trainer, "_weights_finite", lambda self: walks.append(self.step) or real(self))
-    train.main(_args(tiny, tmp_path / "r", "--batch_size", "120"))
+    real_evaluate, dev_rsums, tested = vse_fast.eval.evaluate, iter([100.0, 50.0]), []
+
+    def evaluate(model, data_path, split, **kw):
+        metrics = real_evaluate(model, data_path, split, **kw)
+        if split == "dev":
+            metrics["rsum"] = next(dev_rsums)
+        else:
+            tested.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return metrics
+
+    monkeypatch.setattr(vse_fast.eval, "evaluate", evaluate)
+    result = train.main(_args(tiny, tmp_path / "r", "--batch_size", "120", "--pooling", "mean",
+                              "--loss_backend", "torch"))
     assert walks == [2, 4]
+    assert result["best_rsum"] == 100.0 and len(tested) == 1
+    best = load_checkpoint(str(tmp_path / "r" / "best.pth"))["model"]
+    last = _final_state(tmp_path / "r")["model"]
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # the premise: epoch 1 changed the weights
+    for key, value in best.items():
+        assert torch.equal(tested[0][key], value), key
 
 
 def test_kmax_with_k_at_least_every_set_says_it_is_mean_pooling(tiny, tmp_path):
@@ -1038,10 +1148,13 @@ def test_options_that_would_have_no_effect_are_refused_or_warned(tiny, tmp_path,
     assert "--max_steps 1: the resumed run has made 2 steps already" in err
 
 
-def test_a_bert_directory_and_vocab_file_must_agree_on_a_fresh_run_only(tiny, tmp_path, capsys):
+def test_a_bert_directory_must_agree_with_the_vocab_file_on_a_fresh_run_only_and_trains_in_train_mode(
+        tiny, tmp_path, capsys, monkeypatch):
     """--text_model DIR --vocab_file V with another vocabulary in DIR would index DIR's pretrained word
     embeddings by V's ids: refused on a fresh run. A resumed run's embeddings come from its checkpoint,
-    trained with V's ids, so it continues (runs started before the check existed)."""
+    trained with V's ids, so it continues (runs started before the check existed).
+    from_pretrained returns BERT in eval mode: without train_epoch's train() the first epoch (and a
+    resumed one) would train without dropout; a --bert_config BERT starts in train mode and cannot tell."""
     from transformers import BertConfig, BertModel
 
     data, bert_config = tiny
@@ -1052,8 +1165,16 @@ def test_a_bert_directory_and_vocab_file_must_agree_on_a_fresh_run_only(tiny, tm
     args = _args(tiny, tmp_path / "r", "--text_model", str(bert_dir), "--max_steps", "2")
     del args[args.index("--bert_config"):args.index("--bert_config") + 2]
     assert "hold different vocabularies" in _error(capsys, args)
+    real, modes = train.train_step, []
+
+    def spy(model, *a, **kw):
+        modes.append(all(m.training for m in model.modules()))
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(train, "train_step", spy)
     shutil.copyfile(os.path.join(data, "vocab.txt"), bert_dir / "vocab.txt")  # agreeing: trains
     train.main(args)
+    assert modes == [True, True]
     (bert_dir / "vocab.txt").write_text("\n".join(words[:5] + words[5:][::-1]) + "\n")  # as an older run
     train.main(["--resume", str(tmp_path / "r" / "last.pth"), "--max_steps", "3", "--progress", "off"])
-    assert _final_state(tmp_path / "r")["step"] == 3
+    assert _final_state(tmp_path / "r")["step"] == 3 and modes == [True, True, True]
