@@ -513,27 +513,37 @@ def test_augmentation_statistics_match_published(tmp_path, tokenizer):
     assert no_aug[5]["features"].shape[0] == k
 
 
+class ScriptedRng:
+    """A numpy Generator stand-in with scripted draws: ``random()`` returns ``item_draw``, ``random(n)`` the
+    n row or token ``draws``; ``integers(low, high[, n])`` returns ``random_id`` (n of them) after checking
+    that (low, high) is ``id_range``."""
+
+    def __init__(self, draws, item_draw=None, random_id=None, id_range=None):
+        self.draws, self.item_draw = np.asarray(draws), item_draw
+        self.random_id, self.id_range = random_id, id_range
+
+    def random(self, n=None):
+        if n is None:
+            assert self.item_draw is not None, "an item draw the test did not script"
+            return self.item_draw
+        assert n == len(self.draws)
+        return self.draws
+
+    def integers(self, low, high, n=None):
+        assert self.id_range is not None and (low, high) == self.id_range
+        return self.random_id if n is None else np.full(n, self.random_id)
+
+
 def test_token_augmentation_shares_are_the_published_ones(tokenizer):
     """A touched word (draw u < 0.2) is masked for u/0.2 < 0.5, replaced by random ids for
     u/0.2 < 0.6, deleted otherwise (published process_caption); untouched words are kept.
     A scripted rng sets the draws and the random id."""
-    class ScriptedRng:
-        def __init__(self, draws):
-            self.draws = np.asarray(draws)
-
-        def random(self, n):
-            assert n == len(self.draws)
-            return self.draws
-
-        def integers(self, low, high, n):
-            assert (low, high) == (0, tokenizer.vocab_size)
-            return np.full(n, 7)
-
     text = data.CaptionEncoder(tokenizer)
     words = list(WORDS[:7])
     pieces = [tokenizer.convert_tokens_to_ids(w) for w in words]
     draws = [0.0, 0.099, 0.101, 0.119, 0.121, 0.199, 0.2]  # mask, mask, random, random, delete, delete, keep
-    ids = text(" ".join(words), ScriptedRng(draws), 0.2).tolist()
+    rng = ScriptedRng(draws, random_id=7, id_range=(0, tokenizer.vocab_size))
+    ids = text(" ".join(words), rng, 0.2).tolist()
     mask = tokenizer.mask_token_id
     assert ids == [tokenizer.cls_token_id, mask, mask, 7, 7, pieces[6], tokenizer.sep_token_id]
 
@@ -560,24 +570,14 @@ def test_grid_feature_drop_follows_the_published_grid_scheme(tmp_path, tokenizer
     _write_split(folder, n=400, k=30, d=2, caps=1, lens=False, ids=False)
     split_data = data._SplitData(folder, "train")
 
-    class ScriptedRng:
-        def __init__(self, item_draw, row_draws):
-            self.item_draw, self.row_draws = item_draw, np.asarray(row_draws)
-
-        def random(self, n=None):
-            if n is None:
-                return self.item_draw
-            assert n == len(self.row_draws)
-            return self.row_draws
-
     rows = np.array(split_data.features[0])
     draws = np.linspace(0.0, 1.0, 30)
-    kept = split_data.item_features(0, ScriptedRng(0.5, draws), 0.2, "grid")
+    kept = split_data.item_features(0, ScriptedRng(draws, item_draw=0.5), 0.2, "grid")
     torch.testing.assert_close(kept, torch.from_numpy(rows[draws > 0.1]))
-    whole = split_data.item_features(0, ScriptedRng(0.2, draws), 0.2, "grid")
+    whole = split_data.item_features(0, ScriptedRng(draws, item_draw=0.2), 0.2, "grid")
     torch.testing.assert_close(whole, torch.from_numpy(rows))
     with pytest.raises(ValueError, match="scheme"):
-        split_data.item_features(0, ScriptedRng(0.5, draws), 0.2, "cells")
+        split_data.item_features(0, ScriptedRng(draws, item_draw=0.5), 0.2, "cells")
 
     dataset = data.PrecomputedDataset(folder, "train", tokenizer, train=True, feature_drop_scheme="grid")
     kept_rows = np.array([dataset[i]["features"].shape[0] for i in range(len(dataset))])
@@ -598,14 +598,6 @@ def test_row_feature_drop_keeps_the_rows_drawn_above_the_probability_else_the_la
     folder = str(tmp_path)
     feats, _, _ = _write_split(folder, n=2, k=4, d=3, caps=1, lens=False, ids=False)
     split_data = data._SplitData(folder, "train")
-
-    class ScriptedRng:
-        def __init__(self, draws):
-            self.draws = np.asarray(draws)
-
-        def random(self, n):
-            assert n == len(self.draws)
-            return self.draws
 
     kept = split_data.item_features(1, ScriptedRng([0.2, 0.3, 0.1, 0.21]), 0.2, "row")
     torch.testing.assert_close(kept, torch.from_numpy(feats[1, [1, 3]]))
@@ -918,29 +910,17 @@ def test_vocabulary_augmentation_touches_start_and_end_as_published(split):
     the draws; a caption whose every token is deleted keeps the one with the largest draw."""
     folder, _, _, captions = split
     vocab = data.Vocabulary.build(captions, threshold=1)
-
-    class ScriptedRng:
-        def __init__(self, draws):
-            self.draws = np.asarray(draws)
-
-        def random(self, n):
-            assert n == len(self.draws)
-            return self.draws
-
-        def integers(self, low, high):
-            assert (low, high) == (0, len(vocab))
-            return 5
-
     text = data.CaptionEncoder(vocab)
     words = data.Vocabulary.tokenize(captions[0])[:4]
     caption = " ".join(words)
     start, end, mask = vocab("<start>"), vocab("<end>"), vocab("<mask>")
     ids = [vocab(w) for w in words]
+    random_id_5 = dict(random_id=5, id_range=(0, len(vocab)))
     # <start> masked, word 0 kept, word 1 random, word 2 deleted, word 3 kept, <end> deleted
-    got = text(caption, ScriptedRng([0.05, 0.5, 0.11, 0.15, 0.2, 0.19]), 0.2).tolist()
+    got = text(caption, ScriptedRng([0.05, 0.5, 0.11, 0.15, 0.2, 0.19], **random_id_5), 0.2).tolist()
     assert got == [mask, ids[0], 5, ids[3]]
     # every token deleted: the largest draw (word 1) stays
-    got = text(caption, ScriptedRng([0.13, 0.14, 0.19, 0.15, 0.16, 0.17]), 0.2).tolist()
+    got = text(caption, ScriptedRng([0.13, 0.14, 0.19, 0.15, 0.16, 0.17], **random_id_5), 0.2).tolist()
     assert got == [ids[1]]
     assert text(caption).tolist() == [start, *ids, end] == vocab.encode(caption)
     assert data.CaptionEncoder(vocab, max_tokens=3)(caption).tolist() == [start, ids[0], end]
