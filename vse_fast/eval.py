@@ -261,9 +261,9 @@ def resolve_tokenizer(model_opt: dict, config: dict, data_path: str | None, *, t
     recorded = config.get("vocab_file")
     against = vocab_file or (recorded if recorded and os.path.isfile(recorded) else None)
     if explicit_bert_dir and against:
-        data.check_same_bert_vocab(text_model, against, "hold different vocabularies: pass the one the model was "
-                                   "trained with" if vocab_file else "(the checkpoint's, which the model was "
-                                   "trained with) hold different vocabularies: pass --vocab_file")
+        whose = "" if vocab_file else "(the checkpoint's, which the model was trained with) "
+        remedy = "pass the one the model was trained with" if vocab_file else "pass --vocab_file"
+        data.check_same_bert_vocab(text_model, against, f"{whose}hold different vocabularies: {remedy}")
     text_model = text_model or config.get("text_model") or model_opt.get("text_model")
     if not vocab_file and not explicit_bert_dir and config.get("vocab_file"):
         vocab_file = config["vocab_file"]
