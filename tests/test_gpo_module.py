@@ -75,7 +75,10 @@ def test_parity_with_published(B, K, D, length_type):
     assert rel_err(x_ours.grad, x_pub.grad) < 1e-5
     params_pub = dict(published.named_parameters())
     for name, p in ours.named_parameters():
-        assert rel_err(p.grad, params_pub[name].grad) < 1e-5, name
+        # each GRU bias gradient sums B*K gate terms of both signs, in another order than the published
+        # GRU: over 7300 draws ours differed from it by up to 2.3e-5 (1e-5 failed 0.1-0.4% of draws), and
+        # the published float32 module is itself up to 1.9e-5 from its float64 run
+        assert rel_err(p.grad, params_pub[name].grad) < 1e-4, name
 
 
 def test_a_large_score_layer_keeps_the_padding_weights_zero_as_published():
