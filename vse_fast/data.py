@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vse_fast.checks import positive_int
 from vse_fast.word_tokenize import word_tokenize
 
 __all__ = [
@@ -102,8 +103,7 @@ class SplitInfo:
 def published_caption_limit(split, caps_per_item=1):
     """Caption cap of the published evaluation: for "dev" its first 5000 captions in whole items (5000
     for 5 captions per item, 4998 for 3), None (all) for any other split."""
-    if isinstance(caps_per_item, bool) or not isinstance(caps_per_item, int) or caps_per_item < 1:
-        raise ValueError(f"caps_per_item must be a positive int, got {caps_per_item!r}")
+    positive_int(caps_per_item, "caps_per_item", numpy_ints=False)
     return DEV_CAPTION_LIMIT // caps_per_item * caps_per_item if split == "dev" else None
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import numbers
 import os
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from vse_fast.checks import positive_int
 from vse_fast.data import DEV_CAPTION_LIMIT  # published: COCO's dev split on its first 5000 captions
 from vse_fast.evaluation import nonfinite_rows
 
@@ -151,9 +151,7 @@ def encode_split(model, data_path: str, split: str, tokenizer, *, batch_size: in
 
     from vse_fast import data
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = positive_int(batch_size, "batch_size")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     param_device = next(model.parameters()).device

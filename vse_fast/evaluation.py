@@ -33,6 +33,8 @@ import warnings
 import numpy as np
 import torch
 
+from vse_fast.checks import positive_int
+
 __all__ = ["i2t", "t2i", "retrieval_metrics", "coco_5fold", "format_table", "METRIC_KEYS"]
 
 METRIC_KEYS = tuple(f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr")) + ("rsum",)
@@ -45,21 +47,14 @@ _NUMPY_BLOCK_ELEMS = 1 << 22
 _TIED_COLUMN_ELEMS = 1 << 25
 
 
-def _positive_int(value, name):
-    """value as an int: a Python or numpy integer >= 1 (not a bool, which is an int to Python), else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _resolve_caps_per_item(mode, caps_per_item):
     if caps_per_item is None:
         return 5 if mode == "coco" else 1
-    return _positive_int(caps_per_item, "caps_per_item")
+    return positive_int(caps_per_item, "caps_per_item")
 
 
 def _check_sims(npts, sims, caps):
-    _positive_int(npts, "npts")
+    positive_int(npts, "npts")
     if isinstance(sims, torch.Tensor):
         if sims.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16; fp32 keeps every order
             sims = sims.float()
@@ -414,7 +409,7 @@ def retrieval_metrics(img_emb, cap_emb=None, caps_per_item=None, *, block=1024, 
     """
     pairs = _embedding_pairs(img_emb, cap_emb)
     caps = _resolve_caption_count(pairs[0][0].shape[0], pairs[0][1].shape[0], caps_per_item)
-    block = _positive_int(block, "block")
+    block = positive_int(block, "block")
     _check_finite(pairs)
     with torch.no_grad():
         rank_i2t, rank_t2i = _retrieval_ranks(pairs, caps, block, dtype)
@@ -439,7 +434,7 @@ def coco_5fold(img_emb, cap_emb=None, caps_per_item=None, *, n_folds=5, block=10
     pairs = _embedding_pairs(img_emb, cap_emb)
     n_img = pairs[0][0].shape[0]
     caps = _resolve_caption_count(n_img, pairs[0][1].shape[0], caps_per_item)
-    n_folds = _positive_int(n_folds, "n_folds")
+    n_folds = positive_int(n_folds, "n_folds")
     if n_img % n_folds:
         raise ValueError(f"{n_img} images cannot be split into {n_folds} equal folds")
     _check_finite(pairs)  # rows named in the whole arrays, not within a fold

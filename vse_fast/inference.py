@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from vse_fast.checks import positive_int
 from vse_fast.data import collate, is_blank_caption
 from vse_fast.eval import _autocast, _check_finite, caption_position_limit, check_tokenizer, eval_mode
 from vse_fast.evaluation import numpy_to_torch
@@ -65,8 +66,7 @@ class Encoder:
     """
 
     def __init__(self, model, tokenizer, *, device=None, batch_size: int = 128, precision: str = "fp32"):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = positive_int(batch_size, "batch_size")
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -77,7 +77,7 @@ class Encoder:
 
         self.tokenizer = tokenizer
         self._text = CaptionEncoder(tokenizer, position_limit=caption_position_limit(model))
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.precision = precision
         self.img_dim = model.opt["img_dim"]
 
@@ -220,9 +220,7 @@ def search(query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int = 10, *, b
         raise ValueError("gallery_emb is empty (0 rows): there is nothing to search")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= gallery_emb.shape[0]:
         raise ValueError(f"k must be an int in [1, {gallery_emb.shape[0]}] (gallery size), got {k!r}")
-    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-        raise ValueError(f"block must be a positive int, got {block!r}")
-    block = int(block)
+    block = positive_int(block, "block")
     queries, gallery = query_emb.float(), gallery_emb.float()  # scored in float32
     for name, given, x in (("query_emb", query_emb, queries), ("gallery_emb", gallery_emb, gallery)):
         bad = torch.nonzero(~torch.isfinite(x).all(dim=1))

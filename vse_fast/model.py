@@ -53,6 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from vse_fast.checks import positive_int
+
 PRECOMP_ENC_TYPES = ("basic", "backbone", "none")
 TEXT_ENCODERS = ("bert", "gru")
 GPO_BACKENDS = ("auto", "triton", "torch")
@@ -106,9 +108,7 @@ def resolve_model_options(opt: Any = None, **overrides) -> dict:
 
 def _validate_options(o: dict) -> None:
     for key in ("embed_size", "img_dim", "word_dim", "num_layers"):
-        value = o[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"model option {key} must be a positive int, got {value!r}")
+        positive_int(o[key], f"model option {key}", numpy_ints=False)
     for key in ("no_imgnorm", "no_txtnorm", "use_bi_gru"):
         value = o[key]
         if not isinstance(value, bool):  # a string such as "false" would be truthy

@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 
+from vse_fast.checks import positive_int
+
 __all__ = ["generate", "ensure_synthetic", "concept_patterns", "default_params", "FORMAT"]
 
 FORMAT = "vse_fast-synthetic/1"
@@ -96,9 +98,7 @@ def _params(flavour, seed, sizes):
         raise TypeError(f"unknown synthetic parameter(s) {unknown}; known: {sorted(params)}")
     params.update(sizes)
     for name in ("n_train", "n_dev", "n_test", "feat_dim", "max_set", "caps_per_item", "pattern_dims"):
-        value = params[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int(params[name], name, numpy_ints=False)
     least = MIN_IMAGE_SET if flavour == "image" else 8
     if params["max_set"] < least:
         raise ValueError(f"max_set must be >= {least} for the {flavour} flavour, got {params['max_set']}"
