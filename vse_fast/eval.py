@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from vse_fast.checks import positive_int
+from vse_fast.checks import device_option, positive_int
 from vse_fast.data import DEV_CAPTION_LIMIT  # published: COCO's dev split on its first 5000 captions
 from vse_fast.evaluation import nonfinite_rows
 
@@ -426,13 +426,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not os.path.isfile(path):
             parser.error(f"--checkpoint {path!r} does not exist")
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        parser.error(f"--device {args.device!r}: {err}")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: evaluation runs on cpu or cuda devices")
-    if device.type == "cpu" and device.index not in (None, 0):
-        parser.error(f"--device {args.device!r}: the CPU has no device index but 0 (pass cpu)")
+        device = device_option(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "evaluation")
+    except ValueError as err:
+        parser.error(str(err))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device!r} requested but CUDA is not available")
     try:

@@ -33,6 +33,7 @@ import torch
 
 from vse_fast import distributed as vdist
 from vse_fast import grad_cache
+from vse_fast.checks import device_option
 from vse_fast.kernels import triton_interpreting
 
 logger = logging.getLogger("vse_fast.train")
@@ -367,13 +368,9 @@ def _validate(cfg: dict, parser) -> None:
             parser.error(f"--{key} must be in [0, 1), got {cfg[key]}")
     if cfg.get("device") not in (None, "auto"):
         try:
-            device_type = torch.device(cfg["device"]).type
-        except RuntimeError as err:
-            parser.error(f"--device {cfg['device']!r}: {err}")
-        if device_type not in ("cpu", "cuda"):
-            parser.error(f"--device {cfg['device']!r}: training runs on cpu or cuda devices")
-        if device_type == "cpu" and torch.device(cfg["device"]).index not in (None, 0):
-            parser.error(f"--device {cfg['device']!r}: the CPU has no device index but 0 (pass cpu)")
+            device_option(cfg["device"], "training")
+        except ValueError as err:
+            parser.error(str(err))
     if not 0 <= cfg.get("seed", 0) < 2**32:
         parser.error(f"--seed must be in [0, 2**32), got {cfg['seed']}")
     if cfg.get("max_steps") is not None and cfg["max_steps"] < 0:
