@@ -857,7 +857,7 @@ class _SplitData:
         least the row with the largest draw:
 
         - scheme "row" (published PrecompRegionDataset, regions and frames): each row with drop_prob
-          (kept when its draw > 0.2);
+          (kept when its draw > drop_prob; the published value is 0.2);
         - scheme "grid" (published EncoderImageFull, grid features): the item draws u; when u >
           drop_prob each row is dropped with probability drop_prob * u, otherwise none is."""
         if scheme not in FEATURE_DROP_SCHEMES:
