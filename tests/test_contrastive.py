@@ -58,7 +58,10 @@ def _assert_close(actual, expected, dtype):
 def _unstable_rows(im, s, upstream, kw):
     """(rows of d im, rows of d s) whose float64 reference gradient jumps when the margin moves by
     1e-5 or the inputs by 1e-5 of their size: a hinge within float32 rounding of 0 (VSE0) or two
-    near-equal hardest negatives (VSE++), which fp32 may decide the other way. Seeded noise."""
+    near-equal hardest negatives (VSE++), which fp32 may decide the other way. Seeded noise. On the
+    CPU, whatever the inputs' device: the row masks and the noise are CPU tensors."""
+    im, s, upstream = im.detach().cpu(), s.detach().cpu(), upstream.detach().cpu()
+    kw = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     base = _reference(im, s, upstream, **kw)[1:3]
     generator = torch.Generator().manual_seed(0)
     moved = [torch.zeros(g.shape[0], dtype=torch.bool) for g in base]
