@@ -579,7 +579,8 @@ def test_dedupe_items_gives_the_loss_each_batchs_item_pairing(tiny, tmp_path, mo
     real, seen = train.compute_loss, []
 
     def spy(model, batch, ctx, **kw):
-        seen.append((batch["img_index"].cpu(), kw["pairing"]))
+        pairing = kw["pairing"]  # on the training device (CUDA on a GPU machine), as the batch: compared on the CPU
+        seen.append((batch["img_index"].cpu(), None if pairing is None else pairing.to("cpu")))
         return real(model, batch, ctx, **kw)
 
     monkeypatch.setattr(train, "compute_loss", spy)
