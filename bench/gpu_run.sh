@@ -13,9 +13,11 @@ unset TRITON_INTERPRET
 # kernels/ importable as vse_fast.kernels, as setup.py's package_dir does (this is a throwaway copy).
 [ -e vse_fast/kernels ] || ln -s ../kernels vse_fast/kernels
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# python3: the name the lent machine's docs give for its PyTorch interpreter (a plain `python` may be absent)
+py=${PYTHON:-python3}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu_env.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu_env.txt"
+"$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu_env.txt"
 
 # The one-shot check first: its JSON (correctness + timings + memory) is what a short lease must bring back.
 # It is written after every section. Its sections share a budget of the check's time less 30 s (CUDA
@@ -28,7 +30,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 budget=${BUDGET:-585}
 check=$(( ${CHECK_TIMEOUT:-300} < budget - 40 - (SECONDS - start) ? ${CHECK_TIMEOUT:-300} : budget - 40 - (SECONDS - start) ))
 [ "$check" -ge 10 ] || check=10  # timeout 0 would mean no limit at all
-timeout -s INT -k 10 $check python bench/gpu_check.py --out "$out" --budget $(( check > 60 ? check - 30 : (check + 1) / 2 )) 2>&1 | tee "$out/gpu_check.log"
+timeout -s INT -k 10 $check "$py" bench/gpu_check.py --out "$out" --budget $(( check > 60 ? check - 30 : (check + 1) / 2 )) 2>&1 | tee "$out/gpu_check.log"
 echo "gpu_check exit: ${PIPESTATUS[0]}"
 
 # CUDA tests (the interpreter tests skip themselves when a GPU is present): the quick files first, the
@@ -36,7 +38,7 @@ echo "gpu_check exit: ${PIPESTATUS[0]}"
 # In tests/test_gpo_pool.py the packed-network and no-sync tests come before the big sweep, whose cases
 # are ordered to cover every kernel family and K first.
 tests=$(( budget - 10 - (SECONDS - start) ))
-timeout -s INT -k 10 $tests python -m pytest -q -p no:cacheprovider tests/test_gpo_table.py tests/test_contrastive.py \
+timeout -s INT -k 10 $tests "$py" -m pytest -q -p no:cacheprovider tests/test_gpo_table.py tests/test_contrastive.py \
   tests/test_gpo_module.py tests/test_model.py tests/test_evaluation.py tests/test_gpo_pool.py -k "cuda or sync" 2>&1 \
   | tee "$out/gpu_tests.log" | tail -n 40
 echo "cuda tests exit: ${PIPESTATUS[0]}"
