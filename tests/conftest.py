@@ -49,6 +49,17 @@ def _fresh_seed(request):
 
 
 @pytest.fixture
+def cpu_runs(monkeypatch):
+    """Keep a CPU test module's training and evaluation runs on the CPU on a GPU machine too (use it as
+    ``pytestmark = pytest.mark.usefixtures("cpu_runs")``): their default device (cuda when available,
+    cuda:LOCAL_RANK under torchrun) and precision (bf16 there) would change what they compare, and a
+    2-process torchrun would ask for a second GPU. Hides CUDA from this process's availability checks
+    and from the processes it starts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture
 def poison_empty():
     """torch.empty / empty_like return NaN-filled (floats) or extreme-valued (ints) buffers for the
     test's duration, so a kernel that leaves an output element unwritten fails the comparison."""

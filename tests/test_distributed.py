@@ -29,6 +29,8 @@ from tests.tiny_data import random_batch, tiny_synthetic, write_tiny_bert_config
 from vse_fast import distributed as vdist
 from vse_fast.distributed import EpochBatchSampler, epoch_permutation
 
+pytestmark = pytest.mark.usefixtures("cpu_runs")  # training and evaluation on the CPU, GPU or not
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

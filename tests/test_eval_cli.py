@@ -19,6 +19,8 @@ from vse_fast.eval import encode_split, evaluate, main
 from vse_fast.inference import Encoder, search
 from vse_fast.model import build_model
 
+pytestmark = pytest.mark.usefixtures("cpu_runs")  # training and evaluation on the CPU, GPU or not
+
 transformers = pytest.importorskip("transformers")
 
 WORDS = ["a", "red", "blue", "green", "dog", "cat", "car", "man", "on", "the", "grass", "street", "sofa", "with"]

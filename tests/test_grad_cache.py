@@ -17,6 +17,8 @@ from vse_fast import grad_cache, train
 from vse_fast.distributed import DistContext, global_contrastive_loss
 from vse_fast.model import build_model
 
+pytestmark = pytest.mark.usefixtures("cpu_runs")  # training and evaluation on the CPU, GPU or not
+
 
 def _model(tmp_path, precomp_enc_type, dropout, seed=0):
     config = write_tiny_bert_config(tmp_path / f"bert{dropout}.json", vocab_size=40, dropout=dropout)

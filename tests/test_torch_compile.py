@@ -15,6 +15,8 @@ from vse_fast.checkpoint import load_checkpoint
 from vse_fast.distributed import DistContext
 from vse_fast.model import build_model
 
+pytestmark = pytest.mark.usefixtures("cpu_runs")  # training and evaluation on the CPU, GPU or not
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():

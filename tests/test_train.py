@@ -12,6 +12,8 @@ from tests.tiny_data import random_batch, tiny_synthetic, write_tiny_bert_config
 from vse_fast import train
 from vse_fast.distributed import DistContext
 
+pytestmark = pytest.mark.usefixtures("cpu_runs")  # training and evaluation on the CPU, GPU or not
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
