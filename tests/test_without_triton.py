@@ -1,6 +1,7 @@
-"""Without the triton package (macOS, Windows, a CUDA torch that did not pull it in): "auto" takes the
-torch paths and says so once; an explicit Triton backend is a ValueError naming the package. Both
-were a bare ModuleNotFoundError from inside the op."""
+"""Without the triton package (macOS, Windows, a CUDA torch that did not pull it in), or with one older
+than the kernels need: "auto" takes the torch paths and says so once; an explicit Triton backend is a
+ValueError naming the package or its version. Without the package both were a bare
+ModuleNotFoundError from inside the op; under Triton 3.3 the sort pool gave wrong sums, 3.2 aborted in the loss."""
 import warnings
 
 import pytest
@@ -38,3 +39,45 @@ def test_auto_is_told_to_take_torch_and_warns_once(no_triton):
         assert vse_fast.kernels.triton_for_auto() is False
         x, n, w = torch.randn(2, 3, 4), torch.tensor([3, 1]), torch.rand(2, 3)
         torch.testing.assert_close(gpo_pool(x, n, w), gpo_pool(x, n, w, backend="torch"))
+
+
+@pytest.fixture
+def triton_version(monkeypatch):
+    """Sets the version the installed triton reports (vse_fast.kernels asks it once per process)."""
+    import triton
+
+    monkeypatch.setattr(vse_fast.kernels, "_warned_no_triton", [])
+
+    def set_version(version):
+        monkeypatch.setattr(triton, "__version__", version)
+        vse_fast.kernels.triton_too_old.cache_clear()
+
+    yield set_version
+    vse_fast.kernels.triton_too_old.cache_clear()
+
+
+@pytest.mark.parametrize("version, too_old", [("3.3.1", True), ("3.2.0+rocm6.2", True), ("2.3.1", True),
+                                              ("3.4.0", False), ("3.5.1", False), ("3.10.0", False),
+                                              ("4.0.0", False), ("3.9.0+git1a2b3c", False)])
+def test_the_triton_version_is_compared_as_numbers(triton_version, version, too_old):
+    triton_version(version)
+    assert vse_fast.kernels.triton_too_old() == (version if too_old else "")
+
+
+def test_a_triton_older_than_the_kernels_need_is_named(triton_version):
+    triton_version("3.3.1")
+    x, n, w = torch.randn(2, 3, 4), torch.tensor([3, 1]), torch.rand(2, 3)
+    with pytest.raises(ValueError, match=r"gpo_pool\(backend='triton'\) needs triton >= 3\.4, found triton 3\.3\.1"):
+        gpo_pool(x, n, w, backend="triton")
+    with pytest.raises(ValueError, match=r"contrastive_loss\(backend='triton'\) needs triton >= 3\.4, found"):
+        contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), backend="triton")
+    with pytest.raises(ValueError, match=r"table_backend='triton' needs triton >= 3\.4, found triton 3\.3\.1"):
+        GPO(8, 8, table_backend="triton").pool(x, n)
+    with pytest.warns(UserWarning, match=r"triton 3\.3\.1 is older than 3\.4, the oldest release vse_fast's kernels "
+                                         r"run on: CUDA tensors take vse_fast's torch paths"):
+        assert vse_fast.kernels.triton_for_auto() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert vse_fast.kernels.triton_for_auto() is False
+    triton_version("3.4.0")
+    assert vse_fast.kernels.triton_for_auto() is True

@@ -24,7 +24,8 @@ Published behaviour kept on purpose (parity of outputs and of loaded weights):
 - L2 normalisation is ``x / (||x||_2 + 1e-8)`` as published; we compute it in float32, so the
   embeddings are float32 also under autocast.
 - BERT attention mask is ``captions != 0`` (pad id 0), pooled lengths are ``cap_lengths``. It is
-  passed to BERT in 4-D form, which avoids transformers' host-side ``mask.all()`` check.
+  passed to BERT in 4-D form (3-D on transformers 4), which avoids transformers' host-side
+  ``mask.all()`` check.
 
 Differences (documented, not silent):
 
@@ -269,16 +270,27 @@ class ImageEncoder(nn.Module):
 
 
 def _bert_attention_mask(captions: torch.Tensor, bert: nn.Module) -> torch.Tensor:
-    """Published mask ``captions != 0``, given to BERT in its 4-D form: transformers returns a 4-D
-    mask as is, while from a 2-D one it builds the 4-D mask after asking ``mask.all()`` on the host
-    (to drop the mask when nothing is padded), a sync. Same attention either way."""
-    keep = (captions != 0)[:, None, None, :]  # (B, 1, 1, T)
+    """Published mask ``captions != 0`` in a form BERT takes without a host sync. Transformers 5
+    returns a 4-D mask as is, while from a 2-D one it builds the 4-D mask after asking ``mask.all()``
+    on the host (to drop the mask when nothing is padded). Transformers 4 refuses a 4-D mask and asks
+    the same of a 2-D one under SDPA; from a 3-D (B, T, T) mask it builds the 4-D additive mask
+    without asking. Same attention in every form."""
+    keep = captions != 0
+    if _transformers_major() < 5:
+        return keep[:, None, :].expand(-1, keep.shape[1], -1).long()  # (B, T, T), one row per query
+    keep = keep[:, None, None, :]  # (B, 1, 1, T)
     implementation = getattr(bert.config, "_attn_implementation", None)
     if implementation == "sdpa":
         return keep  # boolean: True = attend
     if implementation == "eager":
         return torch.zeros(keep.shape, device=captions.device).masked_fill_(~keep, torch.finfo(torch.float32).min)
     return keep.squeeze(1).squeeze(1).long()  # other kernels (flash attention ...) take the 2-D mask
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".", 1)[0])
 
 
 class BertTextEncoder(nn.Module):
