@@ -237,13 +237,15 @@ class _FloatHoldingObjects:  # numpy.dtype('f8') whose pickled state gives it an
         return np.dtype, ("f8", False, True), (3, "|", (_ObjectDtype(), (1,)), None, None, -1, -1, 0)
 
 
+_NUMPY_SCALAR = np.float64(1.0).__reduce__()[0]  # what numpy pickles a scalar with (numpy.core or numpy._core)
+
+
 class _ScalarOfAddress:  # a numpy scalar of that dtype: 8 bytes read as a PyObject pointer
     def __init__(self, dtype):
         self.dtype = dtype
 
     def __reduce__(self):
-        return np.core.multiarray.scalar if not hasattr(np, "_core") else np._core.multiarray.scalar, \
-            (self.dtype, id(self).to_bytes(8, "little"))
+        return _NUMPY_SCALAR, (self.dtype, id(self).to_bytes(8, "little"))
 
 
 class _ByteOrderNotText:  # numpy.dtype('f8') with a byte order that is no string
@@ -266,8 +268,7 @@ def test_numpy_dtypes_that_would_read_bytes_as_objects_are_refused(tmp_path, dty
 
 class _ScalarWithExtraBytes:  # a numpy float64 scalar given 16 bytes
     def __reduce__(self):
-        return np.core.multiarray.scalar if not hasattr(np, "_core") else np._core.multiarray.scalar, \
-            (np.dtype("f8"), np.float64(1.5).tobytes() + bytes(8))
+        return _NUMPY_SCALAR, (np.dtype("f8"), np.float64(1.5).tobytes() + bytes(8))
 
 
 class _FloatWithSubarray:  # numpy.dtype('f8') whose pickled state gives it a numeric (f4, (2,)) subarray
