@@ -19,3 +19,15 @@ def test_setup_lists_every_package_of_the_source_tree():
     found |= {"vse_fast.kernels"} | {f"vse_fast.kernels.{p}" for p in find_packages(os.path.join(ROOT, "kernels"))}
     assert set(_setup_keyword("packages")) == found
     assert _setup_keyword("package_dir") == {"vse_fast": "vse_fast", "vse_fast.kernels": "kernels"}
+
+
+def test_the_triton_floor_of_setup_is_the_one_the_kernels_check_at_run_time():
+    """setup.py's `triton>=` and vse_fast.kernels.MIN_TRITON (an older triton found at run time is
+    refused) name the same release."""
+    import re
+
+    import vse_fast.kernels
+
+    source = open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
+    floor = re.search(r'TRITON = "triton>=(\d+)\.(\d+);', source)
+    assert floor and tuple(map(int, floor.groups())) == vse_fast.kernels.MIN_TRITON
