@@ -19,14 +19,20 @@ def no_triton(monkeypatch):
     monkeypatch.setattr(vse_fast.kernels, "_warned_no_triton", [])
 
 
-def test_an_explicit_triton_backend_names_the_missing_package(no_triton):
+def _each_explicit_triton_backend_raises(reason):
+    """gpo_pool, contrastive_loss and the GPO table, each asked for backend 'triton': a ValueError
+    naming the call, then `reason` (a regex)."""
     x, n, w = torch.randn(2, 3, 4), torch.tensor([3, 1]), torch.rand(2, 3)
-    with pytest.raises(ValueError, match=r"gpo_pool\(backend='triton'\) needs the triton package"):
+    with pytest.raises(ValueError, match=r"gpo_pool\(backend='triton'\) needs " + reason):
         gpo_pool(x, n, w, backend="triton")
-    with pytest.raises(ValueError, match=r"contrastive_loss\(backend='triton'\) needs the triton package"):
+    with pytest.raises(ValueError, match=r"contrastive_loss\(backend='triton'\) needs " + reason):
         contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), backend="triton")
-    with pytest.raises(ValueError, match=r"table_backend='triton' needs the triton package"):
+    with pytest.raises(ValueError, match=r"table_backend='triton' needs " + reason):
         GPO(8, 8, table_backend="triton").pool(x, n)
+
+
+def test_an_explicit_triton_backend_names_the_missing_package(no_triton):
+    _each_explicit_triton_backend_raises("the triton package")
 
 
 def test_auto_is_told_to_take_torch_and_warns_once(no_triton):
@@ -66,13 +72,7 @@ def test_the_triton_version_is_compared_as_numbers(triton_version, version, too_
 
 def test_a_triton_older_than_the_kernels_need_is_named(triton_version):
     triton_version("3.3.1")
-    x, n, w = torch.randn(2, 3, 4), torch.tensor([3, 1]), torch.rand(2, 3)
-    with pytest.raises(ValueError, match=r"gpo_pool\(backend='triton'\) needs triton >= 3\.4, found triton 3\.3\.1"):
-        gpo_pool(x, n, w, backend="triton")
-    with pytest.raises(ValueError, match=r"contrastive_loss\(backend='triton'\) needs triton >= 3\.4, found"):
-        contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), backend="triton")
-    with pytest.raises(ValueError, match=r"table_backend='triton' needs triton >= 3\.4, found triton 3\.3\.1"):
-        GPO(8, 8, table_backend="triton").pool(x, n)
+    _each_explicit_triton_backend_raises(r"triton >= 3\.4, found triton 3\.3\.1")
     with pytest.warns(UserWarning, match=r"triton 3\.3\.1 is older than 3\.4, the oldest release vse_fast's kernels "
                                          r"run on: CUDA tensors take vse_fast's torch paths"):
         assert vse_fast.kernels.triton_for_auto() is False
