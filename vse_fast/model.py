@@ -44,6 +44,7 @@ Differences (documented, not silent):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -287,6 +288,7 @@ def _bert_attention_mask(captions: torch.Tensor, bert: nn.Module) -> torch.Tenso
     return keep.squeeze(1).squeeze(1).long()  # other kernels (flash attention ...) take the 2-D mask
 
 
+@functools.lru_cache(maxsize=None)
 def _transformers_major() -> int:
     import transformers
 
