@@ -395,12 +395,10 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
         if token not in vocab:
             raise DataError(f"{vocab_file}: vocabulary lacks the special token {token}")
     _check_pad_id(vocab_file, vocab["[PAD]"])
-    import inspect
-
     # A cased vocabulary (bert-base-cased: "The", "A") keeps the case; lowercasing, the default, would
     # turn its capitalised words into [UNK] or other ids. Uncased vocabularies hold no capital letters.
     lower = not any(_ASCII_CAPITAL.search(t) for t in vocab if not (t.startswith("[") and t.endswith("]")))
-    if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4.x
+    if tokenizer_reads_vocab_file():  # transformers 4.x
         if bom:  # it reads the file itself, the mark included
             raise DataError(f"{vocab_file}:1: a byte-order mark (U+FEFF) opens the file: remove it")
         return BertTokenizerFast(vocab_file=vocab_file, do_lower_case=lower)
@@ -408,6 +406,16 @@ def load_tokenizer(text_model_dir=None, vocab_file=None):
 
 
 _ASCII_CAPITAL = re.compile("[A-Z]")
+
+
+def tokenizer_reads_vocab_file() -> bool:
+    """Whether BertTokenizerFast takes a vocab_file and reads it itself (transformers 4), rather than
+    a vocab dict (transformers 5, which ignores vocab_file)."""
+    import inspect
+
+    from transformers import BertTokenizerFast
+
+    return "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters
 
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
