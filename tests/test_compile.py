@@ -3,12 +3,15 @@ and the similarity tiles of bf16/fp16 run on tensor cores. Needs no GPU: Triton 
 here and the wheel's cuobjdump reads the cubin (see vse_fast/compile_check.py)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from vse_fast.compile_check import ALIGNED_SUFFIX
+
+from tests.known_spills import KNOWN_SPILLS
 
 ARCHES = (90, 80)
 
@@ -46,13 +49,58 @@ def test_every_specialization_builds_for_every_arch(compile_results):
     assert {(n + ALIGNED_SUFFIX, a) for n, a in plain} == set(built) - plain
 
 
+def spills_beyond_record(results, record):
+    """Every build that spills, {(name, arch): stack + local bytes}, and those of them that `record`
+    (a KNOWN_SPILLS entry) does not hold or holds with fewer bytes."""
+    spills = {(r["name"], r["arch"]): r["stack_bytes"] + r["local_bytes"]
+              for r in results if r["stack_bytes"] or r["local_bytes"]}
+    return spills, {key: b for key, b in spills.items() if b > record.get(key, 0)}
+
+
+def _listing(spills):
+    return "\n".join(f"{name} sm_{arch}: {b} B" for (name, arch), b in sorted(spills.items()))
+
+
 def test_no_register_spills(compile_results):
     """ptxas spills registers into the thread's stack frame (cuobjdump STACK; Triton kernels make no
-    calls, so a frame is spill space) and local memory (LOCAL): both must be zero."""
+    calls, so a frame is spill space) and local memory (LOCAL): both must be zero. Under the older
+    Triton releases that torch's CUDA wheels pin, the spills recorded in tests/known_spills.py make
+    this an expected failure; any other spill fails."""
+    import triton  # the version whose ptxas built them: compile_check runs in this interpreter
+
     results, table = compile_results
-    spills = [f"{r['name']} sm_{r['arch']}: {r['stack_bytes']} B stack, {r['local_bytes']} B local"
-              for r in results if r["stack_bytes"] or r["local_bytes"]]
-    assert not spills, "\n".join(spills) + "\n" + table
+    version = triton.__version__
+    spills, unrecorded = spills_beyond_record(results, KNOWN_SPILLS.get(version, {}))
+    assert not unrecorded, (f"Triton {version}: spills not recorded in tests/known_spills.py:\n"
+                            + _listing(unrecorded) + "\n" + table)
+    if spills:
+        pytest.xfail(f"Triton {version} spills in {len(spills)} of {len(results)} builds, "
+                     f"{min(spills.values())}-{max(spills.values())} B per thread, as recorded in "
+                     "tests/known_spills.py (Triton 3.9 spills in none):\n" + _listing(spills))
+
+
+def test_spill_record_flags_new_and_larger_spills():
+    build = lambda name, arch, stack, local=0: dict(name=name, arch=arch, stack_bytes=stack, local_bytes=local)
+    results = [build("a", 90, 0), build("b", 80, 8), build("c", 80, 8, 8), build("d", 90, 16)]
+    spills, unrecorded = spills_beyond_record(results, {("b", 80): 8, ("c", 80): 8, ("d", 90): 16, ("e", 90): 8})
+    assert spills == {("b", 80): 8, ("c", 80): 16, ("d", 90): 16}
+    assert unrecorded == {("c", 80): 16}  # local bytes count too
+    assert spills_beyond_record(results, {})[1] == spills
+    assert spills_beyond_record(results, {("b", 90): 8, ("c", 80): 16, ("d", 90): 16})[1] == {("b", 80): 8}
+    for version, record in KNOWN_SPILLS.items():  # a recorded release is one whose builds do spill
+        assert re.fullmatch(r"\d+\.\d+\.\d+", version) and record, version
+        assert all(arch in ARCHES and b > 0 for (_, arch), b in record.items()), version
+    assert not any(v.startswith("3.9.") for v in KNOWN_SPILLS), "Triton 3.9 builds must stay spill-free"
+
+
+def test_spill_records_name_current_builds(compile_results):
+    """A record that names a build the kernels no longer have (renamed, removed, or moved to other
+    arches) is stale: record that release again."""
+    results, table = compile_results
+    built = {(r["name"], r["arch"]) for r in results}
+    stale = [f"Triton {version}: {name} sm_{arch}" for version, record in KNOWN_SPILLS.items()
+             for name, arch in record if (name, arch) not in built]
+    assert not stale, "\n".join(stale)
 
 
 def test_similarity_tiles_use_tensor_cores(compile_results):
